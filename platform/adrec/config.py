@@ -1,0 +1,224 @@
+"""One typed configuration for every stage.
+
+The CLI, the pipelines, the Serve app and Tune all take an :class:`AdrecConfig`.
+Every model forbids unknown keys, so a typo in a YAML file or an override fails
+loudly with the offending key's name instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(_Strict):
+    """Size and shape of the embedded synthetic ad log."""
+
+    n_users: int = Field(2000, ge=10)
+    n_ads: int = Field(400, ge=10)
+    n_impressions: int = Field(60_000, ge=100)
+    n_advertisers: int = Field(40, ge=2)
+    days: int = Field(30, ge=1)
+    base_ctr: float = Field(0.08, gt=0, lt=1)
+    position_bias: float = Field(0.35, ge=0, lt=1)
+    # Preferences shift at this fraction of the timeline (0 disables drift).
+    drift_at: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    """Where the raw logs come from and how strictly they are read."""
+
+    dataset: str = "synthetic"  # "synthetic", "movielens-100k" or a path to a schema YAML
+    data_dir: str | None = None
+    synthetic: SyntheticConfig = SyntheticConfig()
+    # Rows that fail to parse are an error unless this many may be skipped (and counted).
+    max_bad_rows: int = Field(0, ge=0)
+    # Key for the keyed hash that pseudonymizes user ids. Falls back to $ADREC_PSEUDONYM_KEY.
+    pseudonym_key: str | None = None
+
+
+class CrossSpec(_Strict):
+    """A hashed pairwise cross of two fields, e.g. ``[user.age, item.category]``."""
+
+    fields: tuple[str, str]
+    hash_size: int = Field(1024, ge=2)
+
+    @property
+    def name(self) -> str:
+        return "x:" + "*".join(self.fields)
+
+
+class FeatureConfig(_Strict):
+    numeric_buckets: int = Field(8, ge=2)
+    # None: the crosses that suit the built-in data set (see adrec.data.sources.DEFAULT_CROSSES).
+    crosses: list[CrossSpec] | None = None
+    # How many of the user's most recent earlier positives feed the history features.
+    history_len: int = Field(10, ge=0)
+    # Vocabulary entries seen fewer times than this map to the unknown code.
+    min_count: int = Field(1, ge=1)
+    batch_size: int = Field(65536, ge=64)
+
+
+class CandidateConfig(_Strict):
+    factors: int = Field(64, ge=2)
+    iterations: int = Field(15, ge=1)
+    regularization: float = Field(0.05, ge=0)
+    alpha: float = Field(2.0, gt=0)
+    use_gpu: bool | None = None  # None: use implicit's GPU build when it has CUDA
+    n_candidates: int = Field(100, ge=1)
+    # Share of the candidate list each source may fill, in merge order.
+    quotas: dict[str, float] = Field(
+        default_factory=lambda: {"als": 0.7, "itemitem": 0.15, "popularity": 0.1, "text": 0.05}
+    )
+    itemitem_k: int = Field(50, ge=1)
+    seed: int = 0
+
+
+class RankerConfig(_Strict):
+    encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
+    # A tiny randomly initialised BERT with the encoder's tokenizer: for tests and smoke runs.
+    tiny_encoder: bool = False
+    finetune: Literal["frozen", "last_n", "full"] = "last_n"
+    finetune_last_n: int = Field(1, ge=1)
+    max_text_len: int = Field(32, ge=8)
+    embed_dim: int = Field(32, ge=4)
+    hidden: list[int] = Field(default_factory=lambda: [256, 128])
+    cross_layers: int = Field(2, ge=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    lr: float = Field(2e-3, gt=0)
+    encoder_lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    batch_size: int = Field(512, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    epochs: int = Field(3, ge=1)
+    early_stopping_patience: int = Field(2, ge=1)
+    max_steps_per_epoch: int | None = None
+    fgsm_epsilon: float = Field(0.0, ge=0)  # > 0 turns on FGSM adversarial training
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    bf16: bool = True  # autocast on GPU only
+    torch_threads: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class EvalConfig(_Strict):
+    k: int = Field(10, ge=1)
+    candidate_k: int = Field(100, ge=1)
+    fgsm_epsilons: list[float] = Field(default_factory=lambda: [0.0, 0.01, 0.05, 0.1])
+
+
+class ServeConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    max_k: int = Field(100, ge=1)
+    api_key: str | None = None
+    max_body_bytes: int = Field(65536, ge=1024)
+    feedback_log: str | None = None  # default: <run>/feedback/events.jsonl
+    ranker_replicas: int = Field(1, ge=1)
+    candidate_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(64, ge=1)
+    num_cpus_per_replica: float = Field(0.25, gt=0)
+
+
+class RayConfig(_Strict):
+    address: str | None = None  # None: start a local Ray in-process
+    num_cpus: int | None = None
+    include_dashboard: bool = False
+
+
+class AdrecConfig(_Strict):
+    data: DataConfig = DataConfig()
+    features: FeatureConfig = FeatureConfig()
+    candidates: CandidateConfig = CandidateConfig()
+    ranker: RankerConfig = RankerConfig()
+    eval: EvalConfig = EvalConfig()
+    serve: ServeConfig = ServeConfig()
+    ray: RayConfig = RayConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit :class:`AdrecConfig`."""
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{where}' (check the spelling; see adrec/config.py for the keys)")
+        else:
+            lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``ranker.lr=1e-3`` -> ``{"ranker": {"lr": 0.001}}`` (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. ranker.epochs=2")
+    dotted, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else None
+    node: dict[str, Any] = {}
+    cur = node
+    parts = dotted.strip().split(".")
+    for p in parts[:-1]:
+        cur[p] = {}
+        cur = cur[p]
+    cur[parts[-1]] = value
+    return node
+
+
+def build_config(base: dict[str, Any] | None = None, overrides: list[str] | None = None, source: str = "config") -> AdrecConfig:
+    data = dict(base or {})
+    for o in overrides or []:
+        data = deep_merge(data, parse_override(o))
+    try:
+        return AdrecConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AdrecConfig:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply ``a.b=value`` overrides."""
+    base: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            base = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+        if not isinstance(base, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        source = str(p)
+    return build_config(base, overrides, source)
+
+
+def save_config(cfg: AdrecConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+

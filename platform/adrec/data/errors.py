@@ -1,0 +1,2 @@
+class DataError(ValueError):
+    """Raw data that does not fit the schema; the message names file, column and row."""

@@ -1,0 +1,222 @@
+"""Read raw files described by a :class:`DatasetSchema` into canonical frames.
+
+Canonical frames (what the feature stage consumes):
+- interactions: ``user`` (pseudonym), ``item`` (str), ``ts`` (int64 unix seconds), ``label`` (int8),
+  ``ctx.<name>`` (str) for each context column;
+- items: ``item`` (str), ``text`` (str), ``item.<col>`` for categorical (str), multi-valued (str with
+  ``|`` between values) and numeric (float64) columns;
+- users: ``user`` (pseudonym), ``text``, ``user.<col>`` likewise.
+
+Every bad value is reported with its file, column and row (1-based line number in the file),
+or skipped and counted when ``max_bad_rows`` allows it. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from adrec.data.errors import DataError
+from adrec.data.privacy import pseudonymize_series
+from adrec.data.schema import DatasetSchema, EntitySchema, _Table, parse_label_rule
+
+log = logging.getLogger(__name__)
+
+MV_SEP = "|"
+
+
+@dataclass
+class RawData:
+    interactions: pd.DataFrame
+    items: pd.DataFrame | None
+    users: pd.DataFrame | None
+    counts: dict[str, int] = field(default_factory=dict)
+    # Which columns are of which kind, under their canonical names (``item.category`` ...).
+    columns: dict[str, list[str]] = field(default_factory=dict)
+
+
+class _BadRows:
+    """Collects bad rows across files and enforces ``max_bad_rows``."""
+
+    def __init__(self, max_bad: int):
+        self.max_bad = max_bad
+        self.count: dict[str, int] = {}
+        self.total = 0
+
+    def add(self, file: Path, column: str, lines: np.ndarray, values: pd.Series, why: str) -> None:
+        n = len(lines)
+        if n == 0:
+            return
+        self.total += n
+        self.count[file.name] = self.count.get(file.name, 0) + n
+        if self.total > self.max_bad:
+            line, val = int(lines[0]), values.iloc[0]
+            raise DataError(
+                f"{file}: column '{column}', row {line}: {why} (value {val!r}); "
+                f"{n} such row(s) in this column. Fix the data, or allow skipping with "
+                f"data.max_bad_rows (now {self.max_bad})."
+            )
+        log.warning("%s: skipping %d row(s) with bad '%s' (%s), first at row %d", file.name, n, column, why, int(lines[0]))
+
+
+def _read_table(table: _Table, root: Path, what: str) -> tuple[pd.DataFrame, Path, np.ndarray]:
+    path = (root / table.path).resolve()
+    if not path.is_file():
+        raise DataError(f"{what}: file {path} does not exist (schema path '{table.path}', relative to {root})")
+    try:
+        df = pd.read_csv(
+            path,
+            sep=table.sep,
+            header=0 if table.header else None,
+            names=None if table.header else table.names,
+            dtype=str,
+            keep_default_na=False,
+            engine="python" if len(table.sep) > 1 else "c",
+            encoding_errors="strict",
+        )
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err}); re-encode the file as UTF-8") from None
+    except pd.errors.ParserError as err:
+        raise DataError(f"{path}: cannot be parsed with sep={table.sep!r}: {err}") from None
+    if table.header and table.names:
+        df.columns = table.names
+    # 1-based line numbers in the file, so a user can open it at the right place.
+    lines = np.arange(len(df)) + (2 if table.header else 1)
+    return df, path, lines
+
+
+def _require(df: pd.DataFrame, path: Path, cols: list[str]) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; the file has {list(df.columns)}")
+
+
+def _parse_ts(s: pd.Series) -> pd.Series:
+    num = pd.to_numeric(s, errors="coerce")
+    if num.notna().all():
+        return num
+    iso = pd.to_datetime(s.where(num.isna()), errors="coerce", utc=True, format="ISO8601")
+    secs = (iso - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
+    return num.fillna(secs)
+
+
+def _read_interactions(schema: DatasetSchema, root: Path, bad: _BadRows, key: bytes) -> pd.DataFrame:
+    spec = schema.interactions
+    df, path, lines = _read_table(spec, root, "interactions")
+    label_col, op, thr = parse_label_rule(spec.label)
+    _require(df, path, [spec.user, spec.item, spec.timestamp, label_col, *spec.context])
+    keep = np.ones(len(df), dtype=bool)
+
+    for col in (spec.user, spec.item):
+        empty = df[col].str.strip() == ""
+        bad.add(path, col, lines[empty.to_numpy()], df[col][empty], "empty id")
+        keep &= ~empty.to_numpy()
+
+    ts = _parse_ts(df[spec.timestamp])
+    bad_ts = ts.isna().to_numpy() & keep
+    bad.add(path, spec.timestamp, lines[bad_ts], df[spec.timestamp][bad_ts], "not unix seconds or ISO-8601")
+    keep &= ~bad_ts
+
+    raw_label = pd.to_numeric(df[label_col], errors="coerce")
+    if op is None:
+        bad_lab = (~raw_label.isin([0, 1])).to_numpy() & keep
+        why = "label must be 0 or 1"
+    else:
+        bad_lab = raw_label.isna().to_numpy() & keep
+        why = f"not a number (label rule '{spec.label}')"
+    bad.add(path, label_col, lines[bad_lab], df[label_col][bad_lab], why)
+    keep &= ~bad_lab
+    if op is not None:
+        label = raw_label.to_numpy()
+        label = {">=": label >= thr, "<=": label <= thr, ">": label > thr, "<": label < thr,
+                 "==": label == thr, "!=": label != thr}[op]
+    else:
+        label = raw_label.to_numpy()
+
+    out = pd.DataFrame({
+        "user": pseudonymize_series(df[spec.user][keep].str.strip(), key).to_numpy(),
+        "item": df[spec.item][keep].str.strip().to_numpy(),
+        "ts": ts[keep].astype("int64").to_numpy(),
+        "label": np.asarray(label)[keep].astype("int8"),
+    })
+    for c in spec.context:
+        out[f"ctx.{c}"] = df[c][keep].to_numpy()
+    return out
+
+
+def _read_entity(spec: EntitySchema, root: Path, bad: _BadRows, kind: str, key: bytes | None) -> pd.DataFrame:
+    df, path, lines = _read_table(spec, root, kind)
+    _require(df, path, [spec.id, *spec.text, *spec.categorical, *spec.multi_valued, *spec.numeric])
+    keep = np.ones(len(df), dtype=bool)
+    empty = (df[spec.id].str.strip() == "").to_numpy()
+    bad.add(path, spec.id, lines[empty], df[spec.id][empty], "empty id")
+    keep &= ~empty
+    nums = {}
+    for c in spec.numeric:
+        raw = df[c].str.strip()
+        v = pd.to_numeric(raw.replace("", np.nan), errors="coerce")
+        # An empty numeric cell is a missing value (kept as NaN); text that is not a number is bad.
+        bad_num = (v.isna() & (raw != "")).to_numpy() & keep
+        bad.add(path, c, lines[bad_num], df[c][bad_num], "not a number")
+        keep &= ~bad_num
+        nums[c] = v
+    ids = df[spec.id][keep].str.strip()
+    idcol = "user" if kind == "users" else "item"
+    out = pd.DataFrame({idcol: pseudonymize_series(ids, key).to_numpy() if key is not None else ids.to_numpy()})
+    dup = out[idcol].duplicated(keep="first").to_numpy()
+    if dup.any():
+        first = int(lines[keep][dup][0])
+        raise DataError(f"{path}: column '{spec.id}', row {first}: duplicate id {ids.to_numpy()[dup][0]!r}")
+    if spec.text:
+        parts = [df[c][keep].str.strip() for c in spec.text]
+        text = parts[0]
+        for p in parts[1:]:
+            text = text.str.cat(p, sep=" | ")
+        out["text"] = text.to_numpy()
+    else:
+        out["text"] = ""
+    for c in spec.categorical:
+        out[f"{kind[:-1]}.{c}"] = df[c][keep].str.strip().to_numpy()
+    for c, sep in spec.multi_valued.items():
+        vals = df[c][keep].str.split(sep, regex=False).map(lambda xs: MV_SEP.join(x.strip() for x in xs if x.strip()))
+        out[f"{kind[:-1]}.{c}"] = vals.to_numpy()
+    for c in spec.numeric:
+        out[f"{kind[:-1]}.{c}"] = nums[c][keep].to_numpy(dtype="float64")
+    return out
+
+
+def read_dataset(schema: DatasetSchema, root: Path, key: bytes, max_bad_rows: int = 0) -> RawData:
+    bad = _BadRows(max_bad_rows)
+    inter = _read_interactions(schema, root, bad, key)
+    items = _read_entity(schema.items, root, bad, "items", None) if schema.items else None
+    users = _read_entity(schema.users, root, bad, "users", key) if schema.users else None
+    counts = {
+        "interactions": len(inter),
+        "users": int(inter["user"].nunique()),
+        "items": int(inter["item"].nunique()),
+        "positives": int(inter["label"].sum()),
+        "bad_rows_skipped": bad.total,
+    }
+    counts.update({f"bad_rows_skipped.{k}": v for k, v in bad.count.items()})
+    if items is not None:
+        missing = ~inter["item"].isin(items["item"])
+        counts["interactions_with_unknown_item"] = int(missing.sum())
+        if missing.any():
+            log.warning("%d interaction(s) name items missing from the items table; kept with empty item features", int(missing.sum()))
+    if users is not None:
+        missing = ~inter["user"].isin(users["user"])
+        counts["interactions_with_unknown_user"] = int(missing.sum())
+        if missing.any():
+            log.warning("%d interaction(s) name users missing from the users table; kept with empty user features", int(missing.sum()))
+    columns = {"context": [f"ctx.{c}" for c in schema.interactions.context]}
+    for kind, spec in (("item", schema.items), ("user", schema.users)):
+        if spec is None:
+            continue
+        columns[f"{kind}.categorical"] = [f"{kind}.{c}" for c in spec.categorical]
+        columns[f"{kind}.multi_valued"] = [f"{kind}.{c}" for c in spec.multi_valued]
+        columns[f"{kind}.numeric"] = [f"{kind}.{c}" for c in spec.numeric]
+    return RawData(inter, items, users, counts, columns)

@@ -1,0 +1,91 @@
+"""The dataset schema YAML: a folder of files plus this description, so a new data set needs no code."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from adrec.data.errors import DataError
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    sep: str = ","
+    header: bool = True
+    names: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _names_without_header(self):
+        if not self.header and not self.names:
+            raise ValueError("header: false needs `names: [...]` listing the columns")
+        return self
+
+
+class InteractionsSchema(_Table):
+    user: str
+    item: str
+    timestamp: str
+    label: str  # a 0/1 column, or a rule such as "rating >= 4"
+    context: list[str] = Field(default_factory=list)
+
+
+class EntitySchema(_Table):
+    id: str
+    text: list[str] = Field(default_factory=list)
+    categorical: list[str] = Field(default_factory=list)
+    multi_valued: dict[str, str] = Field(default_factory=dict)
+    numeric: list[str] = Field(default_factory=list)
+
+
+class DatasetSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    interactions: InteractionsSchema
+    items: EntitySchema | None = None
+    users: EntitySchema | None = None
+
+
+_RULE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(>=|<=|==|!=|>|<)\s*(-?\d+(?:\.\d+)?)\s*$")
+
+
+def parse_label_rule(label: str) -> tuple[str, str | None, float | None]:
+    """``"rating >= 4"`` -> ("rating", ">=", 4.0); a bare column name -> (name, None, None)."""
+    m = _RULE.match(label)
+    if m:
+        return m.group(1), m.group(2), float(m.group(3))
+    if re.fullmatch(r"[A-Za-z_][\w.]*", label.strip()):
+        return label.strip(), None, None
+    raise DataError(
+        f"interactions.label '{label}' is neither a column name nor a rule like 'rating >= 4'"
+    )
+
+
+def load_schema(path: str | Path) -> tuple[DatasetSchema, Path]:
+    """Read a schema YAML; returns it with the folder its relative paths start from."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"schema file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise DataError(f"schema file {p} is not valid YAML: {err}") from None
+    try:
+        schema = DatasetSchema.model_validate(raw or {})
+    except ValidationError as err:
+        msgs = []
+        for e in err.errors():
+            where = ".".join(str(x) for x in e["loc"])
+            what = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            msgs.append(f"  {where}: {what}")
+        raise DataError(f"schema file {p} does not fit the dataset contract:\n" + "\n".join(msgs)) from None
+    parse_label_rule(schema.interactions.label)
+    return schema, p.parent
+
+
+def write_schema(schema: DatasetSchema, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(schema.model_dump(exclude_none=True), sort_keys=False))

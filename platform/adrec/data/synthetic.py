@@ -1,0 +1,152 @@
+"""The embedded synthetic ad log: deterministic by seed, written as files plus a schema YAML.
+
+Clicks are drawn from hidden structure a good model can find:
+- each user has an affinity for each category that depends on their age band and gender (a cross),
+  plus a personal taste vector shared with the ad's latent vector (collaborative signal);
+- the hour of day shifts the appetite for some categories (hour x category cross);
+- each ad has a quality, and advertisers differ in how well their slots convert;
+- the slot (position) multiplies the click probability by a decaying position bias;
+- ad titles are built from category-specific words, so text carries the category signal;
+- with ``drift_at > 0`` the age/gender x category affinities are redrawn at that point of the timeline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from adrec.config import SyntheticConfig
+from adrec.data.schema import DatasetSchema, write_schema
+
+CATEGORIES = {
+    "travel": ["flights", "hotel", "beach", "getaway", "resort", "cruise", "city break"],
+    "finance": ["credit card", "savings", "loan", "invest", "mortgage", "cashback", "trading"],
+    "gaming": ["console", "rpg", "esports", "controller", "multiplayer", "arcade", "quest"],
+    "beauty": ["skincare", "serum", "lipstick", "fragrance", "salon", "glow", "makeup"],
+    "sports": ["running shoes", "gym", "football", "cycling", "yoga mat", "marathon", "fitness"],
+    "home": ["sofa", "kitchen", "garden", "mattress", "lamp", "decor", "cookware"],
+    "tech": ["laptop", "smartphone", "headphones", "smartwatch", "tablet", "camera", "router"],
+    "food": ["pizza", "meal kit", "coffee", "vegan", "burger", "sushi", "grocery"],
+    "auto": ["suv", "electric car", "tyres", "car insurance", "test drive", "hybrid", "motorbike"],
+    "fashion": ["sneakers", "jacket", "dress", "denim", "handbag", "sunglasses", "boots"],
+}
+ADJECTIVES = ["premium", "new", "best", "limited", "smart", "easy", "top", "exclusive", "fast", "eco"]
+HOOKS = ["deal", "sale", "offer", "today", "now", "for less", "free delivery", "50% off", "trial", "launch"]
+REGIONS = ["north", "south", "east", "west", "central"]
+DEVICES = ["mobile", "desktop", "tablet"]
+N_SLOTS = 5
+AGE_BANDS = np.array([18, 25, 35, 45, 55, 70])
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def generate(cfg: SyntheticConfig, out_dir: str | Path) -> Path:
+    """Write impressions.csv, ads.csv, users.csv and schema.yaml into ``out_dir``; returns the schema path."""
+    rng = np.random.default_rng(cfg.seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cats = list(CATEGORIES)
+    n_cat = len(cats)
+    d = 8
+
+    # Users: demographics and a latent taste.
+    age = rng.integers(18, 70, cfg.n_users)
+    band = np.searchsorted(AGE_BANDS, age, side="right") - 1
+    gender = rng.choice(["f", "m"], cfg.n_users)
+    g_idx = (gender == "m").astype(int)
+    region = rng.choice(REGIONS, cfg.n_users)
+    u_vec = rng.normal(0, 1, (cfg.n_users, d))
+    activity = rng.lognormal(0, 0.8, cfg.n_users)
+
+    # Ads: advertiser, category, title words, price, latent vector, quality.
+    adv_cat = rng.integers(0, n_cat, cfg.n_advertisers)  # advertisers specialise in a category
+    ad_adv = rng.integers(0, cfg.n_advertisers, cfg.n_ads)
+    ad_cat = np.where(rng.random(cfg.n_ads) < 0.85, adv_cat[ad_adv], rng.integers(0, n_cat, cfg.n_ads))
+    cat_vec = rng.normal(0, 1, (n_cat, d))
+    ad_vec = cat_vec[ad_cat] + rng.normal(0, 0.6, (cfg.n_ads, d))
+    quality = rng.normal(0, 0.4, cfg.n_ads)
+    adv_quality = rng.normal(0, 0.3, cfg.n_advertisers)
+    price = np.round(rng.lognormal(3.5, 0.8, cfg.n_ads), 2)
+    titles, tags = [], []
+    for a in range(cfg.n_ads):
+        words = CATEGORIES[cats[ad_cat[a]]]
+        w = rng.choice(words, 2, replace=False)
+        titles.append(f"{rng.choice(ADJECTIVES)} {w[0]} {rng.choice(HOOKS)} from brand{ad_adv[a]}")
+        tags.append("|".join(sorted(set(w))))
+
+    def affinity(seed_shift: int):
+        r = np.random.default_rng(cfg.seed + 1000 + seed_shift)
+        demo = r.normal(0, 1.0, (len(AGE_BANDS), 2, n_cat))
+        hour = r.normal(0, 0.5, (24, n_cat))
+        return demo, hour
+
+    demo_aff, hour_aff = affinity(0)
+    demo_aff2, hour_aff2 = affinity(1)
+
+    # Impressions: active users see more ads; time spread over `days`.
+    n = cfg.n_impressions
+    p_user = activity / activity.sum()
+    u = rng.choice(cfg.n_users, n, p=p_user)
+    ad_pop = rng.lognormal(0, 1.0, cfg.n_ads)
+    a = rng.choice(cfg.n_ads, n, p=ad_pop / ad_pop.sum())
+    t0 = 1_700_000_000
+    ts = np.sort(rng.integers(t0, t0 + cfg.days * 86400, n))
+    hour = (ts // 3600) % 24
+    slot = rng.integers(1, N_SLOTS + 1, n)
+    device = rng.choice(DEVICES, n, p=[0.6, 0.3, 0.1])
+
+    drifted = np.zeros(n, dtype=bool)
+    if cfg.drift_at > 0:
+        drifted = np.arange(n) >= int(cfg.drift_at * n)
+    demo_term = np.where(drifted, demo_aff2[band[u], g_idx[u], ad_cat[a]], demo_aff[band[u], g_idx[u], ad_cat[a]])
+    hour_term = np.where(drifted, hour_aff2[hour, ad_cat[a]], hour_aff[hour, ad_cat[a]])
+    logit = (
+        np.log(cfg.base_ctr / (1 - cfg.base_ctr))
+        + 0.9 * demo_term
+        + hour_term
+        + 0.35 * (u_vec[u] * ad_vec[a]).sum(1) / np.sqrt(d)
+        + quality[a]
+        + adv_quality[ad_adv[a]]
+        + 0.2 * (device == "mobile")
+    )
+    p = _sigmoid(logit) * (1 - cfg.position_bias) ** (slot - 1)
+    clicked = (rng.random(n) < p).astype(int)
+
+    pd.DataFrame({
+        "user_id": [f"user{i:05d}" for i in u],
+        "ad_id": [f"ad{i:04d}" for i in a],
+        "ts": ts,
+        "slot": slot,
+        "hour": hour,
+        "device": device,
+        "clicked": clicked,
+    }).to_csv(out / "impressions.csv", index=False)
+    pd.DataFrame({
+        "ad_id": [f"ad{i:04d}" for i in range(cfg.n_ads)],
+        "title": titles,
+        "category": [cats[c] for c in ad_cat],
+        "advertiser": [f"brand{i}" for i in ad_adv],
+        "tags": tags,
+        "price": price,
+    }).to_csv(out / "ads.csv", index=False)
+    pd.DataFrame({
+        "user_id": [f"user{i:05d}" for i in range(cfg.n_users)],
+        "age": age,
+        "gender": gender,
+        "region": region,
+    }).to_csv(out / "users.csv", index=False)
+
+    schema = DatasetSchema.model_validate({
+        "interactions": {"path": "impressions.csv", "user": "user_id", "item": "ad_id", "timestamp": "ts",
+                         "label": "clicked", "context": ["slot", "hour", "device"]},
+        "items": {"path": "ads.csv", "id": "ad_id", "text": ["title", "category"],
+                  "categorical": ["advertiser", "category"], "multi_valued": {"tags": "|"}, "numeric": ["price"]},
+        "users": {"path": "users.csv", "id": "user_id", "categorical": ["gender", "region"], "numeric": ["age"]},
+    })
+    schema_path = out / "schema.yaml"
+    write_schema(schema, schema_path)
+    return schema_path
