@@ -1,0 +1,250 @@
+"""Report figures: ROC, reliability diagram, metric bars, robustness curves.
+
+matplotlib is imported inside each function, never at import of the package. If no
+backend has been selected yet in the process, Agg is selected (headless workers,
+CI); a backend chosen by the user (``MPLBACKEND``, ``matplotlib.use``, pyplot
+already imported) is left alone. Figures are built with the object-oriented API
+(``matplotlib.figure.Figure``), not pyplot, so no global figure state is kept and
+nothing leaks in long-running processes.
+
+Every function writes a PNG (creating parent folders) and returns its path.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import _labels_and_probs, auc, calibration
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["plot_roc", "plot_calibration", "plot_metric_bars", "plot_robustness", "roc_curve"]
+
+_DPI = 120
+
+
+def _figure(width: float, height: float, nrows: int = 1, ncols: int = 1, **kw):
+    import matplotlib
+
+    _select_backend(matplotlib)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+    axes = fig.subplots(nrows, ncols, **kw)
+    return fig, axes
+
+
+def _select_backend(matplotlib) -> None:
+    """Select Agg only if nothing chose a backend yet."""
+    if os.environ.get("MPLBACKEND") or "matplotlib.pyplot" in sys.modules:
+        return
+    get = getattr(matplotlib.rcParams, "_get_backend_or_none", None)
+    if get is not None:
+        if get() is None:
+            matplotlib.use("Agg")
+    elif "matplotlib.backends" not in sys.modules:  # pragma: no cover - old matplotlib
+        matplotlib.use("Agg")
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    logger.debug("wrote %s", path)
+    return path
+
+
+def roc_curve(y, p) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) points of the ROC curve, one per distinct score, starting at (0, 0)."""
+    y, p = _labels_and_probs(y, p)
+    order = np.argsort(-p, kind="stable")
+    y, p = y[order], p[order]
+    # Last position of each run of equal scores: the curve moves diagonally over ties.
+    ends = np.r_[np.flatnonzero(np.diff(p) != 0), y.size - 1] if y.size else np.zeros(0, int)
+    tp = np.cumsum(y)[ends]
+    fp = (ends + 1) - tp
+    n_pos, n_neg = y.sum(), y.size - y.sum()
+    tpr = np.r_[0.0, tp / n_pos] if n_pos else np.r_[0.0, np.zeros_like(tp, dtype=float)]
+    fpr = np.r_[0.0, fp / n_neg] if n_neg else np.r_[0.0, np.zeros_like(fp, dtype=float)]
+    return fpr, tpr
+
+
+def plot_roc(
+    y=None,
+    p=None,
+    path: str | os.PathLike = "roc.png",
+    label: str = "model",
+    *,
+    curves: Mapping[str, tuple] | None = None,
+    title: str = "ROC curve",
+) -> Path:
+    """ROC curve(s) with AUC in the legend.
+
+    Either one curve (``y``, ``p``, ``label``) or several via ``curves={label: (y, p)}``
+    (both may be given; the single curve comes first).
+    """
+    series: dict[str, tuple] = {}
+    if y is not None or p is not None:
+        if y is None or p is None:
+            raise ValueError("plot_roc needs both y and p (or curves=...)")
+        series[label] = (y, p)
+    if curves:
+        for name, pair in curves.items():
+            if name in series:
+                raise ValueError(f"duplicate curve label {name!r}")
+            series[name] = pair
+    if not series:
+        raise ValueError("plot_roc needs y and p, or curves={label: (y, p)}")
+
+    fig, ax = _figure(5.5, 5.0)
+    for name, (yy, pp) in series.items():
+        fpr, tpr = roc_curve(yy, pp)
+        a = auc(yy, pp)
+        ax.plot(fpr, tpr, lw=1.8, label=f"{name} (AUC = {_fmt(a)})")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance (AUC = 0.5)")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate",
+           title=title)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    return _save(fig, path)
+
+
+def plot_calibration(
+    y,
+    p,
+    path: str | os.PathLike = "calibration.png",
+    n_bins: int = 10,
+    *,
+    strategy: str = "uniform",
+    label: str = "model",
+    title: str = "Reliability diagram",
+) -> Path:
+    """Reliability diagram: observed click rate vs mean predicted probability per bin,
+    with the number of impressions per bin in a panel below.
+
+    ``strategy="uniform"`` uses equal-width bins on [0, 1]; ``"quantile"`` uses
+    equal-count bins (better when predicted CTRs are all small).
+    """
+    y, p = _labels_and_probs(y, p)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    if y.size == 0:
+        raise ValueError("plot_calibration needs at least one impression")
+    if strategy == "uniform":
+        edges = np.linspace(0.0, 1.0, n_bins + 1)
+    elif strategy == "quantile":
+        edges = np.unique(np.quantile(p, np.linspace(0.0, 1.0, n_bins + 1)))
+        if edges.size < 2:
+            edges = np.array([p.min(), p.max() + 1e-12])
+    else:
+        raise ValueError(f"strategy must be 'uniform' or 'quantile', got {strategy!r}")
+    nb = edges.size - 1
+    idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, nb - 1)
+    counts = np.bincount(idx, minlength=nb)
+    sum_p = np.bincount(idx, weights=p, minlength=nb)
+    sum_y = np.bincount(idx, weights=y, minlength=nb)
+    filled = counts > 0
+    mean_p = sum_p[filled] / counts[filled]
+    rate = sum_y[filled] / counts[filled]
+
+    fig, (ax, axc) = _figure(5.5, 6.5, 2, 1, sharex=True, height_ratios=[3, 1])
+    hi = float(max(edges[-1], mean_p.max(), rate.max())) if strategy == "quantile" else 1.0
+    ax.plot([0, hi], [0, hi], ls="--", color="grey", lw=1, label="perfectly calibrated")
+    ax.plot(mean_p, rate, marker="o", lw=1.8,
+            label=f"{label} (mean p / CTR = {_fmt(calibration(y, p))})")
+    ax.set(ylabel="Observed click rate", title=title, xlim=(0, hi), ylim=(0, hi * 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    widths = np.diff(edges)
+    bars = axc.bar(edges[:-1], counts, width=widths, align="edge", edgecolor="black",
+                   color="tab:blue", alpha=0.6)
+    if strategy == "uniform" and nb <= 20:
+        axc.bar_label(bars, labels=[str(int(c)) if c else "" for c in counts], fontsize=7)
+    else:  # equal-count bins are often too narrow to label
+        axc.set_title(f"{nb} equal-count bins, about {int(round(y.size / nb))} impressions each",
+                      fontsize="small")
+    axc.set(xlabel="Mean predicted probability (bin)", ylabel="Impressions")
+    axc.set_ylim(0, counts.max() * 1.25)
+    axc.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def plot_metric_bars(
+    metrics: Mapping[str, Mapping[str, float]],
+    path: str | os.PathLike = "metrics.png",
+    *,
+    title: str = "Metrics by model",
+) -> Path:
+    """Grouped bars: one group per metric, one bar per model (``{model: {metric: value}}``).
+
+    Metrics missing for a model, or nan, are left out of that group.
+    """
+    if not metrics:
+        raise ValueError("plot_metric_bars needs at least one model")
+    models = list(metrics)
+    names: list[str] = []
+    for m in models:
+        for name in metrics[m]:
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise ValueError("plot_metric_bars needs at least one metric")
+    width = 0.8 / len(models)
+    fig, ax = _figure(max(6.0, 0.9 * len(names) * max(1, len(models)) ** 0.5 + 2), 4.8)
+    x = np.arange(len(names))
+    for i, m in enumerate(models):
+        vals = np.array([_as_float(metrics[m].get(n, math.nan)) for n in names])
+        ok = np.isfinite(vals)
+        bars = ax.bar(x[ok] - 0.4 + width * (i + 0.5), vals[ok], width, label=m)
+        if len(names) * len(models) <= 40:
+            ax.bar_label(bars, labels=[_fmt(v, 3) for v in vals[ok]], fontsize=7, rotation=90,
+                         padding=2)
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set(ylabel="Value", title=title)
+    ymax = max((_as_float(v) for d in metrics.values() for v in d.values()
+                if np.isfinite(_as_float(v))), default=1.0)
+    ax.set_ylim(min(0.0, ax.get_ylim()[0]), max(ymax, 0) * 1.2 or 1.0)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(fig, path)
+
+
+def plot_robustness(
+    table: Mapping[str, Mapping[float, float]],
+    path: str | os.PathLike = "robustness.png",
+    *,
+    metric: str = "AUC",
+    title: str = "Robustness to input perturbation",
+) -> Path:
+    """AUC (or ``metric``) against perturbation size epsilon, one line per model."""
+    if not table:
+        raise ValueError("plot_robustness needs at least one series")
+    fig, ax = _figure(6.0, 4.5)
+    for name, by_eps in table.items():
+        if not by_eps:
+            continue
+        pts = sorted((float(e), _as_float(v)) for e, v in by_eps.items())
+        ax.plot([e for e, _ in pts], [v for _, v in pts], marker="o", lw=1.8, label=name)
+    ax.set(xlabel="Perturbation ε (FGSM)", ylabel=metric, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _as_float(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _fmt(v: float, digits: int = 4) -> str:
+    return "nan" if not np.isfinite(v) else f"{v:.{digits}f}"

@@ -1,0 +1,123 @@
+"""The evaluate stage: CTR on test impressions and the full candidates -> ranker -> top-K path.
+
+Writes ``<run>/report/``: ``metrics.json`` (the keys DESIGN.md lists), ``report.md`` with plots, and
+the raw predictions in the dataset's own ids (``topk.csv``, ``ctr_preds.csv``) so anyone can re-score
+them with another implementation of the protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from adrec.config import AdrecConfig
+from adrec.data.ingest import _read_table
+from adrec.data.privacy import pseudonym_map, resolve_key
+from adrec.data.schema import load_schema
+from adrec.evaluation.metrics import ctr_metrics, rank_candidates, topk_metrics
+from adrec.evaluation.plots import plot_calibration, plot_roc
+from adrec.evaluation.report import markdown_table, write_report
+from adrec.features.split import TEST
+from adrec.run import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def _raw_user_ids(run: RunDir, key: bytes) -> dict[str, str]:
+    """pseudonym -> the data owner's raw id, rebuilt from the raw file (never stored anywhere)."""
+    schema, root = load_schema(run.manifest()["stages"]["prepare"]["schema"])
+    df, _, _ = _read_table(schema.interactions, root, "interactions")
+    return pseudonym_map(df[schema.interactions.user].str.strip().to_numpy(), key)
+
+
+def topk_lists(rec, users: np.ndarray, n_candidates: int, k: int, batch_users: int = 128,
+               show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates then ranker for many users at once: (top-K ids, candidate ids), -1 padded."""
+    tops, cands = [], []
+    for start in tqdm(range(0, len(users), batch_users), desc="ranking candidates", disable=not show_progress):
+        chunk = users[start:start + batch_users]
+        ids, _, _ = rec.sources.recommend(chunk, n_candidates, rec.seen[chunk])
+        valid = ids >= 0
+        rows_u = np.repeat(chunk, valid.sum(1))
+        rows_i = ids[valid]
+        scores = np.full(ids.shape, -np.inf, dtype=np.float64)
+        if len(rows_i):
+            scores[valid] = rec.ranker.predict(rec.rows(rows_u, rows_i))
+        tops.append(rank_candidates(ids, scores, k))
+        cands.append(ids)
+    return np.concatenate(tops), np.concatenate(cands)
+
+
+def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict[str, float]:
+    from adrec.features.pipeline import Features
+    from adrec.serving.recommender import Recommender
+
+    t0 = time.perf_counter()
+    feats = Features(run)
+    spec = feats.spec
+    rec = Recommender(run.require(run.model, "train"))
+    k = cfg.eval.k
+    report = run.report
+    report.mkdir(parents=True, exist_ok=True)
+    key = resolve_key(cfg.data.pseudonym_key, run.path)
+    raw_user = _raw_user_ids(run, key)
+    user_raw = feats.users["user"].map(raw_user).fillna(feats.users["user"]).to_numpy()
+    item_raw = feats.items["item"].astype(str).to_numpy()
+
+    # CTR: every test interaction is an impression.
+    test = feats.rows(TEST).reset_index(drop=True)
+    probs = np.asarray(rec.ranker.predict(test), dtype=np.float64)
+    y = test["label"].to_numpy()
+    metrics = ctr_metrics(y, probs)
+    pd.DataFrame({"user": user_raw[test["user_idx"]], "item": item_raw[test["item_idx"]], "prob": probs}) \
+        .to_csv(report / "ctr_preds.csv", index=False)
+
+    # Top-K end to end: users with at least one test positive.
+    pos = test[test["label"] == 1]
+    truth_by_user = pos.groupby("user_idx")["item_idx"].apply(lambda s: set(s.tolist()))
+    users = truth_by_user.index.to_numpy(dtype=np.int64)
+    truth = truth_by_user.tolist()
+    top, cand = topk_lists(rec, users, cfg.eval.candidate_k, k, show_progress=show_progress)
+    metrics.update(topk_metrics(top, truth, spec.n_catalog, k))
+    # The candidate lists alone, in their merged order: what the ranker adds over retrieval.
+    metrics.update(topk_metrics(cand[:, :k], truth, spec.n_catalog, k, prefix="candidates"))
+    hits = [(len(set(c[c >= 0][:100].tolist()) & t) / len(t)) for c, t in zip(cand, truth)]
+    metrics["candidates.recall@100"] = float(np.mean(hits))
+    rows = [(user_raw[u], item_raw[i], r + 1) for u, row in zip(users, top) for r, i in enumerate(row) if i >= 0]
+    pd.DataFrame(rows, columns=["user", "item", "rank"]).to_csv(report / "topk.csv", index=False)
+
+    images = {
+        "ROC curve (test impressions)": plot_roc(y, probs, report / "roc.png", label="adrec ranker"),
+        "Calibration (test impressions)": plot_calibration(y, probs, report / "calibration.png"),
+    }
+    tables = {}
+    recall_path = run.candidates / "recall.json"
+    if recall_path.exists():
+        rec_json = json.loads(recall_path.read_text())
+        long = pd.DataFrame([(*name.split(".", 1), v) for name, v in rec_json.items()], columns=["source", "metric", "value"])
+        tables["Candidate recall by source"] = long.pivot(index="source", columns="metric", values="value").reset_index()
+    sections = {
+        "Protocol": (
+            f"Per-user temporal split (DESIGN.md). CTR over {len(test)} test impressions; top-{k} over "
+            f"{len(users)} users with a test positive, candidates ({cfg.eval.candidate_k} per user, train items "
+            f"excluded) ranked by the ranker, ties to the lower item index. Model version {rec.version['version']}."
+        ),
+    }
+    write_report(report, metrics, sections=sections, images=images, tables=tables, title=f"adrec report: {run.path.name}")
+    run.update_manifest("evaluate", {"metrics": metrics, "seconds": round(time.perf_counter() - t0, 2)})
+    log.info("evaluate: %s", {k_: round(v, 4) for k_, v in metrics.items()})
+    return metrics
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    return markdown_table([{"metric": k, "value": v} for k, v in sorted(metrics.items())])
+
+
+def report_path(run: RunDir) -> Path:
+    return run.report / "report.md"

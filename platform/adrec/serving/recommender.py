@@ -1,0 +1,130 @@
+"""Candidate-then-rank recommendation over one model version, as a plain Python object.
+
+The Serve deployments wrap the two halves (:meth:`Recommender.candidates` and
+:meth:`Recommender.rank`); the evaluation stage and the serving benchmark call the same code
+in-process, so what is measured offline is what is served.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from adrec.candidates.merge import MultiSource
+from adrec.candidates.popularity import PopularitySource
+from adrec.data.privacy import pseudonymize
+from adrec.features.pipeline import entity_codes
+from adrec.features.spec import FeatureSpec
+from adrec.model_version import read_version
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidates:
+    items: np.ndarray  # item indices, best first
+    sources: list[list[str]] = field(default_factory=list)  # per item, the sources that proposed it
+
+
+class Recommender:
+    def __init__(self, model_dir: str | Path, pseudonym_key: bytes | None = None, load_ranker: bool = True):
+        from adrec.ranking.base import load_ranker as _load_ranker
+
+        self.model_dir = Path(model_dir)
+        self.version = read_version(self.model_dir)
+        fdir = self.model_dir / "features"
+        self.spec = FeatureSpec.load(fdir / "spec.json")
+        self.items = pd.read_parquet(fdir / "items.parquet")
+        users = pd.read_parquet(fdir / "users.parquet")
+        self.item_codes = entity_codes(self.items)
+        self.user_codes = entity_codes(users)
+        self.user_pos = {u: i for i, u in enumerate(users["user"].tolist())}
+        self.item_pos = {str(it): i for i, it in enumerate(self.items["item"].tolist())}
+        hist = pd.read_parquet(self.model_dir / "history.parquet")
+        self.history = [np.asarray(h, dtype=np.int64) for h in hist["hist"]]
+        self.seen = sp.load_npz(self.model_dir / "seen.npz").tocsr()
+        self.sources = MultiSource.load(self.model_dir / "candidates")
+        self.popularity = next((s for s in self.sources.sources.values() if isinstance(s, PopularitySource)), None)
+        self.context_field = self.version.get("context_field")
+        self.key = pseudonym_key
+        self.ranker = _load_ranker(self.model_dir / "ranker") if load_ranker else None
+
+    # ---- ids ----------------------------------------------------------------------------------
+    def user_index(self, raw_user_id: str) -> int:
+        """Index of a raw user id (pseudonymized with the key), or -1 for a user the model never saw."""
+        if self.key is None:
+            raise ValueError("this Recommender has no pseudonymization key; it cannot look up raw user ids")
+        return self.user_pos.get(pseudonymize(str(raw_user_id), self.key), -1)
+
+    def item_ids(self, idx: np.ndarray) -> list[str]:
+        return self.items["item"].to_numpy()[idx].astype(str).tolist()
+
+    def _context_code(self, context: dict | None) -> int | None:
+        if not context or not self.context_field:
+            return None
+        name = self.context_field.removeprefix("ctx.")
+        if name not in context:
+            return None
+        return int(self.spec.encode_categorical(self.context_field, pd.Series([str(context[name])]))[0])
+
+    # ---- the two halves -----------------------------------------------------------------------
+    def candidates(self, user_idx: int, n: int, context: dict | None = None, extra_seen: list[int] | None = None) -> Candidates:
+        code = self._context_code(context)
+        if user_idx < 0 or user_idx >= self.seen.shape[0]:
+            if self.popularity is None:
+                return Candidates(np.empty(0, np.int64), [])
+            seen = np.asarray(extra_seen or [], dtype=np.int64)
+            ids, _ = self.popularity.recommend_for_items([seen], n, None, context=code) if code is not None \
+                else self.popularity.recommend_for_items([seen], n, None)
+            ids = ids[0][ids[0] >= 0]
+            return Candidates(ids, [["popularity"]] * len(ids))
+        ids, _, sources = self.sources.recommend(np.array([user_idx]), n, self.seen[user_idx], context=code)
+        keep = ids[0] >= 0
+        return Candidates(ids[0][keep], [s for s, k in zip(sources[0], keep) if k])
+
+    def rows(self, user_idx: np.ndarray, item_idx: np.ndarray, context: dict | None = None,
+             hist: list[np.ndarray] | None = None) -> pd.DataFrame:
+        """Ranker input rows, encoded with the version's feature spec (the training encoding)."""
+        frame = pd.DataFrame({"user_idx": np.asarray(user_idx, dtype=np.int64), "item_idx": np.asarray(item_idx, dtype=np.int64)})
+        for c in self.spec.context:
+            frame[c] = str((context or {}).get(c.removeprefix("ctx."), ""))
+        codes = self.spec.encode_rows(frame, self.user_codes, self.item_codes)
+        out = pd.concat([frame[["user_idx", "item_idx"]], codes], axis=1)
+        if hist is None:
+            empty = np.empty(0, np.int64)
+            hist = [self.history[u] if 0 <= u < len(self.history) else empty for u in out["user_idx"]]
+        out["hist"] = hist
+        return out
+
+    def rank(self, user_idx: int, item_idx: np.ndarray, context: dict | None = None,
+             hist: np.ndarray | None = None) -> np.ndarray:
+        if len(item_idx) == 0:
+            return np.empty(0, np.float32)
+        users = np.full(len(item_idx), user_idx, dtype=np.int64)
+        h = None if hist is None else [np.asarray(hist, np.int64)] * len(item_idx)
+        return np.asarray(self.ranker.predict(self.rows(users, item_idx, context, h)), dtype=np.float32)
+
+    # ---- the whole path -----------------------------------------------------------------------
+    def recommend(self, raw_user_id: str, k: int, context: dict | None = None, n_candidates: int = 100,
+                  explain: bool = False) -> list[dict]:
+        u = self.user_index(raw_user_id)
+        cand = self.candidates(u, max(n_candidates, k), context)
+        scores = self.rank(u, cand.items, context)
+        return self.top(cand, scores, k, explain)
+
+    def top(self, cand: Candidates, scores: np.ndarray, k: int, explain: bool = False) -> list[dict]:
+        # Ties go to the lower item index, as in the offline protocol.
+        order = np.lexsort((cand.items, -scores))[:k]
+        ids = self.item_ids(cand.items[order])
+        out = []
+        for rank, (j, item) in enumerate(zip(order, ids), start=1):
+            rec = {"item": item, "score": float(scores[j]), "rank": rank}
+            if explain:
+                rec["sources"] = cand.sources[j] if cand.sources else []
+            out.append(rec)
+        return out
