@@ -33,11 +33,9 @@ def resolve_config(run: RunDir, config: str | Path | None = None, overrides: lis
 
 def prepare(cfg: AdrecConfig, run: RunDir) -> dict:
     from adrec.features.pipeline import prepare as _prepare
-    from adrec.runtime import init_ray
 
     run.path.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run.path / CONFIG_NAME)
-    init_ray(cfg.ray)
     return _prepare(cfg, run)
 
 

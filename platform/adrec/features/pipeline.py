@@ -25,6 +25,7 @@ from adrec.data.sources import DEFAULT_CROSSES, resolve_schema
 from adrec.features.spec import FeatureSpec, build_buckets, build_vocab
 from adrec.features.split import TEST, TRAIN, temporal_split
 from adrec.run import RunDir, fingerprint
+from adrec.runtime import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,8 @@ def prepare(cfg: AdrecConfig, run: RunDir) -> dict:
     item_codes, user_codes = entity_codes(items), entity_codes(users)
 
     # Ray Data: vectorized encoding (vocab lookups, buckets, hashed crosses) in batches.
+    # Ray starts only now, so bad input fails fast without paying for a cluster.
+    init_ray(cfg.ray)
     base = inter[["user_idx", "item_idx", "ts", "label", "split", *spec.context]].reset_index(drop=True)
 
     def encode(batch: pd.DataFrame) -> pd.DataFrame:

@@ -1,0 +1,54 @@
+"""One real local Ray per test session, and one small trained run that every integration test shares."""
+
+from __future__ import annotations
+
+import pytest
+
+from adrec.config import RayConfig, build_config
+from adrec.run import RunDir
+
+# A small synthetic log and a tiny random BERT: the whole flow in well under a minute on 2 cores.
+TINY_OVERRIDES = [
+    "data.dataset=synthetic",
+    "data.synthetic.n_users=300",
+    "data.synthetic.n_ads=120",
+    "data.synthetic.n_impressions=12000",
+    "data.pseudonym_key=test-key",
+    "ranker.tiny_encoder=true",
+    "ranker.epochs=1",
+    "ray.num_cpus=2",
+]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    from adrec.runtime import init_ray
+
+    init_ray(RayConfig(num_cpus=2))
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # Serve never started in this session
+        pass
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return build_config(overrides=TINY_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_session, tiny_cfg, tmp_path_factory) -> RunDir:
+    """prepare -> candidates -> train -> publish on the tiny synthetic log (shared, read-only for tests)."""
+    from adrec import flow
+
+    run = RunDir(tmp_path_factory.mktemp("tiny-run"))
+    flow.prepare(tiny_cfg, run)
+    flow.candidates(tiny_cfg, run, show_progress=False)
+    flow.train(tiny_cfg, run)
+    return run
