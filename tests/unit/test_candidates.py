@@ -39,7 +39,6 @@ from adrec.config import CandidateConfig
 
 HAS_CUDA = bool(implicit.gpu.HAS_CUDA)
 NO_CUDA_REASON = "implicit was built without CUDA (implicit.gpu.HAS_CUDA is False)"
-ML100K = Path("/work/shared/data/ml-100k")
 
 N_BLOCKS, USERS_PER_BLOCK, ITEMS_PER_BLOCK, N_COLD = 3, 12, 8, 4
 N_WARM = N_BLOCKS * ITEMS_PER_BLOCK  # items 0..23 have interactions
@@ -534,9 +533,8 @@ def test_recall_at_by_hand():
 
 
 # ----------------------------------------------------------------------------- MovieLens-100k
-@pytest.mark.skipif(not (ML100K / "u.data").is_file(), reason=f"MovieLens-100k not found at {ML100K}/u.data")
-def test_als_beats_popularity_on_movielens_100k():
-    data = np.loadtxt(ML100K / "u.data", dtype=np.int64, delimiter="\t")
+def test_als_beats_popularity_on_movielens_100k(ml100k_dir):
+    data = np.loadtxt(ml100k_dir / "u.data", dtype=np.int64, delimiter="\t")
     data = data[data[:, 2] >= 4]  # positives: rating >= 4
     users, items = data[:, 0] - 1, data[:, 1] - 1
     n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
