@@ -111,6 +111,23 @@ class RankerConfig(_Strict):
     bf16: bool = True  # autocast on GPU only
     torch_threads: int = Field(1, ge=1)
     seed: int = 0
+    # ---- added with the fusion ranker (adrec.ranking) ----
+    # Unique candidate items per step whose text runs through the trainable encoder layers with
+    # gradients (a random sample; 0 = all of them). The rest read the per-epoch text cache.
+    text_items_per_step: int = Field(64, ge=0)
+    cross_rank: int = Field(64, ge=1)  # rank of the DCN-v2 cross layers
+    att_hidden: int = Field(64, ge=1)  # hidden units of the target-attention MLP
+    embed_dropout: float = Field(0.0, ge=0, lt=1)
+    calibrate: bool = True  # Platt scaling on the validation split after training
+    # After selecting the epoch count on valid, retrain from the same initial weights on train + valid.
+    refit: bool = True
+    max_failures: int = Field(1, ge=0)  # Ray Train FailureConfig: worker-group restarts from the last checkpoint
+    # Ray Train storage (checkpoints); None: <run>/ranker_train. Must be shared by all nodes on a cluster.
+    storage_path: str | None = None
+    # Re-running with the same configuration resumes from its latest checkpoint; False starts over.
+    resume: bool = True
+    # Test hook: raise inside the training worker once, after this epoch's checkpoint.
+    fail_after_epoch: int | None = Field(None, ge=1)
 
 
 class EvalConfig(_Strict):
@@ -131,12 +148,75 @@ class ServeConfig(_Strict):
     candidate_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(64, ge=1)
     num_cpus_per_replica: float = Field(0.25, gt=0)
+    # Ingress replicas (stateless). The feedback writer is always a single replica.
+    ingress_replicas: int = Field(1, ge=1)
+    # > ranker_replicas turns on autoscaling of the ranker between the two.
+    ranker_max_replicas: int | None = Field(None, ge=1)
+    n_candidates: int = Field(100, ge=1)
+    # @serve.batch of the ranker: requests per batch and how long a batch may wait to fill.
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.002, ge=0)
+    # How long the ingress waits on the graph before answering 503.
+    request_timeout_s: float = Field(10.0, gt=0)
+    # Serve's per-request access log lines (path, status, latency; never bodies): off for throughput.
+    access_log: bool = False
 
 
 class RayConfig(_Strict):
     address: str | None = None  # None: start a local Ray in-process
     num_cpus: int | None = None
     include_dashboard: bool = False
+
+
+class OnlineConfig(_Strict):
+    """The online learner (``adrec.online``): feedback -> attributed examples -> updates -> versions.
+
+    Times are event time (the ``ts`` of the feedback events), so a replay after a crash labels and
+    orders every example exactly as the first pass did.
+    """
+
+    # A click labels the most recent earlier impression of the same (user, item) at most this long before it.
+    attribution_window_s: float = Field(1800.0, gt=0)
+    # An impression is labelled (and learned from) once the event-time watermark (the largest ts seen)
+    # passes its ts + window + this slack; clicks that come later still are counted as late, not learned.
+    lateness_s: float = Field(0.0, ge=0)
+    # Per-coordinate FTRL-Proximal around the served weights, AdaGrad, or plain mini-batch SGD.
+    optimizer: Literal["ftrl", "adagrad", "sgd"] = "ftrl"
+    lr: float = Field(0.02, gt=0)  # sgd / adagrad step size; ftrl's alpha
+    ftrl_beta: float = Field(1.0, ge=0)
+    ftrl_l1: float = Field(0.0, ge=0)
+    ftrl_l2: float = Field(0.0, ge=0)
+    batch_size: int = Field(64, ge=1)
+    # Parameter groups the learner updates: "head" (cross layers, MLP, output), "fusion" (text projection,
+    # target attention, history positions) and "embeddings" (id/field embeddings and the wide weights).
+    # The encoder is never updated online (the served item text cache stays valid).
+    train_layers: list[Literal["head", "fusion", "embeddings"]] = Field(
+        default_factory=lambda: ["head", "fusion", "embeddings"], min_length=1)
+    # Publication: a new version every N learned impressions and/or every T seconds (None disables either).
+    publish_every_events: int | None = Field(5000, ge=1)
+    publish_every_s: float | None = Field(None, gt=0)
+    # Guard: refuse a version whose progressive logloss since the last decision exceeds the serving
+    # version's on the same events by more than this fraction (0.01 = 1%).
+    guard_margin: float = 0.01
+    guard_min_events: int = Field(200, ge=1)  # fewer scored events since the last decision: no publication yet
+    on_refuse: Literal["continue", "revert"] = "continue"  # keep learning, or restart from the serving weights
+    # Offset + model + joiner state are checkpointed together at least this often (in log records).
+    checkpoint_every_events: int = Field(2000, ge=1)
+    read_batch_events: int = Field(2000, ge=1)  # log records read per step
+    poll_interval_s: float = Field(0.25, gt=0)
+    keep_versions: int = Field(4, ge=2)  # published version folders kept (the live one and its predecessors)
+    fold_in: bool = True  # fold new users (and cold items that get clicks) into the ALS factors on publication
+    track_frozen: bool = True  # also score every event with the initial model (frozen baseline)
+    # Event-time boundaries that split the progressive metrics into segments (e.g. the drift time).
+    segments_ts: list[float] = Field(default_factory=list)
+    recent_window: int = Field(5000, ge=10)  # events in the "recent" progressive metrics
+    # The learner runs at this CPU priority (os.nice increment) so that serving keeps its latency.
+    nice: int = Field(10, ge=0, le=19)
+    num_cpus: float = Field(0.25, gt=0)  # Ray resources of the learner actor
+    torch_threads: int = Field(1, ge=1)
+    # Throttle: the learner works at most this share of wall time (1.0 = as fast as it can).
+    max_busy_fraction: float = Field(1.0, gt=0, le=1)
+    state_dir: str | None = None  # default: <run>/online
 
 
 class AdrecConfig(_Strict):
@@ -147,6 +227,7 @@ class AdrecConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
+    online: OnlineConfig = OnlineConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())

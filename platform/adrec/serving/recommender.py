@@ -52,14 +52,23 @@ class Recommender:
         self.popularity = next((s for s in self.sources.sources.values() if isinstance(s, PopularitySource)), None)
         self.context_field = self.version.get("context_field")
         self.key = pseudonym_key
+        self._reverse_vocabs: dict[str, dict[int, str]] = {}
         self.ranker = _load_ranker(self.model_dir / "ranker") if load_ranker else None
 
     # ---- ids ----------------------------------------------------------------------------------
+    @property
+    def version_id(self) -> str:
+        return str(self.version["version"])
+
     def user_index(self, raw_user_id: str) -> int:
         """Index of a raw user id (pseudonymized with the key), or -1 for a user the model never saw."""
         if self.key is None:
             raise ValueError("this Recommender has no pseudonymization key; it cannot look up raw user ids")
-        return self.user_pos.get(pseudonymize(str(raw_user_id), self.key), -1)
+        return self.pseudonym_index(pseudonymize(str(raw_user_id), self.key))
+
+    def pseudonym_index(self, pseudonym: str) -> int:
+        """Index of an already pseudonymized user id (what the Serve graph passes around), or -1."""
+        return self.user_pos.get(pseudonym, -1)
 
     def item_ids(self, idx: np.ndarray) -> list[str]:
         return self.items["item"].to_numpy()[idx].astype(str).tolist()
@@ -115,11 +124,65 @@ class Recommender:
         u = self.user_index(raw_user_id)
         cand = self.candidates(u, max(n_candidates, k), context)
         scores = self.rank(u, cand.items, context)
-        return self.top(cand, scores, k, explain)
+        out = self.top(cand, scores, k, explain)
+        if explain and out:
+            feats = self.explain(u, cand.items[self.top_order(cand, scores, k)], context)
+            for rec, f in zip(out, feats):
+                rec["features"] = f
+        return out
+
+    def explain(self, user_idx: int, item_idx: np.ndarray, context: dict | None = None, top_n: int = 3) -> list[list[dict]]:
+        """Per item, the ``top_n`` features that raise its score most (occlusion).
+
+        Each feature field (and the user's history) is replaced in turn by "unknown" and the item
+        re-scored; a feature's contribution is the drop in the click probability. One ``predict`` call
+        covers every variant, so this costs (fields + 2) x len(item_idx) rows of the cached ranker.
+        """
+        item_idx = np.asarray(item_idx, dtype=np.int64)
+        n = len(item_idx)
+        if n == 0:
+            return []
+        base = self.rows(np.full(n, user_idx, dtype=np.int64), item_idx, context)
+        fcols = [c for c in base.columns if c.startswith("f:")]
+        variants = [base]
+        names = []
+        for c in fcols:
+            variants.append(base.assign(**{c: 0}))
+            names.append(c[2:])
+        no_hist = base.copy()
+        no_hist["hist"] = [np.empty(0, np.int64)] * n
+        variants.append(no_hist)
+        names.append("history")
+        probs = np.asarray(self.ranker.predict(pd.concat(variants, ignore_index=True)), dtype=np.float64).reshape(-1, n)
+        delta = probs[0][None, :] - probs[1:]  # (variants, items)
+        out = []
+        for j in range(n):
+            order = np.argsort(-delta[:, j], kind="stable")[:top_n]
+            feats = []
+            for v in order:
+                rec = {"feature": names[v], "contribution": round(float(delta[v, j]), 6)}
+                value = self._feature_value(names[v], base, j)
+                if value is not None:
+                    rec["value"] = value
+                feats.append(rec)
+            out.append(feats)
+        return out
+
+    def _feature_value(self, name: str, rows: pd.DataFrame, j: int) -> str | None:
+        """The readable value behind a field code (item and context vocabularies only: no user data)."""
+        if not (name.startswith("item.") or name.startswith("ctx.")) or name not in self.spec.vocabs:
+            return None
+        code = int(rows[f"f:{name}"].iloc[j])
+        if code == 0:
+            return None
+        rev = self._reverse_vocabs.get(name)
+        if rev is None:
+            rev = self._reverse_vocabs[name] = {v: k for k, v in self.spec.vocabs[name].items()}
+        return rev.get(code)
 
     def top(self, cand: Candidates, scores: np.ndarray, k: int, explain: bool = False) -> list[dict]:
         # Ties go to the lower item index, as in the offline protocol.
-        order = np.lexsort((cand.items, -scores))[:k]
+        order = self.top_order(cand, scores, k)
         ids = self.item_ids(cand.items[order])
         out = []
         for rank, (j, item) in enumerate(zip(order, ids), start=1):
@@ -128,3 +191,8 @@ class Recommender:
                 rec["sources"] = cand.sources[j] if cand.sources else []
             out.append(rec)
         return out
+
+    @staticmethod
+    def top_order(cand: Candidates, scores: np.ndarray, k: int) -> np.ndarray:
+        """Positions in ``cand`` of the best ``k`` (score descending, ties to the lower item index)."""
+        return np.lexsort((cand.items, -np.asarray(scores)))[:k]

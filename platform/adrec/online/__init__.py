@@ -1,0 +1,1 @@
+"""Online learning from click feedback (see :mod:`adrec.online.learner`)."""

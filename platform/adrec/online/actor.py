@@ -1,0 +1,219 @@
+"""The online learner as a Ray actor beside the Serve app, and rollouts of what it publishes.
+
+- :class:`LearnerActor` wraps an :class:`OnlineLearner`: a background thread consumes the feedback
+  log (``step`` while there is something to read, ``poll_interval_s`` sleeps otherwise) at a lowered
+  CPU priority (``online.nice``) and an optional duty cycle (``online.max_busy_fraction``), so that
+  serving keeps its latency. Its methods (``status``, ``flush``, ``stop``, ...) are safe to call
+  while it runs. Started with ``max_restarts``, Ray brings a crashed learner back; the new instance
+  restores the checkpoint and carries on from there (exactly once, see :mod:`adrec.online.learner`).
+- :class:`Rollouts` turns every published version into a Serve rollout
+  (:func:`adrec.serving.deploy.rollout`: the deployments' ``user_config`` changes, the replicas load
+  the new version beside the live one and switch without dropping requests). It runs in its own
+  thread and always rolls out the newest published version (an older one still waiting is skipped).
+- :func:`start_learner` starts (or finds) the named actor; :func:`serve_with_learner` deploys the Serve
+  app and starts its learner on the app's feedback log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAME = "adrec-online-learner"
+
+
+def _logging() -> None:
+    pkg = logging.getLogger("adrec")
+    if not any(not isinstance(h, logging.NullHandler) for h in pkg.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        pkg.addHandler(handler)
+        pkg.setLevel(logging.INFO)
+        pkg.propagate = False
+
+
+class Rollouts:
+    """Rolls published versions out to a running Serve app, newest first, one at a time."""
+
+    def __init__(self, app_args):
+        self.args = app_args
+        self._cv = threading.Condition()
+        self._wanted: tuple[Path, str] | None = None
+        self.history: list[dict] = []
+        self.live: str | None = None
+        self.busy = False
+        self._thread = threading.Thread(target=self._run, name="adrec-rollouts", daemon=True)
+        self._thread.start()
+
+    def submit(self, path: Path, record: dict) -> None:
+        with self._cv:
+            self._wanted = (Path(path), str(record.get("version")))
+            self._cv.notify()
+
+    def _run(self) -> None:
+        from adrec.serving.deploy import rollout
+
+        while True:
+            with self._cv:
+                while self._wanted is None:
+                    self._cv.wait()
+                path, vid = self._wanted
+                self._wanted = None
+                self.busy = True
+            t0 = time.perf_counter()
+            rec = {"version": vid, "path": str(path), "started": time.time()}
+            try:
+                rollout(self.args, path)
+                self.live = vid
+                rec["ok"] = True
+                log.info("rolled out %s in %.1fs", vid, time.perf_counter() - t0)
+            except Exception as err:
+                rec.update(ok=False, error=repr(err))
+                log.error("rollout of %s failed: %s", vid, err)
+            rec["seconds"] = round(time.perf_counter() - t0, 3)
+            with self._cv:
+                self.history.append(rec)
+                self.busy = False
+                self._cv.notify_all()
+
+    def idle(self) -> bool:
+        with self._cv:
+            return self._wanted is None and not self.busy
+
+    def status(self) -> dict:
+        with self._cv:
+            return {"live": self.live, "busy": self.busy, "pending": self._wanted[1] if self._wanted else None,
+                    "done": len([h for h in self.history if h.get("ok")]),
+                    "failed": len([h for h in self.history if not h.get("ok")]), "history": list(self.history[-10:])}
+
+
+class LearnerActor:
+    """The :class:`OnlineLearner` in a Ray actor (see the module documentation)."""
+
+    def __init__(self, cfg, base_model_dir: str, feedback_log: str, state_dir: str, app_args=None,
+                 name: str = DEFAULT_NAME, autostart: bool = True):
+        from adrec.online.learner import OnlineLearner
+
+        _logging()
+        if cfg.nice:
+            try:
+                os.nice(cfg.nice)
+            except OSError as err:
+                log.warning("could not lower the learner's CPU priority: %s", err)
+        self.cfg = cfg
+        self.rollouts = Rollouts(app_args) if app_args is not None else None
+        self.learner = OnlineLearner(cfg, base_model_dir, feedback_log, state_dir,
+                                     on_publish=self.rollouts.submit if self.rollouts else None, name=name)
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None
+        if self.rollouts is not None and self.learner.published:
+            # Restarted after a crash: make sure Serve holds the version the checkpoint says it does.
+            last = self.learner.published[-1]
+            self.rollouts.submit(Path(last["path"]), last)
+        if autostart:
+            self.start()
+
+    def start(self) -> bool:
+        if self._thread is not None and self._thread.is_alive():
+            return False
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="adrec-online-learner", daemon=True)
+        self._thread.start()
+        return True
+
+    def _loop(self) -> None:
+        cfg = self.cfg
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                with self._lock:
+                    n = self.learner.step()
+            except Exception as err:  # keep the actor up to report it; Ray restarts only on process death
+                self.error = repr(err)
+                log.exception("online learner step failed; stopping the loop")
+                return
+            busy = time.perf_counter() - t0
+            if n == 0:
+                self._stop.wait(cfg.poll_interval_s)
+            elif cfg.max_busy_fraction < 1.0:
+                self._stop.wait(busy * (1.0 / cfg.max_busy_fraction - 1.0))
+
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, flush: bool = False) -> dict:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            if flush:
+                self.learner.flush()
+            else:
+                self.learner.checkpoint()
+            return self.status()
+
+    def flush(self) -> dict:
+        with self._lock:
+            self.learner.flush()
+            return self.learner.status()
+
+    def caught_up(self) -> bool:
+        """Everything in the log now has been read (impressions may still wait for their window)."""
+        with self._lock:
+            return self.learner.offset >= self.learner.reader.size()
+
+    def status(self) -> dict:
+        with self._lock:
+            out = self.learner.status()
+        out["running"] = self.running()
+        out["error"] = self.error
+        out["pid"] = os.getpid()
+        if self.rollouts is not None:
+            out["rollouts"] = self.rollouts.status()
+        return out
+
+    def rollouts_idle(self) -> bool:
+        return self.rollouts is None or self.rollouts.idle()
+
+    def model_state(self) -> dict:
+        with self._lock:
+            return {k: v.clone() for k, v in self.learner.model_state().items()}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def start_learner(cfg, base_model_dir: str | Path, feedback_log: str | Path, state_dir: str | Path, app_args=None,
+                  name: str = DEFAULT_NAME, namespace: str | None = None, max_restarts: int = -1,
+                  autostart: bool = True):
+    """Start the learner actor (or return the running one of that name); returns its handle."""
+    import ray
+
+    cls = ray.remote(LearnerActor)
+    handle = cls.options(name=name, namespace=namespace, get_if_exists=True, num_cpus=cfg.num_cpus,
+                         max_restarts=max_restarts, max_concurrency=1).remote(
+        cfg, str(base_model_dir), str(feedback_log), str(state_dir), app_args, name, autostart)
+    ray.get(handle.pid.remote())  # constructed (checkpoint restored) before we return
+    return handle
+
+
+def serve_with_learner(cfg, args, state_dir: str | Path | None = None, name: str = DEFAULT_NAME):
+    """Deploy the Serve app from ``args`` (:class:`AppArgs`) and start its learner; returns (url, handle).
+
+    ``cfg`` is the :class:`OnlineConfig`. The learner reads the app's feedback log, learns from the
+    version the app serves, and rolls every version it publishes out to this app.
+    """
+    from adrec.serving.deploy import deploy
+
+    resolved = args.resolved()
+    url = deploy(resolved)
+    state = Path(state_dir or cfg.state_dir or Path(resolved.model_dir).parent / "online")
+    handle = start_learner(cfg, resolved.model_dir, resolved.feedback_log, state, app_args=resolved, name=name)
+    return url, handle

@@ -1,0 +1,379 @@
+"""The online learner: feedback log -> attributed examples -> progressive scores -> updates -> versions.
+
+One :class:`OnlineLearner` owns a state folder (default ``<run>/online``)::
+
+    checkpoint.pt     offset + model + optimizer + joiner + queue + catalog + metrics (one atomic file)
+    versions/<id>/    published model versions (the newest ``keep_versions``)
+    status.json       the latest status summary
+    status.jsonl      one record per publication decision (published / refused), restart and flush
+
+Per log record, in log order: the event goes through the :class:`AttributionJoiner`; labelled
+impressions queue up; every full mini-batch is scored by the learner's model (before it learns from
+it: progressive validation), by the serving version and by the frozen initial model, then the
+learner takes one optimizer step on it. Every ``publish_every_events`` learned impressions (or
+``publish_every_s`` seconds) the guard compares the learner's and the serving version's progressive
+logloss on the events since the last decision and publishes a new version or refuses it.
+
+Exactly once: the state after a record depends only on the state before it and the record, and the
+offset is checkpointed with everything else, so a learner killed at any point and restarted from its
+checkpoint re-reads exactly the records after it and ends in the state an uninterrupted run reaches.
+(Time-based publication and ``on_refuse="revert"`` together make the weights depend on wall time.)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from adrec.config import OnlineConfig
+from adrec.model_version import read_version
+from adrec.online.attribution import AttributionJoiner, Example
+from adrec.online.catalog import OnlineCatalog
+from adrec.online.checkpoint import load_checkpoint, save_checkpoint
+from adrec.online.events import CLICK, IMPRESSION, Event, FeedbackReader
+from adrec.online.metrics import EPS, RayGauges, ScoreBoard
+from adrec.online.optim import make_optimizer, select_parameters
+from adrec.online.rows import RowEncoder
+from adrec.online.publish import StatusLog, prune_versions, version_id, write_version
+
+log = logging.getLogger(__name__)
+
+ONLINE, SERVING, FROZEN = "online", "serving", "frozen"
+
+
+def _logloss_sum(p: np.ndarray, y: np.ndarray) -> float:
+    p = np.clip(p, EPS, 1 - EPS)
+    return float(-(y * np.log(p) + (1 - y) * np.log1p(-p)).sum())
+
+
+class OnlineLearner:
+    """Learns from the feedback log of a served model version; see the module documentation."""
+
+    def __init__(self, cfg: OnlineConfig, base_model_dir: str | Path, feedback_log: str | Path,
+                 state_dir: str | Path, on_publish: Callable[[Path, dict], None] | None = None,
+                 name: str = "default", export_metrics: bool = True):
+        from adrec.ranking.base import load_ranker
+        from adrec.serving.recommender import Recommender
+
+        torch.set_num_threads(cfg.torch_threads)
+        self.cfg = cfg
+        self.name = name
+        self.base_dir = Path(base_model_dir).expanduser().resolve()
+        self.state_dir = Path(state_dir).expanduser().resolve()
+        self.versions_dir = self.state_dir / "versions"
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        self.reader = FeedbackReader(feedback_log)
+        self.status_log = StatusLog(self.state_dir)
+        self.on_publish = on_publish
+
+        self.base = Recommender(self.base_dir, None, load_ranker=False)  # encodings, users, sources
+        self.base_version = str(read_version(self.base_dir)["version"])
+        self.spec = self.base.spec
+        self.encoder = RowEncoder(self.spec, self.base.user_codes, self.base.item_codes)
+        self.ranker = load_ranker(self.base_dir / "ranker")
+        for attr in ("model", "batch", "calibration", "save"):
+            if not hasattr(self.ranker, attr):
+                raise TypeError(f"online learning needs a ranker with a torch model (.{attr}); "
+                                f"{type(self.ranker).__name__} has none")
+        self.model = self.ranker.model
+        self.model.eval()  # no dropout online: the scores learned from are the scores served
+        self.params = select_parameters(self.model, list(cfg.train_layers))
+        chosen = {id(p) for _, p in self.params}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in chosen)
+        self.opt = make_optimizer([p for _, p in self.params], cfg)
+        self.serving = copy.deepcopy(self.ranker)  # the weights of the version Serve holds
+        self.frozen = copy.deepcopy(self.ranker) if cfg.track_frozen else None  # the initial model, never updated
+        for r in (self.serving, self.frozen):
+            if r is not None:
+                r.model.eval()
+                for p in r.model.parameters():
+                    p.requires_grad_(False)
+
+        self.joiner = AttributionJoiner(cfg.attribution_window_s, cfg.lateness_s)
+        self.catalog = OnlineCatalog(self.base.user_pos, self.base.history, self.spec.history_len, self.spec.n_items)
+        scorers = [ONLINE, SERVING] + ([FROZEN] if cfg.track_frozen else [])
+        self.board = ScoreBoard(scorers, list(cfg.segments_ts), cfg.recent_window)
+        self.ready: deque[Example] = deque()
+        self.offset = 0
+        self.records = 0  # log records consumed (exactly once)
+        self.counters = {"unknown_items": 0, "bad_records": 0, "steps": 0}
+        self.examples_learned = 0
+        self.serving_version = self.base_version
+        self.published: list[dict] = []  # accepted versions, oldest first
+        self.refused = 0
+        self.guard = {"n": 0, "online": 0.0, "serving": 0.0}
+        self.last_decision_examples = 0
+        self.last_checkpoint_records = 0
+        self.last_publish_time = time.monotonic()
+        self.last_decision: dict | None = None
+        self.started = time.time()
+        self.learn_seconds = 0.0
+        self.gauges = RayGauges(name) if export_metrics else None
+        self.restored = self._restore()
+
+    # ---- state --------------------------------------------------------------------------------------
+    def _trainable(self, model) -> dict[str, torch.Tensor]:
+        names = {n for n, _ in self.params}
+        return {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+
+    def _load_trainable(self, model, state: dict[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t)
+
+    def state_dict(self) -> dict:
+        return {"base_version": self.base_version, "offset": self.offset, "records": self.records,
+                "counters": dict(self.counters), "examples_learned": self.examples_learned,
+                "model": self._trainable(self.model), "optimizer": self.opt.state_dict(),
+                "optimizer_kind": self.cfg.optimizer,
+                "serving_model": self._trainable(self.serving.model), "serving_version": self.serving_version,
+                "joiner": self.joiner.state_dict(), "ready": [e.to_tuple() for e in self.ready],
+                "catalog": self.catalog.state_dict(), "board": self.board.state_dict(),
+                "published": list(self.published), "refused": self.refused, "guard": dict(self.guard),
+                "last_decision_examples": self.last_decision_examples, "last_decision": self.last_decision,
+                "learn_seconds": self.learn_seconds}
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.state_dir, self.state_dict())
+        self.last_checkpoint_records = self.records
+        self.status_log.write(self.status())
+
+    def _restore(self) -> bool:
+        st = load_checkpoint(self.state_dir)
+        if st is None:
+            return False
+        if st["base_version"] != self.base_version:
+            raise ValueError(f"{self.state_dir} holds the online state of base version {st['base_version']}, "
+                             f"not of {self.base_version} ({self.base_dir}): use another state folder")
+        self.offset, self.records = int(st["offset"]), int(st["records"])
+        self.counters.update(st["counters"])
+        self.examples_learned = int(st["examples_learned"])
+        self._load_trainable(self.model, st["model"])
+        self._load_trainable(self.serving.model, st["serving_model"])
+        if st.get("optimizer_kind") == self.cfg.optimizer:
+            self.opt.load_state_dict(st["optimizer"])
+        else:
+            log.warning("checkpoint optimizer %s != configured %s: starting a fresh optimizer state",
+                        st.get("optimizer_kind"), self.cfg.optimizer)
+        self.serving_version = st["serving_version"]
+        self.joiner.load_state_dict(st["joiner"])
+        self.ready = deque(Example.from_tuple(t) for t in st["ready"])
+        self.catalog.load_state_dict(st["catalog"])
+        self.board.load_state_dict(st["board"])
+        self.published, self.refused = list(st["published"]), int(st["refused"])
+        self.guard = dict(st["guard"])
+        self.last_decision_examples = int(st["last_decision_examples"])
+        self.last_decision = st.get("last_decision")
+        self.learn_seconds = float(st.get("learn_seconds", 0.0))
+        self.last_checkpoint_records = self.records
+        log.info("online learner %s resumed at record %d (byte %d): %d impressions learned, serving %s",
+                 self.name, self.records, self.offset, self.examples_learned, self.serving_version)
+        self.status_log.append({"event": "resumed", "records": self.records, "offset": self.offset,
+                                "examples_learned": self.examples_learned, "serving_version": self.serving_version})
+        return True
+
+    # ---- rows ---------------------------------------------------------------------------------------
+    def rows(self, examples: list[Example]) -> pd.DataFrame:
+        """Ranker input rows, encoded as serving encodes them (per-row context, the user's history then)."""
+        n = len(examples)
+        return self.encoder.encode(np.fromiter((self.catalog.base_index(e.user) for e in examples), np.int64, n),
+                                   np.fromiter((e.item_idx for e in examples), np.int64, n),
+                                   [e.context for e in examples], [e.hist for e in examples])
+
+    def _probs(self, logits: torch.Tensor, ranker) -> np.ndarray:
+        a, b = ranker.calibration
+        z = (a * logits.detach().double() + b).numpy()
+        return np.clip(1.0 / (1.0 + np.exp(-np.clip(z, -50, 50))), EPS, 1 - EPS)
+
+    # ---- learning -----------------------------------------------------------------------------------
+    def _learn(self, batch: list[Example]) -> None:
+        t0 = time.perf_counter()
+        rows = self.rows(batch)
+        b = self.ranker.batch(rows)
+        y = np.fromiter((e.label for e in batch), np.float64, len(batch))
+        ts = np.fromiter((e.ts for e in batch), np.float64, len(batch))
+        probs = {}
+        with torch.inference_mode():
+            probs[SERVING] = self._probs(self.serving.model(dict(b)), self.serving)
+            if self.frozen is not None:
+                probs[FROZEN] = self._probs(self.frozen.model(dict(b)), self.frozen)
+        logits = self.model(dict(b))
+        probs[ONLINE] = self._probs(logits, self.ranker)  # scored before the update below
+        a, c = self.ranker.calibration
+        loss = F.binary_cross_entropy_with_logits(a * logits + c, torch.as_tensor(y, dtype=logits.dtype))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.board.update(probs, y, ts)
+        self.guard["n"] += len(batch)
+        self.guard["online"] += _logloss_sum(probs[ONLINE], y)
+        self.guard["serving"] += _logloss_sum(probs[SERVING], y)
+        self.examples_learned += len(batch)
+        self.counters["steps"] += 1
+        self.learn_seconds += time.perf_counter() - t0
+
+    def _drain(self, partial: bool = False) -> None:
+        bs = self.cfg.batch_size
+        while len(self.ready) >= bs or (partial and self.ready):
+            batch = [self.ready.popleft() for _ in range(min(bs, len(self.ready)))]
+            self._learn(batch)
+            self._maybe_publish()
+
+    def _consume(self, ev: Event) -> None:
+        item = self.base.item_pos.get(ev.item)
+        if item is None:
+            self.counters["unknown_items"] += 1
+            return
+        if ev.type == IMPRESSION:
+            hist = self.catalog.history(ev.user)
+            self.catalog.impression(ev.user, item)
+            self.ready.extend(self.joiner.impression(ev.event_id, ev.user, item, ev.ts, ev.context, hist))
+        elif ev.type == CLICK:
+            self.catalog.click(ev.user, item)
+            self.ready.extend(self.joiner.click(ev.user, item, ev.ts))
+
+    def step(self, max_records: int | None = None) -> int:
+        """Consume up to ``max_records`` new log records (what is there now); returns how many."""
+        self._drain()  # a queue restored from a checkpoint is learned before anything new is read
+        res = self.reader.read(self.offset, max_records or self.cfg.read_batch_events)
+        for ev, end in res.records:
+            if ev is None:
+                self.counters["bad_records"] += 1
+            else:
+                self._consume(ev)
+            self.offset = end
+            self.records += 1
+            self._drain()
+        self.offset = res.end_offset
+        if self.cfg.publish_every_s and time.monotonic() - self.last_publish_time >= self.cfg.publish_every_s:
+            self.decide(reason="time")
+        if self.records - self.last_checkpoint_records >= self.cfg.checkpoint_every_events:
+            self.checkpoint()
+        if res.records:
+            self.export_metrics()
+        return len(res.records)
+
+    def run_until_caught_up(self, max_seconds: float | None = None) -> int:
+        """Consume every record in the log now (for tests and batch use); returns how many."""
+        total = 0
+        deadline = time.monotonic() + max_seconds if max_seconds else None
+        while True:
+            n = self.step()
+            total += n
+            if n == 0 or (deadline and time.monotonic() > deadline):
+                return total
+
+    def flush(self) -> None:
+        """End of stream: label every pending impression now, learn the rest (a last partial batch too)."""
+        self.ready.extend(self.joiner.flush())
+        self._drain(partial=True)
+        self.status_log.append({"event": "flushed", "records": self.records, "examples_learned": self.examples_learned})
+        self.checkpoint()
+        self.export_metrics()
+
+    # ---- publication ----------------------------------------------------------------------------------
+    def _maybe_publish(self) -> None:
+        every = self.cfg.publish_every_events
+        if every and self.examples_learned - self.last_decision_examples >= every:
+            self.decide(reason="events")
+
+    def guard_view(self) -> dict:
+        n = self.guard["n"]
+        on = self.guard["online"] / n if n else math.nan
+        srv = self.guard["serving"] / n if n else math.nan
+        return {"events": n, "online_logloss": on, "serving_logloss": srv,
+                "limit": srv * (1 + self.cfg.guard_margin) if n else math.nan}
+
+    def decide(self, reason: str = "manual", force: bool = False) -> dict | None:
+        """Publish the learner's weights as a new version, or refuse them (the guard); None: too few events."""
+        g = self.guard_view()
+        if self.examples_learned == self.last_decision_examples or (g["events"] < self.cfg.guard_min_events and not force):
+            return None
+        vid = version_id(self.base_version, self.examples_learned)
+        record = {"version": vid, "reason": reason, "records": self.records, "offset": self.offset,
+                  "examples_learned": self.examples_learned, "serving_version": self.serving_version,
+                  "guard": g, "margin": self.cfg.guard_margin}
+        if not (g["online_logloss"] <= g["limit"]):
+            record["event"] = "refused"
+            self.refused += 1
+            log.warning("online learner %s refused version %s: progressive logloss %.5f is worse than the serving "
+                        "version's %.5f by more than %.1f%% over the last %d events (keeps serving %s)",
+                        self.name, vid, g["online_logloss"], g["serving_logloss"], 100 * self.cfg.guard_margin,
+                        g["events"], self.serving_version)
+            if self.cfg.on_refuse == "revert":
+                self._load_trainable(self.model, self._trainable(self.serving.model))
+                self.opt = make_optimizer([p for _, p in self.params], self.cfg)
+                record["reverted_to"] = self.serving_version
+        else:
+            info = {"examples_learned": self.examples_learned, "records": self.records, "guard": g,
+                    "parent_serving": self.serving_version, "learner": self.name}
+            self.ranker.info = {**dict(self.ranker.info or {}), "online": info}
+            path, meta = write_version(self.base_dir, self.versions_dir / vid, self.ranker, self.catalog,
+                                       self._sources() if self.cfg.fold_in else None, self.cfg.fold_in, info)
+            self._load_trainable(self.serving.model, self._trainable(self.model))
+            self.serving_version = vid
+            self.published.append({"version": vid, "path": str(path), "examples_learned": self.examples_learned,
+                                   "records": self.records})
+            keep = [p["version"] for p in self.published[-self.cfg.keep_versions:]]
+            prune_versions(self.versions_dir, keep)
+            record.update(event="published", path=str(path), fold_in=meta.get("online", {}).get("fold_in"))
+            log.info("online learner %s published %s (progressive logloss %.5f vs serving %.5f over %d events)",
+                     self.name, vid, g["online_logloss"], g["serving_logloss"], g["events"])
+        self.guard = {"n": 0, "online": 0.0, "serving": 0.0}
+        self.last_decision_examples = self.examples_learned
+        self.last_publish_time = time.monotonic()
+        self.last_decision = record
+        self.status_log.append(record)
+        self.checkpoint()  # the decision and the state it was made in are durable together
+        if record["event"] == "published" and self.on_publish is not None:
+            try:
+                self.on_publish(Path(record["path"]), record)
+            except Exception as err:  # a failed rollout must not stop learning; it is in the status
+                log.error("rollout of %s failed: %s", vid, err)
+                self.status_log.append({"event": "rollout_failed", "version": vid, "error": repr(err)})
+        return record
+
+    def _sources(self):
+        from adrec.candidates.merge import MultiSource
+
+        return MultiSource.load(self.base_dir / "candidates")  # a fresh copy: fold-in is applied from the base
+
+    @property
+    def latest_version_dir(self) -> Path:
+        return Path(self.published[-1]["path"]) if self.published else self.base_dir
+
+    # ---- reporting ------------------------------------------------------------------------------------
+    def counts(self) -> dict:
+        return {"records": self.records, "offset": self.offset, "examples_learned": self.examples_learned,
+                "pending": self.joiner.n_pending, "queued": len(self.ready), "published": len(self.published),
+                "refused": self.refused, "new_users": len(self.catalog.new_users),
+                "log_bytes": self.reader.size(), **self.joiner.counts, **self.counters}
+
+    def status(self) -> dict:
+        return {"learner": self.name, "base_version": self.base_version, "base_dir": str(self.base_dir),
+                "serving_version": self.serving_version, "latest_version_dir": str(self.latest_version_dir),
+                "counts": self.counts(), "metrics": self.board.summary(), "guard": self.guard_view(),
+                "last_decision": self.last_decision, "published": self.published[-self.cfg.keep_versions:],
+                "learn_seconds": round(self.learn_seconds, 3),
+                "examples_per_learn_second": round(self.examples_learned / self.learn_seconds, 1)
+                if self.learn_seconds else None}
+
+    def export_metrics(self) -> None:
+        if self.gauges is not None:
+            self.gauges.export(self.board.summary(), self.counts())
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The learner's trainable weights (what the exactly-once check compares)."""
+        return self._trainable(self.model)

@@ -1,0 +1,185 @@
+"""Writing the learner's model versions, and the status records of every publication decision.
+
+A published version is a complete model version folder (see :mod:`adrec.model_version`) that Serve
+loads on its own: the base version's features and item table, the users it saw online appended to
+the user table, updated histories and seen items, the candidate sources with the online users and
+clicks folded in, and the ranker with the learner's weights (:meth:`FusionRanker.save`). The item text
+cache stays valid (the encoder is not updated online), so loading a version never runs the encoder.
+
+Versions are written to a temporary sibling and renamed into place. Their ids are deterministic
+(base version + learned-impression count), so a learner that replays events after a crash and
+reaches the same decision finds the version it had already written and reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from adrec.model_version import read_version
+
+log = logging.getLogger(__name__)
+
+
+def version_id(base_version: str, examples: int) -> str:
+    return f"{base_version}-o{examples:09d}"
+
+
+def _append_users(users: pd.DataFrame, new_users: dict[str, int]) -> pd.DataFrame:
+    """The base user table plus one row per new user (pseudonym only: every side feature unknown)."""
+    if not new_users:
+        return users
+    ids = sorted(new_users, key=new_users.get)
+    extra = {}
+    for c in users.columns:
+        if c == "user_idx":
+            extra[c] = np.asarray([new_users[u] for u in ids], dtype=users[c].dtype)
+        elif c == "user":
+            extra[c] = ids
+        elif c == "text":
+            extra[c] = [""] * len(ids)
+        elif c.startswith("c:"):
+            sample = users[c].iloc[0] if len(users) else 0
+            if isinstance(sample, (list, tuple, np.ndarray)):
+                extra[c] = [np.zeros(0, dtype=np.int64)] * len(ids)
+            else:
+                extra[c] = np.zeros(len(ids), dtype=users[c].dtype)
+        else:
+            extra[c] = pd.Series([None] * len(ids), dtype=users[c].dtype if users[c].dtype != object else object)
+    return pd.concat([users, pd.DataFrame(extra)], ignore_index=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_version(base_dir: Path, target: Path, ranker, catalog, sources=None, fold_in: bool = True,
+                  info: dict | None = None) -> tuple[Path, dict]:
+    """Write the version folder ``target`` (atomically); reuse it when it is already complete."""
+    target = Path(target)
+    if (target / "version.json").is_file():
+        log.info("version %s already written (replay after a restart): reusing it", target.name)
+        return target, read_version(target)
+    base_dir = Path(base_dir)
+    base = read_version(base_dir)
+    tmp = target.parent / f".{target.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "features").mkdir(parents=True)
+    t0 = time.perf_counter()
+    for name in ("spec.json", "items.parquet"):
+        shutil.copy2(base_dir / "features" / name, tmp / "features" / name)
+    users = pd.read_parquet(base_dir / "features" / "users.parquet")
+    _append_users(users, catalog.new_users).to_parquet(tmp / "features" / "users.parquet", index=False)
+    hist = catalog.histories()
+    pd.DataFrame({"user_idx": range(len(hist)), "hist": [h.tolist() for h in hist]}).to_parquet(tmp / "history.parquet")
+
+    fold = {"folded": False}
+    base_seen = sp.load_npz(base_dir / "seen.npz").tocsr()
+    if fold_in and sources is not None:
+        from adrec.online.catalog import fold_in_sources
+
+        fold = {"folded": True, **fold_in_sources(sources, catalog)}
+        sources.save(tmp / "candidates")
+        sp.save_npz(tmp / "seen.npz", catalog.seen_matrix(base_seen))
+    else:
+        # Without fold-in the sources know the base users only: new users take the cold-user path, so the
+        # seen matrix keeps the base users' rows (their online impressions added).
+        shutil.copytree(base_dir / "candidates", tmp / "candidates")
+        seen = catalog.seen_matrix(base_seen)[: base_seen.shape[0]]
+        sp.save_npz(tmp / "seen.npz", seen)
+    ranker.save(tmp / "ranker")
+    vid = target.name
+    meta = {k: v for k, v in base.items() if k not in ("version", "created", "online")}
+    meta.update(version=vid, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), parent=base.get("version"),
+                n_users=int(catalog.n_users),
+                online={**(info or {}), "new_users": len(catalog.new_users), "fold_in": fold})
+    (tmp / "version.json").write_text(json.dumps(meta, indent=2, default=str))
+    _fsync_tree(tmp)
+    tmp.rename(target)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    log.info("published version %s (%d users, %d new) in %.2fs", vid, catalog.n_users, len(catalog.new_users),
+             time.perf_counter() - t0)
+    return target, meta
+
+
+def prune_versions(versions_dir: Path, keep: list[str]) -> list[str]:
+    """Delete published version folders not named in ``keep`` (and stale temporary folders)."""
+    removed = []
+    if not versions_dir.is_dir():
+        return removed
+    keep_set = set(keep)
+    for p in sorted(versions_dir.iterdir()):
+        if p.name in keep_set:
+            continue
+        if p.name.startswith(".") and p.name.endswith(".tmp") or p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
+class StatusLog:
+    """``status.jsonl`` (one record per decision, appended) and ``status.json`` (the latest summary)."""
+
+    def __init__(self, state_dir: Path):
+        self.dir = Path(state_dir)
+        self.records = self.dir / "status.jsonl"
+        self.current = self.dir / "status.json"
+
+    def append(self, record: dict) -> None:
+        line = json.dumps({"time": time.time(), **record}, default=_json_default) + "\n"
+        fd = os.open(self.records, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def write(self, summary: dict) -> None:
+        tmp = self.current.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(summary, indent=1, default=_json_default))
+        tmp.replace(self.current)
+
+    def read(self) -> list[dict]:
+        if not self.records.is_file():
+            return []
+        out = []
+        for line in self.records.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)

@@ -1,0 +1,240 @@
+"""``FusionRanker``: the trained late-fusion model behind the :class:`Ranker` contract.
+
+A saved fusion ranker is a self-describing folder::
+
+    ranker.json      class, ranker config, architecture sizes, feature spec copy, calibration, training info
+    model.pt         state dict of everything but the encoder
+    encoder/         the (fine-tuned) encoder and its tokenizer, via save_pretrained
+    items.parquet    the item table the model needs (index, id, text, item code columns)
+    users.parquet    user multi-valued codes (only when the spec has user multi-valued fields)
+    item_text.npy    cache of the pooled item text embeddings for this model version
+    cache.json       fingerprint of the model files the cache was computed from
+
+``FusionRanker.load(folder)`` rebuilds and predicts from that folder alone. Item text embeddings
+are computed once per model version (at save time, or at the first load when the cache is missing
+or stale), so predicting never runs the encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from adrec.config import RankerConfig
+from adrec.features.spec import FeatureSpec
+from adrec.ranking.base import RANKER_JSON, Ranker
+from adrec.ranking.data import EntityTables, architecture, rows_to_arrays
+from adrec.ranking.encoder import load_encoder, load_saved_encoder, tokenize
+from adrec.ranking.model import FusionModel
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+_EPS = 1e-7
+
+
+def model_arch(cfg: RankerConfig, spec: FeatureSpec) -> dict:
+    """Field layout of ``spec`` plus the network sizes of ``cfg`` (stored in ranker.json)."""
+    arch = architecture(spec)
+    arch.update(embed_dim=cfg.embed_dim, hidden=list(cfg.hidden), cross_layers=cfg.cross_layers,
+                cross_rank=cfg.cross_rank, dropout=cfg.dropout, embed_dropout=cfg.embed_dropout,
+                att_hidden=cfg.att_hidden, finetune=cfg.finetune, finetune_last_n=cfg.finetune_last_n,
+                max_text_len=cfg.max_text_len)
+    return arch
+
+
+def fit_platt(logits: np.ndarray, y: np.ndarray, iters: int = 50) -> tuple[float, float]:
+    """Platt scaling ``p = sigmoid(a * logit + b)`` by Newton's method (a small ridge keeps it stable)."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if len(z) == 0 or y.min() == y.max():
+        return 1.0, 0.0
+    w = np.array([1.0, 0.0])
+    X = np.stack([z, np.ones_like(z)], axis=1)
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(X @ w)))
+        g = X.T @ (p - y) + 1e-6 * (w - [1.0, 0.0])
+        h = (X * (p * (1 - p))[:, None]).T @ X + 1e-6 * np.eye(2)
+        step = np.linalg.solve(h, g)
+        w = w - step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(w[0]), float(w[1])
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    p = 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+    return np.clip(p, _EPS, 1 - _EPS)
+
+
+def _fingerprint(folder: Path) -> str:
+    h = hashlib.sha256()
+    files = [folder / "model.pt", *sorted((folder / "encoder").glob("*.safetensors")),
+             *sorted((folder / "encoder").glob("*.bin")), folder / "items.parquet"]
+    for p in files:
+        if p.is_file():
+            h.update(p.name.encode())
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:20]
+
+
+class FusionRanker(Ranker):
+    name = "fusion"
+
+    def __init__(self, model: FusionModel, cfg: RankerConfig, spec: dict, tables: EntityTables, tokenizer,
+                 calibration: tuple[float, float] = (1.0, 0.0), info: dict | None = None):
+        self.model = model
+        self.cfg = cfg
+        self.arch = model.arch
+        self.spec = spec
+        self.tables = tables
+        self.tokenizer = tokenizer
+        self.calibration = (float(calibration[0]), float(calibration[1]))
+        self.info = dict(info or {})
+        self.model.eval()
+
+    # ---- construction -------------------------------------------------------------------------
+    @staticmethod
+    def build_arch(cfg: RankerConfig, spec: FeatureSpec) -> dict:
+        return model_arch(cfg, spec)
+
+    @classmethod
+    def build(cls, cfg: RankerConfig, spec: FeatureSpec, items: pd.DataFrame, users: pd.DataFrame | None,
+              encoder=None, tokenizer=None, refresh: bool = True) -> "FusionRanker":
+        """An untrained ranker for ``spec`` and these item/user tables (training starts from it).
+
+        ``refresh``: compute the item text cache now (training computes it itself).
+        """
+        if encoder is None or tokenizer is None:
+            encoder, tokenizer = load_encoder(cfg)
+        arch = model_arch(cfg, spec)
+        tables = EntityTables.from_frames(items, users, arch)
+        model = _make_model(arch, cfg, tables, encoder, tokenizer, refresh=refresh)
+        return cls(model, cfg, asdict(spec), tables, tokenizer)
+
+    # ---- inference --------------------------------------------------------------------------------
+    def batch(self, rows: pd.DataFrame) -> dict[str, torch.Tensor]:
+        """Model input tensors for ranker input rows."""
+        arrays = rows_to_arrays(rows, self.arch)
+        device = self.model.bias.device
+        return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+
+    def logits(self, rows: pd.DataFrame, batch_size: int = 8192) -> np.ndarray:
+        """Raw (uncalibrated) logits."""
+        self.model.eval()
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(rows), batch_size):
+                out.append(self.model(self.batch(rows.iloc[i:i + batch_size])).float().cpu().numpy())
+        return np.concatenate(out).astype(np.float64) if out else np.zeros(0, dtype=np.float64)
+
+    def predict(self, rows: pd.DataFrame) -> np.ndarray:
+        a, b = self.calibration
+        return _sigmoid(a * self.logits(rows) + b)
+
+    def item_embeddings(self) -> np.ndarray:
+        """(n_items, d) L2-normalised pooled item text embeddings of the (fine-tuned) encoder.
+
+        Row i is item index i; items with no text get the embedding of the empty text. These are the
+        cached vectors the model reads, so they cost nothing after load.
+        """
+        emb = self.model.text.pooled[1:].detach().cpu().numpy().astype(np.float32)
+        norm = np.linalg.norm(emb, axis=1, keepdims=True)
+        return emb / np.maximum(norm, 1e-12)
+
+    # ---- persistence ------------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        folder = Path(path)
+        tmp = folder.with_name(folder.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        state = {k: v for k, v in self.model.state_dict().items() if not k.startswith("text.encoder.")}
+        torch.save(state, tmp / "model.pt")
+        self.model.text.encoder.save_pretrained(tmp / "encoder")
+        self.tokenizer.save_pretrained(tmp / "encoder")
+        self.tables.items.to_parquet(tmp / "items.parquet", index=False)
+        if self.tables.users is not None:
+            self.tables.users.to_parquet(tmp / "users.parquet", index=False)
+        meta = {
+            "class": "FusionRanker",
+            "name": self.name,
+            "format": FORMAT,
+            "config": json.loads(self.cfg.model_dump_json()),
+            "arch": self.arch,
+            "text_dim": self.model.text.hidden_size,
+            "spec": self.spec,
+            "calibration": {"a": self.calibration[0], "b": self.calibration[1]},
+            "info": self.info,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / RANKER_JSON).write_text(json.dumps(meta, indent=1, default=str))
+        np.save(tmp / "item_text.npy", self.model.text.pooled.detach().cpu().numpy())
+        (tmp / "cache.json").write_text(json.dumps({"fingerprint": _fingerprint(tmp)}))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.replace(folder)
+        log.info("fusion ranker saved to %s", folder)
+
+    @classmethod
+    def load(cls, path) -> "FusionRanker":
+        folder = Path(path)
+        meta = json.loads((folder / RANKER_JSON).read_text())
+        if meta.get("format", 0) > FORMAT:
+            raise ValueError(f"{folder} was written by a newer adrec (format {meta['format']} > {FORMAT})")
+        cfg = RankerConfig.model_validate(meta["config"])
+        encoder, tok = load_saved_encoder(folder / "encoder")
+        items = pd.read_parquet(folder / "items.parquet")
+        users = pd.read_parquet(folder / "users.parquet") if (folder / "users.parquet").is_file() else None
+        arch = meta["arch"]
+        tables = EntityTables.from_frames(items, users, arch)
+        model = _make_model(arch, cfg, tables, encoder, tok, refresh=False)
+        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("text.encoder.")]
+        if missing or unexpected:
+            raise ValueError(f"{folder}/model.pt does not fit its ranker.json: missing {missing}, unexpected {unexpected}")
+        cal = meta.get("calibration", {})
+        ranker = cls(model, cfg, meta["spec"], tables, tok, (cal.get("a", 1.0), cal.get("b", 0.0)), meta.get("info"))
+        ranker._load_text_cache(folder)
+        return ranker
+
+    def _load_text_cache(self, folder: Path) -> None:
+        cache, info = folder / "item_text.npy", folder / "cache.json"
+        fp = _fingerprint(folder)
+        pooled = self.model.text.pooled
+        if cache.is_file() and info.is_file():
+            try:
+                ok = json.loads(info.read_text()).get("fingerprint") == fp
+                arr = np.load(cache) if ok else None
+                if arr is not None and arr.shape == tuple(pooled.shape):
+                    pooled.copy_(torch.from_numpy(arr))
+                    return
+            except (OSError, ValueError) as err:
+                log.warning("item text cache in %s unreadable (%s); recomputing", folder, err)
+        log.info("computing item text embeddings for %s (%d items)", folder, pooled.shape[0] - 1)
+        self.model.text.refresh()
+        try:
+            np.save(cache, pooled.cpu().numpy())
+            info.write_text(json.dumps({"fingerprint": fp}))
+        except OSError as err:  # a read-only model folder still serves, it just recomputes next time
+            log.warning("could not write the item text cache to %s: %s", folder, err)
+
+
+def _make_model(arch: dict, cfg: RankerConfig, tables: EntityTables, encoder, tokenizer, refresh: bool = True) -> FusionModel:
+    ids, mask = tokenize(tokenizer, tables.text, cfg.max_text_len)
+    model = FusionModel(arch, encoder, ids, mask, tables.item_attr, tables.multi)
+    if refresh:
+        model.text.refresh()
+    return model

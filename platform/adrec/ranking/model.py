@@ -1,0 +1,329 @@
+"""The fusion ranker's network: late fusion of a text tower, a user tower and a cross-feature tower.
+
+- Item text tower: the encoder mean-pooled over each item's text, projected to ``embed_dim``.
+  Pooled item texts live in a cache (``TextTower.pooled``) computed once per model version, so
+  serving never runs the encoder per candidate. Training fine-tunes the encoder CPU-cheaply:
+  ``frozen`` never runs it after the first pass; ``last_n`` computes the hidden states below the
+  trainable top layers once, then runs only those top layers on (a sample of) the batch's unique
+  candidate items, with the cache refreshed once per epoch for the rest; ``full`` runs the whole
+  encoder on those items (a GPU setting).
+- Item representation (candidate and history alike): [id embedding, attribute embeddings (the
+  item's categorical and multi-valued codes), projected text].
+- User tower: DIN-style target attention of the candidate over the user's recent positives
+  (``hist``), a masked mean of them, and a history-length embedding.
+- Cross-feature tower: embeddings of every ``f:`` field and the mean-pooled multi-valued fields,
+  concatenated with the user tower and the candidate, through DCN-v2 cross layers (low rank) and an MLP,
+  plus a first-order (wide) term over the fields -> one logit.
+
+The forward pass is split into :meth:`FusionModel.embed` (every input embedding, as a dict of
+tensors) and :meth:`FusionModel.forward_from` (everything after), so FGSM can perturb the input
+embeddings (token-level encoder inputs and feature embeddings) in between.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adrec.ranking.encoder import encoder_layers, layer_mask, mean_pool
+
+log = logging.getLogger(__name__)
+
+# Input embeddings FGSM may perturb; "tokens" are the token-level inputs of the trainable encoder part.
+EMBED_KEYS = ("fields", "multi", "cand_id", "hist_id", "cand_attr", "hist_attr", "cand_text", "hist_text", "tokens")
+
+
+class TextTower(nn.Module):
+    """An HF encoder, its item tokens and the cache of pooled item texts (row 0 = unknown item)."""
+
+    def __init__(self, encoder: nn.Module, finetune: str, last_n: int, tok_ids: np.ndarray, tok_mask: np.ndarray):
+        super().__init__()
+        self.encoder = encoder
+        self.layers = encoder_layers(encoder)
+        if finetune == "last_n" and self.layers is None:
+            log.warning("encoder %s exposes no layer list: fine-tuning it in full instead of its last %d layers",
+                        type(encoder).__name__, last_n)
+            finetune = "full"
+        self.finetune = finetune
+        n_layers = len(self.layers) if self.layers is not None else 0
+        self.n_top = min(last_n, n_layers) if finetune == "last_n" else 0
+        for p in encoder.parameters():
+            p.requires_grad_(finetune == "full")
+        pooler = getattr(encoder, "pooler", None)
+        if pooler is not None:  # the model mean-pools the last hidden states; the pooler never runs
+            for p in pooler.parameters():
+                p.requires_grad_(False)
+        if self.n_top:
+            for layer in self.layers[n_layers - self.n_top:]:
+                for p in layer.parameters():
+                    p.requires_grad_(True)
+        self.hidden_size = int(encoder.config.hidden_size)
+        pad_ids = np.zeros((1, tok_ids.shape[1]), dtype=np.int64)
+        self.register_buffer("tok_ids", torch.as_tensor(np.concatenate([pad_ids, tok_ids])), persistent=False)
+        self.register_buffer("tok_mask", torch.as_tensor(np.concatenate([pad_ids, tok_mask])), persistent=False)
+        self.register_buffer("pooled", torch.zeros(len(tok_ids) + 1, self.hidden_size), persistent=False)
+        self.lower: torch.Tensor | None = None  # (n_items+1, T, H): hidden states below the trainable layers
+        self.fresh_cache = False
+
+    @property
+    def trainable(self) -> bool:
+        return self.finetune != "frozen"
+
+    def trainable_parameters(self):
+        return [p for p in self.encoder.parameters() if p.requires_grad]
+
+    def _order(self, idx: torch.Tensor) -> torch.Tensor:
+        # Length-sorted chunks pad less: about 2.5x faster on item titles.
+        lens = self.tok_mask[idx].sum(1)
+        return idx[torch.argsort(lens, stable=True)]
+
+    @torch.no_grad()
+    def refresh(self, batch_size: int = 128) -> None:
+        """Recompute the pooled text of every item with the current encoder weights (no grad)."""
+        was = self.encoder.training
+        self.encoder.eval()
+        idx = self._order(torch.arange(1, self.tok_ids.shape[0], device=self.tok_ids.device))
+        for i in range(0, len(idx), batch_size):
+            chunk = idx[i:i + batch_size]
+            mask = self.tok_mask[chunk]
+            t = int(mask.sum(1).max().clamp(min=1))
+            mask = mask[:, :t]
+            if self.lower is not None and self.n_top:
+                hidden = self._top(self.lower[chunk, :t].float(), mask)
+            else:
+                hidden = self.encoder(input_ids=self.tok_ids[chunk, :t], attention_mask=mask).last_hidden_state
+            self.pooled[chunk] = mean_pool(hidden, mask).to(self.pooled.dtype)
+        self.pooled[0] = 0
+        self.encoder.train(was)
+        self.fresh_cache = True
+
+    @torch.no_grad()
+    def prepare_training(self, batch_size: int = 128) -> None:
+        """``last_n``: cache the hidden states below the trainable layers once (the lower layers are frozen)."""
+        if self.n_top:
+            n_layers = len(self.layers)
+            was = self.encoder.training
+            self.encoder.eval()
+            n, t_max = self.tok_ids.shape
+            lower = torch.zeros(n, t_max, self.hidden_size)
+            idx = self._order(torch.arange(1, n))
+            for i in range(0, len(idx), batch_size):
+                chunk = idx[i:i + batch_size]
+                mask = self.tok_mask[chunk]
+                t = int(mask.sum(1).max().clamp(min=1))
+                out = self.encoder(input_ids=self.tok_ids[chunk, :t], attention_mask=mask[:, :t], output_hidden_states=True)
+                lower[chunk, :t] = out.hidden_states[n_layers - self.n_top]
+            self.lower = lower.to(self.tok_ids.device)
+            self.encoder.train(was)
+        self.refresh(batch_size)
+
+    def release_training(self) -> None:
+        self.lower = None
+
+    def _top(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        am = layer_mask(self.encoder, hidden, mask)
+        for layer in self.layers[len(self.layers) - self.n_top:]:
+            out = layer(hidden, am)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def token_inputs(self, fresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-level inputs of the trainable encoder part for items ``fresh`` (codes), and their mask."""
+        mask = self.tok_mask[fresh]
+        t = int(mask.sum(1).max().clamp(min=1))
+        mask = mask[:, :t]
+        if self.n_top:
+            if self.lower is None:
+                raise RuntimeError("call prepare_training() before training the last encoder layers")
+            return self.lower[fresh, :t].float(), mask
+        return self.encoder.get_input_embeddings()(self.tok_ids[fresh, :t]), mask
+
+    def encode_tokens(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.n_top:
+            hidden = self._top(tokens, mask)
+        else:
+            hidden = self.encoder(inputs_embeds=tokens, attention_mask=mask).last_hidden_state
+        return mean_pool(hidden, mask)
+
+
+class CrossNetV2(nn.Module):
+    """DCN-v2 cross layers, low-rank: x_{l+1} = x0 * (U (V^T x_l) + b) + x_l."""
+
+    def __init__(self, dim: int, layers: int, rank: int):
+        super().__init__()
+        rank = min(rank, dim)
+        self.v = nn.ModuleList(nn.Linear(dim, rank, bias=False) for _ in range(layers))
+        self.u = nn.ModuleList(nn.Linear(rank, dim) for _ in range(layers))
+        for u in self.u:
+            nn.init.zeros_(u.bias)
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for v, u in zip(self.v, self.u):
+            x = x0 * u(v(x)) + x
+        return x
+
+
+def mlp(dims: list[int], dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
+
+
+class FusionModel(nn.Module):
+    """Late-fusion click model. ``arch``: see :func:`adrec.ranking.data.architecture` plus sizes."""
+
+    def __init__(self, arch: dict, encoder: nn.Module, tok_ids: np.ndarray, tok_mask: np.ndarray,
+                 item_attr: np.ndarray, multi: dict[str, np.ndarray]):
+        super().__init__()
+        self.arch = arch
+        k = int(arch["embed_dim"])
+        self.k = k
+        self.n_fields = len(arch["fields"])
+        self.hist_len = int(arch["hist_len"])
+        cards = list(arch["cards"]) + [m["card"] for m in arch["multi"]]
+        offsets = np.concatenate([[0], np.cumsum(cards)[:-1]]).astype(np.int64)
+        self.register_buffer("field_off", torch.as_tensor(offsets[: self.n_fields]), persistent=False)
+        self.multi_names = [m["name"] for m in arch["multi"]]
+        self.multi_kind = [m["kind"] for m in arch["multi"]]
+        self.multi_off = [int(o) for o in offsets[self.n_fields:]]
+        self.emb = nn.Embedding(int(sum(cards)), k)
+        nn.init.normal_(self.emb.weight, std=0.05)
+        self.lin = nn.Embedding(int(sum(cards)), 1)
+        nn.init.zeros_(self.lin.weight)
+        self.bias = nn.Parameter(torch.zeros(1))
+
+        fields = arch["fields"]
+        self.item_off = int(offsets[fields.index("item")]) if "item" in fields else None
+        self.register_buffer("item_attr", torch.as_tensor(item_attr, dtype=torch.long), persistent=False)
+        attr_off = [int(offsets[fields.index(f)]) for f in arch["item_fields"]]
+        self.register_buffer("item_attr_off", torch.as_tensor(np.asarray(attr_off, dtype=np.int64)), persistent=False)
+        for name, table in multi.items():
+            self.register_buffer(self._mbuf(name), torch.as_tensor(table, dtype=torch.long), persistent=False)
+        self.item_multi = [i for i, kind in enumerate(self.multi_kind) if kind == "item"]
+
+        self.text = TextTower(encoder, arch["finetune"], int(arch["finetune_last_n"]), tok_ids, tok_mask)
+        self.text_proj = nn.Linear(self.text.hidden_size, k)
+        d_item = 3 * k
+        self.d_item = d_item
+        self.pos = nn.Parameter(torch.zeros(self.hist_len, d_item))
+        att = int(arch.get("att_hidden", 64))
+        self.att = nn.Sequential(nn.Linear(4 * d_item, att), nn.ReLU(), nn.Linear(att, 1))
+        self.hist_n = nn.Embedding(self.hist_len + 1, k)
+        nn.init.normal_(self.hist_n.weight, std=0.05)
+        d0 = (self.n_fields + len(self.multi_names)) * k + k + 4 * d_item + k
+        self.d0 = d0
+        self.cross = CrossNetV2(d0, int(arch["cross_layers"]), int(arch.get("cross_rank", 64)))
+        hidden = list(arch["hidden"])
+        self.deep = mlp([d0, *hidden], float(arch["dropout"]))
+        self.out = nn.Linear(hidden[-1] if hidden else d0, 1)
+        self.emb_dropout = nn.Dropout(float(arch.get("embed_dropout", 0.0)))
+
+    @staticmethod
+    def _mbuf(name: str) -> str:
+        return "multi_" + "".join(c if c.isalnum() else "_" for c in name)
+
+    # ---- inputs -----------------------------------------------------------------------------
+    def _pool_multi(self, j: int, ent: torch.Tensor) -> torch.Tensor:
+        codes = getattr(self, self._mbuf(self.multi_names[j]))[ent]  # (..., W)
+        e = self.emb(codes + self.multi_off[j])
+        m = (codes > 0).unsqueeze(-1).to(e.dtype)
+        return (e * m).sum(-2) / m.sum(-2).clamp(min=1.0)
+
+    def _attr(self, items: torch.Tensor) -> torch.Tensor:
+        parts = []
+        if self.item_attr.shape[1]:
+            codes = self.item_attr[items]
+            e = self.emb(codes + self.item_attr_off)
+            m = (codes > 0).unsqueeze(-1).to(e.dtype)
+            parts.append((e * m).sum(-2))
+            cnt = m.sum(-2)
+        else:
+            cnt = torch.zeros(*items.shape, 1, device=items.device)
+        for j in self.item_multi:
+            pooled = self._pool_multi(j, items)
+            parts.append(pooled)
+            first = getattr(self, self._mbuf(self.multi_names[j]))[items, 0]
+            cnt = cnt + (first > 0).unsqueeze(-1).to(cnt.dtype)
+        if not parts:
+            return torch.zeros(*items.shape, self.k, device=items.device)
+        return torch.stack(parts).sum(0) / cnt.clamp(min=1.0)
+
+    def _id(self, items: torch.Tensor) -> torch.Tensor:
+        if self.item_off is None:
+            return torch.zeros(*items.shape, self.k, device=items.device)
+        return self.emb(items + self.item_off)
+
+    def embed(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every input embedding of a batch (FGSM perturbs these)."""
+        item, hist = b["item"], b["hist"]
+        e = {"fields": self.emb_dropout(self.emb(b["fields"] + self.field_off))}
+        if self.multi_names:
+            ents = [item if kind == "item" else b["user"] for kind in self.multi_kind]
+            e["multi"] = torch.stack([self._pool_multi(j, ent) for j, ent in enumerate(ents)], dim=1)
+        e["cand_id"], e["hist_id"] = self._id(item), self._id(hist)
+        e["cand_attr"], e["hist_attr"] = self._attr(item), self._attr(hist)
+        pooled = self.text.pooled
+        e["cand_text"], e["hist_text"] = pooled[item], pooled[hist]
+        if "fresh" in b and b["fresh"].numel():
+            e["tokens"], b["fresh_mask"] = self.text.token_inputs(b["fresh"])
+        return e
+
+    # ---- everything after the inputs ------------------------------------------------------------
+    def forward_from(self, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+        item, hist = b["item"], b["hist"]
+        cand_text, hist_text = e["cand_text"], e["hist_text"]
+        if "tokens" in e:
+            fresh = b["fresh"]
+            vec = self.text.encode_tokens(e["tokens"], b["fresh_mask"]).to(cand_text.dtype)
+            slot = torch.full((self.text.pooled.shape[0],), -1, dtype=torch.long, device=item.device)
+            slot[fresh] = torch.arange(len(fresh), device=item.device)
+            sc, sh = slot[item], slot[hist]
+            cand_text = torch.where((sc >= 0).unsqueeze(-1), vec[sc.clamp(min=0)], cand_text)
+            hist_text = torch.where((sh >= 0).unsqueeze(-1), vec[sh.clamp(min=0)], hist_text)
+        t_c, t_h = self.text_proj(cand_text), self.text_proj(hist_text)
+        has_c = (item > 0).unsqueeze(-1).to(t_c.dtype)
+        has_h = (hist > 0).unsqueeze(-1).to(t_h.dtype)
+        t_c, t_h = t_c * has_c, t_h * has_h
+        cand = torch.cat([e["cand_id"], e["cand_attr"], t_c], dim=-1)  # (B, 3k)
+        hv = torch.cat([e["hist_id"], e["hist_attr"], t_h], dim=-1) + self.pos  # (B, L, 3k)
+        mask = hist > 0
+        q = cand.unsqueeze(1).expand_as(hv)
+        scores = self.att(torch.cat([hv, q, hv * q, hv - q], dim=-1)).squeeze(-1)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        w = torch.softmax(scores, dim=-1)
+        w = torch.nan_to_num(w, nan=0.0) * mask.to(w.dtype)
+        interest = (w.unsqueeze(-1) * hv).sum(1)
+        mf = mask.unsqueeze(-1).to(hv.dtype)
+        hmean = (hv * mf).sum(1) / mf.sum(1).clamp(min=1.0)
+        n_hist = self.hist_n(mask.sum(1))
+        parts = [e["fields"].flatten(1)]
+        if "multi" in e:
+            parts.append(e["multi"].flatten(1))
+        parts += [t_c, cand, interest, interest * cand, hmean, n_hist]
+        x0 = torch.cat(parts, dim=-1)
+        x = self.deep(self.cross(x0))
+        wide = self.lin(b["fields"] + self.field_off).sum(dim=(1, 2))
+        return self.out(x).squeeze(-1) + wide + self.bias
+
+    def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Click logits, shape (B,)."""
+        return self.forward_from(self.embed(b), b)
+
+    # ---- parameter groups -------------------------------------------------------------------------
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return self.text.trainable_parameters()
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        enc = {id(p) for p in self.text.encoder.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in enc]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """State dict without the frozen encoder weights (those come from the base encoder)."""
+        frozen = {n for n, p in self.named_parameters() if not p.requires_grad}
+        return {n: t.detach().clone() for n, t in self.state_dict().items() if n not in frozen}

@@ -1,0 +1,396 @@
+"""Serving benchmark: the Serve graph over HTTP vs the same top-10 in-process, cached vs encoder-per-request.
+
+Three ways to compute the same top-10 for the same users:
+
+- ``serve``: ``POST /recommend`` to the Serve graph on 127.0.0.1, a bounded closed-loop load at each
+  concurrency (each of ``c`` clients sends its next request when the previous one is answered) for a
+  fixed number of requests;
+- ``inprocess``: :meth:`Recommender.recommend` called in this process (what the graph computes,
+  without HTTP, handles and batching) -> the cost of Serve is ``serve / inprocess``;
+- ``encoder_per_request``: the same call with a ranker that re-encodes every candidate's (and history
+  item's) text with the encoder on each request instead of reading the per-version cache -> the gain
+  from cached embeddings is ``encoder_per_request / inprocess``.
+
+``pipelines/benchmark_serving.py`` is the command line around :func:`run_benchmark`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+
+# ---- latency statistics ------------------------------------------------------------------------------
+@dataclass
+class LoadResult:
+    path: str
+    concurrency: int
+    requests: int
+    ok: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    statuses: dict[str, int] = field(default_factory=dict)
+    # CPU milliseconds per request, per process group (Serve replicas, proxy, client, or this process).
+    cpu_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def success_rate(self) -> float:
+        return self.ok / self.requests if self.requests else 0.0
+
+
+def summarize(path: str, concurrency: int, latencies_s: list[float], ok: int, seconds: float,
+              statuses: dict[str, int] | None = None) -> LoadResult:
+    lat = np.asarray(latencies_s, dtype=np.float64) * 1000.0
+    pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: math.nan)
+    return LoadResult(path=path, concurrency=concurrency, requests=len(lat), ok=ok, seconds=round(seconds, 3),
+                      rps=round(len(lat) / seconds, 2) if seconds > 0 else math.nan,
+                      p50_ms=round(pct(50), 2), p95_ms=round(pct(95), 2), p99_ms=round(pct(99), 2),
+                      mean_ms=round(float(lat.mean()), 2) if len(lat) else math.nan, statuses=dict(statuses or {}))
+
+
+# ---- CPU time of the Serve processes (robust to other load on the machine) ------------------------------
+def serve_cpu_seconds(app_name: str) -> dict[str, float]:
+    """CPU seconds (user + system) so far of this machine's Serve processes: the app's replicas (per
+    deployment) and the HTTP proxy. Linux only (``/proc``); empty elsewhere."""
+    import os
+
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "ray::ServeReplica:" in cmd and f":{app_name}:" in cmd:
+                name = cmd.split(f":{app_name}:", 1)[1].split(".", 1)[0].split()[0]
+            elif "ray::ProxyActor" in cmd:
+                name = "proxy"
+            else:
+                continue
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    per = {k: round((after.get(k, 0.0) - before.get(k, 0.0)) * 1000 / max(n, 1), 2) for k in after}
+    per["total"] = round(sum(per.values()), 2)
+    return per
+
+
+# ---- HTTP load ---------------------------------------------------------------------------------------
+async def _http_load(url: str, bodies: list[dict], concurrency: int, n_requests: int, headers: dict[str, str],
+                     timeout_s: float) -> LoadResult:
+    import httpx
+
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    ok = 0
+    counter = iter(range(n_requests))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits, headers=headers) as client:
+        async def worker() -> None:
+            nonlocal ok
+            for i in counter:
+                body = bodies[i % len(bodies)]
+                t = time.perf_counter()
+                try:
+                    r = await client.post(url, json=body)
+                    code = str(r.status_code)
+                except httpx.HTTPError as err:
+                    code = type(err).__name__
+                latencies.append(time.perf_counter() - t)
+                statuses[code] = statuses.get(code, 0) + 1
+                ok += code == "200"
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - t0
+    return summarize("serve", concurrency, latencies, ok, seconds, statuses)
+
+
+def http_load(url: str, bodies: list[dict], concurrency: int, n_requests: int, headers: dict[str, str] | None = None,
+              timeout_s: float = 30.0) -> LoadResult:
+    """``n_requests`` POSTs of ``bodies`` (cycled) to ``url`` from ``concurrency`` closed-loop clients."""
+    return asyncio.run(_http_load(url, bodies, concurrency, n_requests, headers or {}, timeout_s))
+
+
+def call_load(path: str, fn: Callable[[dict], Any], bodies: list[dict], n_requests: int) -> LoadResult:
+    """The same requests as plain in-process calls, one after another."""
+    latencies = []
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(n_requests):
+        t = time.perf_counter()
+        fn(bodies[i % len(bodies)])
+        latencies.append(time.perf_counter() - t)
+    res = summarize(path, 1, latencies, n_requests, time.perf_counter() - t0)
+    res.cpu_ms = {"total": round((time.process_time() - c0) * 1000 / max(n_requests, 1), 2)}
+    return res
+
+
+# ---- the encoder-per-request ranker --------------------------------------------------------------------
+class EncoderPerRequestRanker:
+    """Wraps a :class:`FusionRanker`: every ``predict`` re-encodes the texts of the items it needs.
+
+    The items of the rows (candidates and history) are run through the encoder and mean-pooled, the
+    result replaces the model's cached pooled texts for this call only (the rest of the cache is zeroed,
+    so nothing cached can leak into the score), and the model runs as usual. Scores equal the cached
+    ranker's up to float noise; only the cost differs.
+    """
+
+    def __init__(self, ranker):
+        import torch
+
+        self.ranker = ranker
+        self.text = ranker.model.text
+        self._scratch = torch.zeros_like(self.text.pooled)
+
+    def predict(self, rows: pd.DataFrame) -> np.ndarray:
+        import torch
+
+        from adrec.ranking.data import rows_to_arrays
+        from adrec.ranking.encoder import mean_pool
+
+        arrays = rows_to_arrays(rows, self.ranker.arch)
+        codes = np.unique(np.concatenate([arrays["item"], arrays["hist"].reshape(-1)]))
+        codes = torch.as_tensor(codes[codes > 0])
+        text = self.text
+        cached = text.pooled
+        with torch.inference_mode():
+            mask = text.tok_mask[codes]
+            t = int(mask.sum(1).max().clamp(min=1)) if len(codes) else 1
+            hidden = text.encoder(input_ids=text.tok_ids[codes, :t], attention_mask=mask[:, :t]).last_hidden_state
+            scratch = self._scratch
+            scratch.zero_()
+            scratch[codes] = mean_pool(hidden, mask[:, :t]).to(scratch.dtype)
+        text.pooled = scratch
+        try:
+            return self.ranker.predict(rows)
+        finally:
+            text.pooled = cached
+
+
+# ---- inputs ----------------------------------------------------------------------------------------------
+def raw_user_ids(run) -> list[str]:
+    """The data owner's user ids of a run (read from the raw interactions its schema names)."""
+    from adrec.data.schema import load_schema
+
+    schema_path = run.manifest().get("stages", {}).get("prepare", {}).get("schema") or str(run.raw / "schema.yaml")
+    schema, root = load_schema(schema_path)
+    t = schema.interactions
+    path = (root / t.path).resolve()
+    df = pd.read_csv(path, sep=t.sep, header=0 if t.header else None, names=None if t.header else t.names, dtype=str,
+                     usecols=[t.user], engine="python" if len(t.sep) > 1 else "c")
+    return pd.unique(df[t.user]).tolist()
+
+
+def request_bodies(users: list[str], n: int, k: int = 10, unknown_share: float = 0.1, seed: int = 0,
+                   context: dict | None = None) -> list[dict]:
+    """``n`` request bodies: mostly known users, some never-seen ones (the popularity path)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        uid = f"visitor-{i}" if rng.random() < unknown_share else str(users[rng.integers(len(users))])
+        body: dict[str, Any] = {"user_id": uid, "k": k}
+        if context:
+            body["context"] = dict(context)
+        out.append(body)
+    return out
+
+
+# ---- the benchmark --------------------------------------------------------------------------------------
+def run_benchmark(base_url: str, model_dir: str | Path, key: bytes, users: list[str], *, requests: int = 2000,
+                  concurrency: tuple[int, ...] = (1, 8, 32), encoder_requests: int = 100, k: int = 10,
+                  api_key: str | None = None, warmup: int = 50, context: dict | None = None,
+                  app_name: str | None = None) -> dict:
+    """Measure the three paths; ``base_url`` is a running Serve app for ``model_dir``."""
+    from adrec.serving.app import single_threaded
+    from adrec.serving.recommender import Recommender
+
+    single_threaded()  # like a replica: the in-process paths get one thread too
+    headers = {"x-api-key": api_key} if api_key else {}
+    bodies = request_bodies(users, max(requests, 500), k=k, context=context)
+    url = base_url.rstrip("/") + "/recommend"
+
+    import os
+
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    results: list[LoadResult] = []
+    http_load(url, bodies, max(concurrency), warmup, headers)  # replicas warm, connections open
+    for c in concurrency:
+        cpu0, own0 = serve_cpu_seconds(app_name) if app_name else {}, time.process_time()
+        res = http_load(url, bodies, c, requests, headers)
+        if app_name:
+            res.cpu_ms = cpu_ms_per_request(cpu0, serve_cpu_seconds(app_name), requests)
+            res.cpu_ms["client"] = round((time.process_time() - own0) * 1000 / requests, 2)
+        log.info("serve c=%d: %s", c, res)
+        results.append(res)
+
+    rec = Recommender(model_dir, key)
+
+    def cached(b: dict) -> list:
+        return rec.recommend(b["user_id"], b["k"], b.get("context"))
+
+    for b in bodies[:20]:
+        cached(b)
+    inproc = call_load("inprocess", cached, bodies, requests)
+    results.append(inproc)
+
+    slow = Recommender(model_dir, key)
+    slow.ranker = EncoderPerRequestRanker(slow.ranker)
+
+    def per_request(b: dict) -> list:
+        return slow.recommend(b["user_id"], b["k"], b.get("context"))
+
+    per_request(bodies[0])
+    enc = call_load("encoder_per_request", per_request, bodies, min(encoder_requests, requests))
+    results.append(enc)
+
+    # The three paths answer with the same top-k.
+    import httpx
+
+    agree = {"serve_vs_inprocess": 0, "encoder_vs_cached": 0}
+    checked = bodies[:20]
+    with httpx.Client(headers=headers, timeout=30) as client:
+        for b in checked:
+            mine = [r["item"] for r in cached(b)]
+            served = [r["item"] for r in client.post(url, json=b).json()["items"]]
+            agree["serve_vs_inprocess"] += served == mine
+            agree["encoder_vs_cached"] += [r["item"] for r in per_request(b)] == mine
+
+    serve_c1 = next((r for r in results if r.path == "serve" and r.concurrency == 1), results[0])
+    ratios = {
+        "serve_overhead_p50_c1": round(serve_c1.p50_ms / inproc.p50_ms, 2),
+        "encoder_per_request_over_cached_mean": round(enc.mean_ms / inproc.mean_ms, 2),
+        "encoder_per_request_over_cached_cpu": round(enc.cpu_ms["total"] / inproc.cpu_ms["total"], 2),
+    }
+    if serve_c1.cpu_ms:
+        serve_cpu = serve_c1.cpu_ms["total"] - serve_c1.cpu_ms.get("client", 0.0)
+        ratios["serve_cpu_over_inprocess_cpu_c1"] = round(serve_cpu / inproc.cpu_ms["total"], 2)
+    return {
+        "model_version": rec.version_id,
+        "model_dir": str(model_dir),
+        "n_items": int(rec.spec.n_items),
+        "encoder": rec.ranker.cfg.encoder if hasattr(rec.ranker, "cfg") else None,
+        "tiny_encoder": bool(getattr(getattr(rec.ranker, "cfg", None), "tiny_encoder", False)),
+        "k": k,
+        "requests": requests,
+        "results": [asdict(r) | {"success_rate": round(r.success_rate, 4)} for r in results],
+        "ratios": ratios,
+        "top_k_agreement": {name: f"{v}/{len(checked)}" for name, v in agree.items()},
+        "load_average": {"before": load_before, "after": os.getloadavg() if load_before is not None else None},
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Serving benchmark (model {report['model_version']}, {report['n_items']} items, top-{report['k']})", "",
+             "| path | concurrency | requests | ok | req/s | p50 ms | p95 ms | p99 ms | mean ms | CPU ms/request |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in report["results"]:
+        cpu = r.get("cpu_ms") or {}
+        parts = [f"{k} {v}" for k, v in cpu.items() if k != "total"]
+        cpu_txt = f"{cpu.get('total', '')}" + (f" ({', '.join(parts)})" if parts else "")
+        lines.append(f"| {r['path']} | {r['concurrency']} | {r['requests']} | {r['ok']} | {r['rps']} | {r['p50_ms']} | "
+                     f"{r['p95_ms']} | {r['p99_ms']} | {r['mean_ms']} | {cpu_txt} |")
+    ratios = report["ratios"]
+    lines += ["",
+              f"- cost of Serve (p50 over HTTP at concurrency 1 / in-process p50): **{ratios['serve_overhead_p50_c1']}x**"
+              + (f"; in CPU per request (Serve processes / in-process): **{ratios['serve_cpu_over_inprocess_cpu_c1']}x**"
+                 if "serve_cpu_over_inprocess_cpu_c1" in ratios else ""),
+              f"- gain from cached item embeddings (encoder-per-request / cached, mean latency): "
+              f"**{ratios['encoder_per_request_over_cached_mean']}x** (CPU: {ratios['encoder_per_request_over_cached_cpu']}x)",
+              f"- same top-{report['k']}: " + ", ".join(f"{k} {v}" for k, v in report["top_k_agreement"].items())]
+    if report.get("load_average"):
+        la = report["load_average"]
+        lines.append(f"- machine: {report.get('cpu_count')} CPUs, load average before/after "
+                     f"{la['before'][0] if la['before'] else '?'} / {la['after'][0] if la['after'] else '?'} "
+                     "(other work on the machine inflates latency, not CPU ms/request much)")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out: str | Path) -> tuple[Path, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    js, md = out / "serving_benchmark.json", out / "serving_benchmark.md"
+    js.write_text(json.dumps(report, indent=2))
+    md.write_text(markdown(report))
+    return js, md
+
+
+# ---- command line (pipelines/benchmark_serving.py) ---------------------------------------------------------
+def build_parser():
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="benchmark_serving", description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, help="run folder with a published model version (<run>/model)")
+    ap.add_argument("--config", help="YAML config (default: the run's config.yaml)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--address", help="Ray address of a running cluster (default: start Ray in-process)")
+    ap.add_argument("--out", default="bench_results/serving", help="folder for serving_benchmark.json/.md")
+    ap.add_argument("--requests", type=int, default=2000, help="requests per concurrency level")
+    ap.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
+    ap.add_argument("--encoder-requests", type=int, default=200, help="requests for the encoder-per-request path")
+    ap.add_argument("--port", type=int, default=28080, help="Serve's HTTP port on 127.0.0.1")
+    ap.add_argument("--k", type=int, default=10)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ray import serve
+
+    from adrec import flow
+    from adrec.run import RunDir
+    from adrec.runtime import init_ray
+    from adrec.serving.app import AppArgs
+    from adrec.serving.deploy import deploy
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    run = RunDir(args.run)
+    run.require(run.model, "train")
+    overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
+    cfg = flow.resolve_config(run, args.config, overrides)
+    init_ray(cfg.ray)
+    # Feedback goes to a scratch log: the benchmark sends none, and must not touch the run's.
+    app = AppArgs.from_config(cfg, run.path, host="127.0.0.1", port=args.port, app_name="adrec-bench",
+                              feedback_log=str(Path(args.out).resolve() / "feedback.jsonl"))
+    try:
+        url = deploy(app)
+        key = app.resolved().key_bytes()
+        api_key = app.api_key.get_secret_value() if app.api_key else None
+        report = run_benchmark(url, run.model, key, raw_user_ids(run), requests=args.requests,
+                               concurrency=tuple(int(c) for c in args.concurrency.split(",")),
+                               encoder_requests=args.encoder_requests, k=args.k, api_key=api_key,
+                               app_name=app.app_name)
+        report["settings"] = {"max_ongoing_requests": app.max_ongoing_requests, "max_batch_size": app.max_batch_size,
+                              "ranker_replicas": app.ranker_replicas, "n_candidates": app.n_candidates}
+        js, md = write_report(report, args.out)
+        print(markdown(report))
+        print(f"written: {js} {md}")
+    finally:
+        serve.shutdown()
+    return 0

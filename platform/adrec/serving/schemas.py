@@ -1,0 +1,154 @@
+"""Request models of the Serve API and the strict body parsing in front of them.
+
+Everything a client sends is parsed here, before any deployment sees it:
+
+- the body is read with a byte cap (``413`` beyond it), decoded as strict UTF-8 (``400``), parsed as
+  JSON without ``NaN``/``Infinity`` (``400``), then validated by a strict pydantic model (``422``):
+  no type coercion (``"5"`` is not an int, ``1`` is not a bool), no unknown fields, bounded sizes;
+- error messages name the offending field and the rule, never echo the submitted value (raw user ids
+  must not reach logs, and error messages do get logged).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator
+
+MAX_CONTEXT_KEYS = 32
+MAX_EVENTS = 1000
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+ContextKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+ContextValue = Annotated[str, StringConstraints(max_length=256)] | int
+Context = Annotated[dict[ContextKey, ContextValue], Field(max_length=MAX_CONTEXT_KEYS)]
+
+
+class ApiError(Exception):
+    """A client error: ``status`` (4xx) and a message meant for the client."""
+
+    def __init__(self, status: int, message: str, details: list[str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.details = details or []
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"detail": self.message}
+        if self.details:
+            out["errors"] = self.details
+        return out
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class RecommendRequest(_Strict):
+    user_id: Id
+    k: int = Field(ge=1)
+    context: Context = Field(default_factory=dict)
+    explain: bool = False
+
+    @field_validator("k")
+    @classmethod
+    def _k_bound(cls, k: int, info: ValidationInfo) -> int:
+        max_k = (info.context or {}).get("max_k")
+        if max_k is not None and k > max_k:
+            raise ValueError(f"k must be at most {max_k}")
+        return k
+
+
+class FeedbackEvent(_Strict):
+    event_id: Id
+    user_id: Id
+    item: Id
+    type: Literal["impression", "click"]
+    ts: float = Field(ge=0)  # unix seconds (an int is accepted)
+    context: Context = Field(default_factory=dict)
+
+
+class FeedbackRequest(_Strict):
+    events: list[FeedbackEvent] = Field(min_length=1, max_length=MAX_EVENTS)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode_json(body: bytes) -> Any:
+    """UTF-8 bytes -> JSON value, or :class:`ApiError` 400 saying what is wrong with the body."""
+    if not body or not body.strip():
+        raise ApiError(400, "request body is empty: send a JSON object")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ApiError(400, f"request body is not valid UTF-8 (invalid byte at offset {err.start})") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as err:
+        raise ApiError(400, f"request body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    except ValueError as err:  # NaN / Infinity
+        raise ApiError(400, f"request body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ApiError(400, "request body is not valid JSON: nested too deeply") from None
+
+
+_UNION_TAGS = {"constrained-str", "str", "int"}
+
+
+def describe_errors(err: ValidationError) -> list[str]:
+    """One line per problem: ``where: what`` (the submitted value is never included)."""
+    out: list[str] = []
+    for e in err.errors(include_input=False, include_url=False):
+        loc = list(e["loc"])
+        if loc and loc[-1] in _UNION_TAGS:  # a context value: one message for both union members
+            line = f"{'.'.join(str(p) for p in loc[:-1])}: must be a string (at most 256 characters) or an integer"
+            if line not in out:
+                out.append(line)
+            continue
+        where = ".".join(str(p) for p in loc) or "body"
+        if e["type"] == "extra_forbidden":
+            out.append(f"{where}: unknown field")
+        elif e["type"] == "missing":
+            out.append(f"{where}: field required")
+        else:
+            msg = e["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            out.append(f"{where}: {msg}")
+    return out
+
+
+def validate(model: type[BaseModel], data: Any, **context: Any) -> Any:
+    if not isinstance(data, dict):
+        raise ApiError(422, f"request body must be a JSON object, got {type(data).__name__ if data is not None else 'null'}")
+    try:
+        return model.model_validate(data, context=context or None)
+    except ValidationError as err:
+        details = describe_errors(err)
+        raise ApiError(422, "invalid request: " + "; ".join(details[:5]) + (" ..." if len(details) > 5 else ""),
+                       details) from None
+
+
+def check_length_header(value: str | None, max_bytes: int) -> None:
+    if value is None:
+        return
+    try:
+        n = int(value)
+    except ValueError:
+        raise ApiError(400, "invalid Content-Length header") from None
+    if n > max_bytes:
+        raise ApiError(413, f"request body too large: {n} bytes, the limit is {max_bytes}")
+
+
+async def read_body(request, max_bytes: int) -> bytes:
+    """The request body, read with a cap (a lying or missing Content-Length is caught while reading)."""
+    check_length_header(request.headers.get("content-length"), max_bytes)
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > max_bytes:
+            raise ApiError(413, f"request body too large: more than {max_bytes} bytes")
+    return bytes(buf)

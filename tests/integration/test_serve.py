@@ -1,0 +1,404 @@
+"""The Serve app over real HTTP on 127.0.0.1: answers, hostile input, feedback durability, rollout, faults.
+
+One app per module (Serve's proxy on a free port >= 20000), deployed from the shared tiny run with
+an API key and two ranker replicas; the tests run in file order and the last one restarts Serve.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from adrec.model_version import publish, read_version
+from adrec.serving.app import AppArgs
+from adrec.serving.deploy import deploy, rollout, wait_healthy
+from adrec.serving.feedback import read_events
+from adrec.serving.loadtest import raw_user_ids
+
+pytestmark = pytest.mark.ray
+
+API_KEY = "test-api-key"
+APP = "adrec-test"
+SECRET_USER = "raw-user-never-logged-7f3a"
+
+
+def _free_port() -> int:
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(20000, 29999)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port in 20000-29999")
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, tiny_run, tiny_cfg, tmp_path_factory):
+    from ray import serve
+
+    tmp = tmp_path_factory.mktemp("serve")
+    v2 = publish(tiny_run, target=tmp / "model_v2")  # a second version of the same model, for the rollout
+    args = AppArgs(model_dir=str(tiny_run.model), pseudonym_key=tiny_cfg.data.pseudonym_key, api_key=API_KEY,
+                   feedback_log=str(tmp / "feedback" / "events.jsonl"), port=_free_port(), app_name=APP,
+                   ranker_replicas=2, num_cpus_per_replica=0.1, max_body_bytes=8192, max_k=50)
+    url = deploy(args)
+    client = httpx.Client(base_url=url, headers={"x-api-key": API_KEY}, timeout=30)
+    users = raw_user_ids(tiny_run)
+    yield {"args": args, "url": url, "client": client, "users": users, "v2": v2, "run": tiny_run}
+    client.close()
+    serve.shutdown()
+
+
+def _rec(client: httpx.Client, user: str, k: int = 5, **extra) -> httpx.Response:
+    return client.post("/recommend", json={"user_id": user, "k": k, **extra})
+
+
+def _replicas(deployment: str, app: str = APP) -> set[str]:
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and f"{app}#{deployment}#" in a["name"]}
+
+
+# ---- answers ---------------------------------------------------------------------------------------------
+def _check_ranked(body: dict, k: int, version: str) -> None:
+    items = body["items"]
+    assert body["version"] == version
+    assert len(items) == k
+    assert [r["rank"] for r in items] == list(range(1, k + 1))
+    scores = [r["score"] for r in items]
+    assert all(0.0 < s < 1.0 for s in scores)
+    assert scores == sorted(scores, reverse=True)
+    assert len({r["item"] for r in items}) == k
+
+
+def test_recommend_known_and_unknown_users(served):
+    c = served["client"]
+    version = read_version(served["run"].model)["version"]
+    for user in served["users"][:3]:
+        r = _rec(c, user, k=10)
+        assert r.status_code == 200, r.text
+        assert r.json()["user_id"] == user
+        _check_ranked(r.json(), 10, version)
+    # A user the model never saw gets popular (per context) ads, ranked.
+    r = _rec(c, "someone-new", k=7, context={"slot": 1}, explain=True)
+    assert r.status_code == 200, r.text
+    _check_ranked(r.json(), 7, version)
+    assert all(item["sources"] == ["popularity"] for item in r.json()["items"])
+
+
+def test_explain_returns_sources_and_top_features(served):
+    r = _rec(served["client"], served["users"][0], k=3, explain=True, context={"slot": 2, "device": "mobile"})
+    assert r.status_code == 200, r.text
+    for item in r.json()["items"]:
+        assert item["sources"] and set(item["sources"]) <= {"als", "itemitem", "popularity", "text"}
+        assert 1 <= len(item["features"]) <= 3
+        assert all({"feature", "contribution"} <= set(f) for f in item["features"])
+
+
+def test_health_and_version(served):
+    c = served["client"]
+    h = httpx.get(served["url"] + "/healthz", timeout=10)  # no API key needed for the health check
+    assert h.status_code == 200 and h.json()["status"] == "ok"
+    v = c.get("/version")
+    assert v.status_code == 200
+    assert v.json()["version"] == read_version(served["run"].model)["version"]
+    assert v.json()["n_items"] > 0
+
+
+# ---- hostile input ----------------------------------------------------------------------------------------
+def _event(eid: str, item: str, user: str = "user00001", **kw) -> dict:
+    return {"event_id": eid, "user_id": user, "item": item, "type": "click", "ts": 1_700_000_000, **kw}
+
+
+def _hostile_corpus(items: list[str]) -> list[tuple[str, str, str, dict, int]]:
+    ok = {"user_id": "user00001", "k": 5}
+    j = lambda body: {"content": json.dumps(body).encode(), "headers": {"content-type": "application/json"}}  # noqa: E731
+    deep = b"[" * 4000 + b"]" * 4000
+    big = {"user_id": "x" * 9000, "k": 5}
+
+    def chunked():
+        for _ in range(20):
+            yield b" " * 1000
+
+    return [
+        # name, method, path, request kwargs, expected status
+        ("missing user_id", "POST", "/recommend", j({"k": 5}), 422),
+        ("missing k", "POST", "/recommend", j({"user_id": "u"}), 422),
+        ("user_id is a number", "POST", "/recommend", j({"user_id": 17, "k": 5}), 422),
+        ("user_id is null", "POST", "/recommend", j({"user_id": None, "k": 5}), 422),
+        ("user_id empty", "POST", "/recommend", j({"user_id": "", "k": 5}), 422),
+        ("user_id too long", "POST", "/recommend", j({"user_id": "u" * 300, "k": 5}), 422),
+        ("k is a string", "POST", "/recommend", j({"user_id": "u", "k": "5"}), 422),
+        ("k is a float", "POST", "/recommend", j({"user_id": "u", "k": 5.5}), 422),
+        ("k is a bool", "POST", "/recommend", j({"user_id": "u", "k": True}), 422),
+        ("k zero", "POST", "/recommend", j({"user_id": "u", "k": 0}), 422),
+        ("k negative", "POST", "/recommend", j({"user_id": "u", "k": -3}), 422),
+        ("k above max_k", "POST", "/recommend", j({"user_id": "u", "k": 51}), 422),
+        ("k huge", "POST", "/recommend", j({"user_id": "u", "k": 10**30}), 422),
+        ("extra field", "POST", "/recommend", j({**ok, "admin": True}), 422),
+        ("context is a list", "POST", "/recommend", j({**ok, "context": ["a"]}), 422),
+        ("context value nested", "POST", "/recommend", j({**ok, "context": {"slot": {"x": 1}}}), 422),
+        ("context value float", "POST", "/recommend", j({**ok, "context": {"slot": 1.5}}), 422),
+        ("explain is a string", "POST", "/recommend", j({**ok, "explain": "yes"}), 422),
+        ("body is a list", "POST", "/recommend", j([ok]), 422),
+        ("body is null", "POST", "/recommend", j(None), 422),
+        ("body is a number", "POST", "/recommend", {"content": b"42"}, 422),
+        ("empty body", "POST", "/recommend", {"content": b""}, 400),
+        ("not JSON", "POST", "/recommend", {"content": b"user_id=u&k=5"}, 400),
+        ("truncated JSON", "POST", "/recommend", {"content": b'{"user_id": "u", "k": '}, 400),
+        ("NaN", "POST", "/recommend", {"content": b'{"user_id": "u", "k": NaN}'}, 400),
+        ("not UTF-8", "POST", "/recommend", {"content": b'{"user_id": "\xff\xfe\xfa", "k": 5}'}, 400),
+        ("UTF-16", "POST", "/recommend", {"content": json.dumps(ok).encode("utf-16")}, 400),
+        ("nested too deep", "POST", "/recommend", {"content": deep}, 400),
+        ("oversized body", "POST", "/recommend", j(big), 413),
+        ("oversized chunked body", "POST", "/recommend", {"content": chunked()}, 413),
+        ("wrong method", "GET", "/recommend", {}, 405),
+        ("unknown path", "POST", "/admin", j(ok), 404),
+        ("feedback: unknown item", "POST", "/feedback", j({"events": [_event("h-1", "no-such-ad")]}), 422),
+        ("feedback: one unknown item among known", "POST", "/feedback",
+         j({"events": [_event("h-2", items[0]), _event("h-3", "no-such-ad")]}), 422),
+        ("feedback: bad type", "POST", "/feedback", j({"events": [_event("h-4", items[0], type="purchase")]}), 422),
+        ("feedback: missing event_id", "POST", "/feedback",
+         j({"events": [{k: v for k, v in _event("h-5", items[0]).items() if k != "event_id"}]}), 422),
+        ("feedback: ts a string", "POST", "/feedback", j({"events": [_event("h-6", items[0], ts="yesterday")]}), 422),
+        ("feedback: ts negative", "POST", "/feedback", j({"events": [_event("h-7", items[0], ts=-1)]}), 422),
+        ("feedback: events empty", "POST", "/feedback", j({"events": []}), 422),
+        ("feedback: events not a list", "POST", "/feedback", j({"events": {"a": 1}}), 422),
+        ("feedback: extra field", "POST", "/feedback", j({"events": [_event("h-8", items[0], price=3)]}), 422),
+        ("feedback: not JSON", "POST", "/feedback", {"content": b"click!"}, 400),
+    ]
+
+
+def test_hostile_corpus_gets_4xx_and_the_app_keeps_answering(served):
+    c = served["client"]
+    items = [r["item"] for r in _rec(c, served["users"][0], k=3).json()["items"]]
+    before = {d: _replicas(d) for d in ("Ingress", "CandidateDeployment", "RankerDeployment", "FeedbackDeployment")}
+    corpus = _hostile_corpus(items)
+    got = {}
+    for name, method, path, kwargs, _ in corpus:
+        r = c.request(method, path, **kwargs)
+        got[name] = r.status_code
+        assert 400 <= r.status_code < 500, f"{name}: {r.status_code} {r.text[:200]}"
+        detail = r.json().get("detail")
+        assert isinstance(detail, str) and detail, f"{name}: no message in {r.text[:200]}"
+    assert got == {name: status for name, _, _, _, status in corpus}
+
+    # Authentication: the key is required on every endpoint but /healthz.
+    anon = httpx.Client(base_url=served["url"], timeout=30)
+    ok = {"user_id": "user00001", "k": 5}
+    assert anon.post("/recommend", json=ok).status_code == 401
+    assert anon.post("/recommend", json=ok, headers={"x-api-key": "wrong"}).status_code == 403
+    assert anon.post("/recommend", json=ok, headers={"x-api-key": API_KEY + "x"}).status_code == 403
+    assert anon.post("/feedback", json={"events": [_event("h-9", items[0])]}).status_code == 401
+    assert anon.get("/version").status_code == 401
+    assert "x-api-key" in anon.post("/recommend", json=ok).json()["detail"]
+    anon.close()
+
+    # Nothing the corpus sent reached the feedback log, no replica crashed, and the app still answers.
+    assert not any(e["event_id"].startswith("h-") for e in read_events(served["args"].feedback_log))
+    assert {d: _replicas(d) for d in before} == before
+    assert _rec(c, served["users"][0], k=5).status_code == 200
+    assert c.get("/healthz").status_code == 200
+
+
+def test_raw_user_ids_never_reach_logs_or_the_feedback_log(served, ray_session):
+    c = served["client"]
+    item = _rec(c, served["users"][0], k=1).json()["items"][0]["item"]
+    assert _rec(c, SECRET_USER, k=3).status_code == 200
+    assert c.post("/recommend", json={"user_id": SECRET_USER, "k": "x"}).status_code == 422
+    ack = c.post("/feedback", json={"events": [_event("priv-1", item, user=SECRET_USER)]})
+    assert ack.status_code == 200 and ack.json()["accepted"] == 1
+    time.sleep(1.0)  # let the replicas flush their log files
+    logs = Path(ray_session._private.worker._global_node.get_session_dir_path()) / "logs"
+    leaked = [p for p in logs.rglob("*") if p.is_file() and SECRET_USER.encode() in p.read_bytes()]
+    assert not leaked, f"raw user id in {leaked}"
+    text = Path(served["args"].feedback_log).read_text()
+    assert SECRET_USER not in text
+    rec = next(e for e in read_events(served["args"].feedback_log) if e["event_id"] == "priv-1")
+    assert rec["user"].startswith("u_") and "user_id" not in rec
+
+
+# ---- feedback --------------------------------------------------------------------------------------------
+def test_feedback_is_logged_once_per_event_id(served):
+    c = served["client"]
+    items = [r["item"] for r in _rec(c, served["users"][1], k=3).json()["items"]]
+    events = [_event(f"dup-{i}", items[i % len(items)], type="impression" if i % 2 else "click") for i in range(4)]
+    first = c.post("/feedback", json={"events": events})
+    assert first.status_code == 200 and first.json()["accepted"] == 4 and first.json()["duplicates"] == 0
+    again = c.post("/feedback", json={"events": events[:2] + [_event("dup-4", items[0])]})
+    assert again.status_code == 200
+    assert again.json()["accepted"] == 1 and again.json()["duplicates"] == 2
+    same_batch = c.post("/feedback", json={"events": [_event("dup-5", items[0]), _event("dup-5", items[1])]})
+    assert same_batch.json()["accepted"] == 1 and same_batch.json()["duplicates"] == 1
+    ids = Counter(e["event_id"] for e in read_events(served["args"].feedback_log))
+    assert all(ids[f"dup-{i}"] == 1 for i in range(6))
+
+
+# ---- load: rollout and a killed replica ----------------------------------------------------------------
+class _Load:
+    """Closed-loop clients in threads, each sending requests until stopped; records every outcome."""
+
+    def __init__(self, url: str, users: list[str], clients: int = 4):
+        self.url, self.users, self.n = url, users, clients
+        self.stop = threading.Event()
+        self.outcomes: list[tuple[int | str, str | None]] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(clients)]
+
+    def _loop(self, i: int) -> None:
+        rng = random.Random(i)
+        with httpx.Client(base_url=self.url, headers={"x-api-key": API_KEY}, timeout=30) as c:
+            while not self.stop.is_set():
+                user = rng.choice(self.users) if rng.random() < 0.9 else f"new-{rng.random()}"
+                try:
+                    r = _rec(c, user, k=5)
+                    out = (r.status_code, r.json().get("version") if r.status_code == 200 else r.text[:200])
+                except httpx.HTTPError as err:
+                    out = (type(err).__name__, None)
+                with self.lock:
+                    self.outcomes.append(out)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.outcomes)
+
+    def wait_for(self, n: int, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.count() < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def test_rollout_through_user_config_drops_no_request(served):
+    old = read_version(served["run"].model)["version"]
+    new = read_version(served["v2"])["version"]
+    assert new != old
+    rankers = _replicas("RankerDeployment")
+    with _Load(served["url"], served["users"]) as load:
+        load.wait_for(20)
+        assert rollout(served["args"], served["v2"]) == new
+        n = load.count()
+        load.wait_for(n + 30)
+    outcomes = load.outcomes
+    failures = [o for o in outcomes if o[0] != 200]
+    assert not failures, f"{len(failures)} of {len(outcomes)} requests failed during the rollout: {failures[:5]}"
+    versions = [v for _, v in outcomes]
+    assert versions[0] == old and versions[-1] == new
+    # Once the new version answers, no request goes back to the old one.
+    first_new = versions.index(new)
+    assert all(v == new for v in versions[first_new + 2 * load.n:])
+    # A user_config change reconfigures the live replicas: none was restarted.
+    assert _replicas("RankerDeployment") == rankers
+    assert served["client"].get("/version").json()["version"] == new
+
+
+def test_killed_ranker_replica_under_load(served):
+    import ray
+    from ray import serve
+
+    before = _replicas("RankerDeployment")
+    assert len(before) == 2
+    victim = sorted(before)[0]
+    with _Load(served["url"], served["users"]) as load:
+        load.wait_for(40)
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        n = load.count()
+        load.wait_for(n + 200)
+    outcomes = load.outcomes
+    ok = sum(o[0] == 200 for o in outcomes)
+    assert ok / len(outcomes) >= 0.99, f"only {ok}/{len(outcomes)} succeeded: {Counter(o[0] for o in outcomes)}"
+
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        now = _replicas("RankerDeployment")
+        status = serve.status().applications[APP].deployments["RankerDeployment"]
+        if victim not in now and len(now) == 2 and status.replica_states.get("RUNNING", 0) == 2:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"the ranker did not come back to 2 running replicas: {_replicas('RankerDeployment')}")
+    assert _rec(served["client"], served["users"][0]).status_code == 200
+
+
+def test_encoder_per_request_ranker_scores_like_the_cached_one(served, tiny_cfg):
+    import numpy as np
+
+    from adrec.serving.loadtest import EncoderPerRequestRanker
+    from adrec.serving.recommender import Recommender
+
+    rec = Recommender(served["run"].model, tiny_cfg.data.pseudonym_key.encode())
+    slow = EncoderPerRequestRanker(rec.ranker)
+    for user in served["users"][:3]:
+        u = rec.user_index(user)
+        cand = rec.candidates(u, 50)
+        rows = rec.rows(np.full(len(cand.items), u), cand.items)
+        np.testing.assert_allclose(slow.predict(rows), rec.ranker.predict(rows), rtol=1e-4, atol=1e-6)
+    assert rec.ranker.model.text.pooled.abs().sum() > 0  # the cache is back in place afterwards
+
+
+def test_benchmark_smoke(served, tiny_cfg, tmp_path):
+    from adrec.serving.loadtest import run_benchmark, write_report
+
+    report = run_benchmark(served["url"], served["v2"], tiny_cfg.data.pseudonym_key.encode(), served["users"],
+                           requests=40, concurrency=(1, 4), encoder_requests=10, api_key=API_KEY, warmup=8,
+                           app_name=APP)
+    paths = {(r["path"], r["concurrency"]) for r in report["results"]}
+    assert paths == {("serve", 1), ("serve", 4), ("inprocess", 1), ("encoder_per_request", 1)}
+    assert all(r["ok"] == r["requests"] for r in report["results"])
+    assert report["top_k_agreement"]["serve_vs_inprocess"] == "20/20"
+    assert report["ratios"]["serve_overhead_p50_c1"] > 0
+    serve_c4 = next(r for r in report["results"] if r["path"] == "serve" and r["concurrency"] == 4)
+    assert {"Ingress", "CandidateDeployment", "RankerDeployment", "proxy", "total"} <= set(serve_c4["cpu_ms"])
+    js, md = write_report(report, tmp_path)
+    assert json.loads(js.read_text())["ratios"] == report["ratios"]
+    assert "| serve | 4 |" in md.read_text()
+
+
+def test_acknowledged_feedback_survives_a_serve_restart(served):
+    """Runs last: it shuts Serve down and deploys the app again."""
+    from ray import serve
+
+    c = served["client"]
+    item = _rec(c, served["users"][2], k=1).json()["items"][0]["item"]
+    acked: set[str] = set()
+    for b in range(5):
+        events = [_event(f"dur-{b}-{i}", item, type="impression") for i in range(20)]
+        r = c.post("/feedback", json={"events": events})
+        assert r.status_code == 200
+        acked |= {e["event_id"] for e in events}
+    log_path = served["args"].feedback_log
+    before = Counter(e["event_id"] for e in read_events(log_path))
+
+    serve.shutdown()
+    url = deploy(served["args"])
+    wait_healthy(url)
+
+    after = Counter(e["event_id"] for e in read_events(log_path))
+    assert sum(1 for e in acked if after[e] == 1) == len(acked) == 100
+    assert after == before
+    # The index of seen ids was rebuilt from the log: a re-sent event is a duplicate, not a new line.
+    with httpx.Client(base_url=url, headers={"x-api-key": API_KEY}, timeout=30) as c2:
+        again = c2.post("/feedback", json={"events": [_event("dur-0-0", item, type="impression")]})
+        assert again.status_code == 200 and again.json() == {"accepted": 0, "duplicates": 1, "duplicate_ids": ["dur-0-0"]}
+    assert Counter(e["event_id"] for e in read_events(log_path)) == before

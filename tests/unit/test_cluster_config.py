@@ -1,0 +1,75 @@
+"""cluster.yaml passes Ray's own cluster-config validation (what `ray up` runs first), offline.
+
+`ray up` has no dry run; `prepare_config` (merge with the provider's defaults, the step `ray up`
+does) and `validate_config` (Ray's JSON schema plus its cross-field checks) are the same code
+`ray up` calls before it touches the cloud. They live in a private module, so a Ray upgrade that moves
+them fails this test loudly rather than silently skipping it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "cluster.yaml"
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict:
+    return yaml.safe_load(CLUSTER.read_text())
+
+
+def _validate(config: dict) -> dict:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def test_cluster_yaml_passes_ray_validation(raw):
+    prepared = _validate(raw)
+    assert prepared["provider"]["type"] == "aws"
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+
+
+def test_head_and_gpu_worker_group(raw):
+    prepared = _validate(raw)
+    types = prepared["available_node_types"]
+    head = types[prepared["head_node_type"]]
+    workers = {k: v for k, v in types.items() if k != prepared["head_node_type"]}
+    gpu = [v for v in workers.values() if v.get("resources", {}).get("GPU", 0) >= 1]
+    assert gpu, "a GPU worker group is required"
+    assert all(v["node_config"]["InstanceType"].startswith(("g5.", "g6.", "p3.", "p4", "p5")) for v in gpu)
+    assert all(v["max_workers"] >= 1 for v in gpu)
+    assert head.get("resources", {}).get("GPU", 0) == 0
+    assert sum(v.get("min_workers", 0) for v in types.values()) <= prepared["max_workers"]
+
+
+def test_setup_installs_this_package(raw):
+    prepared = _validate(raw)
+    mounts = prepared["file_mounts"]
+    remote = [r for r, local in mounts.items() if Path(local).resolve() == ROOT or local == "."]
+    assert remote, "the working tree must be mounted on the nodes"
+    setup = "\n".join(prepared["setup_commands"])
+    assert "pip install" in setup and "-e" in setup and remote[0] in setup
+    # the head starts Ray with the dashboard (job API, serve deploy) on localhost only
+    assert any("--dashboard-host=127.0.0.1" in c for c in prepared["head_start_ray_commands"])
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda c: c.update(max_workrs=3), "max_workrs"),
+    (lambda c: c.update(head_node_type="nope"), "head_node_type"),
+    (lambda c: c["available_node_types"]["gpu_worker"].update(min_workers="two"), "two"),
+    (lambda c: c.update(max_workers=0) or c["available_node_types"]["gpu_worker"].update(min_workers=2), "max_workers"),
+])
+def test_validation_catches_mistakes(raw, mutate, match):
+    """The validation is real: typical mistakes in this file are rejected."""
+    bad = copy.deepcopy(raw)
+    mutate(bad)
+    with pytest.raises(Exception, match=match):
+        _validate(bad)

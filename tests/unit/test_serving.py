@@ -1,0 +1,181 @@
+"""Serving pieces without Ray: request validation, body parsing, the durable feedback log, app args."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from adrec.serving.feedback import FeedbackLog, read_events
+from adrec.serving.schemas import ApiError, FeedbackRequest, RecommendRequest, decode_json, validate
+
+
+# ---- request models ----------------------------------------------------------------------------------
+def _status(model, data, **ctx) -> int:
+    try:
+        validate(model, data, **ctx)
+        return 200
+    except ApiError as err:
+        return err.status
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"user_id": "u1", "k": 10}, 200),
+    ({"user_id": "u1", "k": 10, "context": {"slot": 3, "device": "mobile"}, "explain": True}, 200),
+    ({"user_id": "ü-ñ-用户", "k": 1}, 200),
+    ({"user_id": "u1", "k": 100}, 200),
+    ({"user_id": "u1", "k": 101}, 422),
+    ({"user_id": "u1", "k": 0}, 422),
+    ({"user_id": "u1", "k": "3"}, 422),
+    ({"user_id": "u1", "k": 3.0}, 422),
+    ({"user_id": "u1", "k": False}, 422),
+    ({"user_id": 1, "k": 3}, 422),
+    ({"user_id": "", "k": 3}, 422),
+    ({"k": 3}, 422),
+    ({"user_id": "u1"}, 422),
+    ({"user_id": "u1", "k": 3, "extra": 1}, 422),
+    ({"user_id": "u1", "k": 3, "context": {"a": None}}, 422),
+    ({"user_id": "u1", "k": 3, "context": {"a": True}}, 422),
+    ({"user_id": "u1", "k": 3, "context": {f"c{i}": 1 for i in range(33)}}, 422),
+    ({"user_id": "u1", "k": 3, "explain": "true"}, 422),
+    ([{"user_id": "u1", "k": 3}], 422),
+    (None, 422),
+])
+def test_recommend_request_validation(body, status):
+    assert _status(RecommendRequest, body, max_k=100) == status
+
+
+def test_messages_name_the_field_and_never_echo_the_value():
+    secret = "raw-user-id-123"
+    with pytest.raises(ApiError) as err:
+        validate(RecommendRequest, {"user_id": secret, "k": "many", "bogus": secret})
+    text = err.value.message + " ".join(err.value.details)
+    assert "k:" in text and "bogus: unknown field" in text
+    assert secret not in text and "many" not in text
+    assert err.value.body()["detail"].startswith("invalid request")
+
+
+def test_feedback_request_validation():
+    ev = {"event_id": "e1", "user_id": "u", "item": "i", "type": "click", "ts": 1_700_000_000}
+    assert _status(FeedbackRequest, {"events": [ev]}) == 200
+    assert _status(FeedbackRequest, {"events": [{**ev, "ts": 1.5}]}) == 200
+    assert _status(FeedbackRequest, {"events": [{**ev, "type": "view"}]}) == 422
+    assert _status(FeedbackRequest, {"events": [{**ev, "ts": "2024-01-01"}]}) == 422
+    assert _status(FeedbackRequest, {"events": []}) == 422
+    assert _status(FeedbackRequest, {"events": [ev] * 1001}) == 422
+    assert _status(FeedbackRequest, {"events": [ev], "more": 1}) == 422
+
+
+@pytest.mark.parametrize("raw, ok", [
+    (b'{"a": 1}', True),
+    (b'  {"a": "\\u00fc"}  ', True),
+    ("{\"a\": \"ü\"}".encode(), True),
+    (b"", False),
+    (b"   ", False),
+    (b"{", False),
+    (b"\xff\xfe{}", False),
+    (b'{"a": "\xc3"}', False),
+    (b'{"a": NaN}', False),
+    (b'{"a": Infinity}', False),
+    (b"[" * 50_000 + b"]" * 50_000, False),
+])
+def test_decode_json(raw, ok):
+    if ok:
+        decode_json(raw)
+    else:
+        with pytest.raises(ApiError) as err:
+            decode_json(raw)
+        assert err.value.status == 400 and err.value.message
+
+
+# ---- the feedback log -----------------------------------------------------------------------------------
+def _rec(eid: str) -> dict:
+    return {"event_id": eid, "user": "u_abc", "item": "i1", "type": "click", "ts": 1.0, "context": {}}
+
+
+def test_feedback_log_appends_and_deduplicates(tmp_path):
+    path = tmp_path / "fb" / "events.jsonl"
+    log = FeedbackLog(path)
+    res = log.append([_rec("a"), _rec("b"), _rec("a")])
+    assert res.accepted == ["a", "b"] and res.duplicates == ["a"]
+    res = log.append([_rec("b"), _rec("c")])
+    assert res.accepted == ["c"] and res.duplicates == ["b"]
+    assert [e["event_id"] for e in read_events(path)] == ["a", "b", "c"]
+    assert len(log) == 3
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    log.close()
+
+
+def test_feedback_log_rebuilds_its_index_and_cuts_a_torn_tail(tmp_path):
+    path = tmp_path / "events.jsonl"
+    log = FeedbackLog(path)
+    log.append([_rec("a"), _rec("b")])
+    log.close()
+    with open(path, "ab") as f:  # a crash in the middle of a write: never acknowledged
+        f.write(b'{"event_id": "c", "us')
+    log = FeedbackLog(path)
+    assert log.ids == {"a", "b"} and len(log) == 2
+    assert path.read_bytes().endswith(b"\n")
+    assert log.append([_rec("a"), _rec("c")]).accepted == ["c"]
+    log.close()
+    assert [e["event_id"] for e in read_events(path)] == ["a", "b", "c"]
+    assert all(json.loads(line) for line in path.read_text().splitlines())
+
+
+def test_feedback_log_fsyncs_before_acknowledging(tmp_path, monkeypatch):
+    log = FeedbackLog(tmp_path / "events.jsonl")
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    log.append([_rec("x")])
+    assert calls, "append must fsync the log before it returns"
+    calls.clear()
+    log.append([_rec("x")])  # a pure duplicate writes nothing
+    assert not calls
+    log.close()
+
+
+# ---- app args -----------------------------------------------------------------------------------------------
+def test_app_args_resolve_paths_and_keys(tmp_path, monkeypatch):
+    from adrec.serving.app import AppArgs
+
+    run = tmp_path / "run"
+    (run / "secrets").mkdir(parents=True)
+    (run / "secrets" / "pseudonym.key").write_text("k3y\n")
+    monkeypatch.delenv("ADREC_PSEUDONYM_KEY", raising=False)
+    monkeypatch.delenv("ADREC_API_KEY", raising=False)
+    monkeypatch.setenv("ADREC_HOME", str(tmp_path))
+    args = AppArgs(model_dir="run/model").resolved()
+    assert args.model_dir == str(run / "model")
+    assert args.feedback_log == str(run / "feedback" / "events.jsonl")
+    assert args.key_bytes() == b"k3y"
+    assert args.api_key is None
+
+    monkeypatch.setenv("ADREC_PSEUDONYM_KEY", "from-env")
+    monkeypatch.setenv("ADREC_API_KEY", "api-from-env")
+    env = AppArgs(model_dir="run/model").resolved()
+    assert env.key_bytes() == b"from-env" and env.api_key.get_secret_value() == "api-from-env"
+    assert "from-env" not in env.model_dump_json() + repr(env)  # keys are secrets in dumps and logs
+
+    with pytest.raises(ValueError, match="unknown|extra"):
+        AppArgs(model_dir="m", max_kk=3)
+    with pytest.raises(ValueError):
+        AppArgs(model_dir="m", max_k=0)
+
+
+def test_app_fingerprint_ignores_the_model_folder_only(tmp_path):
+    from adrec.serving.app import AppArgs
+
+    a = AppArgs(model_dir=str(tmp_path / "v1"), pseudonym_key="k", feedback_log=str(tmp_path / "fb.jsonl"))
+    # A new model folder is a user_config change: same code version, replicas reconfigured in place.
+    assert a.fingerprint() == a.model_copy(update={"model_dir": str(tmp_path / "v2")}).fingerprint()
+    assert a.fingerprint() != a.model_copy(update={"max_k": 7}).fingerprint()
+    assert a.fingerprint() != AppArgs(model_dir=a.model_dir, pseudonym_key="other", feedback_log=a.feedback_log).fingerprint()
+
+
+def test_serve_apps_config_args_validate():
+    from serve_apps.app import config_args
+
+    args = config_args()
+    assert args.model_dir and args.max_k >= 1

@@ -1,0 +1,292 @@
+"""adrec.topk: the EASE peer (closed form, candidate-source contract), the protocol stages, the
+two-stage re-ranker on a synthetic log with a planted recency signal, and the benchmark's report.
+
+No Ray; implicit, scikit-learn and (when installed) LightGBM are used for real.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+try:
+    import adrec.topk  # noqa: F401
+except ModuleNotFoundError:  # the package is not installed (no `make install` yet): use the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "platform"))
+
+from adrec.candidates import load_source
+from adrec.features.split import temporal_split
+from adrec.topk import EASESource, TopKData, TwoStageRecommender, ease_weights
+from adrec.topk.benchmark import run_benchmark
+from adrec.topk.protocol import evaluate_lists, inner_stage, make_stage
+from adrec.topk.rerank import build_source, item_tag_matrix
+
+# The shared contract every candidate source passes (tests/unit/test_candidates.py).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_candidates import CandidateSourceContract, blocks  # noqa: E402,F401  (blocks: the contract's fixture)
+
+HAS_LIGHTGBM = importlib.util.find_spec("lightgbm") is not None
+DAY = 86400
+
+
+# ----------------------------------------------------------------------------- EASE
+def ease_by_hand(x: np.ndarray, l2: float) -> np.ndarray:
+    """Steck (2019), eq. 8: B = I - P diagMat(1 / diag(P)), P = (X^T X + l2 I)^-1, written out."""
+    g = x.T @ x + l2 * np.eye(x.shape[1])
+    p = np.linalg.inv(g)
+    b = np.eye(x.shape[1]) - p @ np.diag(1.0 / np.diag(p))
+    return b
+
+
+def tiny_matrix() -> np.ndarray:
+    rng = np.random.default_rng(5)
+    x = (rng.random((9, 7)) < 0.4).astype(np.float64)
+    x[0, :3] = 1.0
+    x[:, 6] = 0.0  # an item nobody touched
+    return x
+
+
+def test_ease_weights_match_the_closed_form():
+    x = tiny_matrix()
+    for l2 in (0.5, 3.0, 50.0):
+        expected = ease_by_hand(x, l2)
+        got = ease_weights(sp.csr_matrix(x), l2)
+        assert got.dtype == np.float32 and got.shape == (7, 7)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        assert np.all(np.diag(got) == 0.0)
+        # the constraint-free ridge solution would differ: B is the constrained minimiser, so
+        # each column's off-diagonal part solves the ridge system of the other items
+        j = 2
+        others = [i for i in range(7) if i != j]
+        xo = x[:, others]
+        ridge = np.linalg.solve(xo.T @ xo + l2 * np.eye(6), xo.T @ x[:, j])
+        np.testing.assert_allclose(got[others, j], ridge, atol=1e-5)
+
+
+def test_ease_source_scores_are_history_times_b():
+    x = tiny_matrix()
+    src = EASESource(l2=2.0).fit(sp.csr_matrix(x))
+    b = ease_by_hand(x, 2.0)
+    scores = x @ b
+    ids, sc = src.recommend(np.arange(9), 7, sp.csr_matrix(x))
+    for u in range(9):
+        allowed = [i for i in range(7) if x[u, i] == 0]
+        # expected order: score descending, ties -> lower index
+        order = sorted(allowed, key=lambda i: (-np.float32(scores[u, i]), i))
+        got = [int(i) for i in ids[u] if i >= 0]
+        assert got == order
+        np.testing.assert_allclose(sc[u, : len(got)], scores[u, got], atol=1e-5)
+    # fold-in of a new user's clicks is the same product
+    clicks = np.array([1, 1, 1, 0, 0, 0, 0], float)
+    np.testing.assert_allclose(src.fold_in([np.array([0, 1, 2])])[0], clicks @ b, atol=1e-5)
+
+
+def test_ease_rejects_bad_l2():
+    with pytest.raises(ValueError, match="l2"):
+        EASESource(l2=0.0)
+
+
+class TestEASESource(CandidateSourceContract):
+    dense = True  # every non-excluded item gets a finite linear score
+
+    def make(self):
+        return EASESource(l2=5.0)
+
+    def test_loads_as_a_candidate_source(self, fitted, tmp_path):
+        fitted.save(tmp_path / "ease")
+        loaded = load_source(tmp_path / "ease")
+        assert isinstance(loaded, EASESource) and loaded.l2 == 5.0
+        np.testing.assert_array_equal(loaded.weights, fitted.weights)
+
+
+def test_build_source_knows_ease_and_the_colleagues_kinds():
+    assert isinstance(build_source({"kind": "ease", "l2": 10.0, "n": 5}, "e"), EASESource)
+    src = build_source({"kind": "itemitem", "K": 5, "n": 5}, "cos")
+    assert src.name == "cos"
+
+
+# ----------------------------------------------------------------------------- synthetic log
+def planted_recency(n_users: int = 160, n_items: int = 60, days: float = 120.0, hot_days: float = 8.0,
+                    seed: int = 0) -> TopKData:
+    """Each item is "hot" for ``hot_days`` after its release; users are active for 15-30 days and
+    mostly pick what is hot at the time (else a static, long-tailed popularity); 15% of their
+    interactions are negatives (label 0). A user's last (test) items are what is hot at the end of
+    their span: static models, which see the user's whole span at once, blur that."""
+    rng = np.random.default_rng(seed)
+    release = np.sort(rng.uniform(-hot_days, days, n_items))
+    base = rng.pareto(2.0, n_items) + 1.0
+    rows = []
+    for u in range(n_users):
+        start = rng.uniform(0, days - 30)
+        times = np.sort(rng.uniform(start, start + rng.uniform(15, 30), int(rng.integers(15, 30))))
+        taken = np.zeros(n_items, bool)
+        for t in times:
+            hot = (release <= t) & (t < release + hot_days)
+            w = np.where(hot, 10.0, 0.0) + 0.3 * base
+            w[taken] = 0.0
+            i = int(rng.choice(n_items, p=w / w.sum()))
+            taken[i] = True
+            rows.append((u, i, int(t * DAY), int(rng.random() < 0.85)))
+    df = pd.DataFrame(rows, columns=["user_idx", "item_idx", "ts", "label"])
+    df["split"] = temporal_split(df["user_idx"].to_numpy(), df["ts"].to_numpy(), df["item_idx"].to_numpy())
+    tags = sp.csr_matrix((np.ones(n_items, np.float32), (np.arange(n_items), np.arange(n_items) % 4)),
+                         shape=(n_items, 4))
+    return TopKData(df, n_users, n_items, n_items, tags)
+
+
+SMALL_SOURCES = {
+    "ease": {"kind": "ease", "l2": 20.0, "num_threads": 1, "n": 30},
+    "itemitem": {"kind": "itemitem", "K": 20, "num_threads": 1, "n": 20},
+    "popularity": {"kind": "popularity", "n": 20},
+}
+RANKERS = ["sklearn"] + (["lightgbm"] if HAS_LIGHTGBM else [])
+FAST = {"sklearn": {"max_iter": 150}, "lightgbm": {"n_estimators": 150}}
+
+
+@pytest.fixture(scope="module")
+def synth() -> TopKData:
+    return planted_recency()
+
+
+@pytest.fixture(scope="module", params=RANKERS)
+def fitted_two_stage(request, synth):
+    rec = TwoStageRecommender(sources=SMALL_SOURCES, ranker=request.param, ranker_params=FAST[request.param])
+    return rec.fit(synth)
+
+
+def test_protocol_stages(synth):
+    df = synth.interactions
+    valid = make_stage(df, synth.n_users, synth.n_items, synth.n_catalog, "valid")
+    test = make_stage(df, synth.n_users, synth.n_items, synth.n_catalog, "test")
+    inner = inner_stage(df, synth.n_users, synth.n_items, synth.n_catalog)
+    train = df[df["split"] == "train"]
+    assert len(valid.known) == len(train)
+    assert len(test.known) == int((df["split"] != "test").sum())
+    assert len(inner.known) < len(train)
+    # seen holds every known interaction whatever its label; positives only label 1
+    assert valid.seen.nnz == len(train.drop_duplicates(["user_idx", "item_idx"]))
+    assert valid.positives.nnz == len(train[train["label"] == 1].drop_duplicates(["user_idx", "item_idx"]))
+    # truth = the target split's positives of evaluated users
+    tpos = df[(df["split"] == "test") & (df["label"] == 1)]
+    assert sorted(test.users.tolist()) == sorted(tpos["user_idx"].unique().tolist())
+    assert sum(len(t) for t in test.truth) == len(tpos.drop_duplicates(["user_idx", "item_idx"]))
+    # cutoff: last known time, never a target row's
+    last_known = df[df["split"] != "test"].groupby("user_idx")["ts"].max()
+    np.testing.assert_array_equal(test.cutoff[last_known.index.to_numpy()], last_known.to_numpy())
+
+
+def test_two_stage_never_recommends_seen_items(fitted_two_stage, synth):
+    df = synth.interactions
+    users = np.arange(synth.n_users)
+    ids, scores = fitted_two_stage.recommend(users, 10)
+    assert ids.shape == (synth.n_users, 10) and ids.dtype == np.int64
+    known = df[df["split"] != "test"]
+    seen = known.groupby("user_idx")["item_idx"].apply(set).to_dict()
+    for u in users:
+        got = [int(i) for i in ids[u] if i >= 0]
+        assert len(got) == len(set(got)) == 10, "a full list of distinct items"
+        assert not (set(got) & seen.get(u, set())), f"user {u} got a train/valid item back"
+        s = scores[u]
+        assert np.all(np.diff(s) <= 0), "scores descend"
+        same = np.diff(s) == 0
+        assert np.all(np.diff(ids[u])[same] > 0), "ties go to the lower item index"
+    # an unsorted batch with repeats gets the same rows as one user at a time
+    sub = np.array([7, 3, 7, 0])
+    ids_sub, _ = fitted_two_stage.recommend(sub, 10)
+    np.testing.assert_array_equal(ids_sub, ids[sub])
+
+
+def test_two_stage_beats_its_best_single_source_on_planted_recency(fitted_two_stage, synth):
+    test = make_stage(synth.interactions, synth.n_users, synth.n_items, synth.n_catalog, "test")
+    single = {}
+    for name, spec in SMALL_SOURCES.items():
+        src = build_source(spec, name).fit(test.positives)
+        ids, _ = src.recommend(test.users, 10, test.seen[test.users])
+        single[name] = evaluate_lists(test, ids)["ndcg@10"]
+    ids, _ = fitted_two_stage.recommend(test.users, 10)
+    ours = evaluate_lists(test, ids)
+    best = max(single.values())
+    assert ours["ndcg@10"] > 1.15 * best, (ours, single)
+
+
+def test_two_stage_save_load_round_trip(fitted_two_stage, tmp_path):
+    users = np.arange(20)
+    before = fitted_two_stage.recommend(users, 10)
+    fitted_two_stage.save(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "two_stage.json").read_text())
+    assert meta["feature_names"] == fitted_two_stage.feature_names
+    loaded = TwoStageRecommender.load(tmp_path / "m")
+    after = loaded.recommend(users, 10)
+    np.testing.assert_array_equal(before[0], after[0])
+    np.testing.assert_allclose(before[1], after[1], rtol=1e-5)
+
+
+def test_two_stage_extra_scores_hook(synth):
+    calls = []
+
+    def recency_of_release(users, items, known):  # a stand-in CTR score: fraction of known rows
+        calls.append(len(known))
+        return np.asarray(items, np.float32)
+
+    rec = TwoStageRecommender(sources=SMALL_SOURCES, ranker="sklearn", train_stages=("valid",),
+                              ranker_params={"max_iter": 30}, extra_scores={"ctr": recency_of_release})
+    rec.fit(synth)
+    assert "extra.ctr" in rec.feature_names
+    n_train = int((synth.interactions["split"] == "train").sum())
+    assert calls[0] == n_train, "the re-ranker's training features see the train split only"
+    ids, _ = rec.recommend(np.arange(5), 5)
+    assert calls[-1] == int((synth.interactions["split"] != "test").sum())
+    assert ids.shape == (5, 5)
+
+
+def test_two_stage_needs_fit_and_checks_users(synth):
+    rec = TwoStageRecommender(sources=SMALL_SOURCES)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        rec.recommend(np.arange(2), 5)
+    with pytest.raises(ValueError, match="train_stages"):
+        TwoStageRecommender(train_stages=("test",))
+
+
+def test_item_tag_matrix_reads_code_columns():
+    items = pd.DataFrame({
+        "item_idx": [0, 1, 2],
+        "c:item.genre": [1, 2, 0],
+        "c:item.genres": [np.array([1, 3, 0]), np.array([2, 0, 0]), np.array([0, 0, 0])],
+    })
+    m = item_tag_matrix(items, 3).toarray()
+    # genre codes 1..2 -> tags 1..2 (offset 0), genres codes 1..3 -> tags 4..6 (offset 3)
+    assert m.shape[0] == 3
+    assert m[0].nonzero()[0].tolist() == [1, 4, 6]
+    assert m[1].nonzero()[0].tolist() == [2, 5]
+    assert m[2].sum() == 0
+
+
+# ----------------------------------------------------------------------------- benchmark report
+def test_benchmark_report_on_a_small_log(synth, tmp_path):
+    grids = {
+        "most-popular": ("popularity", [{}]),
+        "ease": ("ease", [{"l2": 5.0, "num_threads": 1}, {"l2": 50.0, "num_threads": 1}]),
+        "itemitem-cosine": ("itemitem", [{"K": 10, "num_threads": 1}]),
+    }
+    res = run_benchmark(synth, tmp_path, repeats=1, grids=grids, dataset="synthetic",
+                        two_stage_kwargs={"sources": SMALL_SOURCES, "ranker": "sklearn",
+                                          "ranker_params": {"max_iter": 50}, "train_stages": ("valid",)})
+    data = json.loads((tmp_path / "topk_benchmark.json").read_text())
+    assert set(data["methods"]) == {"most-popular", "ease", "itemitem-cosine", "adrec-two-stage"}
+    for m in data["methods"].values():
+        assert set(m["test"]) == {"precision@10", "recall@10", "ndcg@10", "map@10", "hitrate@10", "coverage@10"}
+        assert m["fit_s"] >= 0 and m["recommend_s"] >= 0
+    # the chosen EASE setting is the one with the best VALID ndcg
+    trials = data["methods"]["ease"]["grid"]
+    best = max(trials, key=lambda t: t["valid"]["ndcg@10"])
+    assert data["methods"]["ease"]["params"] == best["params"]
+    assert res["gain_over_best_peer"]["ndcg@10"]["best_peer"] in {"most-popular", "ease", "itemitem-cosine"}
+    md = (tmp_path / "topk_benchmark.md").read_text()
+    assert "| adrec-two-stage" in md and "ALS speed" in md
