@@ -170,6 +170,8 @@ def test_protocol_stages(synth):
     assert len(valid.known) == len(train)
     assert len(test.known) == int((df["split"] != "test").sum())
     assert len(inner.known) < len(train)
+    key = ["user_idx", "item_idx", "ts"]
+    assert len(inner.known.merge(train[key].astype("int64"), on=key)) == len(inner.known), "inner uses train rows only"
     # seen holds every known interaction whatever its label; positives only label 1
     assert valid.seen.nnz == len(train.drop_duplicates(["user_idx", "item_idx"]))
     assert valid.positives.nnz == len(train[train["label"] == 1].drop_duplicates(["user_idx", "item_idx"]))
@@ -231,12 +233,12 @@ def test_two_stage_save_load_round_trip(fitted_two_stage, tmp_path):
 def test_two_stage_extra_scores_hook(synth):
     calls = []
 
-    def recency_of_release(users, items, known):  # a stand-in CTR score: fraction of known rows
+    def item_index_score(users, items, known):  # a real (if weak) extra score: the item index
         calls.append(len(known))
         return np.asarray(items, np.float32)
 
     rec = TwoStageRecommender(sources=SMALL_SOURCES, ranker="sklearn", train_stages=("valid",),
-                              ranker_params={"max_iter": 30}, extra_scores={"ctr": recency_of_release})
+                              ranker_params={"max_iter": 30}, extra_scores={"ctr": item_index_score})
     rec.fit(synth)
     assert "extra.ctr" in rec.feature_names
     n_train = int((synth.interactions["split"] == "train").sum())

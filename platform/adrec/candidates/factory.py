@@ -28,7 +28,15 @@ _BUILDERS: dict[str, Callable[..., CandidateSource]] = {
     "itemitem": lambda **kw: ItemItemSource(kind="cosine", **kw),
     "bm25": lambda **kw: ItemItemSource(kind="bm25", **kw),
     "text": TextNeighbourSource,
+    "ease": lambda **kw: _ease(**kw),
 }
+
+
+def _ease(**kw: Any) -> CandidateSource:
+    # Imported late: adrec.topk builds on this package.
+    from adrec.topk.ease import EASESource
+
+    return EASESource(**kw)
 
 #: The names :func:`make_source` and ``CandidateConfig.quotas`` understand.
 SOURCE_NAMES: tuple[str, ...] = tuple(_BUILDERS)
@@ -36,7 +44,7 @@ SOURCE_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
 def make_source(name: str, **kwargs: Any) -> CandidateSource:
     """A new, unfitted source by name: "als", "bpr", "popularity", "itemitem" (cosine),
-    "bm25" or "text" (needs ``item_embeddings=``). ``kwargs`` go to the source's constructor;
+    "bm25", "ease" or "text" (needs ``item_embeddings=``). ``kwargs`` go to the source's constructor;
     ``use_gpu=None`` (the default for als/bpr) means ``implicit.gpu.HAS_CUDA``."""
     try:
         build = _BUILDERS[name]
@@ -63,6 +71,8 @@ def source_kwargs(name: str, cfg: CandidateConfig) -> dict[str, Any]:
         return dict(factors=cfg.factors, use_gpu=cfg.use_gpu, seed=cfg.seed)
     if name in ("itemitem", "bm25"):
         return dict(K=cfg.itemitem_k)
+    if name == "ease":
+        return dict(l2=cfg.ease_l2)
     return {}
 
 

@@ -56,12 +56,12 @@ def _grid(**axes: list[Any]) -> list[dict[str, Any]]:
 _FIXED = {"num_threads": [1]}
 PEER_GRIDS: dict[str, tuple[str, list[dict[str, Any]]]] = {
     "most-popular": ("popularity", [{}]),
-    "als": ("als", _grid(factors=[16, 32, 64], regularization=[0.1, 1.0, 10.0], alpha=[0.5, 1.0, 2.0],
+    "als": ("als", _grid(factors=[32, 64, 128], regularization=[1.0, 10.0, 30.0, 100.0], alpha=[0.5, 1.0, 2.0],
                          iterations=[15], use_gpu=[False], **_FIXED)),
-    "bpr": ("bpr", _grid(factors=[32, 64, 128], learning_rate=[0.01, 0.05], regularization=[0.01],
+    "bpr": ("bpr", _grid(factors=[64, 128, 256], learning_rate=[0.005, 0.01, 0.05], regularization=[0.01],
                          iterations=[100], use_gpu=[False], **_FIXED)),
-    "itemitem-cosine": ("itemitem", _grid(K=[10, 20, 50, 100, 200], **_FIXED)),
-    "itemitem-bm25": ("bm25", _grid(K=[10, 20, 50, 100, 200], B=[0.75, 0.25], **_FIXED)),
+    "itemitem-cosine": ("itemitem", _grid(K=[20, 50, 100, 200, 400, 800], **_FIXED)),
+    "itemitem-bm25": ("bm25", _grid(K=[20, 50, 100, 200, 400, 800], B=[0.75, 0.25], **_FIXED)),
     "ease": ("ease", _grid(l2=[50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0], **_FIXED)),
 }
 QUICK_GRIDS: dict[str, tuple[str, list[dict[str, Any]]]] = {
