@@ -119,6 +119,10 @@ class RankerConfig(_Strict):
     cross_rank: int = Field(64, ge=1)  # rank of the DCN-v2 cross layers
     att_hidden: int = Field(64, ge=1)  # hidden units of the target-attention MLP
     embed_dropout: float = Field(0.0, ge=0, lt=1)
+    fm: bool = False  # add FM pairwise dot products of the field embeddings (and candidate . interest) to the logit
+    # Recency weighting of training rows: a row's weight halves every this fraction of its user's
+    # timeline (0 = the user's latest row, 1 = the earliest); None = uniform weights.
+    recency_half_life: float | None = Field(None, gt=0)
     calibrate: bool = True  # Platt scaling on the validation split after training
     # After selecting the epoch count on valid, retrain from the same initial weights on train + valid.
     refit: bool = True
@@ -211,7 +215,9 @@ class OnlineConfig(_Strict):
     # Event-time boundaries that split the progressive metrics into segments (e.g. the drift time).
     segments_ts: list[float] = Field(default_factory=list)
     recent_window: int = Field(5000, ge=10)  # events in the "recent" progressive metrics
-    # The learner runs at this CPU priority (os.nice increment) so that serving keeps its latency.
+    # The learning thread gives way to serving: SCHED_IDLE (Linux: it only gets CPU time nothing else
+    # wants) when sched_idle is set, else this nice increment.
+    sched_idle: bool = True
     nice: int = Field(10, ge=0, le=19)
     num_cpus: float = Field(0.25, gt=0)  # Ray resources of the learner actor
     torch_threads: int = Field(1, ge=1)

@@ -79,6 +79,8 @@ def test_feedback_request_validation():
     (b'{"a": NaN}', False),
     (b'{"a": Infinity}', False),
     (b"[" * 50_000 + b"]" * 50_000, False),
+    (b'{"user_id": "\\ud800", "k": 1}', False),
+    (b'{"user_id": "\\ud83d\\ude00", "k": 1}', True),
 ])
 def test_decode_json(raw, ok):
     if ok:
@@ -179,3 +181,26 @@ def test_serve_apps_config_args_validate():
 
     args = config_args()
     assert args.model_dir and args.max_k >= 1
+
+
+def test_serve_apps_config_is_a_valid_serve_config():
+    """serve_apps/config.yaml passes Serve's own schema (what `serve deploy` / `serve run` check first)."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    conf = yaml.safe_load((Path(__file__).resolve().parents[2] / "serve_apps" / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(conf)
+    assert schema.http_options.host == "127.0.0.1"
+    (app,) = schema.applications
+    module, _, attr = app.import_path.partition(":")
+    from adrec.serving.app import build_app
+
+    assert getattr(importlib.import_module(module), attr) is build_app
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == {"Ingress", "CandidateDeployment", "RankerDeployment", "FeedbackDeployment"}
+    assert all(0 < d.ray_actor_options.num_cpus < 1 for d in deployments.values())
+    assert deployments["FeedbackDeployment"].num_replicas == 1
+    assert dict(deployments["RankerDeployment"].autoscaling_config)["max_replicas"] >= 2

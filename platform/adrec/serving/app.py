@@ -24,7 +24,6 @@ Graph (every arrow is a :class:`DeploymentHandle` call)::
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import os
 import time
@@ -349,8 +348,8 @@ class FeedbackDeployment:
         self.version = version
 
     async def append(self, events: list[dict]) -> dict:
-        known = self.items | self.previous_items if self.previous_items else self.items
-        bad = [i for i, e in enumerate(events) if e["item"] not in known and e["event_id"] not in self.log.ids]
+        bad = [i for i, e in enumerate(events) if e["item"] not in self.items and e["item"] not in self.previous_items
+               and e["event_id"] not in self.log.ids]
         if bad:
             shown = ", ".join(f"events.{i}.item" for i in bad[:10]) + (" ..." if len(bad) > 10 else "")
             return {"status": 422, "detail": f"unknown item in {len(bad)} event(s): {shown}; nothing was written"}

@@ -326,7 +326,7 @@ def markdown(report: dict) -> str:
         la = report["load_average"]
         lines.append(f"- machine: {report.get('cpu_count')} CPUs, load average before/after "
                      f"{la['before'][0] if la['before'] else '?'} / {la['after'][0] if la['after'] else '?'} "
-                     "(other work on the machine inflates latency, not CPU ms/request much)")
+                     "(other work on the machine inflates latency far more than CPU ms/request)")
     return "\n".join(lines) + "\n"
 
 

@@ -86,13 +86,20 @@ def decode_json(body: bytes) -> Any:
     except UnicodeDecodeError as err:
         raise ApiError(400, f"request body is not valid UTF-8 (invalid byte at offset {err.start})") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as err:
         raise ApiError(400, f"request body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
     except ValueError as err:  # NaN / Infinity
         raise ApiError(400, f"request body is not valid JSON: {err}") from None
     except RecursionError:
         raise ApiError(400, "request body is not valid JSON: nested too deeply") from None
+    try:  # "\ud800" is valid JSON syntax but no Unicode text: it could not be hashed, logged or stored
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "request body holds an invalid Unicode escape (a lone surrogate)") from None
+    except RecursionError:
+        raise ApiError(400, "request body is not valid JSON: nested too deeply") from None
+    return value
 
 
 _UNION_TAGS = {"constrained-str", "str", "int"}
