@@ -16,6 +16,7 @@ import pytest
 import yaml
 from ray import tune as ray_tune
 
+from adrec.config import load_config
 from adrec.run import RunDir
 from adrec.tuning import SearchInterrupted, tune
 
@@ -155,3 +156,11 @@ def test_als_search_resumes_after_an_interruption_without_rerunning_finished_tri
     als = json.loads((run.candidates / "als" / "source.json").read_text())
     assert als["params"]["factors"] == best["params"]["candidates.factors"]
     assert run.manifest()["stages"]["tune"]["trial_id"] == best["trial_id"]
+
+    # Rerunning the command after promotion (as the CLI does: from the run's now promoted config.yaml)
+    # is the same search: restored, nothing rerun, the same trial promoted again.
+    before = {tid: (Path(t["path"]) / "result.json").read_text() for tid, t in trials.items()}
+    again = tune(load_config(run.path / "config.yaml"), run, space, verbose=0)
+    assert again["resumed"] and again["best_trial"] == best["trial_id"] and again["trials"] == 4
+    assert {tid: (Path(t["path"]) / "result.json").read_text() for tid, t in trials.items()} == before
+    assert not list(run.tune.glob("als-*"))  # no earlier search archived

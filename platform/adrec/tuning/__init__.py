@@ -63,9 +63,10 @@ def tune(cfg: AdrecConfig, run: RunDir, space_path: str | Path, *, num_samples: 
     if not outcome.complete:
         paths = write_results(run, outcome, None)
         done = sum(r["status"] != "not run" for r in outcome.trials)
-        raise SearchInterrupted(
-            f"search '{spec.name}' interrupted after {done} of {outcome.expected_trials} trials; its state is in "
-            f"{outcome.path} (partial results: {paths['results']}). Run the same command again to resume it.")
+        msg = (f"search '{spec.name}' interrupted after {done} of {outcome.expected_trials} trials; its state is in "
+               f"{outcome.path} (partial results: {paths['results']}). Run the same command again to resume it.")
+        log.warning(msg)
+        raise SearchInterrupted(msg)
     promoted = promote(run, outcome) if do_promote else None
     paths = write_results(run, outcome, promoted)
     best = outcome.best

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,6 @@ class SearchOutcome:
     restored: bool
     seconds: float
     expected_trials: int
-    extra: dict = field(default_factory=dict)
 
     @property
     def metric(self) -> str:
@@ -46,6 +44,23 @@ class SearchOutcome:
 def data_fingerprint(run: RunDir) -> str:
     prep = run.manifest().get("stages", {}).get("prepare", {})
     return f"{prep.get('data_fingerprint', '')}:{json.dumps(prep.get('counts', {}), sort_keys=True)}"
+
+
+def invariant_config(spec: TuneSpec, base: dict) -> dict:
+    """What every trial of the search trains with, the searched keys left out.
+
+    Part of the search's identity: rerunning with another run config (e.g. ``--set``) is a new search,
+    while a rerun after promotion (which rewrites only searched and search-fixed keys) is the same one.
+    """
+    cfg = trial_config(spec, base, {}).to_dict()
+    for path in spec.space:
+        node = cfg
+        parts = path.split(".")
+        for p in parts[:-1]:
+            node = node.get(p, {})
+        if isinstance(node, dict):
+            node.pop(parts[-1], None)
+    return cfg
 
 
 def _trial_dirname(trial) -> str:
@@ -71,8 +86,9 @@ def _scheduler(spec: TuneSpec, base: dict):
                          reduction_factor=asha.reduction_factor, brackets=asha.brackets)
 
 
-def check_resources(spec: TuneSpec, base: dict) -> int:
-    """Fail fast when one trial cannot fit the cluster; returns how many fit at once."""
+def check_resources(spec: TuneSpec, base: dict, local: bool = True) -> int:
+    """How many trials fit the cluster at once; fails fast on a local Ray that cannot hold one trial
+    (it would wait forever). A cluster with an autoscaler may grow, so there it only warns."""
     import ray
 
     have = ray.cluster_resources()
@@ -83,10 +99,13 @@ def check_resources(spec: TuneSpec, base: dict) -> int:
             continue
         avail = float(have.get(res, 0))
         if avail + 1e-9 < need[res]:
-            raise ConfigError(
-                f"one {spec.trainable} trial needs {need[res]:g} {res} (resources_per_trial x workers) but the "
-                f"Ray cluster has {avail:g}: lower resources_per_trial or ranker.num_workers"
-                + (", or run on a machine with a GPU" if res == "GPU" else ""))
+            msg = (f"one {spec.trainable} trial needs {need[res]:g} {res} (resources_per_trial x workers) but the "
+                   f"Ray cluster has {avail:g}: lower resources_per_trial or ranker.num_workers"
+                   + (", or run where there is a GPU" if res == "GPU" else ""))
+            if local:
+                raise ConfigError(msg)
+            log.warning("%s (waiting for the autoscaler)", msg)
+            continue
         fits.append(int(math.floor(avail / need[res] + 1e-9)))
     return max(1, min(fits) if fits else 1)
 
@@ -110,11 +129,11 @@ def run_search(cfg: AdrecConfig, run: RunDir, spec: TuneSpec, base: dict, *, num
     if updates:
         spec = spec.model_copy(update=updates)
     init_ray(cfg.ray)
-    fits = check_resources(spec, base)
+    fits = check_resources(spec, base, local=cfg.ray.address is None)
     concurrent = spec.max_concurrent or fits
     run.tune.mkdir(parents=True, exist_ok=True)
     exp = run.tune / spec.name
-    fp = spec.fingerprint(data_fingerprint(run))
+    fp = spec.fingerprint(data_fingerprint(run) + json.dumps(invariant_config(spec, base), sort_keys=True))
     trainable = make_trainable(spec, base, run)
     t0 = time.perf_counter()
 
@@ -132,7 +151,7 @@ def run_search(cfg: AdrecConfig, run: RunDir, spec: TuneSpec, base: dict, *, num
     if tuner is None:
         if exp.exists():
             old = exp.with_name(f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-            log.info("a different search was in %s: moved to %s", exp, old)
+            log.info("an earlier, different search in %s was moved to %s", exp, old)
             exp.rename(old)
         tuner = tune.Tuner(
             trainable,

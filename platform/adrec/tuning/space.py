@@ -301,10 +301,12 @@ def _check_scheduler(s: Any, source: str) -> None:
     raise ConfigError(f"{source}: scheduler must be {{asha: {{grace_period: 1, max_t: 3}}}}, asha or fifo; got {s!r}")
 
 
-def parse_space(data: Any, cfg: AdrecConfig | None = None, source: str = "(inline space)") -> tuple[TuneSpec, dict]:
+def parse_space(data: Any, cfg: AdrecConfig | None = None, source: str = "(inline space)",
+                default_name: str | None = None) -> tuple[TuneSpec, dict]:
     """Validate a loaded space mapping; returns the spec and the merged base config dict.
 
-    ``cfg`` is the run's config (the base is merged over it); defaults when None.
+    ``cfg`` is the run's config (the base is merged over it); defaults when None. The search's name
+    (its folder under RUN/tune) is the file's ``name``, else ``default_name``, else the trainable.
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must hold a mapping at the top level")
@@ -316,6 +318,9 @@ def parse_space(data: Any, cfg: AdrecConfig | None = None, source: str = "(inlin
         raise ConfigError(f"{source}: name '{spec.name}' must use only letters, digits, '_', '-', '.'")
     if not spec.space:
         raise ConfigError(f"{source}: 'space' is empty: name at least one key to search")
+    if spec.name is None:
+        name = default_name if default_name and _NAME_RE.match(default_name) else spec.trainable
+        spec = spec.model_copy(update={"name": name})
     info = spec.info
 
     # The base: unknown keys are named by build_config ("unknown key 'ranker.lrr'").
@@ -359,10 +364,7 @@ def load_space(path: str | Path, cfg: AdrecConfig | None = None) -> tuple[TuneSp
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"search space {p} is not valid YAML: {err}") from None
-    spec, base = parse_space(data if data is not None else {}, cfg, source=str(p))
-    if spec.name is None:
-        spec = spec.model_copy(update={"name": p.stem})
-    return spec, base
+    return parse_space(data if data is not None else {}, cfg, source=str(p), default_name=p.stem)
 
 
 def ranker_max_t(spec: TuneSpec, base: dict) -> int | None:

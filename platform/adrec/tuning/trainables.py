@@ -37,12 +37,6 @@ DRIVER_CPU = 0.01
 TRAIN_DIR = "train"  # the Ray Train run inside a ranker trial's folder
 
 
-def _trial_dir() -> Path:
-    from ray import tune
-
-    return Path(tune.get_context().get_trial_dir())
-
-
 def _worker_resources(cpu: float, gpu: float) -> dict[str, float]:
     res = {"CPU": float(cpu)}
     if gpu > 0:
@@ -259,8 +253,6 @@ def als_metrics(source, seen, users: np.ndarray, truth: list, n_items: int, k: i
 
 def als_trial(config: dict, *, spec: TuneSpec, base: dict, run_path: str, cpu: float = 1.0, gpu: float = 0.0) -> None:
     """One ALS trial: fit on the train split's positives, report validation Recall@100 / NDCG@10."""
-    import time
-
     from ray import tune
     from threadpoolctl import threadpool_limits
 
