@@ -458,7 +458,7 @@ def test_popularity_context_survives_save_load(tmp_path):
 
 # ----------------------------------------------------------------------------- multi-source + factory
 def test_make_source_names():
-    assert set(SOURCE_NAMES) == {"als", "bpr", "popularity", "itemitem", "bm25", "text"}
+    assert set(SOURCE_NAMES) == {"als", "bpr", "popularity", "itemitem", "bm25", "text", "ease"}
     assert isinstance(make_source("als", use_gpu=False), ALSSource)
     assert isinstance(make_source("bpr"), BPRSource)
     assert isinstance(make_source("popularity"), PopularitySource)
