@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--host")
 
+    sub.add_parser("online", add_help=False,
+                   help="the online learner on the run's feedback log (see `adrec online --help`)")
+
     p = sub.add_parser("demo", help="the whole flow on a local Ray, then real HTTP requests")
     _common(p, run_required=False)
     p.add_argument("--dataset", default="synthetic")
@@ -92,6 +95,11 @@ def _overrides(args) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["online"]:  # the learner has its own options: hand them over untouched
+        from adrec.online.__main__ import main as online_main
+
+        return online_main(argv[1:])
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     from adrec import flow

@@ -119,6 +119,12 @@ class RankerConfig(_Strict):
     cross_rank: int = Field(64, ge=1)  # rank of the DCN-v2 cross layers
     att_hidden: int = Field(64, ge=1)  # hidden units of the target-attention MLP
     embed_dropout: float = Field(0.0, ge=0, lt=1)
+    # Exponential moving average of the weights (selected, checkpointed and saved); None = off.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    # Members of the deep ensemble (independently initialised heads over one shared text tower; logits averaged).
+    ensemble: int = Field(1, ge=1)
+    ensemble_bagging: bool = False  # online bagging: Poisson(1) row weights per member
+    ensemble_mixed: bool = False  # members alternate the FM term and the use of the history
     fm: bool = False  # add FM pairwise dot products of the field embeddings (and candidate . interest) to the logit
     # Recency weighting of training rows: a row's weight halves every this fraction of its user's
     # timeline (0 = the user's latest row, 1 = the earliest); None = uniform weights.
@@ -187,7 +193,7 @@ class OnlineConfig(_Strict):
     lateness_s: float = Field(0.0, ge=0)
     # Per-coordinate FTRL-Proximal around the served weights, AdaGrad, or plain mini-batch SGD.
     optimizer: Literal["ftrl", "adagrad", "sgd"] = "ftrl"
-    lr: float = Field(0.02, gt=0)  # sgd / adagrad step size; ftrl's alpha
+    lr: float = Field(0.1, gt=0)  # sgd / adagrad step size; ftrl's alpha
     ftrl_beta: float = Field(1.0, ge=0)
     ftrl_l1: float = Field(0.0, ge=0)
     ftrl_l2: float = Field(0.0, ge=0)
@@ -197,20 +203,24 @@ class OnlineConfig(_Strict):
     # The encoder is never updated online (the served item text cache stays valid).
     train_layers: list[Literal["head", "fusion", "embeddings"]] = Field(
         default_factory=lambda: ["head", "fusion", "embeddings"], min_length=1)
-    # Publication: a new version every N learned impressions and/or every T seconds (None disables either).
+    # Publication: a decision every N learned impressions and/or every T seconds (None disables either).
+    # Count-based decisions replay exactly after a restart; time-based ones depend on the wall clock.
     publish_every_events: int | None = Field(5000, ge=1)
     publish_every_s: float | None = Field(None, gt=0)
     # Guard: refuse a version whose progressive logloss since the last decision exceeds the serving
     # version's on the same events by more than this fraction (0.01 = 1%).
-    guard_margin: float = 0.01
+    guard_margin: float = Field(0.01, ge=0)
     guard_min_events: int = Field(200, ge=1)  # fewer scored events since the last decision: no publication yet
     on_refuse: Literal["continue", "revert"] = "continue"  # keep learning, or restart from the serving weights
-    # Offset + model + joiner state are checkpointed together at least this often (in log records).
+    # Offset, model, optimizer, joiner, catalog and metrics are checkpointed together (one atomic file)
+    # at most this many log records apart, and at every publication decision.
     checkpoint_every_events: int = Field(2000, ge=1)
     read_batch_events: int = Field(2000, ge=1)  # log records read per step
     poll_interval_s: float = Field(0.25, gt=0)
     keep_versions: int = Field(4, ge=2)  # published version folders kept (the live one and its predecessors)
-    fold_in: bool = True  # fold new users (and cold items that get clicks) into the ALS factors on publication
+    # On publication: re-solve the ALS factors of the users (new ones included) and items with online clicks
+    # against the fixed other side, and add the clicks to the history-based candidate sources.
+    fold_in: bool = True
     track_frozen: bool = True  # also score every event with the initial model (frozen baseline)
     # Event-time boundaries that split the progressive metrics into segments (e.g. the drift time).
     segments_ts: list[float] = Field(default_factory=list)

@@ -1,10 +1,12 @@
 """The online learner as a Ray actor beside the Serve app, and rollouts of what it publishes.
 
 - :class:`LearnerActor` wraps an :class:`OnlineLearner`: a background thread consumes the feedback
-  log (``step`` while there is something to read, ``poll_interval_s`` sleeps otherwise) at a lowered
-  CPU priority (``online.nice``) and an optional duty cycle (``online.max_busy_fraction``), so that
-  serving keeps its latency. Its methods (``status``, ``flush``, ``stop``, ...) are safe to call
-  while it runs. Started with ``max_restarts``, Ray brings a crashed learner back; the new instance
+  log (``step`` while there is something to read, ``poll_interval_s`` sleeps otherwise) under
+  ``SCHED_IDLE`` (``online.sched_idle``; else a higher nice value, ``online.nice``) and an optional duty
+  cycle (``online.max_busy_fraction``), so that serving keeps its latency: the learner only gets the CPU
+  time the replicas leave idle. (Ray starts its workers at nice 15 already, Serve replicas included, so
+  a nice value alone barely separates the two; SCHED_IDLE does.) Its methods (``status``, ``flush``,
+  ``stop``, ...) are safe to call while it runs. Started with ``max_restarts``, Ray brings a crashed learner back; the new instance
   restores the checkpoint and carries on from there (exactly once, see :mod:`adrec.online.learner`).
 - :class:`Rollouts` turns every published version into a Serve rollout
   (:func:`adrec.serving.deploy.rollout`: the deployments' ``user_config`` changes, the replicas load
@@ -35,6 +37,26 @@ def _logging() -> None:
         pkg.addHandler(handler)
         pkg.setLevel(logging.INFO)
         pkg.propagate = False
+
+
+def lower_priority(cfg, nice_target: int) -> str:
+    """Make the calling thread give way to serving; returns what it now runs as.
+
+    On Linux both the scheduling policy and the nice value belong to a thread (pid 0 = the caller).
+    """
+    if cfg.sched_idle and hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return "SCHED_IDLE"
+        except OSError as err:
+            log.warning("SCHED_IDLE unavailable (%s): lowering the learner's nice value instead", err)
+    if cfg.nice:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, nice_target)
+            return f"nice {nice_target}"
+        except OSError as err:
+            log.warning("could not lower the learner's CPU priority: %s", err)
+    return "normal"
 
 
 class Rollouts:
@@ -100,12 +122,10 @@ class LearnerActor:
         from adrec.online.learner import OnlineLearner
 
         _logging()
-        if cfg.nice:
-            try:
-                os.nice(cfg.nice)
-            except OSError as err:
-                log.warning("could not lower the learner's CPU priority: %s", err)
         self.cfg = cfg
+        # The learning thread runs at this priority (on Linux a nice value belongs to a thread, so the
+        # loop sets it for itself; the actor's other threads answer calls and roll out at full priority).
+        self._priority = min(19, os.getpriority(os.PRIO_PROCESS, 0) + int(cfg.nice))
         self.rollouts = Rollouts(app_args) if app_args is not None else None
         self.learner = OnlineLearner(cfg, base_model_dir, feedback_log, state_dir,
                                      on_publish=self.rollouts.submit if self.rollouts else None, name=name)
@@ -113,6 +133,7 @@ class LearnerActor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: str | None = None
+        self.priority = "normal"
         if self.rollouts is not None and self.learner.published:
             # Restarted after a crash: make sure Serve holds the version the checkpoint says it does.
             last = self.learner.published[-1]
@@ -130,6 +151,7 @@ class LearnerActor:
 
     def _loop(self) -> None:
         cfg = self.cfg
+        self.priority = lower_priority(cfg, self._priority)
         while not self._stop.is_set():
             t0 = time.perf_counter()
             try:
@@ -175,6 +197,7 @@ class LearnerActor:
         out["running"] = self.running()
         out["error"] = self.error
         out["pid"] = os.getpid()
+        out["priority"] = self.priority
         if self.rollouts is not None:
             out["rollouts"] = self.rollouts.status()
         return out

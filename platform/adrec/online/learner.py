@@ -107,7 +107,7 @@ class OnlineLearner:
         self.ready: deque[Example] = deque()
         self.offset = 0
         self.records = 0  # log records consumed (exactly once)
-        self.counters = {"unknown_items": 0, "bad_records": 0, "steps": 0}
+        self.counters = {"unknown_items": 0, "bad_records": 0, "steps": 0, "skipped_steps": 0, "nonfinite_scores": 0}
         self.examples_learned = 0
         self.serving_version = self.base_version
         self.published: list[dict] = []  # accepted versions, oldest first
@@ -137,7 +137,7 @@ class OnlineLearner:
         return {"base_version": self.base_version, "offset": self.offset, "records": self.records,
                 "counters": dict(self.counters), "examples_learned": self.examples_learned,
                 "model": self._trainable(self.model), "optimizer": self.opt.state_dict(),
-                "optimizer_kind": self.cfg.optimizer,
+                "optimizer_kind": self.cfg.optimizer, "train_layers": list(self.cfg.train_layers),
                 "serving_model": self._trainable(self.serving.model), "serving_version": self.serving_version,
                 "joiner": self.joiner.state_dict(), "ready": [e.to_tuple() for e in self.ready],
                 "catalog": self.catalog.state_dict(), "board": self.board.state_dict(),
@@ -162,16 +162,20 @@ class OnlineLearner:
         self.examples_learned = int(st["examples_learned"])
         self._load_trainable(self.model, st["model"])
         self._load_trainable(self.serving.model, st["serving_model"])
-        if st.get("optimizer_kind") == self.cfg.optimizer:
+        if st.get("optimizer_kind") == self.cfg.optimizer and st.get("train_layers") == list(self.cfg.train_layers):
             self.opt.load_state_dict(st["optimizer"])
         else:
-            log.warning("checkpoint optimizer %s != configured %s: starting a fresh optimizer state",
-                        st.get("optimizer_kind"), self.cfg.optimizer)
+            log.warning("the checkpoint's optimizer (%s on %s) is not the configured one (%s on %s): the weights "
+                        "carry on, the optimizer state starts afresh", st.get("optimizer_kind"), st.get("train_layers"),
+                        self.cfg.optimizer, list(self.cfg.train_layers))
         self.serving_version = st["serving_version"]
         self.joiner.load_state_dict(st["joiner"])
         self.ready = deque(Example.from_tuple(t) for t in st["ready"])
         self.catalog.load_state_dict(st["catalog"])
-        self.board.load_state_dict(st["board"])
+        try:
+            self.board.load_state_dict(st["board"])
+        except ValueError as err:  # the scorers or segments were reconfigured: new metrics from here on
+            log.warning("progressive metrics start afresh: %s", err)
         self.published, self.refused = list(st["published"]), int(st["refused"])
         self.guard = dict(st["guard"])
         self.last_decision_examples = int(st["last_decision_examples"])
@@ -195,6 +199,10 @@ class OnlineLearner:
     def _probs(self, logits: torch.Tensor, ranker) -> np.ndarray:
         a, b = ranker.calibration
         z = (a * logits.detach().double() + b).numpy()
+        bad = ~np.isfinite(z)
+        if bad.any():  # a diverged model: scored as uninformative (and counted); the guard will refuse it
+            self.counters["nonfinite_scores"] += int(bad.sum())
+            z = np.where(bad, 0.0, z)
         return np.clip(1.0 / (1.0 + np.exp(-np.clip(z, -50, 50))), EPS, 1 - EPS)
 
     # ---- learning -----------------------------------------------------------------------------------
@@ -209,13 +217,23 @@ class OnlineLearner:
             probs[SERVING] = self._probs(self.serving.model(dict(b)), self.serving)
             if self.frozen is not None:
                 probs[FROZEN] = self._probs(self.frozen.model(dict(b)), self.frozen)
-        logits = self.model(dict(b))
-        probs[ONLINE] = self._probs(logits, self.ranker)  # scored before the update below
         a, c = self.ranker.calibration
-        loss = F.binary_cross_entropy_with_logits(a * logits + c, torch.as_tensor(y, dtype=logits.dtype))
+        member_logits = getattr(self.model, "member_logits", None)
+        if member_logits is not None:  # a deep ensemble: each member learns on its own, the mean is served
+            per_member = member_logits(self.model.embed(dict(b)), dict(b))
+            logits = per_member.mean(0)
+            target = torch.as_tensor(y, dtype=logits.dtype).expand_as(per_member)
+            loss = F.binary_cross_entropy_with_logits(a * per_member + c, target)
+        else:
+            logits = self.model(dict(b))
+            loss = F.binary_cross_entropy_with_logits(a * logits + c, torch.as_tensor(y, dtype=logits.dtype))
+        probs[ONLINE] = self._probs(logits, self.ranker)  # scored before the update below
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        if torch.isfinite(loss):
+            loss.backward()
+            self.opt.step()
+        else:  # never step on a non-finite loss (it would poison every weight it touches)
+            self.counters["skipped_steps"] += 1
         self.board.update(probs, y, ts)
         self.guard["n"] += len(batch)
         self.guard["online"] += _logloss_sum(probs[ONLINE], y)
@@ -299,7 +317,8 @@ class OnlineLearner:
     def decide(self, reason: str = "manual", force: bool = False) -> dict | None:
         """Publish the learner's weights as a new version, or refuse them (the guard); None: too few events."""
         g = self.guard_view()
-        if self.examples_learned == self.last_decision_examples or (g["events"] < self.cfg.guard_min_events and not force):
+        if self.examples_learned == self.last_decision_examples or g["events"] == 0 \
+                or (g["events"] < self.cfg.guard_min_events and not force):
             return None
         vid = version_id(self.base_version, self.examples_learned)
         record = {"version": vid, "reason": reason, "records": self.records, "offset": self.offset,

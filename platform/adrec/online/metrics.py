@@ -160,6 +160,22 @@ class ScoreBoard:
         return {"total": {s: self.total[s].summary() for s in self.scorers},
                 "recent": {s: self.recent[s].summary() for s in self.scorers}, "segments": segs}
 
+    def pooled(self, segments: list[int]) -> dict:
+        """Metrics over the union of some segments (the running statistics add up exactly)."""
+        out = {}
+        for s in self.scorers:
+            m = Progressive(self.total[s].n_bins)
+            for k in segments:
+                part = self.segments[k][s]
+                m.pos += part.pos
+                m.neg += part.neg
+                m.n += part.n
+                m.clicks += part.clicks
+                m.sum_p += part.sum_p
+                m.sum_loss += part.sum_loss
+            out[s] = m.summary()
+        return out
+
     def state_dict(self) -> dict:
         return {"scorers": self.scorers, "bounds": self.bounds,
                 "total": {s: m.state_dict() for s, m in self.total.items()},

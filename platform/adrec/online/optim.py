@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 GROUPS = ("head", "fusion", "embeddings")
-# Parameter-name prefixes of the fusion model's late-fusion parts (see adrec.ranking.model.FusionModel).
-_FUSION_PREFIXES = ("text_proj.", "att.", "pos", "hist_n.")
+# Module / parameter names of the fusion model's late-fusion parts (see adrec.ranking.model: the text
+# projection, the target attention and the history positions), wherever they sit (e.g. in ensemble members).
+_FUSION_NAMES = {"text_proj", "att", "pos", "hist_n"}
 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -22,7 +23,7 @@ def parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter
 
     ``embeddings``: every :class:`nn.Embedding` (field/id embeddings, the wide weights, history-length
     embeddings); ``fusion``: the text projection, the target attention and history positions;
-    ``head``: everything else (cross layers, MLP, output layer, global bias).
+    ``head``: everything else (cross layers, MLP, output layer, bias), of every ensemble member.
     """
     emb_params = set()
     for name, mod in model.named_modules():
@@ -34,7 +35,7 @@ def parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter
             continue
         if id(p) in emb_params:
             out["embeddings"].append((name, p))
-        elif name.startswith(_FUSION_PREFIXES):
+        elif _FUSION_NAMES & set(name.split(".")):
             out["fusion"].append((name, p))
         else:
             out["head"].append((name, p))
