@@ -202,3 +202,27 @@ def test_robustness_auc(toy):
     assert set(out) == {0.0, 0.05, 0.5}
     assert out[0.0] == pytest.approx(auc(rows["label"].to_numpy(), ranker.predict(rows)), abs=1e-6)
     assert out[0.5] < out[0.0]
+
+
+@needs_minilm
+def test_ensemble_members_share_the_text_tower(toy):
+    from adrec.ranking.fgsm import fgsm_perturb, require_grad
+
+    r = build(toy, ensemble=3)
+    m = r.model
+    m.eval()
+    rows = toy.rows("train").iloc[:16]
+    b = r.batch(rows)
+    e = m.embed(b)
+    assert {"fields", "m1.fields", "m2.fields", "cand_text"} <= set(e) and "m1.cand_text" not in e
+    member = m.member_logits(e, b)
+    assert member.shape == (3, 16)
+    assert not torch.allclose(member[0], member[1])  # independently initialised
+    torch.testing.assert_close(m(b), member.mean(0))
+    assert sum(1 for n, _ in m.named_parameters() if n.startswith("text.encoder.")) > 0
+    assert not any(n.startswith("members.") and ".encoder." in n for n, _ in m.named_parameters())
+    e = require_grad({k: v.detach() for k, v in e.items()})
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        m.forward_from(e, b), torch.tensor(rows["label"].to_numpy(dtype=np.float32)))
+    adv = fgsm_perturb(loss, e, 0.1)
+    assert all(float((adv[k] - e[k]).detach().abs().max()) <= 0.1 + 1e-6 for k in e)

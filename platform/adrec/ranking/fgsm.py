@@ -48,18 +48,37 @@ def require_grad(embeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return embeds
 
 
-def fgsm_loss(model, batch: dict[str, torch.Tensor], labels: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """BCE on clean inputs, averaged with BCE on their FGSM perturbation when ``epsilon > 0``."""
+def _bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return F.binary_cross_entropy_with_logits(logits.float(), labels)
+    per_row = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
+    return (per_row * weights).sum() / weights.sum().clamp(min=1e-12)
+
+
+def fgsm_loss(model, batch: dict[str, torch.Tensor], labels: torch.Tensor, epsilon: float,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(Weighted) BCE on clean inputs, averaged with BCE on their FGSM perturbation when ``epsilon > 0``.
+
+    For an ensemble, the loss is the mean of the members' own losses (not the loss of their mean).
+    """
     embeds = model.embed(batch)
     if epsilon > 0:
         require_grad(embeds)
-    logits = model.forward_from(embeds, batch)
-    loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
+    loss = _members_bce(model, embeds, batch, labels, weights)
     if epsilon <= 0:
         return loss
     adv = fgsm_perturb(loss, embeds, epsilon)
-    adv_loss = F.binary_cross_entropy_with_logits(model.forward_from(adv, batch).float(), labels)
-    return 0.5 * (loss + adv_loss)
+    return 0.5 * (loss + _members_bce(model, adv, batch, labels, weights))
+
+
+def _members_bce(model, embeds, batch, labels, weights) -> torch.Tensor:
+    """Mean over the ensemble members of each member's own loss (members are fitted independently)."""
+    if hasattr(model, "member_logits"):
+        logits = model.member_logits(embeds, batch)
+        per = [_bce(z, labels, weights[i] if weights is not None and weights.dim() == 2 else weights)
+               for i, z in enumerate(logits)]
+        return torch.stack(per).mean()
+    return _bce(model.forward_from(embeds, batch), labels, weights)
 
 
 def attacked_logits(model, batch: dict[str, torch.Tensor], labels: torch.Tensor, epsilon: float) -> torch.Tensor:

@@ -47,7 +47,8 @@ def model_arch(cfg: RankerConfig, spec: FeatureSpec) -> dict:
     arch = architecture(spec)
     arch.update(embed_dim=cfg.embed_dim, hidden=list(cfg.hidden), cross_layers=cfg.cross_layers,
                 cross_rank=cfg.cross_rank, dropout=cfg.dropout, embed_dropout=cfg.embed_dropout,
-                att_hidden=cfg.att_hidden, finetune=cfg.finetune, finetune_last_n=cfg.finetune_last_n,
+                att_hidden=cfg.att_hidden, fm=cfg.fm, members=cfg.ensemble, mixed_members=cfg.ensemble_mixed,
+                finetune=cfg.finetune, finetune_last_n=cfg.finetune_last_n,
                 max_text_len=cfg.max_text_len)
     return arch
 
@@ -127,7 +128,7 @@ class FusionRanker(Ranker):
     def batch(self, rows: pd.DataFrame) -> dict[str, torch.Tensor]:
         """Model input tensors for ranker input rows."""
         arrays = rows_to_arrays(rows, self.arch)
-        device = self.model.bias.device
+        device = self.model.device
         return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
 
     def logits(self, rows: pd.DataFrame, batch_size: int = 8192) -> np.ndarray:

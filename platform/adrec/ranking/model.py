@@ -34,6 +34,7 @@ from adrec.ranking.encoder import encoder_layers, layer_mask, mean_pool
 log = logging.getLogger(__name__)
 
 # Input embeddings FGSM may perturb; "tokens" are the token-level inputs of the trainable encoder part.
+# (Member i > 0 of an ensemble has its feature embeddings under "m<i>.<key>".)
 EMBED_KEYS = ("fields", "multi", "cand_id", "hist_id", "cand_attr", "hist_attr", "cand_text", "hist_text", "tokens")
 
 
@@ -175,15 +176,46 @@ def mlp(dims: list[int], dropout: float) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class FusionHead(nn.Module):
+    """One member: embeddings, item representation, target attention, cross tower and output."""
+
+    def __init__(self, arch: dict, text_dim: int, n_emb: int):
+        super().__init__()
+        k = int(arch["embed_dim"])
+        self.k = k
+        self.hist_len = int(arch["hist_len"])
+        n_fields, n_multi = len(arch["fields"]), len(arch["multi"])
+        self.emb = nn.Embedding(n_emb, k)
+        nn.init.normal_(self.emb.weight, std=0.05)
+        self.lin = nn.Embedding(n_emb, 1)
+        nn.init.zeros_(self.lin.weight)
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.text_proj = nn.Linear(text_dim, k)
+        d_item = 3 * k
+        self.pos = nn.Parameter(torch.zeros(self.hist_len, d_item))
+        att = int(arch.get("att_hidden", 64))
+        self.att = nn.Sequential(nn.Linear(4 * d_item, att), nn.ReLU(), nn.Linear(att, 1))
+        self.hist_n = nn.Embedding(self.hist_len + 1, k)
+        nn.init.normal_(self.hist_n.weight, std=0.05)
+        d0 = (n_fields + n_multi) * k + k + 4 * d_item + k
+        self.cross = CrossNetV2(d0, int(arch["cross_layers"]), int(arch.get("cross_rank", 64)))
+        hidden = list(arch["hidden"])
+        self.deep = mlp([d0, *hidden], float(arch["dropout"]))
+        self.out = nn.Linear(hidden[-1] if hidden else d0, 1)
+        self.emb_dropout = nn.Dropout(float(arch.get("embed_dropout", 0.0)))
+        self.fm = bool(arch.get("fm", False))
+        self.use_hist = True
+
+
 class FusionModel(nn.Module):
-    """Late-fusion click model. ``arch``: see :func:`adrec.ranking.data.architecture` plus sizes."""
+    """Late-fusion click model: ``arch["members"]`` heads (a deep ensemble, logits averaged) over one
+    shared text tower. ``arch``: see :func:`adrec.ranking.data.architecture` plus the sizes."""
 
     def __init__(self, arch: dict, encoder: nn.Module, tok_ids: np.ndarray, tok_mask: np.ndarray,
                  item_attr: np.ndarray, multi: dict[str, np.ndarray]):
         super().__init__()
         self.arch = arch
-        k = int(arch["embed_dim"])
-        self.k = k
+        self.k = int(arch["embed_dim"])
         self.n_fields = len(arch["fields"])
         self.hist_len = int(arch["hist_len"])
         cards = list(arch["cards"]) + [m["card"] for m in arch["multi"]]
@@ -192,12 +224,6 @@ class FusionModel(nn.Module):
         self.multi_names = [m["name"] for m in arch["multi"]]
         self.multi_kind = [m["kind"] for m in arch["multi"]]
         self.multi_off = [int(o) for o in offsets[self.n_fields:]]
-        self.emb = nn.Embedding(int(sum(cards)), k)
-        nn.init.normal_(self.emb.weight, std=0.05)
-        self.lin = nn.Embedding(int(sum(cards)), 1)
-        nn.init.zeros_(self.lin.weight)
-        self.bias = nn.Parameter(torch.zeros(1))
-
         fields = arch["fields"]
         self.item_off = int(offsets[fields.index("item")]) if "item" in fields else None
         self.register_buffer("item_attr", torch.as_tensor(item_attr, dtype=torch.long), persistent=False)
@@ -208,74 +234,86 @@ class FusionModel(nn.Module):
         self.item_multi = [i for i, kind in enumerate(self.multi_kind) if kind == "item"]
 
         self.text = TextTower(encoder, arch["finetune"], int(arch["finetune_last_n"]), tok_ids, tok_mask)
-        self.text_proj = nn.Linear(self.text.hidden_size, k)
-        d_item = 3 * k
-        self.d_item = d_item
-        self.pos = nn.Parameter(torch.zeros(self.hist_len, d_item))
-        att = int(arch.get("att_hidden", 64))
-        self.att = nn.Sequential(nn.Linear(4 * d_item, att), nn.ReLU(), nn.Linear(att, 1))
-        self.hist_n = nn.Embedding(self.hist_len + 1, k)
-        nn.init.normal_(self.hist_n.weight, std=0.05)
-        d0 = (self.n_fields + len(self.multi_names)) * k + k + 4 * d_item + k
-        self.d0 = d0
-        self.cross = CrossNetV2(d0, int(arch["cross_layers"]), int(arch.get("cross_rank", 64)))
-        hidden = list(arch["hidden"])
-        self.deep = mlp([d0, *hidden], float(arch["dropout"]))
-        self.out = nn.Linear(hidden[-1] if hidden else d0, 1)
-        self.emb_dropout = nn.Dropout(float(arch.get("embed_dropout", 0.0)))
+        n_members = max(1, int(arch.get("members", 1)))
+        self.members = nn.ModuleList(FusionHead(arch, self.text.hidden_size, int(sum(cards)))
+                                     for _ in range(n_members))
+        if arch.get("mixed_members") and n_members > 1:
+            # Diversity: members alternate the FM term and (every 4th from the 2nd) go without the history.
+            for i, h in enumerate(self.members):
+                h.fm = i % 2 == 1
+                h.use_hist = i % 4 != 2
 
     @staticmethod
     def _mbuf(name: str) -> str:
         return "multi_" + "".join(c if c.isalnum() else "_" for c in name)
 
+    @staticmethod
+    def _key(i: int, name: str) -> str:
+        return name if i == 0 else f"m{i}.{name}"
+
+    @property
+    def device(self) -> torch.device:
+        return self.field_off.device
+
+    @torch.no_grad()
+    def init_bias(self, logit: float) -> None:
+        """Start every member's output at ``logit`` (the training click rate)."""
+        for h in self.members:
+            h.bias.fill_(logit)
+
     # ---- inputs -----------------------------------------------------------------------------
-    def _pool_multi(self, j: int, ent: torch.Tensor) -> torch.Tensor:
+    def _pool_multi(self, h: FusionHead, j: int, ent: torch.Tensor) -> torch.Tensor:
         codes = getattr(self, self._mbuf(self.multi_names[j]))[ent]  # (..., W)
-        e = self.emb(codes + self.multi_off[j])
+        e = h.emb(codes + self.multi_off[j])
         m = (codes > 0).unsqueeze(-1).to(e.dtype)
         return (e * m).sum(-2) / m.sum(-2).clamp(min=1.0)
 
-    def _attr(self, items: torch.Tensor) -> torch.Tensor:
+    def _attr(self, h: FusionHead, items: torch.Tensor) -> torch.Tensor:
         parts = []
         if self.item_attr.shape[1]:
             codes = self.item_attr[items]
-            e = self.emb(codes + self.item_attr_off)
+            e = h.emb(codes + self.item_attr_off)
             m = (codes > 0).unsqueeze(-1).to(e.dtype)
             parts.append((e * m).sum(-2))
             cnt = m.sum(-2)
         else:
             cnt = torch.zeros(*items.shape, 1, device=items.device)
         for j in self.item_multi:
-            pooled = self._pool_multi(j, items)
-            parts.append(pooled)
+            parts.append(self._pool_multi(h, j, items))
             first = getattr(self, self._mbuf(self.multi_names[j]))[items, 0]
             cnt = cnt + (first > 0).unsqueeze(-1).to(cnt.dtype)
         if not parts:
             return torch.zeros(*items.shape, self.k, device=items.device)
         return torch.stack(parts).sum(0) / cnt.clamp(min=1.0)
 
-    def _id(self, items: torch.Tensor) -> torch.Tensor:
+    def _id(self, h: FusionHead, items: torch.Tensor) -> torch.Tensor:
         if self.item_off is None:
             return torch.zeros(*items.shape, self.k, device=items.device)
-        return self.emb(items + self.item_off)
+        return h.emb(items + self.item_off)
 
     def embed(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Every input embedding of a batch (FGSM perturbs these)."""
+        """Every input embedding of a batch (FGSM perturbs these).
+
+        Text inputs are shared by the members; member i > 0 has its feature embeddings under "m<i>.<name>".
+        """
         item, hist = b["item"], b["hist"]
-        e = {"fields": self.emb_dropout(self.emb(b["fields"] + self.field_off))}
-        if self.multi_names:
-            ents = [item if kind == "item" else b["user"] for kind in self.multi_kind]
-            e["multi"] = torch.stack([self._pool_multi(j, ent) for j, ent in enumerate(ents)], dim=1)
-        e["cand_id"], e["hist_id"] = self._id(item), self._id(hist)
-        e["cand_attr"], e["hist_attr"] = self._attr(item), self._attr(hist)
+        e: dict[str, torch.Tensor] = {}
         pooled = self.text.pooled
         e["cand_text"], e["hist_text"] = pooled[item], pooled[hist]
         if "fresh" in b and b["fresh"].numel():
             e["tokens"], b["fresh_mask"] = self.text.token_inputs(b["fresh"])
+        for i, h in enumerate(self.members):
+            key = lambda name: self._key(i, name)  # noqa: E731
+            e[key("fields")] = h.emb_dropout(h.emb(b["fields"] + self.field_off))
+            if self.multi_names:
+                ents = [item if kind == "item" else b["user"] for kind in self.multi_kind]
+                e[key("multi")] = torch.stack([self._pool_multi(h, j, ent) for j, ent in enumerate(ents)], dim=1)
+            e[key("cand_id")], e[key("hist_id")] = self._id(h, item), self._id(h, hist)
+            e[key("cand_attr")], e[key("hist_attr")] = self._attr(h, item), self._attr(h, hist)
         return e
 
     # ---- everything after the inputs ------------------------------------------------------------
-    def forward_from(self, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _text(self, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         item, hist = b["item"], b["hist"]
         cand_text, hist_text = e["cand_text"], e["hist_text"]
         if "tokens" in e:
@@ -286,33 +324,52 @@ class FusionModel(nn.Module):
             sc, sh = slot[item], slot[hist]
             cand_text = torch.where((sc >= 0).unsqueeze(-1), vec[sc.clamp(min=0)], cand_text)
             hist_text = torch.where((sh >= 0).unsqueeze(-1), vec[sh.clamp(min=0)], hist_text)
-        t_c, t_h = self.text_proj(cand_text), self.text_proj(hist_text)
-        has_c = (item > 0).unsqueeze(-1).to(t_c.dtype)
-        has_h = (hist > 0).unsqueeze(-1).to(t_h.dtype)
-        t_c, t_h = t_c * has_c, t_h * has_h
-        cand = torch.cat([e["cand_id"], e["cand_attr"], t_c], dim=-1)  # (B, 3k)
-        hv = torch.cat([e["hist_id"], e["hist_attr"], t_h], dim=-1) + self.pos  # (B, L, 3k)
+        return cand_text, hist_text
+
+    def _head(self, i: int, h: FusionHead, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
+              cand_text: torch.Tensor, hist_text: torch.Tensor) -> torch.Tensor:
+        key = lambda name: self._key(i, name)  # noqa: E731
+        item, hist = b["item"], b["hist"]
+        if not h.use_hist:
+            hist = torch.zeros_like(hist)
+        t_c, t_h = h.text_proj(cand_text), h.text_proj(hist_text)
+        t_c = t_c * (item > 0).unsqueeze(-1).to(t_c.dtype)
+        t_h = t_h * (hist > 0).unsqueeze(-1).to(t_h.dtype)
+        cand = torch.cat([e[key("cand_id")], e[key("cand_attr")], t_c], dim=-1)  # (B, 3k)
+        hv = torch.cat([e[key("hist_id")], e[key("hist_attr")], t_h], dim=-1) + h.pos  # (B, L, 3k)
         mask = hist > 0
         q = cand.unsqueeze(1).expand_as(hv)
-        scores = self.att(torch.cat([hv, q, hv * q, hv - q], dim=-1)).squeeze(-1)
+        scores = h.att(torch.cat([hv, q, hv * q, hv - q], dim=-1)).squeeze(-1)
         scores = scores.masked_fill(~mask, float("-inf"))
         w = torch.softmax(scores, dim=-1)
         w = torch.nan_to_num(w, nan=0.0) * mask.to(w.dtype)
         interest = (w.unsqueeze(-1) * hv).sum(1)
         mf = mask.unsqueeze(-1).to(hv.dtype)
         hmean = (hv * mf).sum(1) / mf.sum(1).clamp(min=1.0)
-        n_hist = self.hist_n(mask.sum(1))
-        parts = [e["fields"].flatten(1)]
-        if "multi" in e:
-            parts.append(e["multi"].flatten(1))
+        n_hist = h.hist_n(mask.sum(1))
+        fields = e[key("fields")]
+        parts = [fields.flatten(1)]
+        if key("multi") in e:
+            parts.append(e[key("multi")].flatten(1))
         parts += [t_c, cand, interest, interest * cand, hmean, n_hist]
-        x0 = torch.cat(parts, dim=-1)
-        x = self.deep(self.cross(x0))
-        wide = self.lin(b["fields"] + self.field_off).sum(dim=(1, 2))
-        return self.out(x).squeeze(-1) + wide + self.bias
+        x = h.deep(h.cross(torch.cat(parts, dim=-1)))
+        wide = h.lin(b["fields"] + self.field_off).sum(dim=(1, 2))
+        logit = h.out(x).squeeze(-1) + wide + h.bias
+        if h.fm:
+            v = torch.cat([fields, e[key("multi")]], dim=1) if key("multi") in e else fields
+            logit = logit + 0.5 * (v.sum(1).pow(2) - v.pow(2).sum(1)).sum(-1) + (interest * cand).sum(-1)
+        return logit
+
+    def member_logits(self, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(members, B) logits; training fits each member on its own (a deep ensemble)."""
+        cand_text, hist_text = self._text(e, b)
+        return torch.stack([self._head(i, h, e, b, cand_text, hist_text) for i, h in enumerate(self.members)])
+
+    def forward_from(self, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.member_logits(e, b).mean(0)
 
     def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Click logits, shape (B,)."""
+        """Click logits, shape (B,): the mean of the members' logits."""
         return self.forward_from(self.embed(b), b)
 
     # ---- parameter groups -------------------------------------------------------------------------

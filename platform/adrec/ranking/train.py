@@ -64,12 +64,39 @@ def prepare_data(cfg: RankerConfig, features) -> dict:
             raise ValueError(f"no '{split}' rows in the features: the ranker trains on train and selects on valid")
         arrays = rows_to_arrays(rows, arch)
         arrays["label"] = rows["label"].to_numpy(dtype=np.float32)
+        arrays["ts"] = pd.to_numeric(rows["ts"], errors="coerce").to_numpy(dtype=np.float64) if "ts" in rows \
+            else np.arange(len(rows), dtype=np.float64)
         out[split] = arrays
     return out
 
 
+def recency_weights(user: np.ndarray, ts: np.ndarray, half_life: float | None) -> np.ndarray:
+    """Per-row weights halving every ``half_life`` of the user's timeline back from their latest row (mean 1)."""
+    n = len(user)
+    if not half_life or n == 0:
+        return np.ones(n, dtype=np.float32)
+    order = np.lexsort((ts, user))
+    u = user[order]
+    starts = np.r_[0, np.flatnonzero(u[1:] != u[:-1]) + 1]
+    counts = np.diff(np.r_[starts, n])
+    pos = np.arange(n) - np.repeat(starts, counts)
+    span = np.maximum(np.repeat(counts, counts) - 1, 1)
+    age = (np.repeat(counts, counts) - 1 - pos) / span
+    w = np.empty(n, dtype=np.float64)
+    w[order] = 0.5 ** (age / half_life)
+    return (w / w.mean()).astype(np.float32)
+
+
+_NOT_MODEL_INPUTS = {"label", "ts", "weight"}
+
+
 def _to_device(arrays: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items() if k != "label"}
+    out = {}
+    for k, v in arrays.items():
+        if k not in _NOT_MODEL_INPUTS:
+            v = np.ascontiguousarray(v)
+            out[k] = torch.from_numpy(v if v.flags.writeable else v.copy()).to(device)
+    return out
 
 
 # ---- sessions: where the loop reports and checkpoints -------------------------------------------------------
@@ -141,8 +168,44 @@ class _Step(nn.Module):
         self.model = model
         self.epsilon = epsilon
 
-    def forward(self, batch, labels):
-        return fgsm_loss(self.model, batch, labels, self.epsilon)
+    def forward(self, batch, labels, weights=None):
+        return fgsm_loss(self.model, batch, labels, self.epsilon, weights)
+
+
+class _EMA:
+    """Exponential moving average of the trainable weights (a cheap ensemble over training steps)."""
+
+    def __init__(self, model, decay: float):
+        self.decay = decay
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for n, p in self.params.items():
+            self.shadow[n].lerp_(p.detach(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        for n, p in self.params.items():
+            self.shadow[n].copy_(p.detach())
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange the live weights and the averaged ones (call twice to undo)."""
+        for n, p in self.params.items():
+            tmp = p.detach().clone()
+            p.copy_(self.shadow[n])
+            self.shadow[n].copy_(tmp)
+
+    def state(self) -> dict:
+        return {n: t.cpu().clone() for n, t in self.shadow.items()}
+
+    @torch.no_grad()
+    def load(self, state: dict) -> None:
+        for n, t in state.items():
+            if n in self.shadow:
+                self.shadow[n].copy_(t)
 
 
 def _predict_logits(model, arrays: dict[str, np.ndarray], device, batch_size: int = 8192) -> np.ndarray:
@@ -180,8 +243,7 @@ def _fit(cfg: RankerConfig, data: dict, session) -> FusionRanker:
     y_valid = valid["label"].astype(np.float64)
     # Start the output bias at the train click rate: calibrated from step 0.
     ctr = float(np.clip(train["label"].mean(), 1e-4, 1 - 1e-4))
-    with torch.no_grad():
-        model.bias.fill_(math.log(ctr / (1 - ctr)))
+    model.init_bias(math.log(ctr / (1 - ctr)))
     init_state = {k: v.clone() for k, v in model.trainable_state().items()}
     model.text.prepare_training()
     model.to(device)
@@ -196,6 +258,9 @@ def _fit(cfg: RankerConfig, data: dict, session) -> FusionRanker:
         return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
     opt = new_optimizer()
+    ema = _EMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    n_members = len(model.members)
+    bag = cfg.ensemble_bagging and n_members > 1
     step_module = _Step(model, cfg.fgsm_epsilon)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -204,7 +269,7 @@ def _fit(cfg: RankerConfig, data: dict, session) -> FusionRanker:
 
     st = {"phase": "select", "epoch": 0, "select_epochs": 0, "refit_done": 0, "best_auc": -1.0, "best_epoch": 0,
           "bad_epochs": 0, "history": [], "best_state": None, "best_pooled": None, "best_logits": None,
-          "final_state": None, "final_pooled": None}
+          "final_state": None, "final_pooled": None, "ema": None}
     state = session.checkpoint()
     resumed = state is not None
     if resumed:
@@ -212,6 +277,8 @@ def _fit(cfg: RankerConfig, data: dict, session) -> FusionRanker:
         if not (st["phase"] == "refit" and st["refit_done"] == 0):
             model.load_state_dict(state["model"], strict=False)
             opt.load_state_dict(state["optim"])
+            if ema is not None and st.get("ema") is not None:
+                ema.load(st["ema"])
         if rank == 0:
             log.info("resuming from the checkpoint of epoch %d (%s phase; best valid AUC %.4f at epoch %d)",
                      st["epoch"], st["phase"], st["best_auc"], st["best_epoch"])
@@ -222,6 +289,7 @@ def _fit(cfg: RankerConfig, data: dict, session) -> FusionRanker:
         """One pass over this worker's shard of ``arrays``; returns (mean loss, steps, seconds)."""
         t0 = time.perf_counter()
         y = arrays["label"]
+        w_all = recency_weights(arrays["user"], arrays["ts"], cfg.recency_half_life) if cfg.recency_half_life else None
         n = len(y)
         per_rank = n // world
         steps = math.ceil(per_rank / cfg.batch_size)
@@ -243,25 +311,47 @@ def _fit(cfg: RankerConfig, data: dict, session) -> FusionRanker:
                     uniq = np.sort(rng.choice(uniq, cfg.text_items_per_step, replace=False))
                 batch["fresh"] = torch.from_numpy(uniq).to(device)
             labels = torch.from_numpy(y[sel]).to(device)
+            w = w_all[sel] if w_all is not None else None
+            if bag:  # online bagging: each member sees each row Poisson(1) times
+                counts = rng.poisson(1.0, size=(n_members, len(sel))).astype(np.float32)
+                w = counts * (w if w is not None else 1.0)
+            weights = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(device) if w is not None else None
             last = (s + 1) % cfg.grad_accum == 0 or s == steps - 1
             sync = step_module.no_sync() if (world > 1 and not last) else nullcontext()
             with sync, amp:
-                loss = step_module(batch, labels)
+                loss = step_module(batch, labels, weights)
             (loss / cfg.grad_accum).backward()
             if last:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update()
             total += float(loss.detach()) * len(sel)
             count += len(sel)
             if rank == 0 and steps >= 8 and (s + 1) % max(1, steps // 4) == 0 and s + 1 < steps:
                 log.info("epoch %d: step %d/%d, loss %.4f, %.1f steps/s", epoch, s + 1, steps, total / count,
                          (s + 1) / (time.perf_counter() - t0))
-        if model.text.trainable:
-            model.text.refresh()
         return total / max(count, 1), steps, time.perf_counter() - t0
+
+    def averaged(fn):
+        """Run ``fn`` with the EMA weights in place (and the text cache computed from them)."""
+        if ema is not None:
+            ema.swap()
+        try:
+            if model.text.trainable:
+                model.text.refresh()
+            return fn()
+        finally:
+            if ema is not None:
+                ema.swap()
+
+    def snapshot() -> tuple[dict, torch.Tensor]:
+        return ({k: v.cpu() for k, v in model.trainable_state().items()},
+                model.text.pooled.detach().cpu().clone())
 
     def checkpoint(metrics: dict) -> None:
         st["history"].append(metrics)
+        st["ema"] = ema.state() if ema is not None else None
         full = dict(st, model={k: v.cpu() for k, v in model.trainable_state().items()}, optim=opt.state_dict())
         session.report(metrics, full if rank == 0 else None)
         if cfg.fail_after_epoch == st["epoch"] and not resumed:
@@ -272,14 +362,13 @@ def _fit(cfg: RankerConfig, data: dict, session) -> FusionRanker:
         for epoch in range(st["epoch"] + 1, cfg.epochs + 1):
             t0 = time.perf_counter()
             loss, steps, secs = run_epoch(epoch, train)
-            logits = _predict_logits(model, valid, device)
+            logits, (weights, pooled) = averaged(lambda: (_predict_logits(model, valid, device), snapshot()))
             v_auc = float(auc(y_valid, logits))
             v_loss = float(logloss(y_valid, 1 / (1 + np.exp(-np.clip(logits, -50, 50)))))
             improved = v_auc > st["best_auc"]
             if improved:
                 st.update(best_auc=v_auc, best_epoch=epoch, bad_epochs=0, best_logits=logits,
-                          best_state={k: v.cpu() for k, v in model.trainable_state().items()},
-                          best_pooled=model.text.pooled.detach().cpu().clone())
+                          best_state=weights, best_pooled=pooled)
             else:
                 st["bad_epochs"] += 1
             stop = st["bad_epochs"] >= cfg.early_stopping_patience or epoch == cfg.epochs
@@ -307,6 +396,8 @@ def _fit(cfg: RankerConfig, data: dict, session) -> FusionRanker:
         if st["refit_done"] == 0:
             model.load_state_dict(init_state, strict=False)
             opt = new_optimizer()
+            if ema is not None:
+                ema = _EMA(model, cfg.ema_decay)
             if model.text.trainable:
                 model.text.refresh()
             if rank == 0:
@@ -317,8 +408,10 @@ def _fit(cfg: RankerConfig, data: dict, session) -> FusionRanker:
             loss, steps, secs = run_epoch(epoch, both)
             st["epoch"], st["refit_done"] = epoch, r
             if r == st["best_epoch"]:
-                st.update(phase="done", final_state={k: v.cpu() for k, v in model.trainable_state().items()},
-                          final_pooled=model.text.pooled.detach().cpu().clone())
+                weights, pooled = averaged(snapshot)
+                st.update(phase="done", final_state=weights, final_pooled=pooled)
+            elif model.text.trainable:
+                model.text.refresh()
             metrics = {"epoch": epoch, "phase": "refit", "refit_epoch": r, "train_loss": loss,
                        "best_auc": st["best_auc"], "best_epoch": st["best_epoch"], "start_epoch": start_epoch,
                        "steps_per_s": steps / max(secs, 1e-9), "seconds": secs, "world_size": world,
@@ -412,8 +505,6 @@ def train_ranker(cfg: AdrecConfig, run: RunDir, features=None) -> dict:
     if features is None:
         features = Features(run)
     if rc.use_gpu:
-        import torch.cuda
-
         if not torch.cuda.is_available():
             log.warning("use_gpu is set but this process sees no CUDA device; the workers must (Ray places them)")
     data = prepare_data(rc, features)

@@ -1,0 +1,16 @@
+"""Ranker benchmark (issue 3), also a Ray job:
+`ray job submit --working-dir . -- python pipelines/benchmark_ranker.py --out runs/bench_ranker`.
+
+adrec's fusion ranker beside constant CTR, logistic regression (with and without hashed crosses),
+LightGBM, DeepFM (deepctr-torch) and frozen-encoder embeddings + logistic regression, on MovieLens-100k
+and the synthetic ad log, same split; test AUC / logloss / calibration / wall time, medians over seeds,
+as JSON and a markdown table under --out (`--quick` for a tiny run).
+All logic lives in adrec.ranking.benchmark; this only forwards the arguments.
+"""
+
+import sys
+
+from adrec.ranking.benchmark import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,227 @@
+"""The ranker benchmark (issue 3): adrec's fusion ranker beside its peers, same features, same split.
+
+For each data set: the prepare stage writes the features once; then, for every seed, each peer
+(:mod:`adrec.ranking.peers`) and adrec's ranker (``train_ranker`` on Ray Train, the path
+``adrec train`` runs) fit on train, select on valid, refit on train + valid when configured, and
+predict test. Reported per model: test AUC, logloss, calibration (mean predicted / observed click
+rate) and wall time, as medians over the seeds, in ``results.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform as _platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from adrec.config import AdrecConfig, build_config
+from adrec.evaluation.metrics import auc, calibration, logloss
+from adrec.ranking.peers import PEERS, BenchData, run_peer
+from adrec.run import RunDir
+
+log = logging.getLogger(__name__)
+
+ADREC = "adrec"
+MODELS = (*PEERS, ADREC)
+# The quick run: a small synthetic log, the tiny encoder, one seed, short training.
+QUICK_SYNTHETIC = ["data.synthetic.n_users=300", "data.synthetic.n_ads=100", "data.synthetic.n_impressions=8000"]
+QUICK_RANKER = ["ranker.tiny_encoder=true", "ranker.epochs=2", "ranker.embed_dim=8", "ranker.hidden=[32]"]
+
+
+def dataset_overrides(name: str, data_dir: str | None, quick: bool) -> list[str]:
+    if name in ("movielens-100k", "ml-100k"):
+        if not data_dir:
+            raise ValueError("movielens-100k needs --data-dir (the unpacked ml-100k folder)")
+        return ["data.dataset=movielens-100k", f"data.data_dir={data_dir}"]
+    if name == "synthetic":
+        return ["data.dataset=synthetic", *(QUICK_SYNTHETIC if quick else [])]
+    return [f"data.dataset={name}", *([f"data.data_dir={data_dir}"] if data_dir else [])]
+
+
+def _metrics(y: np.ndarray, p: np.ndarray) -> dict:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return {"auc": float(auc(y, p)), "logloss": float(logloss(y, p)), "calibration": float(calibration(y, p))}
+
+
+def _adrec(cfg: AdrecConfig, run: RunDir, features, seed: int) -> dict:
+    from adrec.ranking.fusion import FusionRanker
+    from adrec.ranking.train import train_ranker
+
+    t0 = time.perf_counter()
+    cfg = cfg.model_copy(update={"ranker": cfg.ranker.model_copy(update={"seed": seed})})
+    summary = train_ranker(cfg, run, features=features)
+    ranker = FusionRanker.load(run.ranker)
+    test = features.rows("test")
+    pred = ranker.predict(test)
+    return {"pred": pred, "valid_auc": summary["valid_auc"], "seconds": time.perf_counter() - t0,
+            "choice": {"best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
+                       "train_seconds": summary["seconds"]}}
+
+
+def robustness(cfg: AdrecConfig, run: RunDir, features, epsilon_train: float, seed: int = 0) -> dict:
+    """FGSM robustness AUC (``cfg.eval.fgsm_epsilons``) of adrec trained without and with FGSM."""
+    from adrec.ranking.fgsm import robustness_auc
+    from adrec.ranking.fusion import FusionRanker
+    from adrec.ranking.train import train_ranker
+
+    test = features.rows("test")
+    out = {}
+    for eps_train in (0.0, epsilon_train):
+        rc = cfg.ranker.model_copy(update={"seed": seed, "fgsm_epsilon": eps_train})
+        train_ranker(cfg.model_copy(update={"ranker": rc}), run, features=features)
+        ranker = FusionRanker.load(run.ranker)
+        out[f"fgsm_train_{eps_train:g}"] = {str(k): v for k, v in
+                                            robustness_auc(ranker, test, cfg.eval.fgsm_epsilons).items()}
+    return out
+
+
+def run_benchmark(datasets: list[str], out: str | Path, data_dir: str | None = None, seeds=(0, 1, 2),
+                  models=MODELS, quick: bool = False, refit: bool = True, overrides: list[str] | None = None,
+                  robustness_epsilon: float | None = None) -> dict:
+    """Run every model on every data set and seed; write ``results.json`` and ``results.md`` under ``out``."""
+    from adrec.features.pipeline import Features, prepare
+    from adrec.runtime import init_ray
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    seeds = [0] if quick else list(seeds)
+    report: dict = {"protocol": {
+        "split": "per-user temporal split of DESIGN.md; fit on train, select on valid (AUC), "
+                 + ("refit on train+valid with the selected setting, " if refit else "")
+                 + "test on test",
+        "seeds": seeds, "quick": quick, "refit": refit, "machine": _platform.platform(),
+        "overrides": list(overrides or []),
+    }, "datasets": {}}
+    for name in datasets:
+        ov = ["data.pseudonym_key=benchmark", *dataset_overrides(name, data_dir, quick),
+              *(QUICK_RANKER if quick else []), f"ranker.refit={str(refit).lower()}", *(overrides or [])]
+        cfg = build_config(overrides=ov)
+        init_ray(cfg.ray)
+        run = RunDir(out / "runs" / name)
+        t0 = time.perf_counter()
+        counts = prepare(cfg, run)
+        prep_s = time.perf_counter() - t0
+        features = Features(run)
+        data = BenchData.from_features(features)
+        y = data.test["label"].to_numpy().astype(np.int64)
+        ds_out: dict = {"rows": {s: int(len(getattr(data, s))) for s in ("train", "valid", "test")},
+                        "test_ctr": float(y.mean()), "prepare_seconds": round(prep_s, 2), "models": {},
+                        "ranker_config": json.loads(cfg.ranker.model_dump_json())}
+        log.info("benchmark %s: %s rows, test CTR %.4f", name, ds_out["rows"], ds_out["test_ctr"])
+        for model in models:
+            runs, skipped = [], None
+            for seed in seeds:
+                if model == ADREC:
+                    r = _adrec(cfg, run, features, seed)
+                    pred, valid_auc, secs, choice = r["pred"], r["valid_auc"], r["seconds"], r["choice"]
+                else:
+                    res = run_peer(model, data, seed, refit=refit, quick=quick)
+                    if res.skipped:
+                        skipped = res.skipped
+                        break
+                    pred, valid_auc, secs, choice = res.test_pred, res.valid_auc, res.seconds, res.choice
+                m = _metrics(y, pred)
+                m.update(valid_auc=float(valid_auc), seconds=round(float(secs), 2), seed=seed, choice=choice)
+                runs.append(m)
+                log.info("%s / %s / seed %d: AUC %.4f, logloss %.4f, calibration %.3f, %.1fs",
+                         name, model, seed, m["auc"], m["logloss"], m["calibration"], m["seconds"])
+            entry: dict = {"runs": runs}
+            if skipped:
+                entry["skipped"] = skipped
+                log.warning("%s / %s skipped: %s", name, model, skipped)
+            if runs:
+                entry["median"] = {k: float(statistics.median(r[k] for r in runs))
+                                   for k in ("auc", "logloss", "calibration", "valid_auc", "seconds")}
+            ds_out["models"][model] = entry
+            _write(report | {"datasets": report["datasets"] | {name: ds_out}}, out)
+        if robustness_epsilon:
+            ds_out["robustness"] = robustness(cfg, run, features, robustness_epsilon)
+        ds_out["target"] = target_check(ds_out)
+        report["datasets"][name] = ds_out
+        _write(report, out)
+    return report
+
+
+def target_check(ds: dict) -> dict:
+    """adrec's median AUC minus the best peer's, and whether its logloss is below the best peer's."""
+    med = {m: e["median"] for m, e in ds["models"].items() if "median" in e}
+    peers = {m: v for m, v in med.items() if m != ADREC}
+    if ADREC not in med or not peers:
+        return {}
+    best_auc = max(peers, key=lambda m: peers[m]["auc"])
+    best_ll = min(peers, key=lambda m: peers[m]["logloss"])
+    return {"best_peer_auc": best_auc, "auc_gain": med[ADREC]["auc"] - peers[best_auc]["auc"],
+            "best_peer_logloss": best_ll, "logloss_gain": peers[best_ll]["logloss"] - med[ADREC]["logloss"],
+            "met": bool(med[ADREC]["auc"] >= peers[best_auc]["auc"] + 0.01
+                        and med[ADREC]["logloss"] < peers[best_ll]["logloss"])}
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Ranker benchmark", "", f"Protocol: {report['protocol']['split']}; medians over seeds "
+             f"{report['protocol']['seeds']}.", ""]
+    for name, ds in report["datasets"].items():
+        lines += [f"## {name}", "", f"rows {ds['rows']}, test CTR {ds['test_ctr']:.4f}", "",
+                  "| model | test AUC | test logloss | calibration | valid AUC | wall s |", "|---|---|---|---|---|---|"]
+        for model, e in ds["models"].items():
+            if "median" in e:
+                m = e["median"]
+                lines.append(f"| {model} | {m['auc']:.4f} | {m['logloss']:.4f} | {m['calibration']:.3f} | "
+                             f"{m['valid_auc']:.4f} | {m['seconds']:.1f} |")
+            else:
+                lines.append(f"| {model} | skipped: {e.get('skipped', 'no runs')} | | | | |")
+        t = ds.get("target")
+        if t:
+            lines += ["", f"adrec vs best peer: AUC {t['auc_gain']:+.4f} (best peer {t['best_peer_auc']}), "
+                          f"logloss {t['logloss_gain']:+.4f} lower (best peer {t['best_peer_logloss']}); "
+                          f"target (AUC +0.01 and lower logloss) {'met' if t['met'] else 'NOT met'}."]
+        if ds.get("robustness"):
+            lines += ["", "FGSM robustness (test AUC under attack at each epsilon):", ""]
+            for variant, res in ds["robustness"].items():
+                lines.append(f"- {variant}: " + ", ".join(f"eps {k}: {v:.4f}" for k, v in res.items()))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _write(report: dict, out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "results.md").write_text(markdown(report))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from adrec.data.sources import BUILTIN
+
+    ap = argparse.ArgumentParser(prog="benchmark_ranker", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="output folder (results.json, results.md, runs/)")
+    ap.add_argument("--datasets", default="movielens-100k,synthetic",
+                    help=f"comma-separated: {', '.join(BUILTIN)} or schema paths")
+    ap.add_argument("--data-dir", default="/work/shared/data/ml-100k", help="the unpacked ml-100k folder")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
+    ap.add_argument("--quick", action="store_true", help="tiny run: small synthetic log, tiny encoder, one seed")
+    ap.add_argument("--no-refit", action="store_true", help="test the models fitted on train only")
+    ap.add_argument("--robustness", type=float, default=None, metavar="EPS",
+                    help="also train adrec with FGSM at EPS and report AUC under attack (eval.fgsm_epsilons)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="configuration override, e.g. ranker.epochs=4 (repeatable)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("adrec.ranking.benchmark").setLevel(logging.INFO)
+    report = run_benchmark([d.strip() for d in args.datasets.split(",") if d.strip()], args.out,
+                           data_dir=args.data_dir, seeds=[int(s) for s in args.seeds.split(",")],
+                           models=[m.strip() for m in args.models.split(",") if m.strip()], quick=args.quick,
+                           refit=not args.no_refit, overrides=args.set, robustness_epsilon=args.robustness)
+    log.info("results in %s/results.json and results.md", args.out)
+    sys_out = markdown(report)
+    logging.getLogger("adrec.ranking.benchmark").info("\n%s", sys_out)
+    return 0
