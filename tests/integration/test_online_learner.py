@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
-import socket
 import threading
 import time
 
@@ -22,23 +20,14 @@ from adrec.online.publish import StatusLog
 from adrec.online.stream import feedback_events, post_feedback, write_feedback_log
 from adrec.serving.feedback import read_events
 
+from adrec.serving.deploy import free_port  # noqa: E402
+
 pytestmark = pytest.mark.ray
 
 KEY = b"test-key"  # tiny_cfg's data.pseudonym_key
 NEWCOMERS = [f"newcomer-{i}" for i in range(4)]
 
 
-def _free_port() -> int:
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randint(20000, 29999)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port in 20000-29999")
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +193,7 @@ def test_serve_app_learns_from_http_feedback_and_rolls_out_without_drops(ray_ses
     from adrec.serving.app import AppArgs
 
     args = AppArgs(model_dir=str(tiny_run.model), pseudonym_key=tiny_cfg.data.pseudonym_key,
-                   feedback_log=str(tmp_path / "feedback" / "events.jsonl"), port=_free_port(), app_name="adrec-online",
+                   feedback_log=str(tmp_path / "feedback" / "events.jsonl"), port=free_port(), app_name="adrec-online",
                    num_cpus_per_replica=0.1)
     cfg = _cfg(publish_every_events=500, num_cpus=0.1)
     part = stream[:1400]

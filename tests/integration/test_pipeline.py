@@ -11,7 +11,6 @@ import sys
 import pandas as pd
 import pytest
 
-from adrec import flow
 from adrec.evaluation.stage import evaluate
 
 REQUIRED_METRICS = ["ctr.auc", "ctr.logloss", "ctr.calibration", "topk.precision@10", "topk.recall@10",

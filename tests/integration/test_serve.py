@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import threading
 import time
 from collections import Counter
@@ -23,6 +22,8 @@ from adrec.serving.deploy import deploy, rollout, wait_healthy
 from adrec.serving.feedback import read_events
 from adrec.serving.loadtest import raw_user_ids
 
+from adrec.serving.deploy import free_port  # noqa: E402
+
 pytestmark = pytest.mark.ray
 
 API_KEY = "test-api-key"
@@ -30,17 +31,6 @@ APP = "adrec-test"
 SECRET_USER = "raw-user-never-logged-7f3a"
 
 
-def _free_port() -> int:
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randint(20000, 29999)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port in 20000-29999")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +40,7 @@ def served(ray_session, tiny_run, tiny_cfg, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     v2 = publish(tiny_run, target=tmp / "model_v2")  # a second version of the same model, for the rollout
     args = AppArgs(model_dir=str(tiny_run.model), pseudonym_key=tiny_cfg.data.pseudonym_key, api_key=API_KEY,
-                   feedback_log=str(tmp / "feedback" / "events.jsonl"), port=_free_port(), app_name=APP,
+                   feedback_log=str(tmp / "feedback" / "events.jsonl"), port=free_port(), app_name=APP,
                    ranker_replicas=2, num_cpus_per_replica=0.1, max_body_bytes=8192, max_k=50)
     url = deploy(args)
     client = httpx.Client(base_url=url, headers={"x-api-key": API_KEY}, timeout=30)

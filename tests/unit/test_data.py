@@ -19,7 +19,7 @@ KEY = b"k"
 
 def _write(tmp_path, impressions: str, schema_extra: str = "", ads: str | None = None):
     (tmp_path / "imp.csv").write_text(textwrap.dedent(impressions).lstrip())
-    schema = textwrap.dedent(f"""
+    schema = textwrap.dedent("""
         interactions:
           path: imp.csv
           user: user_id

@@ -30,9 +30,7 @@ import asyncio
 import json
 import logging
 import math
-import random
 import shutil
-import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -73,19 +71,6 @@ class DriftData:
     drift_ts: float
     new_users: list[str]
     counts: dict = field(default_factory=dict)
-
-
-def free_port(lo: int = 20000, hi: int = 29999) -> int:
-    rng = random.Random()
-    for _ in range(500):
-        port = rng.randint(lo, hi)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError(f"no free port in {lo}-{hi}")
 
 
 # ---- 1. data ---------------------------------------------------------------------------------------------
@@ -248,7 +233,7 @@ def run_benchmark(cfg, work: Path, s: Settings) -> dict:
     from adrec.run import RunDir
     from adrec.runtime import init_ray
     from adrec.serving.app import AppArgs
-    from adrec.serving.deploy import deploy, wait_healthy
+    from adrec.serving.deploy import deploy, free_port, wait_healthy
     from adrec.serving.loadtest import raw_user_ids, request_bodies
 
     t_start = time.perf_counter()

@@ -35,6 +35,24 @@ def start(host: str = "127.0.0.1", port: int = 8000) -> None:
     serve.start(http_options={"host": host, "port": port})
 
 
+
+def free_port(lo: int = 20000, hi: int = 29999) -> int:
+    """A free TCP port on 127.0.0.1 above Ray's worker port range (10002-19999), for tests and benchmarks."""
+    import random
+    import socket
+
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randint(lo, hi)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError(f"no free port in {lo}-{hi}")
+
+
 def wait_healthy(url: str, timeout_s: float = 60.0, headers: dict | None = None) -> dict:
     import httpx
 
