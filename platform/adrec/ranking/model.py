@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # Input embeddings FGSM may perturb; "tokens" are the token-level inputs of the trainable encoder part.
 # (Member i > 0 of an ensemble has its feature embeddings under "m<i>.<key>".)
-EMBED_KEYS = ("fields", "multi", "item_id", "item_attr", "item_text", "tokens")
+EMBED_KEYS = ("fields", "multi", "cand_id", "hist_id", "cand_attr", "hist_attr", "cand_text", "hist_text", "tokens")
 
 
 class TextTower(nn.Module):
@@ -294,16 +294,12 @@ class FusionModel(nn.Module):
     def embed(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every input embedding of a batch (FGSM perturbs these).
 
-        Item-side inputs are per unique item of the batch (candidates and history items together):
-        ``item_text`` (U, H) pooled text, ``item_id`` / ``item_attr`` (U, k); ``tokens`` are the
-        token-level inputs of the trainable encoder part for the ``fresh`` items. Row-side inputs:
-        ``fields`` (B, F, k), ``multi`` (B, M, k). Text inputs are shared by the ensemble members;
-        member i > 0 has its own feature embeddings under "m<i>.<name>".
+        Text inputs are shared by the members; member i > 0 has its feature embeddings under "m<i>.<name>".
         """
         item, hist = b["item"], b["hist"]
-        uniq, inv = torch.unique(torch.cat([item.unsqueeze(1), hist], dim=1), return_inverse=True)
-        b["_uniq"], b["_inv"] = uniq, inv
-        e: dict[str, torch.Tensor] = {"item_text": self.text.pooled[uniq]}
+        e: dict[str, torch.Tensor] = {}
+        pooled = self.text.pooled
+        e["cand_text"], e["hist_text"] = pooled[item], pooled[hist]
         if "fresh" in b and b["fresh"].numel():
             e["tokens"], b["fresh_mask"] = self.text.token_inputs(b["fresh"])
         for i, h in enumerate(self.members):
@@ -312,35 +308,36 @@ class FusionModel(nn.Module):
             if self.multi_names:
                 ents = [item if kind == "item" else b["user"] for kind in self.multi_kind]
                 e[key("multi")] = torch.stack([self._pool_multi(h, j, ent) for j, ent in enumerate(ents)], dim=1)
-            e[key("item_id")], e[key("item_attr")] = self._id(h, uniq), self._attr(h, uniq)
+            e[key("cand_id")], e[key("hist_id")] = self._id(h, item), self._id(h, hist)
+            e[key("cand_attr")], e[key("hist_attr")] = self._attr(h, item), self._attr(h, hist)
         return e
 
     # ---- everything after the inputs ------------------------------------------------------------
-    def _text(self, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(U, H) pooled text of the batch's unique items: cached, or fresh from the trainable layers."""
-        text = e["item_text"]
+    def _text(self, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        item, hist = b["item"], b["hist"]
+        cand_text, hist_text = e["cand_text"], e["hist_text"]
         if "tokens" in e:
-            fresh, uniq = b["fresh"], b["_uniq"]
-            vec = self.text.encode_tokens(e["tokens"], b["fresh_mask"]).to(text.dtype)
-            slot = torch.full((self.text.pooled.shape[0],), -1, dtype=torch.long, device=uniq.device)
-            slot[fresh] = torch.arange(len(fresh), device=uniq.device)
-            su = slot[uniq]
-            text = torch.where((su >= 0).unsqueeze(-1), vec[su.clamp(min=0)], text)
-        return text
+            fresh = b["fresh"]
+            vec = self.text.encode_tokens(e["tokens"], b["fresh_mask"]).to(cand_text.dtype)
+            slot = torch.full((self.text.pooled.shape[0],), -1, dtype=torch.long, device=item.device)
+            slot[fresh] = torch.arange(len(fresh), device=item.device)
+            sc, sh = slot[item], slot[hist]
+            cand_text = torch.where((sc >= 0).unsqueeze(-1), vec[sc.clamp(min=0)], cand_text)
+            hist_text = torch.where((sh >= 0).unsqueeze(-1), vec[sh.clamp(min=0)], hist_text)
+        return cand_text, hist_text
 
     def _head(self, i: int, h: FusionHead, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
-              text: torch.Tensor) -> torch.Tensor:
+              cand_text: torch.Tensor, hist_text: torch.Tensor) -> torch.Tensor:
         key = lambda name: self._key(i, name)  # noqa: E731
-        uniq, inv = b["_uniq"], b["_inv"]
-        hist = b["hist"]
-        known = (uniq > 0).unsqueeze(-1)
-        t_u = h.text_proj(text) * known.to(text.dtype)
-        vec = torch.cat([e[key("item_id")], e[key("item_attr")], t_u], dim=-1)  # (U, 3k)
-        cand, t_c = vec[inv[:, 0]], t_u[inv[:, 0]]  # (B, 3k), (B, k)
-        mask = hist > 0
+        item, hist = b["item"], b["hist"]
         if not h.use_hist:
-            mask = torch.zeros_like(mask)
-        hv = vec[inv[:, 1:]] + h.pos  # (B, L, 3k)
+            hist = torch.zeros_like(hist)
+        t_c, t_h = h.text_proj(cand_text), h.text_proj(hist_text)
+        t_c = t_c * (item > 0).unsqueeze(-1).to(t_c.dtype)
+        t_h = t_h * (hist > 0).unsqueeze(-1).to(t_h.dtype)
+        cand = torch.cat([e[key("cand_id")], e[key("cand_attr")], t_c], dim=-1)  # (B, 3k)
+        hv = torch.cat([e[key("hist_id")], e[key("hist_attr")], t_h], dim=-1) + h.pos  # (B, L, 3k)
+        mask = hist > 0
         q = cand.unsqueeze(1).expand_as(hv)
         scores = h.att(torch.cat([hv, q, hv * q, hv - q], dim=-1)).squeeze(-1)
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -365,8 +362,8 @@ class FusionModel(nn.Module):
 
     def member_logits(self, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
         """(members, B) logits; training fits each member on its own (a deep ensemble)."""
-        text = self._text(e, b)
-        return torch.stack([self._head(i, h, e, b, text) for i, h in enumerate(self.members)])
+        cand_text, hist_text = self._text(e, b)
+        return torch.stack([self._head(i, h, e, b, cand_text, hist_text) for i, h in enumerate(self.members)])
 
     def forward_from(self, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.member_logits(e, b).mean(0)
