@@ -183,24 +183,42 @@ def test_serve_apps_config_args_validate():
     assert args.model_dir and args.max_k >= 1
 
 
-def test_serve_apps_config_is_a_valid_serve_config():
-    """serve_apps/config.yaml passes Serve's own schema (what `serve deploy` / `serve run` check first)."""
+# The deployments each topology's app has (a Serve config may only override those).
+TOPOLOGY_DEPLOYMENTS = {"graph": {"Ingress", "CandidateDeployment", "RankerDeployment", "FeedbackDeployment"},
+                        "fused": {"Ingress", "FeedbackDeployment"}}
+
+
+@pytest.mark.parametrize("name,topology,scaled", [("config.yaml", "fused", "Ingress"),
+                                                  ("config.graph.yaml", "graph", "RankerDeployment")])
+def test_serve_apps_config_is_a_valid_serve_config(name, topology, scaled):
+    """serve_apps/config*.yaml pass Serve's own schema (what `serve deploy` / `serve run` check first),
+    and name exactly the deployments of the topology their args choose."""
     import importlib
     from pathlib import Path
 
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    conf = yaml.safe_load((Path(__file__).resolve().parents[2] / "serve_apps" / "config.yaml").read_text())
+    from adrec.serving.app import AppArgs, build_app
+
+    conf = yaml.safe_load((Path(__file__).resolve().parents[2] / "serve_apps" / name).read_text())
     schema = ServeDeploySchema.model_validate(conf)
     assert schema.http_options.host == "127.0.0.1"
     (app,) = schema.applications
     module, _, attr = app.import_path.partition(":")
-    from adrec.serving.app import build_app
-
     assert getattr(importlib.import_module(module), attr) is build_app
+    assert AppArgs.model_validate(app.args).topology == topology
     deployments = {d.name: d for d in app.deployments}
-    assert set(deployments) == {"Ingress", "CandidateDeployment", "RankerDeployment", "FeedbackDeployment"}
+    assert set(deployments) == TOPOLOGY_DEPLOYMENTS[topology]
     assert all(0 < d.ray_actor_options.num_cpus < 1 for d in deployments.values())
     assert deployments["FeedbackDeployment"].num_replicas == 1
-    assert dict(deployments["RankerDeployment"].autoscaling_config)["max_replicas"] >= 2
+    assert dict(deployments[scaled].autoscaling_config)["max_replicas"] >= 2
+
+
+def test_app_args_topology_is_checked():
+    from adrec.serving.app import AppArgs
+
+    assert AppArgs(model_dir="m").topology == "graph"
+    assert AppArgs(model_dir="m", topology="fused").topology == "fused"
+    with pytest.raises(ValueError, match="topology"):
+        AppArgs(model_dir="m", topology="mesh")

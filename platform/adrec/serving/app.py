@@ -1,12 +1,21 @@
 """The Ray Serve application: FastAPI ingress -> candidates -> ranker, plus the feedback writer.
 
-Graph (every arrow is a :class:`DeploymentHandle` call)::
+Two topologies (``AppArgs.topology``), the same answers and the same HTTP API:
+
+``graph`` (every arrow is a :class:`DeploymentHandle` call)::
 
     HTTP -> Ingress (FastAPI: auth, body limits, strict validation, pseudonymization)
               |-- /recommend -> CandidateDeployment --rank/explain--> RankerDeployment (@serve.batch)
               |-- /feedback  -> FeedbackDeployment (one writer: durable JSONL log, idempotent by event_id)
               |-- /version   -> CandidateDeployment
               `-- /healthz
+
+``fused``: the Ingress replica holds the model version itself (candidates and the ranker, ranking
+batched across its concurrent requests with ``@serve.batch``); only ``/feedback`` leaves it, for
+the single writer. Each handle hop costs several ms of CPU on both sides, so on a small machine the
+fused app answers at a fraction of the graph's CPU per request; the graph scales the stages apart
+(more ranker replicas than candidate replicas) on a cluster. Replicas, rollout and faults work
+the same way in both: scale the Ingress to scale a fused app.
 
 - The ranker replica holds a :class:`Recommender` whose Ranker caches the item text embeddings once
   per model version; each request runs only the ranking head over its candidates. Concurrent
@@ -29,7 +38,7 @@ import os
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -66,6 +75,10 @@ class AppArgs(ServeConfig):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     model_dir: str = Field(min_length=1)
+    # "graph": Ingress -> CandidateDeployment -> RankerDeployment; "fused": all of it in the Ingress
+    # replicas (see the module docstring). The `deployments` of a Serve config must name this
+    # topology's deployments (Serve rejects overrides of deployments the app does not have).
+    topology: Literal["graph", "fused"] = "graph"
     # The key that pseudonymized the data set's user ids: literal, else this file, else $pseudonym_key_env,
     # else <model_dir>/../secrets/pseudonym.key (where `adrec prepare` keeps a generated key).
     pseudonym_key: SecretStr | None = None
@@ -183,6 +196,72 @@ def _score(rec, users: list[int], items: list[np.ndarray], contexts: list[dict])
     return [probs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+async def _rank_grouped(keys: list, resolve, users: list, items: list, contexts: list) -> list:
+    """The body of a ``@serve.batch`` ranking call: one ``predict`` per model version in the batch.
+
+    ``keys[i]`` names request i's model version, ``await resolve(i)`` returns its :class:`Recommender`.
+    """
+    out: list[Any] = [None] * len(keys)
+    groups: dict[Any, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    for key, idx in groups.items():
+        try:
+            rec = await resolve(idx[0])
+            scores = await asyncio.to_thread(_score, rec, [users[i] for i in idx], [items[i] for i in idx],
+                                             [contexts[i] for i in idx])
+            for i, sc in zip(idx, scores):
+                out[i] = {"scores": sc}
+        except Exception as err:  # one version failing must not fail the others in the batch
+            log.error("ranking failed for version %s: %s", getattr(key, "version_id", key), err)
+            for i in idx:
+                out[i] = {"error": f"ranking failed: {type(err).__name__}"}
+    return out
+
+
+async def _recommend(rec, n_candidates: int, user: str, k: int, context: dict, explain: bool, rank, explain_fn) -> dict:
+    """Candidates for a pseudonymized user, ranked, cut to the top ``k`` (both topologies).
+
+    ``await rank(user_idx, items)`` returns the scores, ``await explain_fn(user_idx, items)`` the
+    features of the chosen items; they run in this process (fused) or on the ranker (graph).
+    """
+    u = rec.pseudonym_index(user)
+    cand = rec.candidates(u, max(n_candidates, k), context)
+    result = {"version": rec.version_id, "known_user": u >= 0, "items": []}
+    if len(cand.items) == 0:
+        return result
+    scores = await rank(u, cand.items)
+    items = rec.top(cand, scores, k, explain)
+    if explain and items:
+        feats = await explain_fn(u, cand.items[rec.top_order(cand, scores, k)])
+        for r, f in zip(items, feats):
+            r["features"] = f
+    result["items"] = items
+    return result
+
+
+async def _reload(rec, model_dir: str | None, config: dict, load_ranker: bool):
+    """The :class:`Recommender` for a ``user_config``, or None when ``rec`` already serves it.
+
+    Loaded in a thread: requests keep flowing on the old version until the caller swaps.
+    """
+    from adrec.serving.recommender import Recommender
+
+    new_dir = str(config["model_dir"])
+    want = str(config.get("version") or "")
+    if rec is not None and new_dir == model_dir and want in ("", rec.version_id):
+        return None
+    new = await asyncio.to_thread(Recommender, new_dir, None, load_ranker)
+    if want and new.version_id != want:
+        raise ValueError(f"{new_dir} holds version {new.version_id}, not {want}")
+    return new
+
+
+def _version_info(rec) -> dict:
+    info = dict(rec.version)
+    return {k: info[k] for k in ("version", "created", "run", "n_users", "n_items") if k in info}
+
+
 @serve.deployment(name="RankerDeployment")
 class RankerDeployment:
     """Scores (user, candidates, context) with the version's ranker; batches concurrent requests."""
@@ -232,22 +311,10 @@ class RankerDeployment:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _rank_batch(self, versions: list, model_dirs: list, users: list, items: list, contexts: list) -> list:
-        out: list[Any] = [None] * len(versions)
-        groups: dict[str, list[int]] = {}
-        for i, v in enumerate(versions):
-            groups.setdefault(v, []).append(i)
-        for v, idx in groups.items():
-            try:
-                rec = await self._get(v, model_dirs[idx[0]])
-                scores = await asyncio.to_thread(_score, rec, [users[i] for i in idx], [items[i] for i in idx],
-                                                 [contexts[i] for i in idx])
-                for i, sc in zip(idx, scores):
-                    out[i] = {"scores": sc}
-            except Exception as err:  # one version failing must not fail the others in the batch
-                log.error("ranking failed for version %s: %s", v, err)
-                for i in idx:
-                    out[i] = {"error": f"ranking failed: {type(err).__name__}"}
-        return out
+        async def resolve(i: int):
+            return await self._get(versions[i], model_dirs[i])
+
+        return await _rank_grouped(versions, resolve, users, items, contexts)
 
     async def rank(self, version: str, model_dir: str, user_idx: int, items: np.ndarray, context: dict) -> dict:
         if len(items) == 0:
@@ -279,41 +346,27 @@ class CandidateDeployment:
         self.model_dir: str | None = None
 
     async def reconfigure(self, config: dict) -> None:
-        from adrec.serving.recommender import Recommender
-
-        model_dir = str(config["model_dir"])
-        want = str(config.get("version") or "")
-        if self.rec is not None and model_dir == self.model_dir and want in ("", self.rec.version_id):
-            return
-        rec = await asyncio.to_thread(Recommender, model_dir, None, False)
-        if want and rec.version_id != want:
-            raise ValueError(f"{model_dir} holds version {rec.version_id}, not {want}")
-        self.rec, self.model_dir = rec, model_dir  # one assignment: a request sees the old or the new, whole
-        log.info("candidates serving version %s", rec.version_id)
+        rec = await _reload(self.rec, self.model_dir, config, load_ranker=False)
+        if rec is not None:
+            self.rec, self.model_dir = rec, str(config["model_dir"])  # a request sees the old or the new, whole
+            log.info("candidates serving version %s", rec.version_id)
 
     async def recommend(self, user: str, k: int, context: dict, explain: bool) -> dict:
         rec, model_dir = self.rec, self.model_dir
-        u = rec.pseudonym_index(user)
-        cand = rec.candidates(u, max(self.settings.n_candidates, k), context)
-        result = {"version": rec.version_id, "known_user": u >= 0, "items": []}
-        if len(cand.items) == 0:
-            return result
-        ranked = await _call(self.ranker.rank, rec.version_id, model_dir, u, cand.items, context)
-        if "error" in ranked:
-            raise RuntimeError(ranked["error"])
-        scores = ranked["scores"]
-        items = rec.top(cand, scores, k, explain)
-        if explain and items:
-            top_items = cand.items[rec.top_order(cand, scores, k)]
-            feats = await _call(self.ranker.explain, rec.version_id, model_dir, u, top_items, context)
-            for r, f in zip(items, feats):
-                r["features"] = f
-        result["items"] = items
-        return result
+
+        async def rank(u: int, items: np.ndarray) -> np.ndarray:
+            ranked = await _call(self.ranker.rank, rec.version_id, model_dir, u, items, context)
+            if "error" in ranked:
+                raise RuntimeError(ranked["error"])
+            return ranked["scores"]
+
+        async def explain_fn(u: int, items: np.ndarray) -> list:
+            return await _call(self.ranker.explain, rec.version_id, model_dir, u, items, context)
+
+        return await _recommend(rec, self.settings.n_candidates, user, k, context, explain, rank, explain_fn)
 
     def version(self) -> dict:
-        info = dict(self.rec.version)
-        return {k: info[k] for k in ("version", "created", "run", "n_users", "n_items") if k in info}
+        return _version_info(self.rec)
 
     def check_health(self) -> None:
         if self.rec is None:
@@ -392,12 +445,53 @@ async def _unexpected(request: Request, err: Exception) -> JSONResponse:
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, settings: AppArgs, candidates: DeploymentHandle, feedback: DeploymentHandle):
+    """HTTP in, JSON out. ``candidates`` is None in the fused topology: the replica then holds the
+    model version (its ``user_config``) and answers /recommend and /version itself."""
+
+    def __init__(self, settings: AppArgs, candidates: DeploymentHandle | None, feedback: DeploymentHandle):
         self.settings = settings
         self.key = settings.key_bytes()
         self.api_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
         self.candidates = candidates
         self.feedback = feedback
+        self.rec = None  # fused: the live Recommender (with its ranker)
+        self.model_dir: str | None = None
+        if candidates is None:
+            single_threaded()
+            self._rank_batch.set_max_batch_size(settings.max_batch_size)
+            self._rank_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+
+    # ---- fused topology: the model version lives in this replica --------------------------------------
+    async def reconfigure(self, config: dict) -> None:
+        rec = await _reload(self.rec, self.model_dir, config, load_ranker=True)
+        if rec is not None:
+            self.rec, self.model_dir = rec, str(config["model_dir"])  # a request sees the old or the new, whole
+            log.info("fused ingress serving version %s", rec.version_id)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _rank_batch(self, recs: list, users: list, items: list, contexts: list) -> list:
+        async def resolve(i: int):
+            return recs[i]
+
+        return await _rank_grouped(recs, resolve, users, items, contexts)
+
+    async def _recommend_here(self, user: str, k: int, context: dict, explain: bool) -> dict:
+        rec = self.rec  # one version for the whole request, even if a rollout swaps it meanwhile
+
+        async def rank(u: int, items: np.ndarray) -> np.ndarray:
+            ranked = await self._rank_batch(rec, u, items, context)
+            if "error" in ranked:
+                raise RuntimeError(ranked["error"])
+            return ranked["scores"]
+
+        async def explain_fn(u: int, items: np.ndarray) -> list:
+            return await asyncio.to_thread(rec.explain, u, np.asarray(items, np.int64), context)
+
+        return await _recommend(rec, self.settings.n_candidates, user, k, context, explain, rank, explain_fn)
+
+    def check_health(self) -> None:
+        if self.candidates is None and self.rec is None:
+            raise RuntimeError("no model version loaded")
 
     def _auth(self, request: Request) -> None:
         if self.api_key is None:
@@ -413,19 +507,27 @@ class Ingress:
         body = await read_body(request, self.settings.max_body_bytes)
         return validate(model, decode_json(body), **context)
 
-    async def _graph(self, method, *args) -> Any:
+    async def _guarded(self, what: str, work) -> Any:
+        """``await work`` with the request timeout; failures become 503 (the client did nothing wrong)."""
         try:
-            return await asyncio.wait_for(_call(method, *args), timeout=self.settings.request_timeout_s)
+            return await asyncio.wait_for(work, timeout=self.settings.request_timeout_s)
         except asyncio.TimeoutError:
             raise ApiError(503, "timed out: the service is overloaded, retry later") from None
         except ApiError:
             raise
         except Exception as err:
-            log.error("%s failed: %s", getattr(method, "_method_name", "call"), type(err).__name__)
+            log.error("%s failed: %s", what, type(err).__name__)
             raise ApiError(503, "the service is temporarily unavailable, retry later") from None
+
+    async def _graph(self, method, *args) -> Any:
+        return await self._guarded(getattr(method, "_method_name", "call"), _call(method, *args))
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
+        if self.candidates is None:
+            if self.rec is None:
+                raise ApiError(503, "not ready")
+            return {"status": "ok", "version": self.rec.version_id}
         try:
             info = await asyncio.wait_for(self.candidates.version.remote(), timeout=5)
         except Exception:
@@ -435,14 +537,19 @@ class Ingress:
     @api.get("/version")
     async def version(self, request: Request) -> dict:
         self._auth(request)
+        if self.candidates is None:
+            return _version_info(self.rec)
         return await self._graph(self.candidates.version)
 
     @api.post("/recommend")
     async def recommend(self, request: Request) -> dict:
         req: RecommendRequest = await self._body(request, RecommendRequest, max_k=self.settings.max_k)
         context = {k: str(v) for k, v in req.context.items()}
-        out = await self._graph(self.candidates.recommend, pseudonymize(req.user_id, self.key), req.k, context,
-                                req.explain)
+        user = pseudonymize(req.user_id, self.key)
+        if self.candidates is None:
+            out = await self._guarded("recommend", self._recommend_here(user, req.k, context, req.explain))
+        else:
+            out = await self._graph(self.candidates.recommend, user, req.k, context, req.explain)
         return {"user_id": req.user_id, "version": out["version"], "items": out["items"]}
 
     @api.post("/feedback")
@@ -482,8 +589,13 @@ def build_app(args: AppArgs) -> serve.Application:
                                         "target_ongoing_requests": max(2, args.max_batch_size)}}
     else:
         scale = {"num_replicas": args.ranker_replicas}
+    feedback = _options(FeedbackDeployment, args, version, user_config, num_replicas=1).bind(settings)
+    if args.topology == "fused":
+        # The ingress holds the model: it takes the ranker's scaling (and the model version as user_config).
+        if "num_replicas" in scale:
+            scale["num_replicas"] = max(args.ingress_replicas, args.ranker_replicas)
+        return _options(Ingress, args, version, user_config, **scale).bind(settings, None, feedback)
     ranker = _options(RankerDeployment, args, version, user_config, **scale).bind(settings)
     candidates = _options(CandidateDeployment, args, version, user_config,
                           num_replicas=args.candidate_replicas).bind(settings, ranker)
-    feedback = _options(FeedbackDeployment, args, version, user_config, num_replicas=1).bind(settings)
     return _options(Ingress, args, version, None, num_replicas=args.ingress_replicas).bind(settings, candidates, feedback)
