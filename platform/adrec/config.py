@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class _Strict(BaseModel):
@@ -85,6 +85,82 @@ class CandidateConfig(_Strict):
     # Context column whose values split popularity (e.g. ctx.hour); None: the first context column.
     context_field: str | None = None
     seed: int = 0
+
+
+#: Constructor arguments each top-K source kind accepts (kept here so reading a config imports no
+#: model code; tests/unit/test_topk.py checks them against the constructors' signatures).
+TOPK_SOURCE_PARAMS: dict[str, frozenset[str]] = {
+    "ease": frozenset({"l2", "num_threads"}),
+    "als": frozenset({"factors", "iterations", "regularization", "alpha", "seed", "use_gpu", "num_threads"}),
+    "bpr": frozenset({"factors", "iterations", "learning_rate", "regularization", "seed", "use_gpu", "num_threads",
+                      "verify_negative_samples"}),
+    "itemitem": frozenset({"K", "num_threads"}),
+    "bm25": frozenset({"K", "K1", "B", "num_threads"}),
+    "popularity": frozenset({"weighted", "context_smoothing"}),
+}
+
+
+class TopKSourceConfig(_Strict):
+    """One source of the two-stage recommender's candidate union (see adrec.topk.rerank)."""
+
+    kind: Literal["ease", "als", "bpr", "itemitem", "bm25", "popularity"]
+    n: int = Field(50, ge=1)  # how many of its top items join the union
+    data: Literal["positives", "seen"] = "positives"  # what it is fitted on
+    # Constructor arguments of the source (e.g. factors, regularization, K, l2); checked when the
+    # config is read, so a misspelt one fails here and not after minutes of fitting.
+    params: dict[str, float | int | bool | str | None] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_params(self) -> TopKSourceConfig:
+        allowed = TOPK_SOURCE_PARAMS[self.kind]
+        bad = sorted(set(self.params) - allowed)
+        if bad:
+            raise ValueError(f"unknown params {bad} for a {self.kind!r} source; known: {sorted(allowed)}")
+        return self
+
+
+def _default_topk_sources() -> dict[str, TopKSourceConfig]:
+    # The settings benchmark_topk chose on the MovieLens-100k validation split for its peers
+    # (benchmarks/topk_benchmark.json); one thread each (faster on a shared 2-core machine).
+    return {
+        "ease": TopKSourceConfig(kind="ease", n=100, params={"l2": 200.0, "num_threads": 1}),
+        "als": TopKSourceConfig(kind="als", n=50, params={"factors": 128, "regularization": 10.0, "alpha": 1.0,
+                                                          "iterations": 15, "num_threads": 1}),
+        "itemitem": TopKSourceConfig(kind="itemitem", n=50, params={"K": 200, "num_threads": 1}),
+        "popularity": TopKSourceConfig(kind="popularity", n=30),
+    }
+
+
+class TopKConfig(_Strict):
+    """The two-stage top-K recommender (candidate union + learned re-ranker) that orders what
+    known users are served and what ``adrec evaluate`` scores. Fitted by the candidates stage:
+    the re-ranker learns on the valid split (and an inner stage carved from train) with sources
+    fitted on train only, then the sources are refitted on train + valid."""
+
+    enabled: bool = True  # False: the CTR ranker orders the merged candidates (the older path)
+    sources: dict[str, TopKSourceConfig] = Field(default_factory=_default_topk_sources, min_length=1)
+    train_stages: list[Literal["valid", "inner"]] = Field(default_factory=lambda: ["valid", "inner"], min_length=1)
+    # "auto": LightGBM when it is installed (the `bench` extra), else scikit-learn's
+    # HistGradientBoostingClassifier, which needs nothing beyond the base install.
+    ranker: Literal["auto", "lightgbm", "sklearn"] = "auto"
+    ranker_params: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    last_n: list[int] = Field(default_factory=lambda: [1, 5, 20], min_length=1)
+    windows_days: list[int] = Field(default_factory=lambda: [1, 7, 30])
+    transition_span: int = Field(10, ge=1)
+    next_candidates: int = Field(0, ge=0)
+    rank_depth: int = Field(500, ge=1)
+    batch_users: int = Field(512, ge=1)
+    seed: int = 0
+
+    def recommender_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`adrec.topk.rerank.TwoStageRecommender`."""
+        return {
+            "sources": {name: {"kind": s.kind, "n": s.n, "data": s.data, **s.params} for name, s in self.sources.items()},
+            "train_stages": list(self.train_stages), "last_n": list(self.last_n),
+            "windows_days": list(self.windows_days), "transition_span": self.transition_span,
+            "next_candidates": self.next_candidates, "rank_depth": self.rank_depth, "ranker": self.ranker,
+            "ranker_params": dict(self.ranker_params), "batch_users": self.batch_users, "seed": self.seed,
+        }
 
 
 class RankerConfig(_Strict):
@@ -240,6 +316,7 @@ class AdrecConfig(_Strict):
     data: DataConfig = DataConfig()
     features: FeatureConfig = FeatureConfig()
     candidates: CandidateConfig = CandidateConfig()
+    topk: TopKConfig = TopKConfig()
     ranker: RankerConfig = RankerConfig()
     eval: EvalConfig = EvalConfig()
     serve: ServeConfig = ServeConfig()

@@ -7,6 +7,8 @@ Layout::
     history.parquet          per user the most recent known positives (serving's starting history)
     seen.npz                 per user every known item (never recommended again)
     candidates/              the fitted candidate sources (MultiSource)
+    topk/                    the two-stage top-K recommender that orders known users' lists
+                             (TwoStageRecommender; absent when topk.enabled was off)
     ranker/                  the self-describing ranker (config, weights, encoder via save_pretrained)
 
 Versions are published atomically: written to a temporary sibling, then renamed into place, so a
@@ -44,10 +46,13 @@ def publish(run: RunDir, ranker_dir: Path | None = None, target: Path | None = N
     shutil.copy2(cand / "seen.npz", tmp / "seen.npz")
     shutil.copytree(cand, tmp / "candidates", ignore=shutil.ignore_patterns("seen.npz", "recall.json"))
     shutil.copytree(ranker_dir, tmp / "ranker")
+    topk = run.path / "topk"  # adrec.candidates.stage.TOPK_DIR (not imported: it pulls in the sources)
+    if topk.is_dir():
+        shutil.copytree(topk, tmp / "topk")
     cand_info = run.manifest().get("stages", {}).get("candidates", {})
     info = {"version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": run.path.name,
             "n_users": feats.spec.n_users, "n_items": feats.spec.n_items,
-            "context_field": cand_info.get("context_field"), **(extra or {})}
+            "context_field": cand_info.get("context_field"), "topk": topk.is_dir(), **(extra or {})}
     (tmp / "version.json").write_text(json.dumps(info, indent=2))
     old = None
     if target.exists():

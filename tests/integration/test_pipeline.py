@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -59,6 +60,41 @@ def test_evaluate_writes_every_metric_and_predictions(tiny_run, tiny_cfg):
     assert len(preds) == len(test_rows) and preds["prob"].between(0, 1).all()
     report = (tiny_run.report / "report.md").read_text()
     assert "roc.png" in report and "calibration.png" in report
+
+
+def test_candidates_stage_fits_the_two_stage_recommender_into_the_version(tiny_run):
+    meta = json.loads((tiny_run.path / "topk" / "two_stage.json").read_text())
+    assert meta["fit_info"]["examples"] > 0 and meta["fit_info"]["positives"] > 0
+    info = tiny_run.manifest()["stages"]["candidates"]["topk"]
+    assert info["ranker"] in ("lightgbm", "sklearn") and "ease" in info["sources"]
+    recall = json.loads((tiny_run.candidates / "recall.json").read_text())
+    assert 0 < recall["two_stage.recall@50"] <= recall["two_stage.recall@200"] <= 1
+    assert (tiny_run.model / "topk" / "two_stage.json").is_file()  # the version loads on its own
+    assert json.loads((tiny_run.model / "version.json").read_text())["topk"] is True
+
+
+def test_evaluate_scores_the_served_two_stage_lists(tiny_run, tiny_cfg):
+    from adrec.evaluation.metrics import topk_metrics
+    from adrec.serving.recommender import Recommender
+
+    metrics = json.loads((tiny_run.report / "metrics.json").read_text())  # written by the test above
+    assert {"ctr_order.ndcg@10", "topk.ndcg@10"} <= set(metrics)
+    topk = pd.read_csv(tiny_run.report / "topk.csv", dtype=str).sort_values(["user", "rank"], key=lambda c: (
+        c.astype(int) if c.name == "rank" else c))
+    rec = Recommender(tiny_run.model, tiny_cfg.data.pseudonym_key.encode())
+    lists = topk.groupby("user")["item"].apply(list)
+    for user in lists.index[:5]:  # evaluate's lists are what Recommender.recommend serves
+        assert [r["item"] for r in rec.recommend(user, 10)] == lists[user]
+    # and the reported metrics are those lists' metrics, recomputed from the CSV and the test split
+    inter = pd.read_parquet(tiny_run.features / "interactions.parquet")
+    pos = inter[(inter["split"] == "test") & (inter["label"] == 1)]
+    truth = pos.groupby("user_idx")["item_idx"].apply(set)
+    ids = {u: i for i, u in enumerate(rec.items["item"].astype(str))}
+    users_idx = [rec.user_index(u) for u in lists.index]
+    top = np.array([[ids[i] for i in lists[u]] + [-1] * (10 - len(lists[u])) for u in lists.index])
+    again = topk_metrics(top, [truth[u] for u in users_idx], rec.spec.n_catalog, 10)
+    assert again["topk.ndcg@10"] == pytest.approx(metrics["topk.ndcg@10"])
+    assert again["topk.recall@10"] == pytest.approx(metrics["topk.recall@10"])
 
 
 def _adrec(*args, timeout=120):

@@ -256,6 +256,62 @@ def test_two_stage_needs_fit_and_checks_users(synth):
         TwoStageRecommender(train_stages=("test",))
 
 
+def test_rank_lists_orders_by_the_reranker_and_applies_exclusions(fitted_two_stage, synth):
+    rec = fitted_two_stage
+    users = np.array([5, 2, 5, 9])
+    ids, scores, sources = rec.rank_lists(users, 25, with_sources=True)
+    # its first k are recommend()'s lists (one code path for serving, evaluate and the benchmark)
+    np.testing.assert_array_equal(ids[:, :10], rec.recommend(users, 10)[0])
+    # the re-ranker's own scores of the same candidates, sorted by hand: score desc, item asc
+    cu, ci, s = rec.score_candidates(np.array([5]))
+    by_hand = ci[np.lexsort((ci, -s))][:25]
+    np.testing.assert_array_equal(ids[0][ids[0] >= 0], by_hand)
+    np.testing.assert_allclose(scores[0][: len(by_hand)], np.sort(s)[::-1][: len(by_hand)])
+    # sources: each item's proposers, by name, and never a name the model does not have
+    assert len(sources) == 4 and all(len(row) == int((r >= 0).sum()) for row, r in zip(sources, ids))
+    assert {n for row in sources for item in row for n in item} <= set(SMALL_SOURCES) | {"catalog"}
+    assert all(item for row in sources for item in row)
+    # exclude: a matrix indexed by user (e.g. a version's seen matrix with later impressions)
+    drop = ids[1][:3]
+    ex = sp.csr_matrix((np.ones(3, np.float32), (np.full(3, 2), drop)), shape=(synth.n_users, synth.n_items))
+    ids_ex, _, _ = rec.rank_lists(np.array([2, 5]), 25, exclude=ex)
+    assert not set(drop) & set(ids_ex[0].tolist())
+    np.testing.assert_array_equal(ids_ex[0][:22], ids[1][3:25])  # the rest keep their order
+    np.testing.assert_array_equal(ids_ex[1], ids[0])  # other users untouched
+
+
+def test_config_topk_source_params_match_the_constructors():
+    import inspect
+
+    from adrec.config import TOPK_SOURCE_PARAMS, ConfigError, build_config
+    from adrec.topk.ease import EASESource
+    from adrec.candidates.als import ALSSource
+    from adrec.candidates.bpr import BPRSource
+    from adrec.candidates.itemitem import ItemItemSource
+    from adrec.candidates.popularity import PopularitySource
+
+    def params(cls, drop=()):
+        return {n for n in inspect.signature(cls.__init__).parameters
+                if n not in ("self", "name", "show_progress", *drop)}
+
+    assert TOPK_SOURCE_PARAMS["ease"] == params(EASESource)
+    assert TOPK_SOURCE_PARAMS["als"] == params(ALSSource)
+    assert TOPK_SOURCE_PARAMS["bpr"] == params(BPRSource)
+    assert TOPK_SOURCE_PARAMS["popularity"] == params(PopularitySource)
+    assert TOPK_SOURCE_PARAMS["bm25"] == params(ItemItemSource, drop=("kind",))
+    assert TOPK_SOURCE_PARAMS["itemitem"] <= params(ItemItemSource, drop=("kind",))
+    # every default builds, and the kwargs reach the recommender as given
+    cfg = build_config()
+    kw = cfg.topk.recommender_kwargs()
+    for name, spec in kw["sources"].items():
+        build_source(spec, name)
+    assert TwoStageRecommender(**kw).source_specs["als"]["factors"] == cfg.topk.sources["als"].params["factors"]
+    with pytest.raises(ConfigError, match="factorz"):
+        build_config(overrides=["topk.sources={als: {kind: als, params: {factorz: 3}}}"])
+    with pytest.raises(ConfigError, match="topk.rankr"):
+        build_config(overrides=["topk.rankr=sklearn"])
+
+
 def test_item_tag_matrix_reads_code_columns():
     items = pd.DataFrame({
         "item_idx": [0, 1, 2],

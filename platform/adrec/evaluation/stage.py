@@ -1,5 +1,9 @@
 """The evaluate stage: CTR on test impressions and the full candidates -> ranker -> top-K path.
 
+The top-K lists come from the same code Serve runs (:class:`~adrec.serving.recommender.Recommender`):
+the model version's two-stage recommender for the users it knows (``topk.*``), with the older path --
+merged candidates ordered by the CTR ranker -- reported next to it (``ctr_order.*``) when both exist.
+
 Writes ``<run>/report/``: ``metrics.json`` (the keys DESIGN.md lists), ``report.md`` with plots, and
 the raw predictions in the dataset's own ids (``topk.csv``, ``ctr_preds.csv``) so anyone can re-score
 them with another implementation of the protocol.
@@ -36,9 +40,15 @@ def _raw_user_ids(run: RunDir, key: bytes) -> dict[str, str]:
     return pseudonym_map(df[schema.interactions.user].str.strip().to_numpy(), key)
 
 
+def two_stage_lists(rec, users: np.ndarray, k: int) -> np.ndarray:
+    """Top-K ids of known users from the version's two-stage recommender, -1 padded: what
+    :meth:`Recommender.recommend` serves them (same exclusions, same order, ties to the lower item)."""
+    return rec.two_stage.rank_lists(users, k, exclude=rec.seen)[0]
+
+
 def topk_lists(rec, users: np.ndarray, n_candidates: int, k: int, batch_users: int = 128,
                show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Candidates then ranker for many users at once: (top-K ids, candidate ids), -1 padded."""
+    """Merged candidates then the CTR ranker for many users at once: (top-K ids, candidate ids), -1 padded."""
     tops, cands = [], []
     for start in tqdm(range(0, len(users), batch_users), desc="ranking candidates", disable=not show_progress):
         chunk = users[start:start + batch_users]
@@ -84,6 +94,10 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
     users = truth_by_user.index.to_numpy(dtype=np.int64)
     truth = truth_by_user.tolist()
     top, cand = topk_lists(rec, users, cfg.eval.candidate_k, k, show_progress=show_progress)
+    two_stage = rec.two_stage is not None
+    if two_stage:
+        metrics.update(topk_metrics(top, truth, spec.n_catalog, k, prefix="ctr_order"))
+        top = two_stage_lists(rec, users, k)
     metrics.update(topk_metrics(top, truth, spec.n_catalog, k))
     # The candidate lists alone, in their merged order: what the ranker adds over retrieval.
     metrics.update(topk_metrics(cand[:, :k], truth, spec.n_catalog, k, prefix="candidates"))
@@ -105,8 +119,13 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
     sections = {
         "Protocol": (
             f"Per-user temporal split (DESIGN.md). CTR over {len(test)} test impressions; top-{k} over "
-            f"{len(users)} users with a test positive, candidates ({cfg.eval.candidate_k} per user, train items "
-            f"excluded) ranked by the ranker, ties to the lower item index. Model version {rec.version['version']}."
+            f"{len(users)} users with a test positive, "
+            + (f"ordered by the version's two-stage recommender ({rec.two_stage.ranker} re-ranker over the union of "
+               f"{'+'.join(rec.two_stage.sources)}; train+valid items excluded), as served (`topk.*`); the merged "
+               f"candidates ({cfg.eval.candidate_k} per user) ranked by the CTR ranker are `ctr_order.*`"
+               if two_stage else
+               f"candidates ({cfg.eval.candidate_k} per user, train items excluded) ranked by the ranker")
+            + f", ties to the lower item index. Model version {rec.version['version']}."
         ),
     }
     write_report(report, metrics, sections=sections, images=images, tables=tables, title=f"adrec report: {run.path.name}")

@@ -108,6 +108,10 @@ def write_version(base_dir: Path, target: Path, ranker, catalog, sources=None, f
         seen = catalog.seen_matrix(base_seen)[: base_seen.shape[0]]
         sp.save_npz(tmp / "seen.npz", seen)
     ranker.save(tmp / "ranker")
+    if (base_dir / "topk").is_dir():
+        # The two-stage top-K recommender is not updated online: it keeps ordering the base users'
+        # lists (their online impressions excluded through seen.npz); new users take the fold-in path.
+        shutil.copytree(base_dir / "topk", tmp / "topk")
     vid = target.name
     meta = {k: v for k, v in base.items() if k not in ("version", "created", "online")}
     meta.update(version=vid, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), parent=base.get("version"),

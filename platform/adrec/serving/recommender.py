@@ -1,5 +1,11 @@
 """Candidate-then-rank recommendation over one model version, as a plain Python object.
 
+For a user the version's two-stage top-K recommender knows (``topk/``, fitted by the candidates
+stage), :meth:`Recommender.candidates` returns its candidate union already ordered by the learned
+re-ranker (``Candidates.final``), and that order is the final one; the CTR ranker's click
+probability is reported next to it (``click_prob``) and drives ``explain``'s features. Users it does
+not know (new, or added online by fold-in) take the merged sources, ordered by the CTR ranker.
+
 The Serve deployments wrap the two halves (:meth:`Recommender.candidates` and
 :meth:`Recommender.rank`); the evaluation stage and the serving benchmark call the same code
 in-process, so what is measured offline is what is served.
@@ -29,6 +35,8 @@ log = logging.getLogger(__name__)
 class Candidates:
     items: np.ndarray  # item indices, best first
     sources: list[list[str]] = field(default_factory=list)  # per item, the sources that proposed it
+    # Per item, the two-stage re-ranker's score when it ordered the list (then the final order), else None.
+    final: np.ndarray | None = None
 
 
 class Recommender:
@@ -54,6 +62,11 @@ class Recommender:
         self.key = pseudonym_key
         self._reverse_vocabs: dict[str, dict[int, str]] = {}
         self.ranker = _load_ranker(self.model_dir / "ranker") if load_ranker else None
+        self.two_stage = None
+        if (self.model_dir / "topk").is_dir():
+            from adrec.topk.rerank import TwoStageRecommender
+
+            self.two_stage = TwoStageRecommender.load(self.model_dir / "topk")
 
     # ---- ids ----------------------------------------------------------------------------------
     @property
@@ -92,6 +105,10 @@ class Recommender:
                 else self.popularity.recommend_for_items([seen], n, None)
             ids = ids[0][ids[0] >= 0]
             return Candidates(ids, [["popularity"]] * len(ids))
+        if self.two_stage is not None and user_idx < self.two_stage.n_users:
+            ids, scores, sources = self.two_stage.rank_lists([user_idx], n, exclude=self.seen, with_sources=True)
+            keep = ids[0] >= 0
+            return Candidates(ids[0][keep], sources[0], scores[0][keep])
         ids, _, sources = self.sources.recommend(np.array([user_idx]), n, self.seen[user_idx], context=code)
         keep = ids[0] >= 0
         return Candidates(ids[0][keep], [s for s, k in zip(sources[0], keep) if k])
@@ -123,7 +140,12 @@ class Recommender:
                   explain: bool = False) -> list[dict]:
         u = self.user_index(raw_user_id)
         cand = self.candidates(u, max(n_candidates, k), context)
-        scores = self.rank(u, cand.items, context)
+        if cand.final is not None:  # the order is already final: click probabilities for the top k only
+            scores = np.full(len(cand.items), np.nan, np.float32)
+            top = self.top_order(cand, scores, k)
+            scores[top] = self.rank(u, cand.items[top], context)
+        else:
+            scores = self.rank(u, cand.items, context)
         out = self.top(cand, scores, k, explain)
         if explain and out:
             feats = self.explain(u, cand.items[self.top_order(cand, scores, k)], context)
@@ -186,7 +208,11 @@ class Recommender:
         ids = self.item_ids(cand.items[order])
         out = []
         for rank, (j, item) in enumerate(zip(order, ids), start=1):
-            rec = {"item": item, "score": float(scores[j]), "rank": rank}
+            if cand.final is None:
+                rec = {"item": item, "score": float(scores[j]), "rank": rank}
+            else:  # the re-ranker's score squashed into (0, 1) (monotone: the order is unchanged)
+                rec = {"item": item, "score": float(1.0 / (1.0 + np.exp(-cand.final[j]))), "rank": rank,
+                       "click_prob": float(scores[j])}
             if explain:
                 rec["sources"] = cand.sources[j] if cand.sources else []
             out.append(rec)
@@ -194,5 +220,6 @@ class Recommender:
 
     @staticmethod
     def top_order(cand: Candidates, scores: np.ndarray, k: int) -> np.ndarray:
-        """Positions in ``cand`` of the best ``k`` (score descending, ties to the lower item index)."""
-        return np.lexsort((cand.items, -np.asarray(scores)))[:k]
+        """Positions in ``cand`` of the best ``k`` (score descending, ties to the lower item index);
+        the score is the two-stage re-ranker's when it ordered the candidates, else ``scores``."""
+        return np.lexsort((cand.items, -np.asarray(scores if cand.final is None else cand.final)))[:k]
