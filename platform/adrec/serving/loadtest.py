@@ -66,9 +66,25 @@ def summarize(path: str, concurrency: int, latencies_s: list[float], ok: int, se
 
 
 # ---- CPU time of the Serve processes (robust to other load on the machine) ------------------------------
-def serve_cpu_seconds(app_name: str) -> dict[str, float]:
+def local_raylet_pid() -> int | None:
+    """PID of the raylet this driver started (Ray's workers are its children), None when attached to a
+    cluster started elsewhere."""
+    try:
+        import ray
+
+        return ray._private.worker._global_node.all_processes["raylet"][0].process.pid  # private, best effort
+    except Exception:
+        return None
+
+
+def serve_cpu_seconds(app_name: str, raylet_pid: int | None = None) -> dict[str, float]:
     """CPU seconds (user + system) so far of this machine's Serve processes: the app's replicas (per
-    deployment) and the HTTP proxy. Linux only (``/proc``); empty elsewhere."""
+    deployment) and the HTTP proxy. Linux only (``/proc``); empty elsewhere.
+
+    ``raylet_pid``: count only that raylet's workers. Other Ray clusters on the machine (tests,
+    other benchmarks) run proxies too; one of them ending between two readings made a sum over
+    every ``ProxyActor`` go negative.
+    """
     import os
 
     proc = Path("/proc")
@@ -80,6 +96,8 @@ def serve_cpu_seconds(app_name: str) -> dict[str, float]:
         if not d.name.isdigit():
             continue
         try:
+            if raylet_pid is not None and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) != raylet_pid:
+                continue
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             if "ray::ServeReplica:" in cmd and f":{app_name}:" in cmd:
                 name = cmd.split(f":{app_name}:", 1)[1].split(".", 1)[0].split()[0]
@@ -254,16 +272,17 @@ def measure_serve(targets: dict[str, tuple[str, str | None]], bodies: list[dict]
     load hits them alike. Returns (per-metric medians per (target, level), every run).
     """
     runs: dict[tuple[str, int], list[LoadResult]] = {}
+    raylet = local_raylet_pid()
     for name, (base, _) in targets.items():
         http_load(base.rstrip("/") + "/recommend", bodies, max(concurrency), warmup, headers)  # warm, connected
     for c in concurrency:
         for _ in range(repeats):
             for name, (base, app_name) in targets.items():
-                cpu0, own0 = serve_cpu_seconds(app_name) if app_name else {}, time.process_time()
+                cpu0, own0 = serve_cpu_seconds(app_name, raylet) if app_name else {}, time.process_time()
                 res = http_load(base.rstrip("/") + "/recommend", bodies, c, requests, headers)
                 res.path = f"serve:{name}"
                 if app_name:
-                    res.cpu_ms = cpu_ms_per_request(cpu0, serve_cpu_seconds(app_name), requests)
+                    res.cpu_ms = cpu_ms_per_request(cpu0, serve_cpu_seconds(app_name, raylet), requests)
                     res.cpu_ms["client"] = round((time.process_time() - own0) * 1000 / requests, 2)
                     res.cpu_ms["total"] = round(res.cpu_ms["total"] + res.cpu_ms["client"], 2)
                 log.info("%s c=%d: p50 %.1f p99 %.1f ms, %.1f req/s, CPU %s", res.path, c, res.p50_ms, res.p99_ms,
