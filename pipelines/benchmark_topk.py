@@ -2,6 +2,7 @@
 (cosine, BM25) and EASE, under DESIGN.md's protocol. All logic lives in ``adrec.topk.benchmark``.
 
     python pipelines/benchmark_topk.py --data-dir ../shared/data/ml-100k --out runs/bench_topk [--repeats 3] [--quick]
+        [--reranker sklearn]
 
 Features come from ``--run`` when it already holds a prepared run; otherwise the prepare stage
 (Ray Data, a local Ray) builds them into ``--run`` (default: OUT/run) first. Exit status 1 when
@@ -24,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (medians reported)")
     p.add_argument("--quick", action="store_true", help="small grids, one re-ranker stage (~1-2 minutes)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray of the prepare stage")
+    p.add_argument("--reranker", choices=("auto", "lightgbm", "sklearn"), default="auto",
+                   help="adrec's re-ranker: auto = LightGBM when installed (the bench extra), else scikit-learn")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -37,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.data_dir:
             p.error(f"{run.path} holds no prepared features: pass --data-dir (the ml-100k folder)")
         _prepare(run, args.data_dir, args.num_cpus)
-    result = run_benchmark(Features(run), out, repeats=args.repeats, quick=args.quick)
+    result = run_benchmark(Features(run), out, repeats=args.repeats, quick=args.quick,
+                           two_stage_kwargs={"ranker": args.reranker})
     print((out / "topk_benchmark.md").read_text())
     return 0 if result["target_met"] else 1
 
