@@ -23,6 +23,7 @@ SMALL = [
     "data.synthetic.n_impressions=4000",
     "data.pseudonym_key=test-key",
     "ranker.tiny_encoder=true",
+    "ranker.finetune=last_n",  # the fine-tuning path (text cache, encoder lr) through Ray Train
     "ranker.embed_dim=8",
     "ranker.hidden=[32]",
     "ranker.max_text_len=16",

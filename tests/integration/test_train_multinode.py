@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent("""
     try:
         nodes = [n for n in ray.nodes() if n["Alive"]]
         cfg = build_config(overrides=[
-            "ranker.tiny_encoder=true", "ranker.num_workers=2", "ranker.epochs=2", "ranker.refit=true",
+            "ranker.tiny_encoder=true", "ranker.finetune=last_n", "ranker.num_workers=2", "ranker.epochs=2", "ranker.refit=true",
             "ranker.early_stopping_patience=5", "ranker.embed_dim=8", "ranker.hidden=[32]",
             "ranker.max_text_len=16", "ranker.batch_size=128",
         ])

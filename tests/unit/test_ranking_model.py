@@ -84,9 +84,10 @@ def test_fusion_model_shapes(toy):
     L = toy.spec.history_len
     assert e["fields"].shape == (B, F, k)
     assert e["multi"].shape == (B, 1, k)  # item.tags
-    assert e["cand_id"].shape == (B, k) and e["hist_id"].shape == (B, L, k)
-    assert e["cand_attr"].shape == (B, k) and e["hist_attr"].shape == (B, L, k)
-    assert e["cand_text"].shape == (B, H) and e["hist_text"].shape == (B, L, H)
+    U = len(torch.unique(torch.cat([b["item"].unsqueeze(1), b["hist"]], dim=1)))  # unique items (+ padding)
+    assert e["item_id"].shape == (U, k) and e["item_attr"].shape == (U, k)
+    assert e["item_text"].shape == (U, H)
+    assert b["_inv"].shape == (B, 1 + L)
     logits = r.model.forward_from(e, b)
     assert logits.shape == (B,) and torch.isfinite(logits).all()
     assert r.model(b).shape == (B,)
@@ -161,7 +162,7 @@ def test_fgsm_step_bounded_and_increases_loss(toy, mode):
     loss = F.binary_cross_entropy_with_logits(m.forward_from(e, b), y)
     eps = 0.05
     adv = fgsm_perturb(loss, e, eps)
-    expected = {"fields", "multi", "cand_id", "hist_id", "cand_attr", "hist_attr", "cand_text", "hist_text"}
+    expected = {"fields", "multi", "item_id", "item_attr", "item_text"}
     if mode != "frozen":
         expected.add("tokens")
     assert expected <= set(e)
@@ -214,7 +215,7 @@ def test_ensemble_members_share_the_text_tower(toy):
     rows = toy.rows("train").iloc[:16]
     b = r.batch(rows)
     e = m.embed(b)
-    assert {"fields", "m1.fields", "m2.fields", "cand_text"} <= set(e) and "m1.cand_text" not in e
+    assert {"fields", "m1.fields", "m2.fields", "item_text", "m2.item_id"} <= set(e) and "m1.item_text" not in e
     member = m.member_logits(e, b)
     assert member.shape == (3, 16)
     assert not torch.allclose(member[0], member[1])  # independently initialised

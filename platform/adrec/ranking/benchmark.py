@@ -81,13 +81,16 @@ def robustness(cfg: AdrecConfig, run: RunDir, features, epsilon_train: float, se
 
 def run_benchmark(datasets: list[str], out: str | Path, data_dir: str | None = None, seeds=(0, 1, 2),
                   models=MODELS, quick: bool = False, refit: bool = True, overrides: list[str] | None = None,
-                  robustness_epsilon: float | None = None) -> dict:
-    """Run every model on every data set and seed; write ``results.json`` and ``results.md`` under ``out``."""
+                  robustness_epsilon: float | None = None, name: str = "results",
+                  runs: str | Path | None = None) -> dict:
+    """Run every model on every data set and seed; write ``<name>.json`` and ``<name>.md`` under ``out``
+    (the prepared features and the trained rankers go under ``runs``, default ``<out>/runs``)."""
     from adrec.features.pipeline import Features, prepare
     from adrec.runtime import init_ray
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    runs_dir = Path(runs) if runs is not None else out / "runs"
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
@@ -99,14 +102,14 @@ def run_benchmark(datasets: list[str], out: str | Path, data_dir: str | None = N
         "seeds": seeds, "quick": quick, "refit": refit, "machine": _platform.platform(),
         "overrides": list(overrides or []),
     }, "datasets": {}}
-    for name in datasets:
-        ov = ["data.pseudonym_key=benchmark", *dataset_overrides(name, data_dir, quick),
+    for ds_name in datasets:
+        ov = ["data.pseudonym_key=benchmark", *dataset_overrides(ds_name, data_dir, quick),
               *(QUICK_RANKER if quick else []), f"ranker.refit={str(refit).lower()}", *(overrides or [])]
         cfg = build_config(overrides=ov)
         init_ray(cfg.ray)
-        run = RunDir(out / "runs" / name)
+        run = RunDir(runs_dir / ds_name)
         t0 = time.perf_counter()
-        counts = prepare(cfg, run)
+        prepare(cfg, run)
         prep_s = time.perf_counter() - t0
         features = Features(run)
         data = BenchData.from_features(features)
@@ -114,7 +117,7 @@ def run_benchmark(datasets: list[str], out: str | Path, data_dir: str | None = N
         ds_out: dict = {"rows": {s: int(len(getattr(data, s))) for s in ("train", "valid", "test")},
                         "test_ctr": float(y.mean()), "prepare_seconds": round(prep_s, 2), "models": {},
                         "ranker_config": json.loads(cfg.ranker.model_dump_json())}
-        log.info("benchmark %s: %s rows, test CTR %.4f", name, ds_out["rows"], ds_out["test_ctr"])
+        log.info("benchmark %s: %s rows, test CTR %.4f", ds_name, ds_out["rows"], ds_out["test_ctr"])
         for model in models:
             runs, skipped = [], None
             for seed in seeds:
@@ -129,23 +132,26 @@ def run_benchmark(datasets: list[str], out: str | Path, data_dir: str | None = N
                     pred, valid_auc, secs, choice = res.test_pred, res.valid_auc, res.seconds, res.choice
                 m = _metrics(y, pred)
                 m.update(valid_auc=float(valid_auc), seconds=round(float(secs), 2), seed=seed, choice=choice)
+                if model == ADREC:  # the training alone (train_ranker on Ray Train), without loading and predicting
+                    m["train_seconds"] = float(choice["train_seconds"])
                 runs.append(m)
                 log.info("%s / %s / seed %d: AUC %.4f, logloss %.4f, calibration %.3f, %.1fs",
-                         name, model, seed, m["auc"], m["logloss"], m["calibration"], m["seconds"])
+                         ds_name, model, seed, m["auc"], m["logloss"], m["calibration"], m["seconds"])
             entry: dict = {"runs": runs}
             if skipped:
                 entry["skipped"] = skipped
-                log.warning("%s / %s skipped: %s", name, model, skipped)
+                log.warning("%s / %s skipped: %s", ds_name, model, skipped)
             if runs:
                 entry["median"] = {k: float(statistics.median(r[k] for r in runs))
-                                   for k in ("auc", "logloss", "calibration", "valid_auc", "seconds")}
+                                   for k in ("auc", "logloss", "calibration", "valid_auc", "seconds", "train_seconds")
+                                   if all(k in r for r in runs)}
             ds_out["models"][model] = entry
-            _write(report | {"datasets": report["datasets"] | {name: ds_out}}, out)
+            _write(report | {"datasets": report["datasets"] | {ds_name: ds_out}}, out, name)
         if robustness_epsilon:
             ds_out["robustness"] = robustness(cfg, run, features, robustness_epsilon)
         ds_out["target"] = target_check(ds_out)
-        report["datasets"][name] = ds_out
-        _write(report, out)
+        report["datasets"][ds_name] = ds_out
+        _write(report, out, name)
     return report
 
 
@@ -176,22 +182,33 @@ def markdown(report: dict) -> str:
                              f"{m['valid_auc']:.4f} | {m['seconds']:.1f} |")
             else:
                 lines.append(f"| {model} | skipped: {e.get('skipped', 'no runs')} | | | | |")
+        tr = ds["models"].get(ADREC, {}).get("median", {}).get("train_seconds")
+        if tr is not None:
+            lines += ["", f"adrec training alone (train_ranker on Ray Train, median): {tr:.1f} s."]
         t = ds.get("target")
         if t:
-            lines += ["", f"adrec vs best peer: AUC {t['auc_gain']:+.4f} (best peer {t['best_peer_auc']}), "
-                          f"logloss {t['logloss_gain']:+.4f} lower (best peer {t['best_peer_logloss']}); "
-                          f"target (AUC +0.01 and lower logloss) {'met' if t['met'] else 'NOT met'}."]
+            lines += ["", f"adrec minus best peer: AUC {t['auc_gain']:+.4f} (best peer by AUC: {t['best_peer_auc']}); "
+                          f"logloss {-t['logloss_gain']:+.4f} (best peer by logloss: {t['best_peer_logloss']}); "
+                          f"target (AUC >= best + 0.01 and a lower logloss) {'met' if t['met'] else 'NOT met'}."]
         if ds.get("robustness"):
-            lines += ["", "FGSM robustness (test AUC under attack at each epsilon):", ""]
-            for variant, res in ds["robustness"].items():
-                lines.append(f"- {variant}: " + ", ".join(f"eps {k}: {v:.4f}" for k, v in res.items()))
+            rob = ds["robustness"]
+            eps = sorted({float(k) for res in rob.values() for k in res})
+            lines += ["", "FGSM robustness: adrec's test AUC under a one-step FGSM attack of L-inf size epsilon on "
+                          "every input embedding (seed 0), trained without and with FGSM adversarial training:", "",
+                      "| adrec trained | " + " | ".join(f"eps {e:g}" for e in eps) + " |",
+                      "|---|" + "---|" * len(eps)]
+            for variant, res in rob.items():
+                by = {float(k): v for k, v in res.items()}
+                eps_train = variant.removeprefix("fgsm_train_")
+                label = "without FGSM" if float(eps_train) == 0 else f"with FGSM (eps {eps_train})"
+                lines.append(f"| {label} | " + " | ".join(f"{by[e]:.4f}" if e in by else "" for e in eps) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
-def _write(report: dict, out: Path) -> None:
-    (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "results.md").write_text(markdown(report))
+def _write(report: dict, out: Path, name: str = "results") -> None:
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / f"{name}.md").write_text(markdown(report))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     from adrec.data.sources import BUILTIN
 
     ap = argparse.ArgumentParser(prog="benchmark_ranker", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="output folder (results.json, results.md, runs/)")
+    ap.add_argument("--out", required=True, help="output folder of NAME.json and NAME.md")
+    ap.add_argument("--name", default="results", help="file name stem of the outputs (default: results)")
+    ap.add_argument("--runs", default=None, help="folder of the prepared features and trained rankers "
+                                                 "(default: OUT/runs)")
     ap.add_argument("--datasets", default="movielens-100k,synthetic",
                     help=f"comma-separated: {', '.join(BUILTIN)} or schema paths")
     ap.add_argument("--data-dir", default="/work/shared/data/ml-100k", help="the unpacked ml-100k folder")
@@ -220,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     report = run_benchmark([d.strip() for d in args.datasets.split(",") if d.strip()], args.out,
                            data_dir=args.data_dir, seeds=[int(s) for s in args.seeds.split(",")],
                            models=[m.strip() for m in args.models.split(",") if m.strip()], quick=args.quick,
-                           refit=not args.no_refit, overrides=args.set, robustness_epsilon=args.robustness)
-    log.info("results in %s/results.json and results.md", args.out)
+                           refit=not args.no_refit, overrides=args.set, robustness_epsilon=args.robustness,
+                           name=args.name, runs=args.runs)
+    log.info("results in %s/%s.json and %s.md", args.out, args.name, args.name)
     sys_out = markdown(report)
     logging.getLogger("adrec.ranking.benchmark").info("\n%s", sys_out)
     return 0

@@ -1,11 +1,13 @@
 """FGSM on the fusion model's input embeddings: adversarial training and a robustness evaluation.
 
 The perturbed inputs are what :meth:`FusionModel.embed` returns: the feature embeddings (every
-``f:`` field, the pooled multi-valued fields, the candidate's and the history items' id and
-attribute embeddings), the item text vectors that enter the model (the pooled encoder outputs,
-cached or fresh) and, when the encoder is trained, the token-level inputs of its trainable part
-(token embeddings for ``full``; the hidden states entering the trainable top layers for ``last_n``).
-Each is moved by ``epsilon * sign(grad)``, so the perturbation is bounded by ``epsilon`` in L-inf.
+``f:`` field and the pooled multi-valued fields of each row; the id and attribute embeddings of the
+batch's items, candidates and history alike), the item text vectors that enter the model (the pooled
+encoder outputs, cached or fresh) and, when the encoder is trained, the token-level inputs of its
+trainable part (token embeddings for ``full``; the hidden states entering the trainable top layers
+for ``last_n``). Item-side inputs are perturbed once per item of the batch (an item that appears as
+candidate and in histories gets one perturbation). Each input moves by ``epsilon * sign(grad)``, so
+the perturbation is bounded by ``epsilon`` in L-inf.
 """
 
 from __future__ import annotations

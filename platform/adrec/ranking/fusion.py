@@ -131,7 +131,7 @@ class FusionRanker(Ranker):
         device = self.model.device
         return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
 
-    def logits(self, rows: pd.DataFrame, batch_size: int = 8192) -> np.ndarray:
+    def logits(self, rows: pd.DataFrame, batch_size: int = 512) -> np.ndarray:
         """Raw (uncalibrated) logits."""
         self.model.eval()
         out = []

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # Input embeddings FGSM may perturb; "tokens" are the token-level inputs of the trainable encoder part.
 # (Member i > 0 of an ensemble has its feature embeddings under "m<i>.<key>".)
-EMBED_KEYS = ("fields", "multi", "cand_id", "hist_id", "cand_attr", "hist_attr", "cand_text", "hist_text", "tokens")
+EMBED_KEYS = ("fields", "multi", "item_id", "item_attr", "item_text", "tokens")
 
 
 class TextTower(nn.Module):
@@ -110,15 +110,16 @@ class TextTower(nn.Module):
             was = self.encoder.training
             self.encoder.eval()
             n, t_max = self.tok_ids.shape
-            lower = torch.zeros(n, t_max, self.hidden_size)
-            idx = self._order(torch.arange(1, n))
+            device = self.tok_ids.device
+            lower = torch.zeros(n, t_max, self.hidden_size, device=device)
+            idx = self._order(torch.arange(1, n, device=device))
             for i in range(0, len(idx), batch_size):
                 chunk = idx[i:i + batch_size]
                 mask = self.tok_mask[chunk]
                 t = int(mask.sum(1).max().clamp(min=1))
                 out = self.encoder(input_ids=self.tok_ids[chunk, :t], attention_mask=mask[:, :t], output_hidden_states=True)
                 lower[chunk, :t] = out.hidden_states[n_layers - self.n_top]
-            self.lower = lower.to(self.tok_ids.device)
+            self.lower = lower
             self.encoder.train(was)
         self.refresh(batch_size)
 
@@ -294,12 +295,15 @@ class FusionModel(nn.Module):
     def embed(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every input embedding of a batch (FGSM perturbs these).
 
-        Text inputs are shared by the members; member i > 0 has its feature embeddings under "m<i>.<name>".
+        Item-side inputs are per unique item of the batch (candidates and history items together):
+        ``item_text`` (U, H) pooled text, ``item_id`` / ``item_attr`` (U, k); ``tokens`` are the
+        token-level inputs of the trainable encoder part for the ``fresh`` items. Row-side inputs:
+        ``fields`` (B, F, k), ``multi`` (B, M, k). Text inputs are shared by the ensemble members;
+        member i > 0 has its own feature embeddings under "m<i>.<name>".
         """
-        item, hist = b["item"], b["hist"]
-        e: dict[str, torch.Tensor] = {}
-        pooled = self.text.pooled
-        e["cand_text"], e["hist_text"] = pooled[item], pooled[hist]
+        item = b["item"]
+        uniq, _ = self._index(b)
+        e: dict[str, torch.Tensor] = {"item_text": self.text.pooled[uniq]}
         if "fresh" in b and b["fresh"].numel():
             e["tokens"], b["fresh_mask"] = self.text.token_inputs(b["fresh"])
         for i, h in enumerate(self.members):
@@ -308,38 +312,61 @@ class FusionModel(nn.Module):
             if self.multi_names:
                 ents = [item if kind == "item" else b["user"] for kind in self.multi_kind]
                 e[key("multi")] = torch.stack([self._pool_multi(h, j, ent) for j, ent in enumerate(ents)], dim=1)
-            e[key("cand_id")], e[key("hist_id")] = self._id(h, item), self._id(h, hist)
-            e[key("cand_attr")], e[key("hist_attr")] = self._attr(h, item), self._attr(h, hist)
+            e[key("item_id")], e[key("item_attr")] = self._id(h, uniq), self._attr(h, uniq)
         return e
 
+    @staticmethod
+    def _index(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's unique items (sorted codes, U) and, per row, the index of its candidate and
+        history items among them (B, 1 + L). Cached in ``b`` by :meth:`embed`; recomputed (the same
+        result: ``torch.unique`` sorts) when a caller hands :meth:`member_logits` a copy of the batch
+        that did not go through :meth:`embed`, as the online learner does."""
+        if "_uniq" not in b or "_inv" not in b:
+            b["_uniq"], b["_inv"] = torch.unique(torch.cat([b["item"].unsqueeze(1), b["hist"]], dim=1),
+                                                 return_inverse=True)
+        return b["_uniq"], b["_inv"]
+
     # ---- everything after the inputs ------------------------------------------------------------
-    def _text(self, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        item, hist = b["item"], b["hist"]
-        cand_text, hist_text = e["cand_text"], e["hist_text"]
+    def _text(self, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(U, H) pooled text of the batch's unique items: cached, or fresh from the trainable layers."""
+        text = e["item_text"]
         if "tokens" in e:
-            fresh = b["fresh"]
-            vec = self.text.encode_tokens(e["tokens"], b["fresh_mask"]).to(cand_text.dtype)
-            slot = torch.full((self.text.pooled.shape[0],), -1, dtype=torch.long, device=item.device)
-            slot[fresh] = torch.arange(len(fresh), device=item.device)
-            sc, sh = slot[item], slot[hist]
-            cand_text = torch.where((sc >= 0).unsqueeze(-1), vec[sc.clamp(min=0)], cand_text)
-            hist_text = torch.where((sh >= 0).unsqueeze(-1), vec[sh.clamp(min=0)], hist_text)
-        return cand_text, hist_text
+            fresh, (uniq, _) = b["fresh"], self._index(b)
+            mask = b["fresh_mask"] if "fresh_mask" in b else self.text.token_inputs(fresh)[1]
+            vec = self.text.encode_tokens(e["tokens"], mask).to(text.dtype)
+            slot = torch.full((self.text.pooled.shape[0],), -1, dtype=torch.long, device=uniq.device)
+            slot[fresh] = torch.arange(len(fresh), device=uniq.device)
+            su = slot[uniq]
+            text = torch.where((su >= 0).unsqueeze(-1), vec[su.clamp(min=0)], text)
+        return text
+
+    @staticmethod
+    def _attention(h: FusionHead, vec: torch.Tensor, inv: torch.Tensor, cand: torch.Tensor,
+                   hv: torch.Tensor) -> torch.Tensor:
+        """DIN scores ``att([h, q, h*q, h-q])`` with the first layer split by input block, so the
+        history-only and candidate-only parts run once per item / row instead of per (row, position)."""
+        lin1, act, lin2 = h.att[0], h.att[1], h.att[2]
+        w_h, w_q, w_p, w_d = lin1.weight.split(hv.shape[-1], dim=1)
+        per_item = vec @ (w_h + w_d).t()  # (U, att)
+        pos = h.pos @ (w_h + w_d).t()  # (L, att): the position part of h
+        hid = per_item[inv[:, 1:]] + pos + (cand @ (w_q - w_d).t() + lin1.bias).unsqueeze(1) \
+            + (hv * cand.unsqueeze(1)) @ w_p.t()
+        return lin2(act(hid)).squeeze(-1)
 
     def _head(self, i: int, h: FusionHead, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
-              cand_text: torch.Tensor, hist_text: torch.Tensor) -> torch.Tensor:
+              text: torch.Tensor) -> torch.Tensor:
         key = lambda name: self._key(i, name)  # noqa: E731
-        item, hist = b["item"], b["hist"]
-        if not h.use_hist:
-            hist = torch.zeros_like(hist)
-        t_c, t_h = h.text_proj(cand_text), h.text_proj(hist_text)
-        t_c = t_c * (item > 0).unsqueeze(-1).to(t_c.dtype)
-        t_h = t_h * (hist > 0).unsqueeze(-1).to(t_h.dtype)
-        cand = torch.cat([e[key("cand_id")], e[key("cand_attr")], t_c], dim=-1)  # (B, 3k)
-        hv = torch.cat([e[key("hist_id")], e[key("hist_attr")], t_h], dim=-1) + h.pos  # (B, L, 3k)
+        uniq, inv = self._index(b)
+        hist = b["hist"]
+        known = (uniq > 0).unsqueeze(-1)
+        t_u = h.text_proj(text) * known.to(text.dtype)
+        vec = torch.cat([e[key("item_id")], e[key("item_attr")], t_u], dim=-1)  # (U, 3k)
+        cand, t_c = vec[inv[:, 0]], t_u[inv[:, 0]]  # (B, 3k), (B, k)
         mask = hist > 0
-        q = cand.unsqueeze(1).expand_as(hv)
-        scores = h.att(torch.cat([hv, q, hv * q, hv - q], dim=-1)).squeeze(-1)
+        if not h.use_hist:
+            mask = torch.zeros_like(mask)
+        hv = vec[inv[:, 1:]] + h.pos  # (B, L, 3k)
+        scores = self._attention(h, vec, inv, cand, hv)
         scores = scores.masked_fill(~mask, float("-inf"))
         w = torch.softmax(scores, dim=-1)
         w = torch.nan_to_num(w, nan=0.0) * mask.to(w.dtype)
@@ -362,8 +389,8 @@ class FusionModel(nn.Module):
 
     def member_logits(self, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
         """(members, B) logits; training fits each member on its own (a deep ensemble)."""
-        cand_text, hist_text = self._text(e, b)
-        return torch.stack([self._head(i, h, e, b, cand_text, hist_text) for i, h in enumerate(self.members)])
+        text = self._text(e, b)
+        return torch.stack([self._head(i, h, e, b, text) for i, h in enumerate(self.members)])
 
     def forward_from(self, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.member_logits(e, b).mean(0)

@@ -175,18 +175,26 @@ class _Step(nn.Module):
 class _EMA:
     """Exponential moving average of the trainable weights (a cheap ensemble over training steps)."""
 
+    _STEPS = "__ema_steps__"  # the update count, kept with the checkpointed shadow weights
+
     def __init__(self, model, decay: float):
         self.decay = decay
+        self.steps = 0
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
 
     @torch.no_grad()
     def update(self) -> None:
+        # Warm-up (as tf.train.ExponentialMovingAverage's num_updates): the effective decay grows with
+        # the step count, so a short fit (a few dozen steps) is not averaged back to its initial weights.
+        self.steps += 1
+        decay = min(self.decay, (1.0 + self.steps) / (10.0 + self.steps))
         for n, p in self.params.items():
-            self.shadow[n].lerp_(p.detach(), 1.0 - self.decay)
+            self.shadow[n].lerp_(p.detach(), 1.0 - decay)
 
     @torch.no_grad()
     def reset(self) -> None:
+        self.steps = 0
         for n, p in self.params.items():
             self.shadow[n].copy_(p.detach())
 
@@ -199,16 +207,17 @@ class _EMA:
             self.shadow[n].copy_(tmp)
 
     def state(self) -> dict:
-        return {n: t.cpu().clone() for n, t in self.shadow.items()}
+        return {**{n: t.cpu().clone() for n, t in self.shadow.items()}, self._STEPS: torch.tensor(self.steps)}
 
     @torch.no_grad()
     def load(self, state: dict) -> None:
+        self.steps = int(state.get(self._STEPS, 0))
         for n, t in state.items():
             if n in self.shadow:
                 self.shadow[n].copy_(t)
 
 
-def _predict_logits(model, arrays: dict[str, np.ndarray], device, batch_size: int = 8192) -> np.ndarray:
+def _predict_logits(model, arrays: dict[str, np.ndarray], device, batch_size: int = 1024) -> np.ndarray:
     model.eval()
     out = []
     n = len(arrays["item"])
@@ -245,10 +254,8 @@ def _fit(cfg: RankerConfig, data: dict, session) -> FusionRanker:
     ctr = float(np.clip(train["label"].mean(), 1e-4, 1 - 1e-4))
     model.init_bias(math.log(ctr / (1 - ctr)))
     init_state = {k: v.clone() for k, v in model.trainable_state().items()}
-    model.text.prepare_training()
     model.to(device)
-    if model.text.lower is not None:
-        model.text.lower = model.text.lower.to(device)
+    model.text.prepare_training()  # on the device: the frozen lower layers run once, where training runs
 
     def new_optimizer():
         groups = [{"params": model.head_parameters(), "lr": cfg.lr}]
@@ -357,6 +364,9 @@ def _fit(cfg: RankerConfig, data: dict, session) -> FusionRanker:
         if cfg.fail_after_epoch == st["epoch"] and not resumed:
             raise RuntimeError(f"fail_after_epoch={st['epoch']}: test hook, the worker fails once after this checkpoint")
 
+    if resumed and not (st["phase"] == "refit" and st["refit_done"] == 0):
+        averaged(lambda: None)  # the text cache as it was after the checkpointed epoch
+
     # ---- phase 1: train on train, select on valid ----
     if st["phase"] == "select":
         for epoch in range(st["epoch"] + 1, cfg.epochs + 1):
@@ -410,8 +420,8 @@ def _fit(cfg: RankerConfig, data: dict, session) -> FusionRanker:
             if r == st["best_epoch"]:
                 weights, pooled = averaged(snapshot)
                 st.update(phase="done", final_state=weights, final_pooled=pooled)
-            elif model.text.trainable:
-                model.text.refresh()
+            else:
+                averaged(lambda: None)  # the next epoch reads the text cache of the averaged weights
             metrics = {"epoch": epoch, "phase": "refit", "refit_epoch": r, "train_loss": loss,
                        "best_auc": st["best_auc"], "best_epoch": st["best_epoch"], "start_epoch": start_epoch,
                        "steps_per_s": steps / max(secs, 1e-9), "seconds": secs, "world_size": world,
@@ -486,8 +496,10 @@ def resume_key(cfg: RankerConfig, data_fingerprint: str = "") -> str:
 
 
 def _data_fingerprint(run: RunDir, features) -> str:
+    """What the training data is: the prepare stage's run (data fingerprint, time) and the feature spec."""
     m = run.manifest().get("stages", {}).get("prepare", {})
-    return str(m.get("data_fingerprint", "")) + f":{len(features.interactions)}"
+    spec = hashlib.sha256(json.dumps(asdict(features.spec), sort_keys=True, default=str).encode()).hexdigest()
+    return f"{m.get('data_fingerprint', '')}:{m.get('finished_at', '')}:{spec[:16]}:{len(features.interactions)}"
 
 
 def train_ranker(cfg: AdrecConfig, run: RunDir, features=None) -> dict:
