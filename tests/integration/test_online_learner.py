@@ -109,6 +109,13 @@ def test_learner_scores_before_learning_publishes_and_folds_in(tiny_run, log_pat
     assert len(rec_v.history[idx]) > 0  # their clicks are their history now
     out = rec_v.recommend(NEWCOMERS[0], 5)
     assert len(out) == 5
+    # The two-stage recommender travels with online versions: base users keep its order (newcomers, beyond
+    # its users, took the fold-in path above), and their impressions since never come back.
+    assert rec_v.two_stage is not None and cand.final is None
+    for u in range(3):
+        base_cand = rec_v.candidates(u, 20)
+        assert base_cand.final is not None and len(base_cand.items) == 20
+        assert not set(base_cand.items.tolist()) & set(rec_v.seen[u].indices.tolist())
     assert pseudonymize(NEWCOMERS[0], KEY) in set(pd.read_parquet(latest / "features" / "users.parquet")["user"])
 
 
