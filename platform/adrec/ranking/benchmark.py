@@ -57,13 +57,18 @@ def _adrec(cfg: AdrecConfig, run: RunDir, features, seed: int) -> dict:
     ranker = FusionRanker.load(run.ranker)
     test = features.rows("test")
     pred = ranker.predict(test)
-    return {"pred": pred, "valid_auc": summary["valid_auc"], "seconds": time.perf_counter() - t0,
+    return {"pred": pred, "valid_auc": summary["valid_auc"], "seconds": time.perf_counter() - t0, "ranker": ranker,
             "choice": {"best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
                        "train_seconds": summary["seconds"]}}
 
 
-def robustness(cfg: AdrecConfig, run: RunDir, features, epsilon_train: float, seed: int = 0) -> dict:
-    """FGSM robustness AUC (``cfg.eval.fgsm_epsilons``) of adrec trained without and with FGSM."""
+def robustness(cfg: AdrecConfig, run: RunDir, features, epsilon_train: float, seed: int = 0,
+               trained: dict | None = None) -> dict:
+    """FGSM robustness AUC (``cfg.eval.fgsm_epsilons``) of adrec trained without and with FGSM.
+
+    ``trained``: rankers already trained with this config and ``seed``, by their FGSM epsilon (the
+    benchmark's own seed run without FGSM): reused rather than trained again.
+    """
     from adrec.ranking.fgsm import robustness_auc
     from adrec.ranking.fusion import FusionRanker
     from adrec.ranking.train import train_ranker
@@ -71,9 +76,11 @@ def robustness(cfg: AdrecConfig, run: RunDir, features, epsilon_train: float, se
     test = features.rows("test")
     out = {}
     for eps_train in (0.0, epsilon_train):
-        rc = cfg.ranker.model_copy(update={"seed": seed, "fgsm_epsilon": eps_train})
-        train_ranker(cfg.model_copy(update={"ranker": rc}), run, features=features)
-        ranker = FusionRanker.load(run.ranker)
+        ranker = (trained or {}).get(eps_train)
+        if ranker is None:
+            rc = cfg.ranker.model_copy(update={"seed": seed, "fgsm_epsilon": eps_train})
+            train_ranker(cfg.model_copy(update={"ranker": rc}), run, features=features)
+            ranker = FusionRanker.load(run.ranker)
         out[f"fgsm_train_{eps_train:g}"] = {str(k): v for k, v in
                                             robustness_auc(ranker, test, cfg.eval.fgsm_epsilons).items()}
     return out
@@ -118,12 +125,15 @@ def run_benchmark(datasets: list[str], out: str | Path, data_dir: str | None = N
                         "test_ctr": float(y.mean()), "prepare_seconds": round(prep_s, 2), "models": {},
                         "ranker_config": json.loads(cfg.ranker.model_dump_json())}
         log.info("benchmark %s: %s rows, test CTR %.4f", ds_name, ds_out["rows"], ds_out["test_ctr"])
+        trained = {}  # adrec of the first seed, without FGSM: the robustness table's first row
         for model in models:
             runs, skipped = [], None
             for seed in seeds:
                 if model == ADREC:
                     r = _adrec(cfg, run, features, seed)
                     pred, valid_auc, secs, choice = r["pred"], r["valid_auc"], r["seconds"], r["choice"]
+                    if seed == seeds[0] and cfg.ranker.fgsm_epsilon == 0:
+                        trained[0.0] = r["ranker"]
                 else:
                     res = run_peer(model, data, seed, refit=refit, quick=quick)
                     if res.skipped:
@@ -148,7 +158,7 @@ def run_benchmark(datasets: list[str], out: str | Path, data_dir: str | None = N
             ds_out["models"][model] = entry
             _write(report | {"datasets": report["datasets"] | {ds_name: ds_out}}, out, name)
         if robustness_epsilon:
-            ds_out["robustness"] = robustness(cfg, run, features, robustness_epsilon)
+            ds_out["robustness"] = robustness(cfg, run, features, robustness_epsilon, seed=seeds[0], trained=trained)
         ds_out["target"] = target_check(ds_out)
         report["datasets"][ds_name] = ds_out
         _write(report, out, name)
@@ -194,7 +204,8 @@ def markdown(report: dict) -> str:
             rob = ds["robustness"]
             eps = sorted({float(k) for res in rob.values() for k in res})
             lines += ["", "FGSM robustness: adrec's test AUC under a one-step FGSM attack of L-inf size epsilon on "
-                          "every input embedding (seed 0), trained without and with FGSM adversarial training:", "",
+                          f"every input embedding (seed {report['protocol']['seeds'][0]}), trained without and with FGSM "
+                          "adversarial training:", "",
                       "| adrec trained | " + " | ".join(f"eps {e:g}" for e in eps) + " |",
                       "|---|" + "---|" * len(eps)]
             for variant, res in rob.items():
