@@ -60,6 +60,12 @@ def test_evaluate_writes_every_metric_and_predictions(tiny_run, tiny_cfg):
     assert len(preds) == len(test_rows) and preds["prob"].between(0, 1).all()
     report = (tiny_run.report / "report.md").read_text()
     assert "roc.png" in report and "calibration.png" in report
+    # Robustness: AUC under FGSM at every configured epsilon, epsilon 0 being the clean test AUC.
+    rob = {float(k.split("=")[1]): v for k, v in on_disk.items() if k.startswith("robustness.auc@eps=")}
+    assert set(rob) == {0.0, *tiny_cfg.eval.fgsm_epsilons}
+    assert rob[0.0] == pytest.approx(on_disk["ctr.auc"], abs=1e-3)  # the attack at 0 changes nothing
+    assert rob[max(rob)] < rob[0.0]  # an attack against the labels lowers the AUC
+    assert "robustness.png" in report and "trained without adversarial training" in report
 
 
 def test_candidates_stage_fits_the_two_stage_recommender_into_the_version(tiny_run):

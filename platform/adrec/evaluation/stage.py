@@ -25,7 +25,7 @@ from adrec.data.ingest import _read_table
 from adrec.data.privacy import pseudonym_map, resolve_key
 from adrec.data.schema import load_schema
 from adrec.evaluation.metrics import ctr_metrics, rank_candidates, topk_metrics
-from adrec.evaluation.plots import plot_calibration, plot_roc
+from adrec.evaluation.plots import plot_calibration, plot_robustness, plot_roc
 from adrec.evaluation.report import markdown_table, write_report
 from adrec.features.split import TEST
 from adrec.run import RunDir
@@ -62,6 +62,32 @@ def topk_lists(rec, users: np.ndarray, n_candidates: int, k: int, batch_users: i
         tops.append(rank_candidates(ids, scores, k))
         cands.append(ids)
     return np.concatenate(tops), np.concatenate(cands)
+
+
+def robustness(ranker, test: pd.DataFrame, epsilons, report: Path) -> tuple[dict[str, float], str, Path | None]:
+    """Test AUC under a one-step FGSM attack at each epsilon (metrics, a markdown section, the plot).
+
+    Only rankers with input embeddings to perturb (the fusion ranker) are attacked; others get a note.
+    """
+    if not epsilons:
+        return {}, "No epsilons configured (eval.fgsm_epsilons).", None
+    if not hasattr(getattr(ranker, "model", None), "embed"):
+        return {}, f"Not measured: the {type(ranker).__name__} has no input embeddings to attack.", None
+    from adrec.ranking.fgsm import robustness_auc
+
+    by_eps = robustness_auc(ranker, test, sorted({0.0, *map(float, epsilons)}))
+    trained = float(getattr(ranker.cfg, "fgsm_epsilon", 0.0) or 0.0)
+    how = f"with FGSM adversarial training (epsilon {trained:g})" if trained > 0 else \
+        "without adversarial training (ranker.fgsm_epsilon = 0)"
+    clean = by_eps[0.0]
+    table = markdown_table([{"epsilon": e, "test AUC": a, "change vs clean": a - clean} for e, a in by_eps.items()])
+    body = (f"Test AUC when every input embedding of the ranker (feature, id, attribute and item text "
+            f"embeddings) is moved by a one-step FGSM attack of L-inf size epsilon against the true labels. "
+            f"This ranker was trained {how}; `pipelines/benchmark_ranker.py --robustness EPS` compares "
+            f"both trainings side by side.\n\n{table}")
+    label = f"adrec ranker ({'FGSM ' + format(trained, 'g') if trained > 0 else 'no adversarial training'})"
+    img = plot_robustness({label: by_eps}, report / "robustness.png", title="Test AUC under FGSM")
+    return {f"robustness.auc@eps={e:g}": a for e, a in by_eps.items()}, body, img
 
 
 def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict[str, float]:
@@ -110,6 +136,10 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
         "ROC curve (test impressions)": plot_roc(y, probs, report / "roc.png", label="adrec ranker"),
         "Calibration (test impressions)": plot_calibration(y, probs, report / "calibration.png"),
     }
+    rob_metrics, rob_body, rob_img = robustness(rec.ranker, test, cfg.eval.fgsm_epsilons, report)
+    metrics.update(rob_metrics)
+    if rob_img is not None:
+        images["Robustness: test AUC under FGSM"] = rob_img
     tables = {}
     recall_path = run.candidates / "recall.json"
     if recall_path.exists():
@@ -127,6 +157,7 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
                f"candidates ({cfg.eval.candidate_k} per user, train items excluded) ranked by the ranker")
             + f", ties to the lower item index. Model version {rec.version['version']}."
         ),
+        "Robustness (FGSM)": rob_body,
     }
     write_report(report, metrics, sections=sections, images=images, tables=tables, title=f"adrec report: {run.path.name}")
     run.update_manifest("evaluate", {"metrics": metrics, "seconds": round(time.perf_counter() - t0, 2)})
