@@ -378,6 +378,25 @@ def test_encoder_per_request_ranker_scores_like_the_cached_one(served, tiny_cfg)
     assert rec.ranker.model.text.pooled.abs().sum() > 0  # the cache is back in place afterwards
 
 
+def test_batched_scoring_equals_scoring_each_request(served):
+    """A ranking batch (users, candidate lists and contexts mixed) scores each request as rank() alone does."""
+    import numpy as np
+
+    from adrec.serving.app import _score
+    from adrec.serving.recommender import Recommender
+
+    if served["topology"] != "graph":
+        pytest.skip("in-process only: checked once, with the graph app")
+    rec = Recommender(served["run"].model)
+    users = [0, 1, -1, 0, 2]
+    contexts = [{}, {"slot": "1"}, {"slot": "1", "device": "mobile"}, {"slot": "2"}, {}]
+    items = [rec.candidates(u, 30, c).items[:n] for u, c, n in zip(users, contexts, [10, 30, 5, 10, 1])]
+    got = _score(rec, users, items, contexts)
+    for u, it, c, g in zip(users, items, contexts, got):
+        np.testing.assert_allclose(g, rec.rank(u, it, c), rtol=1e-5, atol=1e-6)
+    assert len({tuple(np.round(g[:5], 6)) for g in got[:2]}) == 2  # different users, different scores
+
+
 def test_benchmark_smoke(served, tiny_cfg, tmp_path):
     from adrec.serving.loadtest import run_benchmark, write_report
 

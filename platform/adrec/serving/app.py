@@ -318,7 +318,8 @@ class RankerDeployment:
         fut = asyncio.get_running_loop().create_future()
         self._loading[version] = fut
         try:
-            rec = await asyncio.to_thread(Recommender, model_dir, None, True)
+            # Scoring only: the two-stage model (candidate order) stays with the candidate replicas.
+            rec = await asyncio.to_thread(Recommender, model_dir, None, True, False)
             if rec.version_id != version:
                 raise LookupError(f"{model_dir} holds version {rec.version_id}, not the requested {version}")
             self._models[version] = rec

@@ -448,6 +448,9 @@ def build_parser():
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--topologies", default="graph,fused", help="Serve topologies to measure side by side")
     ap.add_argument("--repeats", type=int, default=3, help="runs per (topology, concurrency); medians reported")
+    ap.add_argument("--replicas", type=int, default=2,
+                    help="replicas of what holds the ranker (graph: RankerDeployment, fused: Ingress); each computes "
+                         "on one thread, so 2 uses both cores of a 2-core machine")
     return ap
 
 
@@ -475,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     # log: the benchmark sends none, and must not touch the run's.
     topologies = [t.strip() for t in args.topologies.split(",") if t.strip()]
     apps = {t: AppArgs.from_config(cfg, run.path, host="127.0.0.1", port=args.port, app_name=f"adrec-bench-{t}",
-                                   route_prefix=f"/{t}", topology=t,
+                                   route_prefix=f"/{t}", topology=t, ranker_replicas=args.replicas,
                                    feedback_log=str(Path(args.out).resolve() / "feedback.jsonl"))
             for t in topologies}
     try:
@@ -488,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                                encoder_requests=args.encoder_requests, k=args.k, api_key=api_key,
                                repeats=args.repeats)
         report["settings"] = {"max_ongoing_requests": app.max_ongoing_requests, "max_batch_size": app.max_batch_size,
-                              "ranker_replicas": app.ranker_replicas, "n_candidates": app.n_candidates,
+                              "replicas": args.replicas, "n_candidates": app.n_candidates,
                               "num_cpus_per_replica": app.num_cpus_per_replica, "topologies": topologies}
         report["command"] = "python pipelines/benchmark_serving.py " + " ".join(argv if argv is not None else sys.argv[1:])
         js, md = write_report(report, args.out)

@@ -119,14 +119,20 @@ class Recommender:
     def rows(self, user_idx: np.ndarray, item_idx: np.ndarray, context: dict | None = None,
              hist: list[np.ndarray] | None = None) -> pd.DataFrame:
         """Ranker input rows, encoded with the version's feature spec (the training encoding)."""
-        frame = pd.DataFrame({"user_idx": np.asarray(user_idx, dtype=np.int64), "item_idx": np.asarray(item_idx, dtype=np.int64)})
+        # Serving calls this once per request with ~10-100 rows: pandas' per-call overhead is the cost,
+        # so one frame construction and in-place inserts instead of column assignments and a concat.
+        u = np.asarray(user_idx, dtype=np.int64)
+        it = np.asarray(item_idx, dtype=np.int64)
+        cols: dict[str, np.ndarray] = {"user_idx": u, "item_idx": it}
         for c in self.spec.context:
-            frame[c] = str((context or {}).get(c.removeprefix("ctx."), ""))
-        codes = self.spec.encode_rows(frame, self.user_codes, self.item_codes)
-        out = pd.concat([frame[["user_idx", "item_idx"]], codes], axis=1)
+            cols[c] = np.full(len(it), str((context or {}).get(c.removeprefix("ctx."), "")), dtype=object)
+        out = self.spec.encode_rows(pd.DataFrame(cols), self.user_codes, self.item_codes)
+        out.insert(0, "item_idx", it)
+        out.insert(0, "user_idx", u)
         if hist is None:
             empty = np.empty(0, np.int64)
-            hist = [self.history[u] if 0 <= u < len(self.history) else empty for u in out["user_idx"]]
+            n_hist = len(self.history)
+            hist = [self.history[x] if 0 <= x < n_hist else empty for x in u.tolist()]
         out["hist"] = hist
         return out
 
