@@ -227,6 +227,9 @@ class EvalConfig(_Strict):
 
 
 class ServeConfig(_Strict):
+    # "fused": the whole model in the Ingress replicas (the fewest hops; the default on a few cores);
+    # "graph": Ingress -> CandidateDeployment -> RankerDeployment, each stage scaled on its own.
+    topology: Literal["graph", "fused"] = "fused"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = "/"
@@ -243,6 +246,9 @@ class ServeConfig(_Strict):
     # > ranker_replicas turns on autoscaling of the ranker between the two.
     ranker_max_replicas: int | None = Field(None, ge=1)
     n_candidates: int = Field(100, ge=1)
+    # Versions with at most this many known users get every user's two-stage list computed when they
+    # load (seconds, a few bytes per item), so a request only looks it up; 0 = compute per request.
+    precompute_max_users: int = Field(200_000, ge=0)
     # @serve.batch of the ranker: requests per batch and how long a batch may wait to fill.
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.002, ge=0)

@@ -103,6 +103,25 @@ def test_evaluate_scores_the_served_two_stage_lists(tiny_run, tiny_cfg):
     assert again["topk.recall@10"] == pytest.approx(metrics["topk.recall@10"])
 
 
+def test_precomputed_two_stage_lists_are_the_per_request_ones(tiny_run):
+    """Serving precomputes every known user's list at version load; a lookup must equal the re-ranking."""
+    from adrec.serving.recommender import Recommender
+
+    rec = Recommender(tiny_run.model, None, load_ranker=False)
+    users = range(rec.two_stage.n_users)
+    fresh = [rec.candidates(u, 30) for u in users]
+    assert rec.precompute_lists(40, max_users=rec.two_stage.n_users)
+    for u, want in zip(users, fresh):
+        got = rec.candidates(u, 30)
+        assert got.items.tolist() == want.items.tolist() and got.sources == want.sources
+        np.testing.assert_allclose(got.final, want.final)
+    assert any(len(c.items) for c in fresh)
+    # a longer list than precomputed takes the per-request path; a version over the user bound is not precomputed
+    plain = Recommender(tiny_run.model, None, load_ranker=False)
+    assert rec.candidates(0, 50).items.tolist() == plain.candidates(0, 50).items.tolist()
+    assert not plain.precompute_lists(40, max_users=0) and plain._lists is None
+
+
 def _adrec(*args, timeout=120):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "adrec.cli", *args], capture_output=True, text=True,

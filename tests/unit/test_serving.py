@@ -218,7 +218,12 @@ def test_serve_apps_config_is_a_valid_serve_config(name, topology, scaled):
 def test_app_args_topology_is_checked():
     from adrec.serving.app import AppArgs
 
-    assert AppArgs(model_dir="m").topology == "graph"
-    assert AppArgs(model_dir="m", topology="fused").topology == "fused"
+    from adrec.config import build_config
+
+    assert AppArgs(model_dir="m").topology == "fused"
+    assert AppArgs(model_dir="m", topology="graph").topology == "graph"
+    # The run config carries it: `adrec serve --set serve.topology=graph`.
+    cfg = build_config(overrides=["serve.topology=graph"])
+    assert AppArgs.from_config(cfg, "/tmp/r").topology == "graph"
     with pytest.raises(ValueError, match="topology"):
         AppArgs(model_dir="m", topology="mesh")

@@ -38,7 +38,7 @@ import os
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -75,10 +75,8 @@ class AppArgs(ServeConfig):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     model_dir: str = Field(min_length=1)
-    # "graph": Ingress -> CandidateDeployment -> RankerDeployment; "fused": all of it in the Ingress
-    # replicas (see the module docstring). The `deployments` of a Serve config must name this
-    # topology's deployments (Serve rejects overrides of deployments the app does not have).
-    topology: Literal["graph", "fused"] = "graph"
+    # ``topology`` (a ServeConfig field, see the module docstring): the `deployments` of a Serve config
+    # must name that topology's deployments (Serve rejects overrides of deployments the app does not have).
     # The key that pseudonymized the data set's user ids: literal, else this file, else $pseudonym_key_env,
     # else <model_dir>/../secrets/pseudonym.key (where `adrec prepare` keeps a generated key).
     pseudonym_key: SecretStr | None = None
@@ -264,18 +262,27 @@ async def _recommend(rec, n_candidates: int, user: str, k: int, context: dict, e
     return result
 
 
-async def _reload(rec, model_dir: str | None, config: dict, load_ranker: bool):
+def _load_candidate_side(model_dir: str, load_ranker: bool, settings: AppArgs):
+    """A :class:`Recommender` that produces candidates, with its known users' two-stage lists
+    precomputed (up to ``settings.precompute_max_users`` users): one batched pass per version load
+    instead of a re-ranking per request."""
+    from adrec.serving.recommender import Recommender
+
+    rec = Recommender(model_dir, None, load_ranker)
+    rec.precompute_lists(max(settings.n_candidates, settings.max_k), settings.precompute_max_users)
+    return rec
+
+
+async def _reload(rec, model_dir: str | None, config: dict, load_ranker: bool, settings: AppArgs):
     """The :class:`Recommender` for a ``user_config``, or None when ``rec`` already serves it.
 
     Loaded in a thread: requests keep flowing on the old version until the caller swaps.
     """
-    from adrec.serving.recommender import Recommender
-
     new_dir = str(config["model_dir"])
     want = str(config.get("version") or "")
     if rec is not None and new_dir == model_dir and want in ("", rec.version_id):
         return None
-    new = await asyncio.to_thread(Recommender, new_dir, None, load_ranker)
+    new = await asyncio.to_thread(_load_candidate_side, new_dir, load_ranker, settings)
     if want and new.version_id != want:
         raise ValueError(f"{new_dir} holds version {new.version_id}, not {want}")
     return new
@@ -371,7 +378,7 @@ class CandidateDeployment:
         self.model_dir: str | None = None
 
     async def reconfigure(self, config: dict) -> None:
-        rec = await _reload(self.rec, self.model_dir, config, load_ranker=False)
+        rec = await _reload(self.rec, self.model_dir, config, load_ranker=False, settings=self.settings)
         if rec is not None:
             self.rec, self.model_dir = rec, str(config["model_dir"])  # a request sees the old or the new, whole
             log.info("candidates serving version %s", rec.version_id)
@@ -488,7 +495,7 @@ class Ingress:
 
     # ---- fused topology: the model version lives in this replica --------------------------------------
     async def reconfigure(self, config: dict) -> None:
-        rec = await _reload(self.rec, self.model_dir, config, load_ranker=True)
+        rec = await _reload(self.rec, self.model_dir, config, load_ranker=True, settings=self.settings)
         if rec is not None:
             self.rec, self.model_dir = rec, str(config["model_dir"])  # a request sees the old or the new, whole
             log.info("fused ingress serving version %s", rec.version_id)
