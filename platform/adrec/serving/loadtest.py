@@ -240,6 +240,11 @@ def request_bodies(users: list[str], n: int, k: int = 10, unknown_share: float =
 
 
 # ---- the benchmark --------------------------------------------------------------------------------------
+#: The target name of Serve's floor: what the HTTP proxy, one FastAPI replica hop and the load client cost
+#: with no model at all. The distance from it to a topology is what the model's work adds.
+FLOOR = "floor"
+
+
 # The issue's latency target: p99 at concurrency 8 on the benchmark machine.
 TARGET_P99_MS = 100.0
 TARGET_CONCURRENCY = 8
@@ -336,12 +341,14 @@ def run_benchmark(targets: dict[str, tuple[str, str | None]], model_dir: str | P
     # Every path answers with the same top-k.
     import httpx
 
-    agree = {f"serve:{name}_vs_inprocess": 0 for name in targets} | {"encoder_vs_cached": 0}
+    agree = {f"serve:{name}_vs_inprocess": 0 for name in targets if name != FLOOR} | {"encoder_vs_cached": 0}
     checked = bodies[:20]
     with httpx.Client(headers=headers, timeout=30) as client:
         for b in checked:
             mine = [r["item"] for r in cached(b)]
             for name, (base, _) in targets.items():
+                if name == FLOOR:  # answers a constant list by design
+                    continue
                 served = [r["item"] for r in client.post(base.rstrip("/") + "/recommend", json=b).json()["items"]]
                 agree[f"serve:{name}_vs_inprocess"] += served == mine
             agree["encoder_vs_cached"] += [r["item"] for r in per_request(b)] == mine
@@ -359,7 +366,9 @@ def run_benchmark(targets: dict[str, tuple[str, str | None]], model_dir: str | P
             serve_cpu = c1.cpu_ms["total"] - c1.cpu_ms.get("client", 0.0)
             ratios[f"serve:{name}_cpu_over_inprocess_cpu_c1"] = round(serve_cpu / inproc.cpu_ms["total"], 2)
         at = next((r for r in mine if r.concurrency == TARGET_CONCURRENCY), None)
-        if at is not None:
+        if at is not None and name == FLOOR:
+            target["floor_p99_ms"] = at.p99_ms
+        elif at is not None:
             target[f"serve:{name}"] = {"p99_ms": at.p99_ms, "met": bool(at.p99_ms < TARGET_P99_MS)}
     if {"graph", "fused"} <= set(targets):
         for c in concurrency:
@@ -413,6 +422,10 @@ def markdown(report: dict) -> str:
                             f"(target < {report['target']['p99_ms_below']:.0f} ms: {'met' if got['met'] else 'not met'})")
         if ratios_line not in lines:
             lines.append(ratios_line)
+    if "floor_p99_ms" in report.get("target", {}):
+        lines.append(f"- Serve's floor (`serve:floor`: the same HTTP path to one FastAPI deployment answering a constant "
+                     f"list, no model): p99 at concurrency {report['target']['concurrency']}: "
+                     f"{report['target']['floor_p99_ms']} ms")
     graph_fused = [f"c{k.rsplit('_c', 1)[1]} {v}x" for k, v in ratios.items() if k.startswith("graph_over_fused_cpu")]
     if graph_fused:
         lines.append("- CPU per request, graph / fused: " + ", ".join(graph_fused))
@@ -453,6 +466,8 @@ def build_parser():
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--topologies", default="graph,fused", help="Serve topologies to measure side by side")
     ap.add_argument("--repeats", type=int, default=3, help="runs per (topology, concurrency); medians reported")
+    ap.add_argument("--no-floor", dest="floor", action="store_false",
+                    help="skip Serve's floor (a constant-answer app on the same proxy, measured alongside)")
     ap.add_argument("--replicas", type=int, default=2,
                     help="replicas of what holds the ranker (graph: RankerDeployment, fused: Ingress); each computes "
                          "on one thread, so 2 uses both cores of a 2-core machine")
@@ -489,6 +504,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         targets = {t: (deploy(a), a.app_name) for t, a in apps.items()}
         app = next(iter(apps.values()))
+        if args.floor:
+            # No CPU claim: the topologies' replicas hold all of the cluster's CPUs (a claim only schedules).
+            from adrec.serving.floor import floor_app
+
+            serve.run(floor_app(args.replicas, 0, app.max_ongoing_requests),
+                      name="adrec-bench-floor", route_prefix=f"/{FLOOR}")
+            targets[FLOOR] = (f"http://127.0.0.1:{args.port}/{FLOOR}", "adrec-bench-floor")
         key = app.resolved().key_bytes()
         api_key = app.api_key.get_secret_value() if app.api_key else None
         report = run_benchmark(targets, run.model, key, raw_user_ids(run), requests=args.requests,
