@@ -289,6 +289,19 @@ async def _reload(rec, model_dir: str | None, config: dict, load_ranker: bool, s
     return new
 
 
+def _settle_heap() -> None:
+    """After a model version was swapped in: put every live object out of the cyclic collector's reach.
+
+    A version's objects (~460k on MovieLens-100k) live as long as it serves, and a full collection walking
+    them took ~240 ms: a pause in the latency tail whenever one ran. Frozen, collections only walk what
+    requests allocate. The previous version first goes back under the collector, so its cycles are freed,
+    in one collection per swap, on top of the version load a rollout already costs.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 def _version_info(rec) -> dict:
     info = dict(rec.version)
     return {k: info[k] for k in ("version", "created", "run", "n_users", "n_items") if k in info}
@@ -333,6 +346,7 @@ class RankerDeployment:
             self._models[version] = rec
             while len(self._models) > KEEP_VERSIONS:  # least recently used first, never the live one
                 self._models.pop(next(v for v in self._models if v != self.current))
+            _settle_heap()
             fut.set_result(rec)
             return rec
         except BaseException as err:
@@ -382,10 +396,7 @@ class CandidateDeployment:
         rec = await _reload(self.rec, self.model_dir, config, load_ranker=False, settings=self.settings)
         if rec is not None:
             self.rec, self.model_dir = rec, str(config["model_dir"])  # a request sees the old or the new, whole
-            # The model's objects live as long as the version: out of the collector's reach, so its full
-            # collections (pauses of several ms, in the latency tail) only walk what requests allocate.
-            gc.collect()
-            gc.freeze()
+            _settle_heap()
             log.info("candidates serving version %s", rec.version_id)
 
     async def recommend(self, user: str, k: int, context: dict, explain: bool) -> dict:
@@ -503,6 +514,7 @@ class Ingress:
         rec = await _reload(self.rec, self.model_dir, config, load_ranker=True, settings=self.settings)
         if rec is not None:
             self.rec, self.model_dir = rec, str(config["model_dir"])  # a request sees the old or the new, whole
+            _settle_heap()
             log.info("fused ingress serving version %s", rec.version_id)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
