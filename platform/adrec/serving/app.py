@@ -274,19 +274,22 @@ def _load_candidate_side(model_dir: str, load_ranker: bool, settings: AppArgs):
     return rec
 
 
-async def _reload(rec, model_dir: str | None, config: dict, load_ranker: bool, settings: AppArgs):
-    """The :class:`Recommender` for a ``user_config``, or None when ``rec`` already serves it.
+async def _swap_in(owner, config: dict, load_ranker: bool, role: str) -> None:
+    """Point ``owner`` (a replica with ``rec``, ``model_dir`` and ``settings``) at a ``user_config``'s version.
 
-    Loaded in a thread: requests keep flowing on the old version until the caller swaps.
+    Loaded in a thread: requests keep flowing on the old version until the one assignment that swaps
+    (a request sees the old or the new, whole). Nothing happens when ``owner`` already serves it.
     """
     new_dir = str(config["model_dir"])
     want = str(config.get("version") or "")
-    if rec is not None and new_dir == model_dir and want in ("", rec.version_id):
-        return None
-    new = await asyncio.to_thread(_load_candidate_side, new_dir, load_ranker, settings)
-    if want and new.version_id != want:
-        raise ValueError(f"{new_dir} holds version {new.version_id}, not {want}")
-    return new
+    if owner.rec is not None and new_dir == owner.model_dir and want in ("", owner.rec.version_id):
+        return
+    rec = await asyncio.to_thread(_load_candidate_side, new_dir, load_ranker, owner.settings)
+    if want and rec.version_id != want:
+        raise ValueError(f"{new_dir} holds version {rec.version_id}, not {want}")
+    owner.rec, owner.model_dir = rec, new_dir
+    _settle_heap()
+    log.info("%s serving version %s", role, rec.version_id)
 
 
 def _settle_heap() -> None:
@@ -393,11 +396,7 @@ class CandidateDeployment:
         self.model_dir: str | None = None
 
     async def reconfigure(self, config: dict) -> None:
-        rec = await _reload(self.rec, self.model_dir, config, load_ranker=False, settings=self.settings)
-        if rec is not None:
-            self.rec, self.model_dir = rec, str(config["model_dir"])  # a request sees the old or the new, whole
-            _settle_heap()
-            log.info("candidates serving version %s", rec.version_id)
+        await _swap_in(self, config, load_ranker=False, role="candidates")
 
     async def recommend(self, user: str, k: int, context: dict, explain: bool) -> dict:
         rec, model_dir = self.rec, self.model_dir
@@ -511,11 +510,7 @@ class Ingress:
 
     # ---- fused topology: the model version lives in this replica --------------------------------------
     async def reconfigure(self, config: dict) -> None:
-        rec = await _reload(self.rec, self.model_dir, config, load_ranker=True, settings=self.settings)
-        if rec is not None:
-            self.rec, self.model_dir = rec, str(config["model_dir"])  # a request sees the old or the new, whole
-            _settle_heap()
-            log.info("fused ingress serving version %s", rec.version_id)
+        await _swap_in(self, config, load_ranker=True, role="fused ingress")
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _rank_batch(self, recs: list, users: list, items: list, contexts: list) -> list:

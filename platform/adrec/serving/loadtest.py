@@ -316,8 +316,9 @@ def run_benchmark(targets: dict[str, tuple[str, str | None]], model_dir: str | P
     from adrec.config import ServeConfig
 
     serve_cfg = ServeConfig()  # the served defaults: known users' two-stage lists precomputed at load
+    list_len = max(serve_cfg.n_candidates, serve_cfg.max_k)
     rec = Recommender(model_dir, key)
-    rec.precompute_lists(max(serve_cfg.n_candidates, serve_cfg.max_k), serve_cfg.precompute_max_users)
+    rec.precompute_lists(list_len, serve_cfg.precompute_max_users)
 
     def cached(b: dict) -> list:
         return rec.recommend(b["user_id"], b["k"], b.get("context"))
@@ -328,7 +329,7 @@ def run_benchmark(targets: dict[str, tuple[str, str | None]], model_dir: str | P
     results.append(inproc)
 
     slow = Recommender(model_dir, key)
-    slow._lists = rec._lists  # the same candidates: the ratio is the encoder's alone
+    slow.precompute_lists(list_len, serve_cfg.precompute_max_users)  # the same candidates: the ratio is the encoder's
     slow.ranker = EncoderPerRequestRanker(slow.ranker)
 
     def per_request(b: dict) -> list:

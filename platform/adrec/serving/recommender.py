@@ -71,7 +71,8 @@ class Recommender:
 
             self.two_stage = TwoStageRecommender.load(self.model_dir / "topk")
         # Known users' two-stage lists computed once for the version (see precompute_lists).
-        self._lists: tuple[np.ndarray, np.ndarray, np.ndarray, list[list[str]]] | None = None
+        # (ids, re-ranker scores, source bit masks, mask -> source names)
+        self._lists: tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, list[str]]] | None = None
 
     def precompute_lists(self, n: int, max_users: int, batch_users: int = 2048) -> bool:
         """Compute the two-stage list (``n`` items) of every known user once, in batches, so that
