@@ -262,6 +262,11 @@ class RayConfig(_Strict):
     address: str | None = None  # None: start a local Ray in-process
     num_cpus: int | None = None
     include_dashboard: bool = False
+    # How HTTP reaches Serve's ingress replicas on a Ray that adrec starts (see adrec.runtime):
+    # "haproxy": Ray's HAProxy ingress (C) forwards to the replicas' own HTTP servers (Serve's
+    # high-throughput mode); "proxy": Serve's Python proxy actor, Ray's default. A cluster started
+    # elsewhere keeps the mode it was started with (cluster.yaml starts it in "haproxy").
+    serve_ingress: Literal["haproxy", "proxy"] = "haproxy"
 
 
 class OnlineConfig(_Strict):

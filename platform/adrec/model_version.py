@@ -54,6 +54,9 @@ def publish(run: RunDir, ranker_dir: Path | None = None, target: Path | None = N
             "n_users": feats.spec.n_users, "n_items": feats.spec.n_items,
             "context_field": cand_info.get("context_field"), "topk": topk.is_dir(), **(extra or {})}
     (tmp / "version.json").write_text(json.dumps(info, indent=2))
+    from adrec.serving.recommender import store_lists  # (it reads versions: imported here, not at the top)
+
+    store_lists(tmp)  # once here, instead of in every Serve replica that loads the version
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old.{version}"

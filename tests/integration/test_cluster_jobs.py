@@ -51,7 +51,7 @@ def test_pipeline_step_runs_as_a_ray_job(tmp_path, request):
     step = ROOT / "pipelines" / "prepare.py"
     assert step.is_file(), "pipelines/prepare.py is the lead's entrypoint for `adrec prepare`"
     gcs, dash, client, mgr, objm, agent_grpc, agent_http, metrics, rtenv = _free_ports(9)
-    wlo = _free_ports(1, 30000, 39000)[0]
+    wlo = _free_ports(1, 32000, 39000)[0]  # above Serve's direct-ingress ports (30000-31000)
     ray_tmp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # short: Ray's socket paths stay < 108 bytes
     request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     run = tmp_path / "run"
@@ -92,12 +92,16 @@ def test_pipeline_step_runs_as_a_ray_job(tmp_path, request):
 
 
 def test_serve_deploy_config_to_a_running_cluster(tmp_path, request, tiny_run, tiny_cfg):
-    """`serve deploy serve_apps/config.yaml` (model, key and port adapted) against a `ray start --head`."""
+    """`serve deploy serve_apps/config.yaml` (model, key and port adapted) against a `ray start --head`.
+
+    That cluster runs Serve's default ingress, the proxy actor (the session's Ray, which every test in
+    test_serve.py uses, runs the HAProxy ingress): the app answers the same behind both.
+    """
     import yaml
 
     conf = yaml.safe_load((ROOT / "serve_apps" / "config.yaml").read_text())
     gcs, dash, client, mgr, objm, agent_grpc, agent_http, metrics, rtenv, http = _free_ports(10)
-    wlo = _free_ports(1, 30000, 39000)[0]
+    wlo = _free_ports(1, 32000, 39000)[0]  # above Serve's direct-ingress ports (30000-31000)
     conf["http_options"]["port"] = http
     app = conf["applications"][0]
     app["args"].update(model_dir=str(tiny_run.model), pseudonym_key=tiny_cfg.data.pseudonym_key,
@@ -110,7 +114,8 @@ def test_serve_deploy_config_to_a_running_cluster(tmp_path, request, tiny_run, t
     script = textwrap.dedent(f"""\
         set -u
         export PATH="{bin_dir}:$PATH" RAY_TMPDIR="{ray_tmp}" RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 \\
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 PYTHONUNBUFFERED=1 PYTHONPATH="{ROOT}"
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 PYTHONUNBUFFERED=1 PYTHONPATH="{ROOT}" \\
+               RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0
         unset RAY_ADDRESS
         cd "{ROOT}"
         timeout 120 ray start --head --node-ip-address=127.0.0.1 --port={gcs} --num-cpus=2 --temp-dir="{ray_tmp}" \\

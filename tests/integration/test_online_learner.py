@@ -18,9 +18,8 @@ from adrec.config import OnlineConfig
 from adrec.online.learner import OnlineLearner
 from adrec.online.publish import StatusLog
 from adrec.online.stream import feedback_events, post_feedback, write_feedback_log
+from adrec.runtime import free_port
 from adrec.serving.feedback import read_events
-
-from adrec.serving.deploy import free_port  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -65,7 +64,7 @@ def _cfg(**kw) -> OnlineConfig:
 def test_learner_scores_before_learning_publishes_and_folds_in(tiny_run, log_path, stream, tmp_path, one_thread):
     from adrec.data.privacy import pseudonymize
     from adrec.ranking.base import load_ranker
-    from adrec.serving.recommender import Recommender
+    from adrec.serving.recommender import LISTS_FILE, Recommender
 
     published = []
     learner = OnlineLearner(_cfg(), tiny_run.model, log_path, tmp_path / "online",
@@ -116,6 +115,12 @@ def test_learner_scores_before_learning_publishes_and_folds_in(tiny_run, log_pat
         base_cand = rec_v.candidates(u, 20)
         assert base_cand.final is not None and len(base_cand.items) == 20
         assert not set(base_cand.items.tolist()) & set(rec_v.seen[u].indices.tolist())
+    # Its base users' lists are stored in it (not computed by every replica at each rollout), and they are
+    # this version's (its seen matrix), not the base version's.
+    assert rec_v.precompute_lists(20, max_users=10**6) and (latest / LISTS_FILE).is_file()
+    assert [rec_v.candidates(u, 20).items.tolist() for u in range(3)] == \
+        [[i for i in rec_v.two_stage.rank_lists([u], 20, exclude=rec_v.seen)[0][0].tolist() if i >= 0]
+         for u in range(3)]
     assert pseudonymize(NEWCOMERS[0], KEY) in set(pd.read_parquet(latest / "features" / "users.parquet")["user"])
 
 
@@ -232,6 +237,8 @@ def test_serve_app_learns_from_http_feedback_and_rolls_out_without_drops(ray_ses
             time.sleep(0.5)
         stop.set()
         t.join()
+        # Read again: the snapshot above may predate the rollout that the idle check then saw finish.
+        st = ray.get(handle.status.remote())
         assert st["rollouts"]["done"] >= 1 and st["rollouts"]["failed"] == 0
         assert live != read_version_id(tiny_run.model) and live.startswith(read_version_id(tiny_run.model))
         assert set(statuses) == {200} and sum(statuses.values()) > 20  # nothing dropped across the rollouts

@@ -104,13 +104,21 @@ def test_evaluate_scores_the_served_two_stage_lists(tiny_run, tiny_cfg):
 
 
 def test_precomputed_two_stage_lists_are_the_per_request_ones(tiny_run):
-    """Serving precomputes every known user's list at version load; a lookup must equal the re-ranking."""
-    from adrec.serving.recommender import Recommender
+    """Serving has every known user's list at hand at version load (stored in the version by its publisher,
+    or computed); a lookup must equal the re-ranking."""
+    from adrec.serving.recommender import LISTS_FILE, Recommender
 
+    assert (tiny_run.model / LISTS_FILE).is_file()  # stored by publish
     rec = Recommender(tiny_run.model, None, load_ranker=False)
     users = range(rec.two_stage.n_users)
     fresh = [rec.candidates(u, 30) for u in users]
     assert rec.precompute_lists(40, max_users=rec.two_stage.n_users)
+    computed = Recommender(tiny_run.model, None, load_ranker=False)
+    computed._read_lists = lambda n: False  # the same lists, computed here instead of read
+    assert computed.precompute_lists(40, max_users=rec.two_stage.n_users)
+    for stored, mine in zip(rec._lists[:3], computed._lists[:3]):
+        np.testing.assert_array_equal(stored, mine)
+    assert rec._lists[3] == computed._lists[3]
     for u, want in zip(users, fresh):
         got = rec.candidates(u, 30)
         assert got.items.tolist() == want.items.tolist() and got.sources == want.sources

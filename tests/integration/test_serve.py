@@ -1,7 +1,7 @@
 """The Serve app over real HTTP on 127.0.0.1: answers, hostile input, feedback durability, rollout, faults.
 
 Every test runs against both topologies (``graph``: Ingress -> candidates -> ranker; ``fused``: the
-model in the Ingress replicas): one app per topology (Serve's proxy on a free port >= 20000),
+model in the Ingress replicas): one app per topology (Serve's HTTP ingress, HAProxy here, on a free port >= 20000),
 deployed from the shared tiny run with an API key and two replicas of what holds the ranker; the
 tests run in file order per topology and the last one restarts Serve.
 """
@@ -19,12 +19,11 @@ import httpx
 import pytest
 
 from adrec.model_version import publish, read_version
+from adrec.runtime import free_port
 from adrec.serving.app import AppArgs
 from adrec.serving.deploy import deploy, rollout, wait_healthy
 from adrec.serving.feedback import read_events
 from adrec.serving.loadtest import raw_user_ids
-
-from adrec.serving.deploy import free_port  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -322,12 +321,28 @@ def test_rollout_through_user_config_drops_no_request(served):
     assert not failures, f"{len(failures)} of {len(outcomes)} requests failed during the rollout: {failures[:5]}"
     versions = [v for _, v in outcomes]
     assert versions[0] == old and versions[-1] == new
-    # Once the new version answers, no request goes back to the old one.
-    first_new = versions.index(new)
-    assert all(v == new for v in versions[first_new + 2 * load.n:])
+    # rollout() returns once every replica serves the new version: from then on (past the requests
+    # already in flight) no answer comes from the old one. Before, replicas swap one by one.
+    assert all(v == new for v in versions[n + load.n:])
     # A user_config change reconfigures the live replicas: none was restarted.
     assert _replicas(served["holder"]) == rankers
     assert served["client"].get("/version").json()["version"] == new
+
+
+def test_a_version_that_fails_to_load_is_reported_and_the_live_one_keeps_serving(served, tmp_path):
+    import shutil
+
+    live = read_version(served["v2"])["version"]  # the rollout test left the app on v2
+    broken = tmp_path / "broken"
+    publish(served["run"], target=broken)
+    (broken / "ranker" / "model.pt").write_bytes(b"not a torch file")
+    with pytest.raises(RuntimeError, match="could not load version"):
+        rollout(served["args"], broken, timeout_s=120)
+    r = _rec(served["client"], served["users"][0])
+    assert r.status_code == 200 and r.json()["version"] == live
+    # Back to the live version (replicas restarted later by the fault tests must find a loadable one).
+    assert rollout(served["args"], served["v2"]) == live
+    shutil.rmtree(broken)
 
 
 def test_killed_ranker_replica_under_load(served):
@@ -413,7 +428,7 @@ def test_benchmark_smoke(served, tiny_cfg, tmp_path):
     serve_c4 = next(r for r in report["results"] if r["path"] == f"serve:{t}" and r["concurrency"] == 4)
     assert serve_c4["requests"] == 80
     expected = {"graph": {"Ingress", "CandidateDeployment", "RankerDeployment"}, "fused": {"Ingress"}}[t]
-    assert expected | {"proxy", "client", "total"} <= set(serve_c4["cpu_ms"])
+    assert expected | {"haproxy", "client", "total"} <= set(serve_c4["cpu_ms"])  # the session Ray's ingress
     assert "CandidateDeployment" not in serve_c4["cpu_ms"] or t == "graph"
     js, md = write_report(report, tmp_path)
     assert json.loads(js.read_text())["ratios"] == report["ratios"]

@@ -73,3 +73,12 @@ def test_validation_catches_mistakes(raw, mutate, match):
     mutate(bad)
     with pytest.raises(Exception, match=match):
         _validate(bad)
+
+
+def test_every_node_starts_ray_with_the_haproxy_ingress(raw):
+    """The cluster serves the way `adrec serve` does locally: the same Serve variables on every node."""
+    from adrec.runtime import HAPROXY_ENV
+
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in raw[key] if "ray start" in c)
+        assert all(f"{var}={value}" in start.split() for var, value in HAPROXY_ENV.items()), (key, start)

@@ -231,9 +231,9 @@ def run_benchmark(cfg, work: Path, s: Settings) -> dict:
     from adrec.online.actor import start_learner
     from adrec.online.stream import feedback_events
     from adrec.run import RunDir
-    from adrec.runtime import init_ray
+    from adrec.runtime import free_port, init_ray
     from adrec.serving.app import AppArgs
-    from adrec.serving.deploy import deploy, free_port, wait_healthy
+    from adrec.serving.deploy import deploy, wait_healthy
     from adrec.serving.loadtest import raw_user_ids, request_bodies
 
     t_start = time.perf_counter()

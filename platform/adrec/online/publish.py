@@ -118,6 +118,9 @@ def write_version(base_dir: Path, target: Path, ranker, catalog, sources=None, f
                 n_users=int(catalog.n_users),
                 online={**(info or {}), "new_users": len(catalog.new_users), "fold_in": fold})
     (tmp / "version.json").write_text(json.dumps(meta, indent=2, default=str))
+    from adrec.serving.recommender import store_lists
+
+    store_lists(tmp)  # once here (the learner's low priority), not in every replica at each rollout
     _fsync_tree(tmp)
     tmp.rename(target)
     fd = os.open(target.parent, os.O_RDONLY)

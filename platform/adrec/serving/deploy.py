@@ -12,7 +12,9 @@ The same app deploys declaratively with ``serve run serve_apps/config.yaml`` or
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -29,28 +31,10 @@ def base_url(args: AppArgs) -> str:
 
 
 def start(host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Start Serve (its proxy listening on ``host:port``) unless it already runs on this cluster."""
+    """Start Serve (its HTTP ingress, HAProxy or the proxy actor, on ``host:port``) unless it already runs here."""
     from ray import serve
 
     serve.start(http_options={"host": host, "port": port})
-
-
-
-def free_port(lo: int = 20000, hi: int = 29999) -> int:
-    """A free TCP port on 127.0.0.1 above Ray's worker port range (10002-19999), for tests and benchmarks."""
-    import random
-    import socket
-
-    rng = random.Random()
-    for _ in range(500):
-        port = rng.randint(lo, hi)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError(f"no free port in {lo}-{hi}")
 
 
 def wait_healthy(url: str, timeout_s: float = 60.0, headers: dict | None = None) -> dict:
@@ -83,12 +67,17 @@ def deploy(args: AppArgs, timeout_s: float = 120.0) -> str:
     return url
 
 
-def rollout(args: AppArgs, model_dir: str | Path) -> str:
+# The deployments whose replicas hold a model version, per topology (the ones a rollout waits for).
+VERSION_HOLDERS = {"fused": ("Ingress",), "graph": ("CandidateDeployment", "RankerDeployment")}
+
+
+def rollout(args: AppArgs, model_dir: str | Path, timeout_s: float = 600.0) -> str:
     """Switch the running app (deployed from ``args``) to the model version in ``model_dir``.
 
     Only the deployments' ``user_config`` changes, so Serve calls ``reconfigure`` on the live replicas:
-    each loads the new version beside the old one and swaps; requests in flight finish on the old one.
-    Returns the new version id once :func:`serve.run` reports the app running again.
+    each loads the new version in the background, beside the live one, and swaps; requests keep being
+    answered throughout. Returns the new version id once every replica serves it (raises if one could
+    not load it: that replica goes on serving the old version).
     """
     from ray import serve
 
@@ -97,10 +86,66 @@ def rollout(args: AppArgs, model_dir: str | Path) -> str:
     new = Path(model_dir).expanduser().resolve()
     vid = str(read_version(new)["version"])
     base = args.resolved()  # pin the feedback log and key file of the running app
+    t = time.perf_counter()
     serve.run(build_app(base.model_copy(update={"model_dir": str(new)})), name=args.app_name,
               route_prefix=args.route_prefix, blocking=False)
-    log.info("app %s rolled out to version %s", args.app_name, vid)
+    wait_version(args, vid, timeout_s)
+    log.info("app %s rolled out to version %s (%.1fs)", args.app_name, vid, time.perf_counter() - t)
     return vid
+
+
+def wait_version(args: AppArgs, version: str, timeout_s: float = 600.0) -> None:
+    """Block until every replica holding a model version in the app serves ``version``.
+
+    Each replica answers ``loaded()`` with its id; Serve routes the calls, so they are repeated until
+    every running replica of each deployment has answered with ``version``.
+    """
+    asyncio.run_coroutine_threadsafe(_wait_version(args, version, timeout_s), _handle_loop()).result()
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def _handle_loop() -> asyncio.AbstractEventLoop:
+    """One event loop, in a thread of its own, for this process's handle calls from synchronous code.
+
+    In Serve's high-throughput mode a handle works only inside a running event loop, and keeps using
+    the loop it was first called in (a fresh ``asyncio.run`` per call failed with "Event loop is closed").
+    """
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            _LOOP = asyncio.new_event_loop()
+            threading.Thread(target=_LOOP.run_forever, name="adrec-serve-handles", daemon=True).start()
+        return _LOOP
+
+
+async def _wait_version(args: AppArgs, version: str, timeout_s: float) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    for name in VERSION_HOLDERS[args.topology]:
+        handle = serve.get_deployment_handle(name, app_name=args.app_name)
+        done: set[str] = set()
+        while True:
+            status = serve.status().applications[args.app_name].deployments[name]
+            running = sum(n for state, n in status.replica_states.items() if str(state).endswith("RUNNING"))
+            if running and len(done) >= running:
+                break
+            state = await asyncio.wait_for(handle.loaded.remote(), max(1.0, deadline - time.monotonic()))
+            if state["version"] == version:
+                if state["replica"] in done:  # routed to one already counted: let the router spread
+                    await asyncio.sleep(0.01)
+                done.add(state["replica"])
+            elif state["error"] and not state["loading"]:
+                raise RuntimeError(f"{name} replica {state['replica']} could not load version {version} and still "
+                                   f"serves {state['version']}: {state['error']}")
+            else:
+                await asyncio.sleep(0.05)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name}: {len(done)} of {running} replicas serve version {version} after "
+                                   f"{timeout_s:.0f}s")
 
 
 def serve_run(cfg: AdrecConfig, run_dir: str | Path | RunDir, blocking: bool = True) -> str:
