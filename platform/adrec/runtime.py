@@ -60,7 +60,10 @@ def serve_ingress_env(mode: str) -> dict[str, str]:
     # HAProxy's stats and Prometheus listeners default to fixed ports (8404, 9101) on every interface:
     # two local Rays (tests, a benchmark, the demo) would collide, so each gets free ones, unless set.
     for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
-        env[var] = os.environ.get(var) or str(free_port())
+        port = os.environ.get(var)
+        while not port or port in env.values():  # two random picks may coincide
+            port = str(free_port())
+        env[var] = port
     # A draining ingress replica waits this long for external load balancers to notice (30 s by
     # default, which also holds up every `serve.shutdown()`); a local Ray has none besides its own HAProxy.
     env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = os.environ.get(

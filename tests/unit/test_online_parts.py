@@ -231,7 +231,6 @@ def test_catalog_histories_new_users_and_fold_in():
     from adrec.candidates.merge import MultiSource
     from adrec.candidates.popularity import PopularitySource
 
-    rng = np.random.default_rng(0)
     n_users, n_items = 30, 12
     train = sp.random(n_users, n_items, density=0.3, random_state=1, format="csr", dtype=np.float32)
     train.data[:] = 1.0

@@ -26,7 +26,6 @@ import logging
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adrec.ranking.encoder import encoder_layers, layer_mask, mean_pool

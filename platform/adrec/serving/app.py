@@ -330,6 +330,11 @@ def _load_state(version: str | None, loading: bool, error: str | None) -> dict:
             "error": error}
 
 
+def _holder_state(owner) -> dict:
+    """:func:`_load_state` of a replica that swaps versions through :func:`_swap_in`."""
+    return _load_state(owner.rec.version_id if owner.rec else None, owner.target is not None, owner.load_error)
+
+
 def _settle_heap() -> None:
     """After a model version was swapped in: put every live object out of the cyclic collector's reach.
 
@@ -474,7 +479,7 @@ class CandidateDeployment:
         await _call(self.ranker.prepare, rec.version_id, model_dir)
 
     def loaded(self) -> dict:
-        return _load_state(self.rec.version_id if self.rec else None, self.target is not None, self.load_error)
+        return _holder_state(self)
 
     async def recommend(self, user: str, k: int, context: dict, explain: bool) -> dict:
         rec, model_dir = self.rec, self.model_dir
@@ -594,7 +599,7 @@ class Ingress:
         await _swap_in(self, config, load_ranker=True, role="fused ingress")
 
     def loaded(self) -> dict:
-        return _load_state(self.rec.version_id if self.rec else None, self.target is not None, self.load_error)
+        return _holder_state(self)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _rank_batch(self, recs: list, users: list, items: list, contexts: list) -> list:
