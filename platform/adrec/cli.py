@@ -9,62 +9,76 @@ import sys
 import time
 from pathlib import Path
 
+import adrec
 from adrec.config import ConfigError
 from adrec.data.errors import DataError
-from adrec.run import RunDir, RunError
+from adrec.run import RunDir, RunError, resolve_config
 
 log = logging.getLogger("adrec.cli")
 
 
 def _common(p: argparse.ArgumentParser, run_required: bool = True) -> None:
-    p.add_argument("--run", required=run_required, help="run folder (created by prepare)")
-    p.add_argument("--config", help="YAML config (default: the run's config.yaml, else built-in defaults)")
+    p.add_argument("--run", required=run_required, metavar="DIR",
+                   help="run folder: prepare creates it, every later stage reads and writes it")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML config (default: the run's config.yaml, else the built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set ranker.epochs=2 (repeatable)")
-    p.add_argument("--address", help="Ray address of a running cluster (default: start Ray in-process)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+                   help="override one config value, e.g. --set ranker.epochs=2 (repeatable; unknown keys are errors)")
+    p.add_argument("--address", metavar="ADDR",
+                   help="Ray address of a running cluster, e.g. auto or ray://head:10001 (default: start Ray in-process)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (the demo: show every log line)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="adrec", description="Personalized ad recommendation on Ray.")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap.add_argument("--version", action="version", version=f"adrec {adrec.__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="validate, pseudonymize and encode the raw logs (Ray Data)")
     _common(p)
-    p.add_argument("--dataset", help="synthetic, movielens-100k, or a schema YAML")
-    p.add_argument("--data-dir", help="folder of the data set (movielens-100k)")
+    p.add_argument("--dataset", metavar="NAME_OR_YAML",
+                   help="synthetic (the built-in ad log), movielens-100k, or a schema YAML of your own data")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="folder of the data set's files (movielens-100k: the unpacked ml-100k folder)")
 
-    p = sub.add_parser("candidates", help="fit the candidate sources (implicit ALS and others)")
+    p = sub.add_parser("candidates", help="fit the candidate sources (implicit ALS and others) and the two-stage top-K")
     _common(p)
 
     p = sub.add_parser("train", help="fine-tune the ranker on Ray Train and publish a model version")
     _common(p)
-    p.add_argument("--num-workers", type=int, help="Ray Train workers (DDP)")
+    p.add_argument("--num-workers", type=int, metavar="N", help="Ray Train workers (data-parallel DDP)")
     p.add_argument("--gpu", action="store_true", help="train on GPUs (one per worker)")
 
     p = sub.add_parser("tune", help="Ray Tune search over a search space; promotes the best trial")
     _common(p)
-    p.add_argument("--space", required=True, help="search space YAML, e.g. tune_configs/ranker.yaml")
-    p.add_argument("--num-samples", type=int)
-    p.add_argument("--max-concurrent", type=int)
+    p.add_argument("--space", required=True, metavar="FILE", help="search space YAML, e.g. tune_configs/ranker.yaml")
+    p.add_argument("--num-samples", type=int, metavar="N", help="trials to sample (default: the space's num_samples)")
+    p.add_argument("--max-concurrent", type=int, metavar="N",
+                   help="trials running at once (default: the space's max_concurrent)")
 
     p = sub.add_parser("evaluate", help="metrics.json, predictions and the report")
     _common(p)
 
-    p = sub.add_parser("serve", help="deploy the run's model version on Ray Serve")
+    p = sub.add_parser("serve", help="deploy the run's model version on Ray Serve (blocks until Ctrl-C)")
     _common(p)
-    p.add_argument("--port", type=int)
-    p.add_argument("--host")
+    p.add_argument("--port", type=int, metavar="PORT", help="HTTP port (default: serve.port, 8000)")
+    p.add_argument("--host", metavar="HOST", help="HTTP host to listen on (default: serve.host, 127.0.0.1)")
 
-    sub.add_parser("online", add_help=False,
-                   help="the online learner on the run's feedback log (see `adrec online --help`)")
+    p = sub.add_parser("online", help="the online learner on the run's feedback log, in the foreground")
+    _common(p)
+    p.add_argument("--rollout", action="store_true",
+                   help="roll every published version out to the run's Serve app (on the Ray at ray.address)")
+    p.add_argument("--once", action="store_true", help="consume what the log holds now, then exit")
+    p.add_argument("--flush", action="store_true",
+                   help="with --once: label the impressions still inside their attribution window before exiting")
 
     p = sub.add_parser("demo", help="the whole flow on a local Ray, then real HTTP requests")
     _common(p, run_required=False)
-    p.add_argument("--dataset", default="synthetic")
-    p.add_argument("--data-dir")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--users", type=int, default=3, help="users to request recommendations for")
+    p.add_argument("--dataset", default="synthetic", metavar="NAME_OR_YAML",
+                   help="synthetic (default), movielens-100k, or a schema YAML")
+    p.add_argument("--data-dir", metavar="DIR", help="folder of the data set's files (movielens-100k)")
+    p.add_argument("--port", type=int, default=8000, metavar="PORT", help="HTTP port of the demo's Serve app")
+    p.add_argument("--users", type=int, default=3, metavar="N", help="known users to request recommendations for")
     return ap
 
 
@@ -95,22 +109,18 @@ def _overrides(args) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["online"]:  # the learner has its own options: hand them over untouched
-        from adrec.online.__main__ import main as online_main
-
-        return online_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.command != "demo":  # the demo sends its log lines to a file of the run (adrec.demo)
+        _configure_logging(args.verbose)
     from adrec import flow
 
     try:
         if args.command == "demo":
             from adrec.demo import run_demo
 
-            return run_demo(args.run, args.config, _overrides(args), users=args.users)
+            return run_demo(args.run, args.config, _overrides(args), users=args.users, verbose=args.verbose)
         run = RunDir(args.run)
-        cfg = flow.resolve_config(run, args.config, _overrides(args), fresh=args.command == "prepare")
+        cfg = resolve_config(run, args.config, _overrides(args), fresh=args.command == "prepare")
         t0 = time.perf_counter()
         if args.command == "prepare":
             out = flow.prepare(cfg, run)
@@ -129,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             from adrec.serving.deploy import serve_run
 
             out = serve_run(cfg, run, blocking=True)
+        elif args.command == "online":
+            from adrec.online.foreground import run_learner
+
+            out = run_learner(cfg, run, rollout=args.rollout, once=args.once, flush=args.flush)
         log.info("%s finished in %.1fs", args.command, time.perf_counter() - t0)
         if args.command not in ("evaluate", "serve") and isinstance(out, dict):
             print(json.dumps(out, indent=2, default=str))

@@ -5,9 +5,13 @@ Reads top to bottom like the flow: prepare -> candidates -> train -> evaluate ->
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -25,15 +29,61 @@ def _banner(step: int, total: int, text: str) -> None:
     print(f"\n[{step}/{total}] {text}", flush=True)
 
 
-def run_demo(run_dir: str | None, config: str | None, overrides: list[str], users: int = 3) -> int:
+LOG_NAME = "demo.log"
+
+
+@contextlib.contextmanager
+def _log_lines_to(path: Path, verbose: bool) -> Iterator[None]:
+    """The story on stdout; every log line (the library's INFO, Ray's and its workers', progress bars) in
+    ``path``, unless ``verbose``, when they stay on stderr at DEBUG.
+
+    Ray's processes write to the file descriptor they inherit, not to Python's logging, so stderr itself
+    (fd 2) is pointed at the file while the demo runs; a failure puts it back and shows the log's tail.
+    """
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "a", buffering=1) as f:
+        os.dup2(f.fileno(), 2)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S", stream=sys.stderr)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            tail = path.read_text(errors="replace").splitlines()[-25:]
+            print("\n".join(["", f"the demo failed; the last lines of {path}:", *tail]), file=sys.stderr)
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def run_demo(run_dir: str | None, config: str | None, overrides: list[str], users: int = 3,
+             verbose: bool = False) -> int:
+    cfg = load_config(config or DEMO_CONFIG, overrides)
+    run = RunDir(run_dir or f"runs/demo-{cfg.data.dataset.replace('/', '_')}")
+    log_path = run.path / LOG_NAME
+    if not verbose:
+        print(f"adrec demo: the log lines of every stage go to {log_path} (-v shows them here)", flush=True)
+    with _log_lines_to(log_path, verbose):
+        return _demo(cfg, run, users)
+
+
+def _demo(cfg, run: RunDir, users: int) -> int:
     import httpx
     import ray
     from ray import serve
 
     from adrec.serving.deploy import serve_run
 
-    cfg = load_config(config or DEMO_CONFIG, overrides)
-    run = RunDir(run_dir or f"runs/demo-{cfg.data.dataset.replace('/', '_')}")
     t0 = time.perf_counter()
     timings = {}
     try:
@@ -80,8 +130,12 @@ def run_demo(run_dir: str | None, config: str | None, overrides: list[str], user
                 resp = client.post("/recommend", json=body)
                 print(f"      POST /recommend {json.dumps(body)} -> {resp.status_code}")
                 if resp.status_code == 200:
-                    for rec in resp.json()["items"]:
-                        print(f"          {rec['rank']}. {rec['item']:>8}  score {rec['score']:.4f}  {_title(run, rec['item'])}")
+                    answer = resp.json()
+                    print(f"          ranked by {answer['ranked_by']}, model version {answer['version']}")
+                    for rec in answer["items"]:
+                        rel = "" if rec.get("relevance") is None else f"  relevance {rec['relevance']:+.3f}"
+                        print(f"          {rec['rank']}. {rec['item']:>8}  click_prob {rec['click_prob']:.3f}{rel}  "
+                              f"{_title(run, rec['item'])}")
                 else:
                     print(f"          {resp.text}")
             bad = client.post("/recommend", json={"user_id": known[0] if known else "x", "k": 0})

@@ -7,35 +7,18 @@ so a stage behaves the same however it is started.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from adrec.config import AdrecConfig, ConfigError, load_config, save_config
+from adrec.config import AdrecConfig, save_config
 from adrec.run import RunDir
 
 log = logging.getLogger(__name__)
-
-CONFIG_NAME = "config.yaml"
-
-
-def resolve_config(run: RunDir, config: str | Path | None = None, overrides: list[str] | None = None,
-                   fresh: bool = False) -> AdrecConfig:
-    """The run's own config (written by prepare), else ``config``, else defaults; then overrides.
-
-    ``fresh`` (prepare) starts from ``config`` or defaults even when the run has one.
-    """
-    stored = run.path / CONFIG_NAME
-    if config is not None:
-        return load_config(config, overrides)
-    if stored.exists() and not fresh:
-        return load_config(stored, overrides)
-    return load_config(None, overrides)
 
 
 def prepare(cfg: AdrecConfig, run: RunDir) -> dict:
     from adrec.features.pipeline import prepare as _prepare
 
     run.path.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run.path / CONFIG_NAME)
+    save_config(cfg, run.config_path)
     return _prepare(cfg, run)
 
 
@@ -51,7 +34,7 @@ def train(cfg: AdrecConfig, run: RunDir) -> dict:
     from adrec.ranking.train import train_ranker
     from adrec.runtime import init_ray
 
-    save_config(cfg, run.path / CONFIG_NAME)
+    save_config(cfg, run.config_path)
     init_ray(cfg.ray)
     result = train_ranker(cfg, run)
     publish(run)
@@ -64,9 +47,3 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = True) -> dict:
     return _evaluate(cfg, run, show_progress=show_progress)
 
 
-def check_gpu_request(cfg: AdrecConfig) -> None:
-    if cfg.ranker.use_gpu:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("--gpu was asked for, but torch sees no CUDA device on this machine")

@@ -10,6 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import adrec
+from adrec.config import AdrecConfig, load_config
+
+#: The run's configuration, written by prepare (and by train and tune), read by every later stage.
+CONFIG_NAME = "config.yaml"
 
 
 class RunError(FileNotFoundError):
@@ -55,6 +59,10 @@ class RunDir:
         return self.path / "feedback"
 
     @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_NAME
+
+    @property
     def manifest_path(self) -> Path:
         return self.path / "manifest.json"
 
@@ -76,6 +84,19 @@ class RunDir:
         tmp = self.manifest_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(m, indent=2, default=str))
         tmp.replace(self.manifest_path)
+
+
+def resolve_config(run: RunDir, config: str | Path | None = None, overrides: list[str] | None = None,
+                   fresh: bool = False) -> AdrecConfig:
+    """The run's own config (written by prepare), else ``config``, else defaults; then overrides.
+
+    ``fresh`` (prepare) starts from ``config`` or defaults even when the run has one.
+    """
+    if config is not None:
+        return load_config(config, overrides)
+    if run.config_path.exists() and not fresh:
+        return load_config(run.config_path, overrides)
+    return load_config(None, overrides)
 
 
 def code_version() -> str:

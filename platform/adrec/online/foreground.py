@@ -1,0 +1,63 @@
+"""The online learner in the foreground of one process (``adrec online --run RUN``).
+
+Learns from the run's feedback log (``serve.feedback_log``, default ``RUN/feedback/events.jsonl``) starting
+from the version in ``RUN/model``, keeps its state in ``online.state_dir`` (default ``RUN/online``) and
+publishes versions there. With ``rollout`` every published version is also rolled out to the Serve app of
+this run on the Ray at ``ray.address`` (the app ``adrec serve`` deployed). SIGINT / SIGTERM checkpoint and
+return; a SIGKILL loses nothing either: the next start resumes from the last checkpoint (offset and model
+together).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+from adrec.config import AdrecConfig
+from adrec.run import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def run_learner(cfg: AdrecConfig, run: RunDir, rollout: bool = False, once: bool = False,
+                flush: bool = False) -> dict:
+    """Learn until stopped (or, with ``once``, until the log holds nothing new); the learner's summary."""
+    from adrec.online.actor import lower_priority
+    from adrec.online.learner import OnlineLearner
+
+    oc = cfg.online
+    base = run.require(run.model, "train")
+    feedback = Path(cfg.serve.feedback_log) if cfg.serve.feedback_log else run.feedback / "events.jsonl"
+    state = Path(oc.state_dir) if oc.state_dir else run.path / "online"
+    on_publish = None
+    if rollout:
+        from adrec.runtime import init_ray
+        from adrec.serving.app import AppArgs
+        from adrec.serving.deploy import rollout as roll_out
+
+        init_ray(cfg.ray)
+        args = AppArgs.from_config(cfg, run.path).resolved()
+
+        def on_publish(path, record):
+            roll_out(args, path)
+
+    lower_priority(oc, min(19, os.getpriority(os.PRIO_PROCESS, 0) + oc.nice))
+    learner = OnlineLearner(oc, base, feedback, state, on_publish=on_publish, name=f"process-{run.path.name}")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("learning from %s (state in %s)%s", feedback, state, "; rolling versions out" if rollout else "")
+    while not stop.is_set():
+        if learner.step() == 0:
+            if once:
+                break
+            stop.wait(oc.poll_interval_s)
+    if once and flush:
+        learner.flush()
+    else:
+        learner.checkpoint()
+    status = learner.status()
+    return {k: status[k] for k in ("serving_version", "counts", "guard", "last_decision")}
