@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import adrec
-from adrec.config import ConfigError
-from adrec.data.errors import DataError
-from adrec.run import RunDir, RunError, resolve_config
+from adrec.errors import ConfigError, DataError, RunError
+from adrec.run import RunDir, resolve_config
 
 log = logging.getLogger("adrec.cli")
 

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from adrec.errors import ConfigError
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -339,10 +341,6 @@ class AdrecConfig(_Strict):
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())
-
-
-class ConfigError(ValueError):
-    """A configuration file or override that does not fit :class:`AdrecConfig`."""
 
 
 def _describe(err: ValidationError, source: str) -> str:

@@ -11,13 +11,10 @@ from typing import Any
 
 import adrec
 from adrec.config import AdrecConfig, load_config
+from adrec.errors import RunError
 
 #: The run's configuration, written by prepare (and by train and tune), read by every later stage.
 CONFIG_NAME = "config.yaml"
-
-
-class RunError(FileNotFoundError):
-    """A stage asked for the output of an earlier stage that is not in the run folder."""
 
 
 class RunDir:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from adrec.data.errors import DataError
+from adrec.errors import DataError
 from adrec.data.privacy import pseudonymize_series
 from adrec.data.schema import DatasetSchema, EntitySchema, _Table, parse_label_rule
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from adrec.data.errors import DataError
+from adrec.errors import DataError
 from adrec.data.schema import DatasetSchema, write_schema
 
 GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",

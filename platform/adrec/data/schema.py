@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from adrec.data.errors import DataError
+from adrec.errors import DataError
 
 
 class _Table(BaseModel):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from adrec.config import DataConfig
 from adrec.data import movielens, synthetic
-from adrec.data.errors import DataError
+from adrec.errors import DataError
 
 log = logging.getLogger(__name__)
 

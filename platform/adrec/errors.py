@@ -1,0 +1,17 @@
+"""The package's exception classes, in one place.
+
+Each one is raised at a boundary (a file, a configuration, a run folder, an HTTP request) with a message
+that says what was wrong and how to fix it; the CLI turns them into an error line and exit code 2.
+"""
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit :class:`adrec.config.AdrecConfig`."""
+
+
+class DataError(ValueError):
+    """Raw data that does not fit the schema; the message names file, column and row."""
+
+
+class RunError(FileNotFoundError):
+    """A stage asked for the output of an earlier stage that is not in the run folder."""
