@@ -159,3 +159,48 @@ def test_movielens_loader_on_real_data(tmp_path, ml100k_dir):
 def test_movielens_missing_folder_says_where_to_get_it(tmp_path):
     with pytest.raises(DataError, match="grouplens"):
         materialize(tmp_path / "nope", tmp_path / "out")
+
+
+
+def _write_with(tmp_path, impressions: str, table_key: str):
+    """A one-table schema with one more key of the interactions table (e.g. ``sep: '\\t'``)."""
+    (tmp_path / "imp.csv").write_bytes(impressions.encode())
+    (tmp_path / "schema.yaml").write_text(
+        "interactions:\n  path: imp.csv\n  user: user_id\n  item: ad_id\n  timestamp: ts\n  label: clicked\n"
+        f"  {table_key}\n")
+    return load_schema(tmp_path / "schema.yaml")
+
+@pytest.mark.parametrize("sep", ["::", "||", "\\s+", '"'])
+def test_separator_must_be_one_character(tmp_path, sep):
+    with pytest.raises(DataError, match="sep must be one character"):
+        _write_with(tmp_path, "user_id,ad_id,ts,clicked\nu,a,1,1\n", f"sep: '{sep}'")
+
+
+def test_tab_separator_by_name(tmp_path):
+    schema, root = _write_with(tmp_path, "user_id\tad_id\tts\tclicked\nu\ta\t1\t1\n", "sep: '\\t'")
+    assert schema.interactions.sep == "\t"
+    assert read_dataset(schema, root, KEY).interactions["item"].tolist() == ["a"]
+
+
+def test_header_whitespace_and_bom_are_stripped_with_a_warning(tmp_path, caplog):
+    schema, root = _write_with(tmp_path, "\ufeffuser_id , ad_id,ts,clicked \r\nu1,a1,100,1\r\nu2,a2,101,0\r\n", "sep: ','")
+    with caplog.at_level("WARNING"):
+        raw = read_dataset(schema, root, KEY)
+    assert raw.interactions["label"].tolist() == [1, 0]
+    assert "'user_id ' read as 'user_id'" in caplog.text and "'clicked '" in caplog.text
+
+
+def test_strict_header_names_the_cell(tmp_path):
+    schema, root = _write_with(tmp_path, "user_id ,ad_id,ts,clicked\nu1,a1,100,1\n", "strict_header: true")
+    with pytest.raises(DataError, match=r"header cell 'user_id ' has surrounding whitespace"):
+        read_dataset(schema, root, KEY)
+
+
+def test_missing_column_listed_once(tmp_path):
+    (tmp_path / "imp.csv").write_text("user_id,ad_id,ts\nu,a,1\n")
+    (tmp_path / "schema.yaml").write_text(
+        "interactions:\n  path: imp.csv\n  user: user_id\n  item: ad_id\n  timestamp: ts\n  label: 'rating >= 4'\n"
+        "  context: [rating]\n")
+    schema, root = load_schema(tmp_path / "schema.yaml")
+    with pytest.raises(DataError, match=r"missing column\(s\) \['rating'\];"):
+        read_dataset(schema, root, KEY)

@@ -75,7 +75,7 @@ def _read_table(table: _Table, root: Path, what: str) -> tuple[pd.DataFrame, Pat
             names=None if table.header else table.names,
             dtype=str,
             keep_default_na=False,
-            engine="python" if len(table.sep) > 1 else "c",
+            engine="c",
             encoding_errors="strict",
         )
     except UnicodeDecodeError as err:
@@ -84,13 +84,33 @@ def _read_table(table: _Table, root: Path, what: str) -> tuple[pd.DataFrame, Pat
         raise DataError(f"{path}: cannot be parsed with sep={table.sep!r}: {err}") from None
     if table.header and table.names:
         df.columns = table.names
+    elif table.header:
+        df.columns = _header(df.columns, path, table.strict_header)
     # 1-based line numbers in the file, so a user can open it at the right place.
     lines = np.arange(len(df)) + (2 if table.header else 1)
     return df, path, lines
 
 
+def _header(cells: pd.Index, path: Path, strict: bool) -> list[str]:
+    """Header cells stripped of surrounding whitespace (and a UTF-8 byte-order mark), which spreadsheet
+    exports leave behind; each stripped cell is warned about, or refused with ``strict``."""
+    out = []
+    for cell in map(str, cells):
+        clean = cell.lstrip("\ufeff").strip()
+        if clean != cell.lstrip("\ufeff"):
+            if strict:
+                raise DataError(f"{path}: header cell {cell!r} has surrounding whitespace; name it {clean!r} in "
+                                f"the file, or drop strict_header from the schema to accept it")
+            log.warning("%s: header cell %r read as %r (surrounding whitespace stripped)", path.name, cell, clean)
+        out.append(clean)
+    if len(set(out)) != len(out):
+        dup = sorted({c for c in out if out.count(c) > 1})
+        raise DataError(f"{path}: the header names column(s) {dup} more than once")
+    return out
+
+
 def _require(df: pd.DataFrame, path: Path, cols: list[str]) -> None:
-    missing = [c for c in cols if c not in df.columns]
+    missing = list(dict.fromkeys(c for c in cols if c not in df.columns))
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; the file has {list(df.columns)}")
 

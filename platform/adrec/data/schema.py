@@ -6,18 +6,35 @@ import re
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adrec.errors import DataError
+
+
+#: Separators a schema may name by escape, since a tab is awkward to write in YAML.
+NAMED_SEPARATORS = {"\\t": "\t", "tab": "\t"}
 
 
 class _Table(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str
+    # One character (or a named escape: "\t", "tab"). pandas takes a longer separator as a regular
+    # expression run by its slow Python engine, where a crafted line can backtrack for minutes.
     sep: str = ","
     header: bool = True
     names: list[str] | None = None
+    # A header cell that matches a schema column only once stripped of whitespace ("user_id ") is taken
+    # with a warning; strict_header makes it an error naming the cell.
+    strict_header: bool = False
+
+    @field_validator("sep")
+    @classmethod
+    def _one_character(cls, sep: str) -> str:
+        sep = NAMED_SEPARATORS.get(sep, sep)
+        if len(sep) != 1 or sep in ('"', "\n", "\r"):
+            raise ValueError(f"sep must be one character (or \\t / tab), not {sep!r}")
+        return sep
 
     @model_validator(mode="after")
     def _names_without_header(self):

@@ -1,0 +1,11 @@
+"""Ray job entrypoint for `adrec online`: `ray job submit --working-dir . -- python pipelines/online.py --run R ...`.
+
+All logic lives in the library; this only forwards the arguments.
+"""
+
+import sys
+
+from adrec.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["online", *sys.argv[1:]]))
