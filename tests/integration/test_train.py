@@ -43,7 +43,7 @@ def small_run(ray_session, tmp_path_factory):
 
 
 def test_train_one_epoch_gives_a_valid_auc(small_run):
-    from adrec.evaluation.metrics import auc
+    from adrec.metrics import auc
     from adrec.features.pipeline import Features
     from adrec.ranking.base import load_ranker
     from adrec.ranking.fusion import FusionRanker

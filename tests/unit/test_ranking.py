@@ -247,8 +247,8 @@ def test_fit_platt_recovers_scale():
 
 
 def test_logging_only_through_loggers(caplog):
-    from adrec.ranking.encoder import resolve_encoder_name
+    from adrec.features.encoder import resolve_encoder_name
 
-    with caplog.at_level(logging.INFO, logger="adrec.ranking.encoder"):
+    with caplog.at_level(logging.INFO, logger="adrec.features.encoder"):
         resolve_encoder_name("some/other-model")
     assert all(r.name.startswith("adrec.") for r in caplog.records)

@@ -33,7 +33,7 @@ from adrec.config import RankerConfig
 from adrec.features.spec import FeatureSpec
 from adrec.ranking.base import RANKER_JSON, Ranker
 from adrec.ranking.data import EntityTables, architecture, rows_to_arrays
-from adrec.ranking.encoder import load_encoder, load_saved_encoder, tokenize
+from adrec.features.encoder import load_encoder, load_saved_encoder, tokenize
 from adrec.ranking.model import FusionModel
 
 log = logging.getLogger(__name__)

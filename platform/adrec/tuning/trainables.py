@@ -241,7 +241,7 @@ def als_validation_setup(run: RunDir):
 
 def als_metrics(source, seen, users: np.ndarray, truth: list, n_items: int, k: int = 10, n: int = 100) -> dict:
     """Validation Recall@n and NDCG/Precision/MAP/HitRate/Coverage@k of a fitted candidate source."""
-    from adrec.evaluation.metrics import topk_metrics
+    from adrec.metrics import topk_metrics
 
     ids, _ = source.recommend(users, n, seen[users])
     out = {f"valid_recall@{n}": topk_metrics(ids, truth, n_items, n, prefix="valid")[f"valid.recall@{n}"]}

