@@ -179,19 +179,26 @@ def test_fit_local_refit_phase(toy):
 @needs_minilm
 def test_fit_local_resumes_from_a_checkpoint(toy):
     """A state saved after epoch 1 continues at epoch 2 and ends where an uninterrupted run ends."""
-    from adrec.ranking.train import _LocalSession, _fit, finish, prepare_data
+    from adrec.ranking.train import LocalSession, finish, fit, prepare_data
+
+    class InjectedFailure(RuntimeError):
+        pass
+
+    def fail_after_epoch_1(metrics: dict) -> None:
+        if metrics["epoch"] == 1:
+            raise InjectedFailure("the worker fails after epoch 1's checkpoint")
 
     cfg = tiny_cfg(epochs=2, early_stopping_patience=5, refit=False)
     data = prepare_data(cfg, toy)
-    full = _LocalSession()
-    _fit(cfg, data, full)
+    full = LocalSession()
+    fit(cfg, data, full)
 
-    first = _LocalSession()
-    with pytest.raises(RuntimeError, match="fail_after_epoch"):
-        _fit(cfg.model_copy(update={"fail_after_epoch": 1}), data, first)
+    first = LocalSession()
+    with pytest.raises(InjectedFailure):
+        fit(cfg, data, first, after_checkpoint=[fail_after_epoch_1])
     assert [r["epoch"] for r in first.reports] == [1]
-    resumed = _LocalSession(checkpoint=first.state)
-    _fit(cfg, data, resumed)
+    resumed = LocalSession(checkpoint=first.state)
+    fit(cfg, data, resumed)
     assert [r["epoch"] for r in resumed.reports] == [2]
     assert resumed.reports[0]["start_epoch"] == 1
     rows = toy.rows("test")
@@ -221,7 +228,7 @@ def test_no_side_effects_at_import():
     import subprocess
     import sys
 
-    code = ("import logging, sys; import adrec.ranking.train, adrec.ranking.fusion, adrec.ranking.peers, "
+    code = ("import logging, sys; import adrec.ranking.train, adrec.ranking.fusion, "
             "adrec.ranking.fgsm; assert 'ray' not in sys.modules or True; "
             "assert not logging.getLogger().handlers")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -237,7 +244,7 @@ def test_hist_codes_right_aligned():
 
 
 def test_fit_platt_recovers_scale():
-    from adrec.ranking.fusion import fit_platt
+    from adrec.ranking.train.finish import fit_platt
 
     rng = np.random.default_rng(0)
     z = rng.normal(0, 2, 20000)
