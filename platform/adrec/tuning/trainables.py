@@ -1,9 +1,9 @@
 """What one trial runs.
 
 - ``ranker``: the same per-worker training loop and ``TorchTrainer`` as ``adrec train``
-  (``adrec.ranking.train.make_trainer``), on Ray Train (V2) inside the Tune trial. Each epoch's metrics (train loss, valid AUC,
-  valid logloss, ...) and checkpoint path reach Tune through ``TuneReportCallback``, so ASHA can stop
-  a poor trial after any epoch. The Train run is stored in the trial's folder
+  (``adrec.ranking.train.make_trainer``), on Ray Train (V2) inside the Tune trial. Each epoch's
+  metrics (train loss, valid AUC, valid logloss, ...) and checkpoint path reach Tune through
+  ``TuneReportCallback``, so ASHA can stop a poor trial after any epoch. The Train run is stored in the trial's folder
   (``RUN/tune/<search>/<trial>/train``); a trial restarted by ``Tuner.restore`` resumes from its last
   epoch checkpoint there.
 - ``als``: fits the candidate stage's ALS (``ALSSource``) on the train split's positives and reports
@@ -221,7 +221,7 @@ def als_validation_setup(run: RunDir):
     return sp.csr_matrix(train_pos), seen, users, truth, n_items
 
 
-def als_metrics(source, seen, users: np.ndarray, truth: list, n_items: int, k: int = 10, n: int = 100) -> dict:
+def als_metrics(source, seen, users: np.ndarray, truth: list, n_items: int, k: int, n: int) -> dict:
     """Validation Recall@n and NDCG/Precision/MAP/HitRate/Coverage@k of a fitted candidate source."""
     from adrec.metrics import topk_metrics
 
