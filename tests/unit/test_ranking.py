@@ -259,3 +259,59 @@ def test_logging_only_through_loggers(caplog):
     with caplog.at_level(logging.INFO, logger="adrec.features.encoder"):
         resolve_encoder_name("some/other-model")
     assert all(r.name.startswith("adrec.") for r in caplog.records)
+
+
+def test_weight_average_matches_a_written_out_ema_with_warm_up():
+    """EMA of the trainable weights only, decay min(d, (1 + k) / (10 + k)) at update k, swap and back."""
+    import torch
+
+    from adrec.ranking.train.average import WeightAverage
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+    model[1].weight.requires_grad_(False)  # frozen: not averaged
+    avg = WeightAverage(model, decay=0.9)
+    ref = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for k in range(1, 40):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p))
+        avg.update()
+        d = min(0.9, (1 + k) / (10 + k))
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                ref[n] = d * ref[n] + (1 - d) * p.detach()
+    live = {n: p.detach().clone() for n, p in model.named_parameters()}
+    avg.swap()
+    for n, p in model.named_parameters():
+        expect = ref[n] if n in ref else live[n]
+        torch.testing.assert_close(p.detach(), expect, rtol=1e-5, atol=1e-6)
+    avg.swap()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), live[n], rtol=0, atol=0)
+    # The state round-trips into a fresh average.
+    other = WeightAverage(model, decay=0.9)
+    other.load(avg.state())
+    other.swap()
+    for n in ref:
+        torch.testing.assert_close(dict(model.named_parameters())[n].detach(), ref[n], rtol=1e-5, atol=1e-6)
+
+
+def test_fit_platt_is_the_maximum_likelihood_fit():
+    """Against scipy minimising the logistic negative log-likelihood directly."""
+    from scipy.optimize import minimize
+
+    from adrec.ranking.train.finish import fit_platt
+
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 1.5, 3000)
+    y = (rng.random(3000) < 1 / (1 + np.exp(-(1.7 * z + 0.4)))).astype(float)
+
+    def nll(w):
+        s = w[0] * z + w[1]
+        return float(np.sum(np.logaddexp(0, s) - y * s))
+
+    ref = minimize(nll, [1.0, 0.0], method="BFGS", options={"gtol": 1e-9}).x
+    np.testing.assert_allclose(fit_platt(z, y), ref, atol=1e-4)
+    assert fit_platt(z, np.zeros_like(z)) == (1.0, 0.0)
