@@ -16,7 +16,6 @@ Both take the merged base config (a dict) and the trial's sampled dotted keys, a
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
