@@ -218,8 +218,6 @@ class RankerConfig(_Strict):
     storage_path: str | None = None
     # Re-running with the same configuration resumes from its latest checkpoint; False starts over.
     resume: bool = True
-    # Test hook: raise inside the training worker once, after this epoch's checkpoint.
-    fail_after_epoch: int | None = Field(None, ge=1)
 
 
 class EvalConfig(_Strict):

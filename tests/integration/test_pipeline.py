@@ -80,7 +80,7 @@ def test_candidates_stage_fits_the_two_stage_recommender_into_the_version(tiny_r
 
 
 def test_evaluate_scores_the_served_two_stage_lists(tiny_run, tiny_cfg):
-    from adrec.evaluation.metrics import topk_metrics
+    from adrec.metrics import topk_metrics
     from adrec.serving.recommender import Recommender
 
     metrics = json.loads((tiny_run.report / "metrics.json").read_text())  # written by the test above

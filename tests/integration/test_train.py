@@ -43,7 +43,7 @@ def small_run(ray_session, tmp_path_factory):
 
 
 def test_train_one_epoch_gives_a_valid_auc(small_run):
-    from adrec.evaluation.metrics import auc
+    from adrec.metrics import auc
     from adrec.features.pipeline import Features
     from adrec.ranking.base import load_ranker
     from adrec.ranking.fusion import FusionRanker
@@ -68,10 +68,25 @@ def test_resumes_after_a_worker_failure_without_redoing_epochs(small_run):
     """The worker raises once after epoch 1's checkpoint; FailureConfig restarts it from that checkpoint."""
     from adrec.ranking.train import train_ranker
 
+    def fails_once_after_epoch_1(config: dict) -> None:
+        """The production worker loop, but a worker that started without a checkpoint (the first
+        attempt) raises right after reporting epoch 1's. Defined here (a local function) so that
+        Ray ships it by value to the workers, which cannot import the test module."""
+        import ray.train
+
+        from adrec.ranking.train import train_loop_per_worker
+
+        first_attempt = ray.train.get_checkpoint() is None
+
+        def fail(metrics: dict) -> None:
+            if first_attempt and metrics["epoch"] == 1:
+                raise RuntimeError("injected worker failure after epoch 1's checkpoint")
+
+        train_loop_per_worker(config, after_checkpoint=[fail])
+
     cfg = build_config(overrides=SMALL + ["ranker.epochs=2", "ranker.early_stopping_patience=5",
-                                          "ranker.refit=true", "ranker.fail_after_epoch=1", "ranker.max_failures=1",
-                                          "ranker.resume=false"])
-    out = train_ranker(cfg, small_run)
+                                          "ranker.refit=true", "ranker.max_failures=1", "ranker.resume=false"])
+    out = train_ranker(cfg, small_run, train_loop=fails_once_after_epoch_1)
     # Epoch 1 ran once (in the first attempt), epoch 2 and the refit epochs in the restarted one.
     assert out["epochs_run"] == list(range(1, len(out["epochs_run"]) + 1))
     assert out["epochs_run"][:2] == [1, 2]

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from adrec.config import ConfigError, build_config, load_config
+from adrec.config import ConfigError, FeatureConfig, build_config, load_config
 from adrec.features.pipeline import history_lists
 from adrec.features.spec import FeatureSpec, build_buckets, build_vocab, hash_pair
 from adrec.features.split import TEST, TRAIN, VALID, temporal_split
@@ -66,7 +66,7 @@ def test_vocab_and_buckets():
     assert build_vocab(pd.Series(["a", "b", "b"]), min_count=2) == {"b": 1}
     edges = build_buckets(pd.Series(np.arange(100)), 4)
     assert len(edges) == 3
-    spec = FeatureSpec(buckets={"user.age": edges})
+    spec = FeatureSpec(buckets={"user.age": edges}, history_len=FeatureConfig().history_len)
     codes = spec.encode_numeric("user.age", pd.Series([0, 30, 60, 99, np.nan]))
     assert codes.tolist() == [1, 2, 3, 4, 0]
 
@@ -74,7 +74,7 @@ def test_vocab_and_buckets():
 def test_encode_rows_same_for_training_and_serving():
     spec = FeatureSpec(vocabs={"ctx.hour": {"1": 1, "2": 2}, "item.cat": {"x": 1, "y": 2}, "user.g": {"f": 1}},
                        crosses=[{"name": "x:ctx.hour*item.cat", "a": "ctx.hour", "b": "item.cat", "hash_size": 64}],
-                       n_users=2, n_items=3, context=["ctx.hour"])
+                       n_users=2, n_items=3, context=["ctx.hour"], history_len=FeatureConfig().history_len)
     users = pd.DataFrame({"user.g": ["f", "m"]})
     items = pd.DataFrame({"item.cat": ["x", "y", "x"]})
     ucodes, icodes = spec.encode_entity("user", users), spec.encode_entity("item", items)
@@ -111,3 +111,10 @@ def test_config_rejects_unknown_keys_by_name(tmp_path):
     p.write_text("ranker:\n  epochs: 2\n")
     assert load_config(p, ["ranker.lr=0.01"]).ranker.lr == 0.01
     assert load_config(p).ranker.epochs == 2
+
+
+def test_history_len_has_one_default_the_configs():
+    """A FeatureSpec takes history_len from whoever builds it (prepare passes the config's)."""
+    with pytest.raises(TypeError, match="history_len"):
+        FeatureSpec()
+    assert build_config().features.history_len == FeatureConfig().history_len == 50

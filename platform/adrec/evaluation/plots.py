@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import _labels_and_probs, auc, calibration
+from adrec.metrics import auc, calibration, calibration_bins, roc_points
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["plot_roc", "plot_calibration", "plot_metric_bars", "plot_robustness", "roc_curve"]
+__all__ = ["plot_roc", "plot_calibration", "plot_metric_bars", "plot_robustness"]
 
 _DPI = 120
 
@@ -61,21 +61,6 @@ def _save(fig, path) -> Path:
     return path
 
 
-def roc_curve(y, p) -> tuple[np.ndarray, np.ndarray]:
-    """(fpr, tpr) points of the ROC curve, one per distinct score, starting at (0, 0)."""
-    y, p = _labels_and_probs(y, p)
-    order = np.argsort(-p, kind="stable")
-    y, p = y[order], p[order]
-    # Last position of each run of equal scores: the curve moves diagonally over ties.
-    ends = np.r_[np.flatnonzero(np.diff(p) != 0), y.size - 1] if y.size else np.zeros(0, int)
-    tp = np.cumsum(y)[ends]
-    fp = (ends + 1) - tp
-    n_pos, n_neg = y.sum(), y.size - y.sum()
-    tpr = np.r_[0.0, tp / n_pos] if n_pos else np.r_[0.0, np.zeros_like(tp, dtype=float)]
-    fpr = np.r_[0.0, fp / n_neg] if n_neg else np.r_[0.0, np.zeros_like(fp, dtype=float)]
-    return fpr, tpr
-
-
 def plot_roc(
     y=None,
     p=None,
@@ -105,7 +90,7 @@ def plot_roc(
 
     fig, ax = _figure(5.5, 5.0)
     for name, (yy, pp) in series.items():
-        fpr, tpr = roc_curve(yy, pp)
+        fpr, tpr = roc_points(yy, pp)
         a = auc(yy, pp)
         ax.plot(fpr, tpr, lw=1.8, label=f"{name} (AUC = {_fmt(a)})")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance (AUC = 0.5)")
@@ -133,27 +118,9 @@ def plot_calibration(
     ``strategy="uniform"`` uses equal-width bins on [0, 1]; ``"quantile"`` uses
     equal-count bins (better when predicted CTRs are all small).
     """
-    y, p = _labels_and_probs(y, p)
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    if y.size == 0:
-        raise ValueError("plot_calibration needs at least one impression")
-    if strategy == "uniform":
-        edges = np.linspace(0.0, 1.0, n_bins + 1)
-    elif strategy == "quantile":
-        edges = np.unique(np.quantile(p, np.linspace(0.0, 1.0, n_bins + 1)))
-        if edges.size < 2:
-            edges = np.array([p.min(), p.max() + 1e-12])
-    else:
-        raise ValueError(f"strategy must be 'uniform' or 'quantile', got {strategy!r}")
+    edges, counts, mean_p, rate = calibration_bins(y, p, n_bins, strategy)
     nb = edges.size - 1
-    idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, nb - 1)
-    counts = np.bincount(idx, minlength=nb)
-    sum_p = np.bincount(idx, weights=p, minlength=nb)
-    sum_y = np.bincount(idx, weights=y, minlength=nb)
-    filled = counts > 0
-    mean_p = sum_p[filled] / counts[filled]
-    rate = sum_y[filled] / counts[filled]
+    n_rows = int(counts.sum())
 
     fig, (ax, axc) = _figure(5.5, 6.5, 2, 1, sharex=True, height_ratios=[3, 1])
     hi = float(max(edges[-1], mean_p.max(), rate.max())) if strategy == "quantile" else 1.0
@@ -169,7 +136,7 @@ def plot_calibration(
     if strategy == "uniform" and nb <= 20:
         axc.bar_label(bars, labels=[str(int(c)) if c else "" for c in counts], fontsize=7)
     else:  # equal-count bins are often too narrow to label
-        axc.set_title(f"{nb} equal-count bins, about {int(round(y.size / nb))} impressions each",
+        axc.set_title(f"{nb} equal-count bins, about {int(round(n_rows / nb))} impressions each",
                       fontsize="small")
     axc.set(xlabel="Mean predicted probability (bin)", ylabel="Impressions")
     axc.set_ylim(0, counts.max() * 1.25)

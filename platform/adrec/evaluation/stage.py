@@ -24,7 +24,7 @@ from adrec.config import AdrecConfig
 from adrec.data.ingest import _read_table
 from adrec.data.privacy import pseudonym_map, resolve_key
 from adrec.data.schema import load_schema
-from adrec.evaluation.metrics import ctr_metrics, rank_candidates, topk_metrics
+from adrec.metrics import ctr_metrics, rank_candidates, topk_metrics
 from adrec.evaluation.plots import plot_calibration, plot_robustness, plot_roc
 from adrec.evaluation.report import markdown_table, write_report
 from adrec.features.split import TEST

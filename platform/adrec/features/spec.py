@@ -48,7 +48,9 @@ class FeatureSpec:
     n_items: int = 0
     n_catalog: int = 0  # items 0..n_catalog-1 appear in interactions; the rest are catalog-only (cold)
     context: list[str] = field(default_factory=list)
-    history_len: int = 10
+    # How many recent positives the history features keep. No default here: the one default is
+    # FeatureConfig.history_len, and whoever builds a spec passes it.
+    history_len: int = field(kw_only=True)
 
     # ---- layout -------------------------------------------------------------------------------
     @property

@@ -7,7 +7,6 @@ last (n + 4) // 5 in test and the rest in train; validation is carved from train
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 TRAIN, VALID, TEST = "train", "valid", "test"
 
@@ -35,6 +34,3 @@ def temporal_split(users: np.ndarray, ts: np.ndarray, items: np.ndarray) -> np.n
     out[order] = label
     return out
 
-
-def split_frame(df: pd.DataFrame, user: str = "user_idx", ts: str = "ts", item: str = "item_idx") -> pd.Series:
-    return pd.Series(temporal_split(df[user].to_numpy(), df[ts].to_numpy(), df[item].to_numpy()), index=df.index)

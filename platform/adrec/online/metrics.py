@@ -2,7 +2,7 @@
 
 :class:`Progressive` keeps, per scorer, constant-size running statistics from which AUC (ties count
 half, up to ties inside one of the ``n_bins`` logit bins), logloss (natural log, probabilities clipped
-to [1e-7, 1 - 1e-7] as in :mod:`adrec.evaluation.metrics`) and calibration (mean predicted
+to [1e-7, 1 - 1e-7] as in :mod:`adrec.metrics`) and calibration (mean predicted
 probability / observed click rate) come out at any time. :class:`RecentWindow` holds the last N
 (probability, label) pairs for exact metrics over a sliding window. :class:`RayGauges` exports the
 numbers as Ray metrics (``ray.util.metrics.Gauge``).
@@ -112,7 +112,7 @@ class RecentWindow:
         self.y.extend(int(v) for v in y)
 
     def summary(self) -> dict:
-        from adrec.evaluation.metrics import auc, calibration, logloss
+        from adrec.metrics import auc, calibration, logloss
 
         if not self.p:
             return {"n": 0, "auc": math.nan, "logloss": math.nan, "calibration": math.nan}

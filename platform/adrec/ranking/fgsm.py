@@ -19,6 +19,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from adrec.metrics import auc
+
 log = logging.getLogger(__name__)
 
 
@@ -103,8 +105,6 @@ def robustness_auc(ranker, rows: pd.DataFrame, epsilons, batch_size: int = 4096)
     and perturbs every input embedding (see the module docstring) by at most epsilon in L-inf.
     Epsilon 0 gives the clean AUC.
     """
-    from adrec.evaluation.metrics import auc
-
     if "label" not in rows.columns:
         raise ValueError("robustness_auc needs rows with a 'label' column")
     y = rows["label"].to_numpy().astype(np.float64)

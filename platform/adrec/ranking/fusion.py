@@ -33,7 +33,7 @@ from adrec.config import RankerConfig
 from adrec.features.spec import FeatureSpec
 from adrec.ranking.base import RANKER_JSON, Ranker
 from adrec.ranking.data import EntityTables, architecture, rows_to_arrays
-from adrec.ranking.encoder import load_encoder, load_saved_encoder, tokenize
+from adrec.features.encoder import load_encoder, load_saved_encoder, tokenize
 from adrec.ranking.model import FusionModel
 
 log = logging.getLogger(__name__)
@@ -51,25 +51,6 @@ def model_arch(cfg: RankerConfig, spec: FeatureSpec) -> dict:
                 finetune=cfg.finetune, finetune_last_n=cfg.finetune_last_n,
                 max_text_len=cfg.max_text_len)
     return arch
-
-
-def fit_platt(logits: np.ndarray, y: np.ndarray, iters: int = 50) -> tuple[float, float]:
-    """Platt scaling ``p = sigmoid(a * logit + b)`` by Newton's method (a small ridge keeps it stable)."""
-    z = np.asarray(logits, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    if len(z) == 0 or y.min() == y.max():
-        return 1.0, 0.0
-    w = np.array([1.0, 0.0])
-    X = np.stack([z, np.ones_like(z)], axis=1)
-    for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-(X @ w)))
-        g = X.T @ (p - y) + 1e-6 * (w - [1.0, 0.0])
-        h = (X * (p * (1 - p))[:, None]).T @ X + 1e-6 * np.eye(2)
-        step = np.linalg.solve(h, g)
-        w = w - step
-        if np.abs(step).max() < 1e-10:
-            break
-    return float(w[0]), float(w[1])
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from adrec.ranking.encoder import encoder_layers, layer_mask, mean_pool
+from adrec.features.encoder import encoder_layers, layer_mask, mean_pool
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from adrec.evaluation.metrics import rank_topk, topk_metrics
+from adrec.metrics import rank_topk, topk_metrics
 from adrec.features.split import TEST, TRAIN, VALID
 
 __all__ = ["STAGES", "Stage", "make_stage", "make_stage_from", "inner_stage", "evaluate_lists", "evaluate_scores",

@@ -1,9 +1,9 @@
 """What one trial runs.
 
-- ``ranker``: the same per-worker training loop as ``adrec train`` (``adrec.ranking.train``), on Ray
-  Train (``TorchTrainer``, V2) inside the Tune trial. Each epoch's metrics (train loss, valid AUC,
-  valid logloss, ...) and checkpoint path reach Tune through ``TuneReportCallback``, so ASHA can stop
-  a poor trial after any epoch. The Train run is stored in the trial's folder
+- ``ranker``: the same per-worker training loop and ``TorchTrainer`` as ``adrec train``
+  (``adrec.ranking.train.make_trainer``), on Ray Train (V2) inside the Tune trial. Each epoch's
+  metrics (train loss, valid AUC, valid logloss, ...) and checkpoint path reach Tune through
+  ``TuneReportCallback``, so ASHA can stop a poor trial after any epoch. The Train run is stored in the trial's folder
   (``RUN/tune/<search>/<trial>/train``); a trial restarted by ``Tuner.restore`` resumes from its last
   epoch checkpoint there.
 - ``als``: fits the candidate stage's ALS (``ALSSource``) on the train split's positives and reports
@@ -16,7 +16,6 @@ Both take the merged base config (a dict) and the trial's sampled dotted keys, a
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -53,7 +52,7 @@ def _train_worker(config: dict) -> None:
     import ray
     import ray.train
 
-    from adrec.ranking import train as rt
+    from adrec.ranking.train import train_loop_per_worker
 
     config = dict(config)
     record = config.pop("_pg_record", None)
@@ -62,45 +61,30 @@ def _train_worker(config: dict) -> None:
         if pg is not None:
             with open(record, "a") as f:
                 f.write(pg.id.hex() + "\n")
-    rt._train_loop_per_worker(config)  # the loop `adrec train` runs (see the hook asked for in the report)
+    train_loop_per_worker(config)  # the loop `adrec train` runs
 
 
 def ranker_trial(config: dict, *, spec: TuneSpec, base: dict, run_path: str, exp_path: str, cpu: float = 1.0,
                  gpu: float = 0.0) -> None:
     """One ranker trial: Ray Train fine-tuning with this trial's hyperparameters, reported per epoch
     (the selection phase of `adrec train`, at most ASHA's max_t epochs: see space.trial_config)."""
-    import ray
-    import ray.train
     from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from adrec.features.pipeline import Features
-    from adrec.ranking import train as rt
+    from adrec.ranking.train import make_trainer, prepare_data
 
     cfg = trial_config(spec, base, config)
     rc = cfg.ranker
     # The trial's folder in the search's storage (RUN/tune/<search>/<trial>), not Tune's local staging copy.
     trial_dir = Path(exp_path) / Path(tune.get_context().get_trial_dir()).name
     trial_dir.mkdir(parents=True, exist_ok=True)
-    data = rt.prepare_data(rc, Features(RunDir(run_path)))
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={"ranker": json.loads(rc.model_dump_json()), "data": ray.put(data),
-                           "_pg_record": str(trial_dir / PG_RECORD)},
-        torch_config=TorchConfig(backend="nccl" if gpu > 0 else "gloo"),
-        scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=gpu > 0,
-                                     resources_per_worker=_worker_resources(cpu, gpu)),
-        run_config=RunConfig(
-            name=TRAIN_DIR,
-            storage_path=str(trial_dir),
-            failure_config=FailureConfig(max_failures=rc.max_failures),
-            # The latest checkpoint carries the best epoch's weights: one is enough to promote.
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            callbacks=[TuneReportCallback()],
-        ),
-    )
+    data = prepare_data(rc, Features(RunDir(run_path)))
+    trainer = make_trainer(rc, data, name=TRAIN_DIR, storage_path=trial_dir, train_loop=_train_worker,
+                           loop_config={"_pg_record": str(trial_dir / PG_RECORD)}, use_gpu=gpu > 0,
+                           resources_per_worker=_worker_resources(cpu, gpu),
+                           # The latest checkpoint carries the best epoch's weights: one is enough to promote.
+                           num_to_keep=1, callbacks=[TuneReportCallback()])
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"ranker trial failed: {result.error}") from result.error
@@ -198,9 +182,7 @@ def _has_live_group(trial_path: str) -> bool:
 
 def ranker_checkpoint_state(trial_path: str | Path, last_metrics: dict | None = None) -> dict:
     """The training state (``state.pt``) of a ranker trial's latest epoch checkpoint."""
-    import torch
-
-    from adrec.ranking.train import STATE_FILE
+    from adrec.ranking.train import STATE_FILE, load_state
 
     candidates: list[Path] = []
     reported = (last_metrics or {}).get("checkpoint_path")
@@ -209,9 +191,8 @@ def ranker_checkpoint_state(trial_path: str | Path, last_metrics: dict | None = 
     train_dir = Path(trial_path) / TRAIN_DIR
     candidates += sorted(train_dir.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime, reverse=True)
     for c in candidates:
-        f = c / STATE_FILE
-        if f.is_file():
-            return torch.load(f, map_location="cpu", weights_only=False)
+        if (c / STATE_FILE).is_file():
+            return load_state(c)
     raise FileNotFoundError(f"no ranker checkpoint ({STATE_FILE}) under {train_dir}")
 
 
@@ -239,9 +220,9 @@ def als_validation_setup(run: RunDir):
     return sp.csr_matrix(train_pos), seen, users, truth, n_items
 
 
-def als_metrics(source, seen, users: np.ndarray, truth: list, n_items: int, k: int = 10, n: int = 100) -> dict:
+def als_metrics(source, seen, users: np.ndarray, truth: list, n_items: int, k: int, n: int) -> dict:
     """Validation Recall@n and NDCG/Precision/MAP/HitRate/Coverage@k of a fitted candidate source."""
-    from adrec.evaluation.metrics import topk_metrics
+    from adrec.metrics import topk_metrics
 
     ids, _ = source.recommend(users, n, seen[users])
     out = {f"valid_recall@{n}": topk_metrics(ids, truth, n_items, n, prefix="valid")[f"valid.recall@{n}"]}

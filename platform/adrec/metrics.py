@@ -1,18 +1,23 @@
 """Offline metrics, exactly as DESIGN.md's "Split and evaluation protocol" defines them.
 
-Pure numpy: no Ray, no torch, no scikit-learn. Every function validates its inputs
-and raises ``ValueError`` naming the problem instead of returning a silently wrong
-number.
+The package's one definition of each metric, below every stage that scores a model (the
+ranker's validation, top-K training, the evaluate stage, the online learner), so none of them
+imports another stage for it. numpy and scikit-learn (imported inside the CTR functions: it
+costs about a second); no Ray, no torch. Every function validates its inputs and raises
+``ValueError`` naming the problem instead of returning a silently wrong number.
 
-CTR (every test interaction is an impression):
+CTR (every test interaction is an impression), from scikit-learn:
     :func:`auc` (ties count half), :func:`logloss`, :func:`calibration`,
-    :func:`ctr_metrics`.
+    :func:`ctr_metrics`, and the figure data :func:`roc_points`, :func:`calibration_bins`.
 
 Top-K (positives are label 1; the caller passes only evaluated users, i.e. users
-with at least one test positive):
+with at least one test positive), hand-written because they are the protocol's own
+definitions, which no library matches exactly: per-user averages over evaluated users
+only, AP@K normalised by min(K, |T|), -1 padding counted as a miss with K in the
+precision denominator, ties going to the lower item index:
     :func:`rank_topk` ranks the full catalog minus excluded (train) items,
-    :func:`rank_candidates` ranks per-user candidate lists, both with ties going to
-    the lower item index; :func:`topk_metrics` turns the ranked lists into
+    :func:`rank_candidates` ranks per-user candidate lists;
+    :func:`topk_metrics` turns the ranked lists into
     Precision/Recall/NDCG/MAP/HitRate/Coverage@K.
 """
 
@@ -30,6 +35,8 @@ __all__ = [
     "logloss",
     "calibration",
     "ctr_metrics",
+    "roc_points",
+    "calibration_bins",
     "topk_metrics",
     "rank_topk",
     "rank_candidates",
@@ -65,34 +72,29 @@ def _labels_and_probs(y, p) -> tuple[np.ndarray, np.ndarray]:
     return y, p
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``x`` in ascending order; tied values get their average rank."""
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    last = np.cumsum(counts).astype(np.float64)  # 1-based rank of each group's last member
-    return (last - (counts - 1) / 2.0)[inverse.reshape(-1)]
-
-
 def auc(y, p) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks, so ties count half).
+    """Area under the ROC curve (scikit-learn's ``roc_auc_score``: tied scores count half).
 
     ``p`` may be any score (probability or logit). Returns ``nan`` when ``y`` holds a
-    single class (or is empty).
+    single class (or is empty), where scikit-learn would raise.
     """
+    from sklearn.metrics import roc_auc_score
+
     y, p = _labels_and_probs(y, p)
     n_pos = float(y.sum())
-    n_neg = float(y.shape[0] - n_pos)
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_pos == y.shape[0]:
         return float("nan")
-    ranks = _average_ranks(p)
-    u = float(ranks[y == 1.0].sum()) - n_pos * (n_pos + 1.0) / 2.0
-    return u / (n_pos * n_neg)
+    return float(roc_auc_score(y, p))
 
 
 def logloss(y, p, eps: float = 1e-7) -> float:
-    """Mean binary cross-entropy (natural log) with ``p`` clipped to ``[eps, 1 - eps]``.
+    """Mean binary cross-entropy (natural log, scikit-learn's ``log_loss``) with ``p`` clipped to
+    ``[eps, 1 - eps]`` first (the protocol's clip: scikit-learn's own is machine epsilon).
 
     ``p`` must be probabilities in [0, 1]. Returns ``nan`` for empty input.
     """
+    from sklearn.metrics import log_loss
+
     y, p = _labels_and_probs(y, p)
     if y.shape[0] == 0:
         return float("nan")
@@ -102,8 +104,59 @@ def logloss(y, p, eps: float = 1e-7) -> float:
         )
     if not 0.0 < eps < 0.5:
         raise ValueError(f"eps must be in (0, 0.5), got {eps}")
-    p = np.clip(p, eps, 1.0 - eps)
-    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+    return float(log_loss(y, np.clip(p, eps, 1.0 - eps), labels=[0.0, 1.0]))
+
+
+def roc_points(y, p) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) points of the ROC curve, one per distinct score, starting at (0, 0).
+
+    scikit-learn's ``roc_curve`` keeping every threshold; with a single class the undefined
+    axis is all zeros (scikit-learn warns and gives nan there).
+    """
+    import warnings
+
+    from sklearn.exceptions import UndefinedMetricWarning
+    from sklearn.metrics import roc_curve
+
+    y, p = _labels_and_probs(y, p)
+    if y.size == 0:
+        return np.zeros(1), np.zeros(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        fpr, tpr, _ = roc_curve(y, p, drop_intermediate=False)
+    return np.nan_to_num(fpr, nan=0.0), np.nan_to_num(tpr, nan=0.0)
+
+
+def calibration_bins(y, p, n_bins: int = 10, strategy: str = "uniform") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Reliability-diagram bins: ``(edges, counts, mean_p, rate)``.
+
+    ``mean_p`` (mean predicted probability) and ``rate`` (observed click rate) come from
+    scikit-learn's ``calibration_curve`` and cover the non-empty bins; ``counts`` (impressions
+    per bin, empty bins included) uses the same bins. ``strategy="uniform"``: equal-width bins on
+    [0, 1]; ``"quantile"``: equal-count bins (repeated quantiles merged).
+    """
+    from sklearn.calibration import calibration_curve
+
+    y, p = _labels_and_probs(y, p)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    if y.size == 0:
+        raise ValueError("calibration bins need at least one impression")
+    if strategy == "uniform":
+        edges = np.linspace(0.0, 1.0, n_bins + 1)
+    elif strategy == "quantile":
+        edges = np.unique(np.quantile(p, np.linspace(0.0, 1.0, n_bins + 1)))
+        if edges.size < 2:
+            edges = np.array([p.min(), p.max() + 1e-12])
+    else:
+        raise ValueError(f"strategy must be 'uniform' or 'quantile', got {strategy!r}")
+    if p.min() < 0.0 or p.max() > 1.0:
+        raise ValueError(f"calibration bins need probabilities in [0, 1]; got values in [{p.min()}, {p.max()}]")
+    # calibration_curve puts p in bin searchsorted(inner edges, p) (a value on an edge joins the lower
+    # bin); the counts use the same rule. Repeated quantiles only leave empty bins, which it drops.
+    counts = np.bincount(np.searchsorted(edges[1:-1], p), minlength=edges.size - 1)
+    rate, mean_p = calibration_curve(y, p, n_bins=n_bins, strategy=strategy)
+    return edges, counts, mean_p, rate
 
 
 def calibration(y, p) -> float:

