@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from adrec.serving.loadtest import LoadResult, markdown, ratios, summarize, target_check, topology_of
+from benchmarks.serving import LoadResult, markdown, ratios, summarize, target_check, topology_of
 
 
 def _res(name: str, c: int, p99: float, cpu: float) -> LoadResult:

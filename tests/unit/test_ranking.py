@@ -102,7 +102,7 @@ class RankerContract:
 # ---- the fusion ranker -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def toy():
-    from adrec.ranking.toy import toy_features
+    from tests.support.toy import toy_features
 
     return toy_features()
 
@@ -117,14 +117,14 @@ def tiny_cfg(**kw) -> RankerConfig:
 @needs_minilm
 class TestFusionRankerContract(RankerContract):
     def make_ranker(self, seed):
-        from adrec.ranking.toy import toy_features
+        from tests.support.toy import toy_features
         from adrec.ranking.train import fit_local
 
         ranker, _ = fit_local(tiny_cfg(seed=seed), toy_features())
         return ranker
 
     def contract_rows(self):
-        from adrec.ranking.toy import toy_features
+        from tests.support.toy import toy_features
 
         return toy_features().rows("test").reset_index(drop=True)
 
@@ -221,7 +221,7 @@ def test_no_side_effects_at_import():
     import subprocess
     import sys
 
-    code = ("import logging, sys; import adrec.ranking.train, adrec.ranking.fusion, adrec.ranking.peers, "
+    code = ("import logging, sys; import adrec.ranking.train, adrec.ranking.fusion, "
             "adrec.ranking.fgsm; assert 'ray' not in sys.modules or True; "
             "assert not logging.getLogger().handlers")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

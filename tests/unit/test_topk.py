@@ -24,7 +24,7 @@ except ModuleNotFoundError:  # the package is not installed (no `make install` y
 from adrec.candidates import load_source
 from adrec.features.split import temporal_split
 from adrec.topk import EASESource, TopKData, TwoStageRecommender, ease_weights
-from adrec.topk.benchmark import run_benchmark
+from benchmarks.topk import run_benchmark
 from adrec.topk.protocol import evaluate_lists, inner_stage, make_stage
 from adrec.topk.rerank import build_source, item_tag_matrix
 

@@ -568,7 +568,7 @@ def _deploy_round(cfg, run, args, topologies: list[str], suffix: str):
     targets = {t + suffix: (deploy(a), a.app_name) for t, a in apps.items()}
     if args.floor:
         # No CPU claim: the topologies' replicas hold all of the cluster's CPUs (a claim only schedules).
-        from adrec.serving.floor import floor_app
+        from .serve_floor import floor_app
 
         app = next(iter(apps.values()))
         serve.run(floor_app(args.replicas, 0, app.max_ongoing_requests), name="adrec-bench-floor",

@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .serving import raw_user_ids, request_bodies
+
 log = logging.getLogger(__name__)
 
 CONTEXT = ["slot", "hour", "device"]
@@ -234,7 +236,6 @@ def run_benchmark(cfg, work: Path, s: Settings) -> dict:
     from adrec.runtime import free_port, init_ray
     from adrec.serving.app import AppArgs
     from adrec.serving.deploy import deploy, wait_healthy
-    from adrec.serving.loadtest import raw_user_ids, request_bodies
 
     t_start = time.perf_counter()
     work = Path(work).resolve()
@@ -244,7 +245,7 @@ def run_benchmark(cfg, work: Path, s: Settings) -> dict:
             raise FileExistsError(f"{work} is not empty and was not written by this benchmark: choose another --work")
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    marker.write_text("working folder of adrec.online.benchmark (deleted and rewritten by the next run)\n")
+    marker.write_text("working folder of benchmarks.online (deleted and rewritten by the next run)\n")
     timings = {}
 
     # 1. data (the synthetic crosses, named explicitly: the data set is now a schema path)
@@ -482,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from adrec.config import load_config
 
-    p = argparse.ArgumentParser(description="online learning benchmark: frozen vs online through a drift, over Serve")
+    p = argparse.ArgumentParser(prog="benchmark_online",
+                                description="online learning benchmark: frozen vs online through a drift, over Serve")
     p.add_argument("--out", required=True, help="folder for online_benchmark.json / .md")
     p.add_argument("--work", default=None, help="working folder (data, run, feedback log, learner state); "
                                                  "default: <out>/work")
