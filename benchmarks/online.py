@@ -26,7 +26,6 @@ learning <= 1.2 x p99 while frozen.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .serving import raw_user_ids, request_bodies
+from .loadtest import closed_loop, raw_user_ids, request_bodies
 
 log = logging.getLogger(__name__)
 
@@ -133,32 +132,10 @@ def train_initial(cfg, run, local: bool = False) -> dict:
 
 
 # ---- 4. load ------------------------------------------------------------------------------------------------
-async def _load(url: str, bodies: list[dict], concurrency: int, n: int, timeout_s: float = 30.0) -> tuple[list, dict]:
-    import httpx
-
-    latencies: list[float] = []
-    statuses: dict[str, int] = {}
-    counter = iter(range(n))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        async def worker() -> None:
-            for i in counter:
-                t = time.perf_counter()
-                try:
-                    r = await client.post(url, json=bodies[i % len(bodies)])
-                    code = str(r.status_code)
-                except httpx.HTTPError as err:
-                    code = type(err).__name__
-                latencies.append(time.perf_counter() - t)
-                statuses[code] = statuses.get(code, 0) + 1
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, statuses
-
-
 def recommend_load(url: str, bodies: list[dict], concurrency: int, n: int) -> tuple[list, dict, float]:
+    """Closed-loop ``POST /recommend`` load: (latencies, statuses, wall seconds of the whole call)."""
     t0 = time.perf_counter()
-    lat, st = asyncio.run(_load(url.rstrip("/") + "/recommend", bodies, concurrency, n))
+    lat, st, _ = closed_loop(url.rstrip("/") + "/recommend", bodies, concurrency, n)
     return lat, st, time.perf_counter() - t0
 
 

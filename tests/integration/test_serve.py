@@ -23,7 +23,7 @@ from adrec.runtime import free_port
 from adrec.serving.app import AppArgs
 from adrec.serving.deploy import deploy, rollout, wait_healthy
 from adrec.serving.feedback import read_events
-from benchmarks.serving import raw_user_ids
+from benchmarks.loadtest import raw_user_ids
 
 pytestmark = pytest.mark.ray
 
