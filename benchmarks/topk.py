@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import os
 import platform
@@ -32,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from adrec.candidates.base import CandidateSource
+from adrec.candidates.base import CandidateSource, write_json
 from adrec.evaluation.report import markdown_table
 from adrec.topk.protocol import Stage, evaluate_lists, make_stage
 from adrec.topk.rerank import DEFAULT_SOURCES, TopKData, TwoStageRecommender, build_source
@@ -321,22 +320,10 @@ def write_report(result: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jpath, mpath = out / "topk_benchmark.json", out / "topk_benchmark.md"
-    jpath.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+    write_json(jpath, result)  # numpy scalars and arrays as JSON numbers and lists
     mpath.write_text(markdown_report(result))
     logger.info("wrote %s and %s", jpath, mpath)
     return jpath, mpath
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"{type(o).__name__} is not JSON serializable")
 
 
 # ---- command line (pipelines/benchmark_topk.py) ------------------------------------------------------------
