@@ -5,12 +5,15 @@ Trains the initial model on the pre-drift part of the synthetic drift log, serve
 the log through POST /feedback over HTTP while the online learner learns beside the Serve app, and compares
 the frozen and the online model's progressive AUC / logloss before and after the drift, with serving p99
 under load while the learner is paused vs learning. JSON and a markdown table under --out.
-All logic lives in adrec.online.benchmark; this only forwards the arguments.
+All logic lives in benchmarks.online; this only forwards the arguments.
 """
 
 import sys
+from pathlib import Path
 
-from adrec.online.benchmark import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, home of `benchmarks`
+
+from benchmarks.online import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

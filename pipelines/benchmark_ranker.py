@@ -5,12 +5,15 @@ adrec's fusion ranker beside constant CTR, logistic regression (with and without
 LightGBM, DeepFM (deepctr-torch) and frozen-encoder embeddings + logistic regression, on MovieLens-100k
 and the synthetic ad log, same split; test AUC / logloss / calibration / wall time, medians over seeds,
 as JSON and a markdown table under --out (`--quick` for a tiny run).
-All logic lives in adrec.ranking.benchmark; this only forwards the arguments.
+All logic lives in benchmarks.ranker; this only forwards the arguments.
 """
 
 import sys
+from pathlib import Path
 
-from adrec.ranking.benchmark import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, home of `benchmarks`
+
+from benchmarks.ranker import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

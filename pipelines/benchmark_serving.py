@@ -5,12 +5,15 @@ ingresses (--ingress haproxy,proxy: each on its own local Ray, started in turn),
 runs each, medians, at concurrency 1, 8 and 32, next to the same top-10 computed in-process and by an
 encoder-per-request ranker; CPU ms/request per process, the load average before/after; JSON and a
 markdown table under --out.
-All logic lives in adrec.serving.loadtest; this only forwards the arguments.
+All logic lives in benchmarks.serving; this only forwards the arguments.
 """
 
 import sys
+from pathlib import Path
 
-from adrec.serving.loadtest import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, home of `benchmarks`
+
+from benchmarks.serving import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -23,7 +23,7 @@ from adrec.runtime import free_port
 from adrec.serving.app import AppArgs
 from adrec.serving.deploy import deploy, rollout, wait_healthy
 from adrec.serving.feedback import read_events
-from adrec.serving.loadtest import raw_user_ids
+from benchmarks.loadtest import raw_user_ids
 
 pytestmark = pytest.mark.ray
 
@@ -380,7 +380,7 @@ def test_encoder_per_request_ranker_scores_like_the_cached_one(served, tiny_cfg)
     if served["topology"] != "graph":
         pytest.skip("in-process only: checked once, with the graph app")
 
-    from adrec.serving.loadtest import EncoderPerRequestRanker
+    from benchmarks.serving import EncoderPerRequestRanker
     from adrec.serving.recommender import Recommender
 
     rec = Recommender(served["run"].model, tiny_cfg.data.pseudonym_key.encode())
@@ -413,7 +413,7 @@ def test_batched_scoring_equals_scoring_each_request(served):
 
 
 def test_benchmark_smoke(served, tiny_cfg, tmp_path):
-    from adrec.serving.loadtest import run_benchmark, write_report
+    from benchmarks.serving import run_benchmark, write_report
 
     t = served["topology"]
     report = run_benchmark({t: (served["url"], APP)}, served["v2"], tiny_cfg.data.pseudonym_key.encode(),

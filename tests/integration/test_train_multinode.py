@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent("""
     from ray.cluster_utils import Cluster
     from adrec.config import build_config
     from adrec.run import RunDir
-    from adrec.ranking.toy import toy_features
+    from tests.support.toy import toy_features
     from adrec.ranking.train import train_ranker
     from adrec.ranking.base import load_ranker
 

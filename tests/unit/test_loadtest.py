@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from adrec.serving.loadtest import LoadResult, markdown, ratios, summarize, target_check, topology_of
+from benchmarks.loadtest import LoadResult, summarize
+from benchmarks.serving import markdown, ratios, target_check, topology_of
 
 
 def _res(name: str, c: int, p99: float, cpu: float) -> LoadResult:
@@ -65,3 +66,55 @@ def test_markdown_lists_every_path_and_the_verdicts():
     assert "floor@proxy: cost of Serve" in md and "(no model)" in md
     assert "CPU per request, graph / fused: haproxy c1 3.2x, haproxy c8 3.2x, proxy c1 1.6x" in md
     assert "CPU per request, proxy actor / HAProxy: graph c1 1.5x, graph c8 1.5x, fused c1 3.0x" in md
+
+
+def test_closed_loop_counts_every_answer_and_never_exceeds_its_clients():
+    """A real HTTP server on 127.0.0.1: ``closed_loop`` sends exactly n requests, at most c at once, and
+    counts each status; ``http_load`` summarizes the same run."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from benchmarks.loadtest import closed_loop, http_load
+
+    lock = threading.Lock()
+    seen = {"now": 0, "max": 0, "users": []}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the load client expects
+
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with lock:
+                seen["now"] += 1
+                seen["max"] = max(seen["max"], seen["now"])
+                seen["users"].append(body["user_id"])
+            threading.Event().wait(0.005)  # long enough for the clients to overlap
+            with lock:
+                seen["now"] -= 1
+            code = 503 if body["user_id"] == "busy" else 200
+            out = b"{}"
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/recommend"
+    bodies = [{"user_id": "a"}, {"user_id": "b"}, {"user_id": "busy"}]
+    try:
+        latencies, statuses, seconds = closed_loop(url, bodies, concurrency=3, n_requests=30)
+        assert len(latencies) == 30 and all(t > 0 for t in latencies) and seconds > 0
+        assert statuses == {"200": 20, "503": 10}  # bodies are cycled: every third is "busy"
+        assert sorted(seen["users"]) == sorted(["a", "b", "busy"] * 10)
+        assert 1 <= seen["max"] <= 3
+        res = http_load(url, bodies, concurrency=2, n_requests=9)
+        assert (res.requests, res.ok, res.statuses) == (9, 6, {"200": 6, "503": 3})
+        assert res.p50_ms <= res.p99_ms and res.success_rate == 6 / 9
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -102,7 +102,7 @@ class RankerContract:
 # ---- the fusion ranker -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def toy():
-    from adrec.ranking.toy import toy_features
+    from tests.support.toy import toy_features
 
     return toy_features()
 
@@ -117,14 +117,14 @@ def tiny_cfg(**kw) -> RankerConfig:
 @needs_minilm
 class TestFusionRankerContract(RankerContract):
     def make_ranker(self, seed):
-        from adrec.ranking.toy import toy_features
+        from tests.support.toy import toy_features
         from adrec.ranking.train import fit_local
 
         ranker, _ = fit_local(tiny_cfg(seed=seed), toy_features())
         return ranker
 
     def contract_rows(self):
-        from adrec.ranking.toy import toy_features
+        from tests.support.toy import toy_features
 
         return toy_features().rows("test").reset_index(drop=True)
 

@@ -1,6 +1,6 @@
 """The ranker benchmark's verdict and report (no training here: the figures are given)."""
 
-from adrec.ranking.benchmark import markdown, target_check
+from benchmarks.ranker import markdown, target_check
 
 
 def _ds(adrec_auc: float, adrec_ll: float) -> dict:

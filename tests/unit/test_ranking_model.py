@@ -26,7 +26,7 @@ def cfg(**kw) -> RankerConfig:
 
 @pytest.fixture(scope="module")
 def toy():
-    from adrec.ranking.toy import toy_features
+    from tests.support.toy import toy_features
 
     return toy_features()
 

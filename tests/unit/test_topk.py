@@ -24,13 +24,10 @@ except ModuleNotFoundError:  # the package is not installed (no `make install` y
 from adrec.candidates import load_source
 from adrec.features.split import temporal_split
 from adrec.topk import EASESource, TopKData, TwoStageRecommender, ease_weights
-from adrec.topk.benchmark import run_benchmark
 from adrec.topk.protocol import evaluate_lists, inner_stage, make_stage
 from adrec.topk.rerank import build_source, item_tag_matrix
-
-# The shared contract every candidate source passes (tests/unit/test_candidates.py).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_candidates import CandidateSourceContract, blocks  # noqa: E402,F401  (blocks: the contract's fixture)
+from benchmarks.topk import run_benchmark
+from tests.support.candidate_contract import CandidateSourceContract, blocks  # noqa: F401  (blocks: its fixture)
 
 HAS_LIGHTGBM = importlib.util.find_spec("lightgbm") is not None
 DAY = 86400

@@ -8,5 +8,6 @@
 - :mod:`adrec.online.actor`: the learner as a Ray actor beside the Serve app (:func:`start_learner`,
   :func:`serve_with_learner`), rolling published versions out to Serve.
 - ``python -m adrec.online --run RUN``: the learner on its own, in the foreground.
-- :mod:`adrec.online.benchmark`: frozen vs online through a preference drift (``pipelines/benchmark_online.py``).
+
+The benchmark of frozen vs online through a preference drift is ``benchmarks/online.py``, outside the library.
 """

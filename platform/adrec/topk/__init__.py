@@ -1,6 +1,6 @@
 """Top-K recommendation beyond the candidate sources: the EASE peer, the two-stage re-ranker
-(:class:`TwoStageRecommender`) and the benchmark that compares adrec's full path with the
-classic peers (:func:`adrec.topk.benchmark.run_benchmark`).
+(:class:`TwoStageRecommender`) and the split-and-evaluate protocol (:mod:`.protocol`). The benchmark
+that compares this full path with the classic peers is ``benchmarks/topk.py``, outside the library.
 
 Importing this package has no side effects; LightGBM is imported only when a re-ranker is built.
 """

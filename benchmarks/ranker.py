@@ -1,7 +1,7 @@
 """The ranker benchmark (issue 3): adrec's fusion ranker beside its peers, same features, same split.
 
 For each data set: the prepare stage writes the features once; then, for every seed, each peer
-(:mod:`adrec.ranking.peers`) and adrec's ranker (``train_ranker`` on Ray Train, the path
+(:mod:`benchmarks.ranker_peers`) and adrec's ranker (``train_ranker`` on Ray Train, the path
 ``adrec train`` runs) fit on train, select on valid, refit on train + valid when configured, and
 predict test. Reported per model: test AUC, logloss, calibration (mean predicted / observed click
 rate) and wall time, as medians over the seeds, in ``results.json`` and ``results.md``.
@@ -20,8 +20,9 @@ import numpy as np
 
 from adrec.config import AdrecConfig, build_config
 from adrec.evaluation.metrics import auc, calibration, logloss
-from adrec.ranking.peers import PEERS, BenchData, run_peer
 from adrec.run import RunDir
+
+from .ranker_peers import PEERS, BenchData, run_peer
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def run_benchmark(datasets: list[str], out: str | Path, data_dir: str | None = N
         raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     seeds = [0] if quick else list(seeds)
     report: dict = {"protocol": {
-        "split": "per-user temporal split of DESIGN.md; fit on train, select on valid (AUC), "
+        "split": "per-user temporal split of docs/design.md; fit on train, select on valid (AUC), "
                  + ("refit on train+valid with the selected setting, " if refit else "")
                  + "test on test",
         "seeds": seeds, "quick": quick, "refit": refit, "machine": _platform.platform(),
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("adrec.ranking.benchmark").setLevel(logging.INFO)
+    log.setLevel(logging.INFO)
     report = run_benchmark([d.strip() for d in args.datasets.split(",") if d.strip()], args.out,
                            data_dir=args.data_dir, seeds=[int(s) for s in args.seeds.split(",")],
                            models=[m.strip() for m in args.models.split(",") if m.strip()], quick=args.quick,
@@ -255,5 +256,5 @@ def main(argv: list[str] | None = None) -> int:
                            name=args.name, runs=args.runs)
     log.info("results in %s/%s.json and %s.md", args.out, args.name, args.name)
     sys_out = markdown(report)
-    logging.getLogger("adrec.ranking.benchmark").info("\n%s", sys_out)
+    log.info("\n%s", sys_out)
     return 0

@@ -1,4 +1,4 @@
-"""A tiny feature set built in memory with the real feature code (no Ray): for tests and smoke runs.
+"""A tiny feature set built in memory with the real feature code (no Ray), for tests.
 
 ``toy_features()`` returns an object shaped like :class:`adrec.features.pipeline.Features`
 (``spec``, ``interactions``, ``items``, ``users``) whose rows are encoded by the same

@@ -26,7 +26,6 @@ learning <= 1.2 x p99 while frozen.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -38,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from .loadtest import closed_loop, raw_user_ids, request_bodies
 
 log = logging.getLogger(__name__)
 
@@ -131,32 +132,10 @@ def train_initial(cfg, run, local: bool = False) -> dict:
 
 
 # ---- 4. load ------------------------------------------------------------------------------------------------
-async def _load(url: str, bodies: list[dict], concurrency: int, n: int, timeout_s: float = 30.0) -> tuple[list, dict]:
-    import httpx
-
-    latencies: list[float] = []
-    statuses: dict[str, int] = {}
-    counter = iter(range(n))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        async def worker() -> None:
-            for i in counter:
-                t = time.perf_counter()
-                try:
-                    r = await client.post(url, json=bodies[i % len(bodies)])
-                    code = str(r.status_code)
-                except httpx.HTTPError as err:
-                    code = type(err).__name__
-                latencies.append(time.perf_counter() - t)
-                statuses[code] = statuses.get(code, 0) + 1
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, statuses
-
-
 def recommend_load(url: str, bodies: list[dict], concurrency: int, n: int) -> tuple[list, dict, float]:
+    """Closed-loop ``POST /recommend`` load: (latencies, statuses, wall seconds of the whole call)."""
     t0 = time.perf_counter()
-    lat, st = asyncio.run(_load(url.rstrip("/") + "/recommend", bodies, concurrency, n))
+    lat, st, _ = closed_loop(url.rstrip("/") + "/recommend", bodies, concurrency, n)
     return lat, st, time.perf_counter() - t0
 
 
@@ -234,7 +213,6 @@ def run_benchmark(cfg, work: Path, s: Settings) -> dict:
     from adrec.runtime import free_port, init_ray
     from adrec.serving.app import AppArgs
     from adrec.serving.deploy import deploy, wait_healthy
-    from adrec.serving.loadtest import raw_user_ids, request_bodies
 
     t_start = time.perf_counter()
     work = Path(work).resolve()
@@ -244,7 +222,7 @@ def run_benchmark(cfg, work: Path, s: Settings) -> dict:
             raise FileExistsError(f"{work} is not empty and was not written by this benchmark: choose another --work")
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    marker.write_text("working folder of adrec.online.benchmark (deleted and rewritten by the next run)\n")
+    marker.write_text("working folder of benchmarks.online (deleted and rewritten by the next run)\n")
     timings = {}
 
     # 1. data (the synthetic crosses, named explicitly: the data set is now a schema path)
@@ -482,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from adrec.config import load_config
 
-    p = argparse.ArgumentParser(description="online learning benchmark: frozen vs online through a drift, over Serve")
+    p = argparse.ArgumentParser(prog="benchmark_online",
+                                description="online learning benchmark: frozen vs online through a drift, over Serve")
     p.add_argument("--out", required=True, help="folder for online_benchmark.json / .md")
     p.add_argument("--work", default=None, help="working folder (data, run, feedback log, learner state); "
                                                  "default: <out>/work")
