@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from adrec.config import AdrecConfig, build_config
-from adrec.evaluation.metrics import auc, calibration, logloss
+from adrec.metrics import auc, calibration, logloss
 from adrec.run import RunDir
 
 from .ranker_peers import PEERS, BenchData, run_peer

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from adrec.evaluation.metrics import auc
+from adrec.metrics import auc
 
 log = logging.getLogger(__name__)
 

@@ -58,7 +58,7 @@ class EncoderPerRequestRanker:
         import torch
 
         from adrec.ranking.data import rows_to_arrays
-        from adrec.ranking.encoder import mean_pool
+        from adrec.features.encoder import mean_pool
 
         arrays = rows_to_arrays(rows, self.ranker.arch)
         codes = np.unique(np.concatenate([arrays["item"], arrays["hist"].reshape(-1)]))
@@ -358,8 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from adrec import flow
-    from adrec.run import RunDir
+    from adrec.run import RunDir, resolve_config
     from adrec.runtime import haproxy_threads, init_ray
 
     args = build_parser().parse_args(argv)
@@ -369,14 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     run = RunDir(args.run)
     run.require(run.model, "train")
     overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
-    cfg = flow.resolve_config(run, args.config, overrides)
+    cfg = resolve_config(run, args.config, overrides)
     topologies = [t.strip() for t in args.topologies.split(",") if t.strip()]
     ingresses = [None] if args.address else [m.strip() for m in args.ingress.split(",") if m.strip()]
     bench = None
     app = None
     for mode in ingresses:
         # Serve's ingress is fixed when Ray starts: each one gets its own local Ray, started in turn.
-        mode_cfg = cfg if mode is None else flow.resolve_config(run, args.config, overrides + [f"ray.serve_ingress={mode}"])
+        mode_cfg = cfg if mode is None else resolve_config(run, args.config, overrides + [f"ray.serve_ingress={mode}"])
         init_ray(mode_cfg.ray)
         try:
             targets, app = _deploy_round(mode_cfg, run, args, topologies, "" if mode is None else f"@{mode}")
