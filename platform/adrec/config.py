@@ -102,7 +102,8 @@ TOPK_SOURCE_PARAMS: dict[str, frozenset[str]] = {
 
 
 class TopKSourceConfig(_Strict):
-    """One source of the two-stage recommender's candidate union (see adrec.topk.rerank)."""
+    """One source of the two-stage recommender's candidate union (see adrec.topk.union). The
+    recommender takes it flat, as a spec: ``{"kind", "n", "data", **params}``."""
 
     kind: Literal["ease", "als", "bpr", "itemitem", "bm25", "popularity"]
     n: int = Field(50, ge=1)  # how many of its top items join the union
@@ -118,6 +119,15 @@ class TopKSourceConfig(_Strict):
         if bad:
             raise ValueError(f"unknown params {bad} for a {self.kind!r} source; known: {sorted(allowed)}")
         return self
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> TopKSourceConfig:
+        """Validated, with this class's defaults for what the spec leaves out."""
+        fields = ("kind", "n", "data")
+        return cls(**{k: spec[k] for k in fields if k in spec}, params={k: v for k, v in spec.items() if k not in fields})
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "n": self.n, "data": self.data, **self.params}
 
 
 def _default_topk_sources() -> dict[str, TopKSourceConfig]:
@@ -154,9 +164,9 @@ class TopKConfig(_Strict):
     seed: int = 0
 
     def recommender_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`adrec.topk.rerank.TwoStageRecommender`."""
+        """Keyword arguments of :class:`adrec.topk.TwoStageRecommender` (whose defaults they are)."""
         return {
-            "sources": {name: {"kind": s.kind, "n": s.n, "data": s.data, **s.params} for name, s in self.sources.items()},
+            "sources": {name: s.spec() for name, s in self.sources.items()},
             "train_stages": list(self.train_stages), "last_n": list(self.last_n),
             "windows_days": list(self.windows_days), "transition_span": self.transition_span,
             "next_candidates": self.next_candidates, "rank_depth": self.rank_depth, "ranker": self.ranker,

@@ -21,12 +21,11 @@ try:
 except ModuleNotFoundError:  # the package is not installed (no `make install` yet): use the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "platform"))
 
-from adrec.candidates import load_source
+from adrec.candidates import EASESource, ease_weights, load_source
 from adrec.features.split import temporal_split
-from adrec.topk import EASESource, TopKData, TwoStageRecommender, ease_weights
+from adrec.topk import TopKData, TwoStageRecommender, build_source, item_tag_matrix
 from adrec.topk.benchmark import run_benchmark
 from adrec.topk.protocol import evaluate_lists, inner_stage, make_stage
-from adrec.topk.rerank import build_source, item_tag_matrix
 
 # The shared contract every candidate source passes (tests/unit/test_candidates.py).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -284,7 +283,6 @@ def test_config_topk_source_params_match_the_constructors():
     import inspect
 
     from adrec.config import TOPK_SOURCE_PARAMS, ConfigError, build_config
-    from adrec.topk.ease import EASESource
     from adrec.candidates.als import ALSSource
     from adrec.candidates.bpr import BPRSource
     from adrec.candidates.itemitem import ItemItemSource

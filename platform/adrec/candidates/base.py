@@ -229,11 +229,6 @@ def unpack_csr(prefix: str, arrays: dict[str, np.ndarray]) -> sp.csr_matrix | No
     return sp.csr_matrix((arrays[f"{prefix}.data"], arrays[f"{prefix}.indices"], arrays[f"{prefix}.indptr"]), shape=shape)
 
 
-def registered_sources() -> dict[str, type[CandidateSource]]:
-    """Class name -> class of every concrete source (what :func:`load_source` can read)."""
-    return dict(_REGISTRY)
-
-
 def load_source(directory: str | Path) -> CandidateSource:
     """Load whatever source :meth:`CandidateSource.save` wrote into ``directory``."""
     return CandidateSource.load(directory)

@@ -11,6 +11,7 @@ import numpy as np
 from .als import ALSSource
 from .base import CandidateSource
 from .bpr import BPRSource
+from .ease import EASESource
 from .itemitem import ItemItemSource
 from .merge import MultiSource
 from .popularity import PopularitySource
@@ -28,15 +29,8 @@ _BUILDERS: dict[str, Callable[..., CandidateSource]] = {
     "itemitem": lambda **kw: ItemItemSource(kind="cosine", **kw),
     "bm25": lambda **kw: ItemItemSource(kind="bm25", **kw),
     "text": TextNeighbourSource,
-    "ease": lambda **kw: _ease(**kw),
+    "ease": EASESource,
 }
-
-
-def _ease(**kw: Any) -> CandidateSource:
-    # Imported late: adrec.topk builds on this package.
-    from adrec.topk.ease import EASESource
-
-    return EASESource(**kw)
 
 #: The names :func:`make_source` and ``CandidateConfig.quotas`` understand.
 SOURCE_NAMES: tuple[str, ...] = tuple(_BUILDERS)

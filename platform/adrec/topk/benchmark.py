@@ -30,7 +30,9 @@ from adrec.candidates.base import CandidateSource
 from adrec.evaluation.report import markdown_table
 
 from .protocol import Stage, evaluate_lists, make_stage
-from .rerank import DEFAULT_SOURCES, TopKData, TwoStageRecommender, build_source
+from adrec.topk import TopKData, TwoStageRecommender, build_source, default_params
+
+DEFAULT_SOURCES = default_params()["sources"]  # the topk config section's sources
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import scipy.linalg
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from adrec.candidates.base import CandidateSource, as_user_items, lists_to_csr, pack_csr, unpack_csr
+from .base import CandidateSource, as_user_items, lists_to_csr, pack_csr, unpack_csr
 
 logger = logging.getLogger(__name__)
 
