@@ -88,6 +88,10 @@ class CandidateConfig(_Strict):
     seed: int = 0
 
 
+#: The candidate sources' constructor defaults (ALS, BPR factors, item-item K, EASE l2) are these.
+CANDIDATE_DEFAULTS = CandidateConfig()
+
+
 #: Constructor arguments each top-K source kind accepts (kept here so reading a config imports no
 #: model code; tests/unit/test_topk.py checks them against the constructors' signatures).
 TOPK_SOURCE_PARAMS: dict[str, frozenset[str]] = {
@@ -144,9 +148,10 @@ def _default_topk_sources() -> dict[str, TopKSourceConfig]:
 
 class TopKConfig(_Strict):
     """The two-stage top-K recommender (candidate union + learned re-ranker) that orders what
-    known users are served and what ``adrec evaluate`` scores. Fitted by the candidates stage:
-    the re-ranker learns on the valid split (and an inner stage carved from train) with sources
-    fitted on train only, then the sources are refitted on train + valid."""
+    known users are served and what ``adrec evaluate`` scores. Fitted after the candidate sources by
+    ``adrec candidates`` (:func:`adrec.topk.stage.fit_topk`): the re-ranker learns on the valid split
+    (and an inner stage carved from train) with sources fitted on train only, then the sources are
+    refitted on train + valid. These are also :class:`adrec.topk.TwoStageRecommender`'s defaults."""
 
     enabled: bool = True  # False: the CTR ranker orders the merged candidates (the older path)
     sources: dict[str, TopKSourceConfig] = Field(default_factory=_default_topk_sources, min_length=1)

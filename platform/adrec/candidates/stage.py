@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from adrec.candidates.base import binary_matrix
 from adrec.candidates.evaluate import recall_at
 from adrec.candidates.factory import make_multi_source
 from adrec.candidates.merge import MultiSource
@@ -28,21 +29,13 @@ log = logging.getLogger(__name__)
 
 
 def positives_matrix(rows: pd.DataFrame, n_users: int, n_items: int) -> sp.csr_matrix:
-    pos = rows[rows["label"] == 1]
-    m = sp.csr_matrix((np.ones(len(pos), np.float32), (pos["user_idx"].to_numpy(), pos["item_idx"].to_numpy())),
-                      shape=(n_users, n_items))
-    m.sum_duplicates()
-    m.data[:] = 1.0
-    return m
+    """The label-1 (user, item) pairs of ``rows``: what the sources are fitted on."""
+    return binary_matrix(rows[rows["label"] == 1], n_users, n_items)
 
 
 def seen_matrix(rows: pd.DataFrame, n_users: int, n_items: int) -> sp.csr_matrix:
     """Every item a user interacted with, whatever the label: never proposed again."""
-    m = sp.csr_matrix((np.ones(len(rows), np.float32), (rows["user_idx"].to_numpy(), rows["item_idx"].to_numpy())),
-                      shape=(n_users, n_items))
-    m.sum_duplicates()
-    m.data[:] = 1.0
-    return m
+    return binary_matrix(rows, n_users, n_items)
 
 
 def context_field(cfg: AdrecConfig, spec) -> str | None:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .protocol import binary_matrix
+from adrec.candidates.base import binary_matrix
 
 __all__ = ["KnownIndex"]
 
