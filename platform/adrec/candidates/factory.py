@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+
+from adrec.config import CandidateConfig
 
 from .als import ALSSource
 from .base import CandidateSource
@@ -16,9 +18,6 @@ from .itemitem import ItemItemSource
 from .merge import MultiSource
 from .popularity import PopularitySource
 from .text import TextNeighbourSource
-
-if TYPE_CHECKING:  # pragma: no cover
-    from adrec.config import CandidateConfig
 
 logger = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from adrec.candidates.factory import make_multi_source
 from adrec.candidates.merge import MultiSource
 from adrec.candidates.popularity import PopularitySource
 from adrec.config import AdrecConfig
+from adrec.features.pipeline import Features
 from adrec.features.split import TEST
 from adrec.run import RunDir
 
@@ -57,8 +58,6 @@ def evaluated_users(feats) -> tuple[np.ndarray, list[set[int]]]:
 
 
 def build_candidates(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict:
-    from adrec.features.pipeline import Features
-
     t0 = time.perf_counter()
     feats = Features(run)
     spec = feats.spec

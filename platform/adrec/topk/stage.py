@@ -19,6 +19,7 @@ import scipy.sparse as sp
 from adrec.candidates.evaluate import recall_at
 from adrec.candidates.stage import RECALL_KS, evaluated_users
 from adrec.config import AdrecConfig
+from adrec.features.pipeline import Features
 from adrec.run import RunDir
 
 from .data import TopKData
@@ -45,8 +46,6 @@ def fit_topk(cfg: AdrecConfig, run: RunDir, feats=None) -> dict:
     Needs the candidates stage's outputs (its record and seen matrix); ``feats``: the run's
     :class:`~adrec.features.pipeline.Features` when the caller has them loaded.
     """
-    from adrec.features.pipeline import Features
-
     t0 = time.perf_counter()
     cand = run.require(run.candidates, "candidates")
     feats = feats if feats is not None else Features(run)
