@@ -33,8 +33,17 @@ import numpy as np
 
 from adrec.candidates.base import CandidateSource, write_json
 from adrec.evaluation.report import markdown_table
-from adrec.topk.protocol import Stage, evaluate_lists, make_stage
-from adrec.topk.rerank import DEFAULT_SOURCES, TopKData, TwoStageRecommender, build_source
+from adrec.metrics import topk_metrics
+from adrec.topk import Stage, TopKData, TwoStageRecommender, build_source, default_params, make_stage
+
+DEFAULT_SOURCES = default_params()["sources"]  # the topk config section's sources
+
+
+def evaluate_lists(stage: Stage, top: np.ndarray, k: int = 10) -> dict[str, float]:
+    """Protocol metrics of ranked lists (one row per ``stage.users``), keys without prefix (the benchmark
+    is its only user)."""
+    m = topk_metrics(top, stage.truth, stage.n_catalog, k, prefix="topk")
+    return {key.split(".", 1)[1]: v for key, v in m.items()}
 
 logger = logging.getLogger(__name__)
 

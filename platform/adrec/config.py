@@ -90,6 +90,10 @@ class CandidateConfig(_Strict):
     seed: int = 0
 
 
+#: The candidate sources' constructor defaults (ALS, BPR factors, item-item K, EASE l2) are these.
+CANDIDATE_DEFAULTS = CandidateConfig()
+
+
 #: Constructor arguments each top-K source kind accepts (kept here so reading a config imports no
 #: model code; tests/unit/test_topk.py checks them against the constructors' signatures).
 TOPK_SOURCE_PARAMS: dict[str, frozenset[str]] = {
@@ -104,7 +108,8 @@ TOPK_SOURCE_PARAMS: dict[str, frozenset[str]] = {
 
 
 class TopKSourceConfig(_Strict):
-    """One source of the two-stage recommender's candidate union (see adrec.topk.rerank)."""
+    """One source of the two-stage recommender's candidate union (see adrec.topk.union). The
+    recommender takes it flat, as a spec: ``{"kind", "n", "data", **params}``."""
 
     kind: Literal["ease", "als", "bpr", "itemitem", "bm25", "popularity"]
     n: int = Field(50, ge=1)  # how many of its top items join the union
@@ -121,6 +126,15 @@ class TopKSourceConfig(_Strict):
             raise ValueError(f"unknown params {bad} for a {self.kind!r} source; known: {sorted(allowed)}")
         return self
 
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> TopKSourceConfig:
+        """Validated, with this class's defaults for what the spec leaves out."""
+        fields = ("kind", "n", "data")
+        return cls(**{k: spec[k] for k in fields if k in spec}, params={k: v for k, v in spec.items() if k not in fields})
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "n": self.n, "data": self.data, **self.params}
+
 
 def _default_topk_sources() -> dict[str, TopKSourceConfig]:
     # The settings benchmark_topk chose on the MovieLens-100k validation split for its peers
@@ -136,9 +150,10 @@ def _default_topk_sources() -> dict[str, TopKSourceConfig]:
 
 class TopKConfig(_Strict):
     """The two-stage top-K recommender (candidate union + learned re-ranker) that orders what
-    known users are served and what ``adrec evaluate`` scores. Fitted by the candidates stage:
-    the re-ranker learns on the valid split (and an inner stage carved from train) with sources
-    fitted on train only, then the sources are refitted on train + valid."""
+    known users are served and what ``adrec evaluate`` scores. Fitted after the candidate sources by
+    ``adrec candidates`` (:func:`adrec.topk.stage.fit_topk`): the re-ranker learns on the valid split
+    (and an inner stage carved from train) with sources fitted on train only, then the sources are
+    refitted on train + valid. These are also :class:`adrec.topk.TwoStageRecommender`'s defaults."""
 
     enabled: bool = True  # False: the CTR ranker orders the merged candidates (the older path)
     sources: dict[str, TopKSourceConfig] = Field(default_factory=_default_topk_sources, min_length=1)
@@ -156,9 +171,9 @@ class TopKConfig(_Strict):
     seed: int = 0
 
     def recommender_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`adrec.topk.rerank.TwoStageRecommender`."""
+        """Keyword arguments of :class:`adrec.topk.TwoStageRecommender` (whose defaults they are)."""
         return {
-            "sources": {name: {"kind": s.kind, "n": s.n, "data": s.data, **s.params} for name, s in self.sources.items()},
+            "sources": {name: s.spec() for name, s in self.sources.items()},
             "train_stages": list(self.train_stages), "last_n": list(self.last_n),
             "windows_days": list(self.windows_days), "transition_span": self.transition_span,
             "next_candidates": self.next_candidates, "rank_depth": self.rank_depth, "ranker": self.ranker,

@@ -23,9 +23,12 @@ def prepare(cfg: AdrecConfig, run: RunDir) -> dict:
 
 
 def candidates(cfg: AdrecConfig, run: RunDir, show_progress: bool = True) -> dict:
+    """Fit the candidate sources, then the two-stage top-K recommender that builds on them."""
     from adrec.candidates.stage import build_candidates
+    from adrec.topk import fit_topk
 
-    return build_candidates(cfg, run, show_progress=show_progress)
+    info = build_candidates(cfg, run, show_progress=show_progress)
+    return fit_topk(cfg, run) if cfg.topk.enabled else info
 
 
 def train(cfg: AdrecConfig, run: RunDir) -> dict:

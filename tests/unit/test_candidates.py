@@ -20,6 +20,8 @@ from adrec.candidates import (
     SOURCE_NAMES,
     ALSSource,
     BPRSource,
+    CandidateSource,
+    EASESource,
     ItemItemSource,
     MultiSource,
     PopularitySource,
@@ -30,6 +32,7 @@ from adrec.candidates import (
     make_source,
     merge_candidates,
     recall_at,
+    ease_weights,
     resolve_use_gpu,
     topk,
 )
@@ -138,6 +141,91 @@ class TestBPRSourceGPU(CandidateSourceContract):
     @pytest.mark.skip(reason="BPR's GPU SGD is not reproducible run to run")
     def test_deterministic_for_the_seed(self, blocks):  # pragma: no cover
         pass
+
+
+# ----------------------------------------------------------------------------- EASE
+def ease_by_hand(x: np.ndarray, l2: float) -> np.ndarray:
+    """Steck (2019), eq. 8: B = I - P diagMat(1 / diag(P)), P = (X^T X + l2 I)^-1, written out."""
+    g = x.T @ x + l2 * np.eye(x.shape[1])
+    p = np.linalg.inv(g)
+    b = np.eye(x.shape[1]) - p @ np.diag(1.0 / np.diag(p))
+    return b
+
+
+def tiny_matrix() -> np.ndarray:
+    rng = np.random.default_rng(5)
+    x = (rng.random((9, 7)) < 0.4).astype(np.float64)
+    x[0, :3] = 1.0
+    x[:, 6] = 0.0  # an item nobody touched
+    return x
+
+
+def test_ease_weights_match_the_closed_form():
+    x = tiny_matrix()
+    for l2 in (0.5, 3.0, 50.0):
+        expected = ease_by_hand(x, l2)
+        got = ease_weights(sp.csr_matrix(x), l2)
+        assert got.dtype == np.float32 and got.shape == (7, 7)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        assert np.all(np.diag(got) == 0.0)
+        # the constraint-free ridge solution would differ: B is the constrained minimiser, so
+        # each column's off-diagonal part solves the ridge system of the other items
+        j = 2
+        others = [i for i in range(7) if i != j]
+        xo = x[:, others]
+        ridge = np.linalg.solve(xo.T @ xo + l2 * np.eye(6), xo.T @ x[:, j])
+        np.testing.assert_allclose(got[others, j], ridge, atol=1e-5)
+
+
+def test_ease_source_scores_are_history_times_b():
+    x = tiny_matrix()
+    src = EASESource(l2=2.0).fit(sp.csr_matrix(x))
+    b = ease_by_hand(x, 2.0)
+    scores = x @ b
+    ids, sc = src.recommend(np.arange(9), 7, sp.csr_matrix(x))
+    for u in range(9):
+        allowed = [i for i in range(7) if x[u, i] == 0]
+        # expected order: score descending, ties -> lower index
+        # every allowed item, in the by-hand scores' order (to float32 rounding: near-ties may swap)
+        got = [int(i) for i in ids[u] if i >= 0]
+        assert sorted(got) == allowed
+        assert (np.diff(scores[u, got]) <= 1e-5).all(), (got, scores[u, got])
+        np.testing.assert_allclose(sc[u, : len(got)], scores[u, got], atol=1e-5)
+    # fold-in of a new user's clicks is the same product
+    clicks = np.array([1, 1, 1, 0, 0, 0, 0], float)
+    np.testing.assert_allclose(src.fold_in([np.array([0, 1, 2])])[0], clicks @ b, atol=1e-5)
+
+
+def test_ease_rejects_bad_l2():
+    with pytest.raises(ValueError, match="l2"):
+        EASESource(l2=0.0)
+
+
+class TestEASESource(CandidateSourceContract):
+    dense = True  # every non-excluded item gets a finite linear score
+
+    def make(self):
+        return EASESource(l2=5.0)
+
+    def test_loads_as_a_candidate_source(self, fitted, tmp_path):
+        fitted.save(tmp_path / "ease")
+        loaded = load_source(tmp_path / "ease")
+        assert isinstance(loaded, EASESource) and loaded.l2 == 5.0
+        np.testing.assert_array_equal(loaded.weights, fitted.weights)
+
+
+def _subclasses(cls: type) -> set[type]:
+    return {c for s in cls.__subclasses__() for c in {s} | _subclasses(s)}
+
+
+def test_every_candidate_source_class_passes_the_contract():
+    """Each concrete CandidateSource has a test class here that inherits the contract."""
+    contract_classes = [c for c in globals().values()
+                        if isinstance(c, type) and issubclass(c, CandidateSourceContract) and c is not CandidateSourceContract]
+    covered = {type(c().make()) for c in contract_classes}
+    concrete = {c for c in _subclasses(CandidateSource) if not c.__name__.startswith("_") and c.__module__.startswith("adrec.")}
+    assert concrete, "no source class found"
+    assert concrete <= covered, f"sources without a contract test: {sorted(c.__name__ for c in concrete - covered)}"
 
 
 # ----------------------------------------------------------------------------- backend flag

@@ -1,5 +1,5 @@
-"""adrec.topk: the EASE peer (closed form, candidate-source contract), the protocol stages, the
-two-stage re-ranker on a synthetic log with a planted recency signal, and the benchmark's report.
+"""adrec.topk: the protocol stages, the two-stage re-ranker on a synthetic log with a planted recency
+signal, the top-K stage's defaults and the benchmark's report.
 
 No Ray; implicit, scikit-learn and (when installed) LightGBM are used for real.
 """
@@ -8,99 +8,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-try:
-    import adrec.topk  # noqa: F401
-except ModuleNotFoundError:  # the package is not installed (no `make install` yet): use the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "platform"))
-
-from adrec.candidates import load_source
+from adrec.candidates import EASESource
 from adrec.features.split import temporal_split
-from adrec.topk import EASESource, TopKData, TwoStageRecommender, ease_weights
-from adrec.topk.protocol import evaluate_lists, inner_stage, make_stage
-from adrec.topk.rerank import build_source, item_tag_matrix
+from adrec.metrics import topk_metrics
+from adrec.topk import TopKData, TwoStageRecommender, build_source, item_tag_matrix
+from adrec.topk.protocol import inner_stage, make_stage
 from benchmarks.topk import run_benchmark
-from tests.support.candidate_contract import CandidateSourceContract, blocks  # noqa: F401  (blocks: its fixture)
 
 HAS_LIGHTGBM = importlib.util.find_spec("lightgbm") is not None
 DAY = 86400
-
-
-# ----------------------------------------------------------------------------- EASE
-def ease_by_hand(x: np.ndarray, l2: float) -> np.ndarray:
-    """Steck (2019), eq. 8: B = I - P diagMat(1 / diag(P)), P = (X^T X + l2 I)^-1, written out."""
-    g = x.T @ x + l2 * np.eye(x.shape[1])
-    p = np.linalg.inv(g)
-    b = np.eye(x.shape[1]) - p @ np.diag(1.0 / np.diag(p))
-    return b
-
-
-def tiny_matrix() -> np.ndarray:
-    rng = np.random.default_rng(5)
-    x = (rng.random((9, 7)) < 0.4).astype(np.float64)
-    x[0, :3] = 1.0
-    x[:, 6] = 0.0  # an item nobody touched
-    return x
-
-
-def test_ease_weights_match_the_closed_form():
-    x = tiny_matrix()
-    for l2 in (0.5, 3.0, 50.0):
-        expected = ease_by_hand(x, l2)
-        got = ease_weights(sp.csr_matrix(x), l2)
-        assert got.dtype == np.float32 and got.shape == (7, 7)
-        np.testing.assert_allclose(got, expected, atol=1e-5)
-        assert np.all(np.diag(got) == 0.0)
-        # the constraint-free ridge solution would differ: B is the constrained minimiser, so
-        # each column's off-diagonal part solves the ridge system of the other items
-        j = 2
-        others = [i for i in range(7) if i != j]
-        xo = x[:, others]
-        ridge = np.linalg.solve(xo.T @ xo + l2 * np.eye(6), xo.T @ x[:, j])
-        np.testing.assert_allclose(got[others, j], ridge, atol=1e-5)
-
-
-def test_ease_source_scores_are_history_times_b():
-    x = tiny_matrix()
-    src = EASESource(l2=2.0).fit(sp.csr_matrix(x))
-    b = ease_by_hand(x, 2.0)
-    scores = x @ b
-    ids, sc = src.recommend(np.arange(9), 7, sp.csr_matrix(x))
-    for u in range(9):
-        allowed = [i for i in range(7) if x[u, i] == 0]
-        # expected order: score descending, ties -> lower index
-        order = sorted(allowed, key=lambda i: (-np.float32(scores[u, i]), i))
-        got = [int(i) for i in ids[u] if i >= 0]
-        assert got == order
-        np.testing.assert_allclose(sc[u, : len(got)], scores[u, got], atol=1e-5)
-    # fold-in of a new user's clicks is the same product
-    clicks = np.array([1, 1, 1, 0, 0, 0, 0], float)
-    np.testing.assert_allclose(src.fold_in([np.array([0, 1, 2])])[0], clicks @ b, atol=1e-5)
-
-
-def test_ease_rejects_bad_l2():
-    with pytest.raises(ValueError, match="l2"):
-        EASESource(l2=0.0)
-
-
-class TestEASESource(CandidateSourceContract):
-    dense = True  # every non-excluded item gets a finite linear score
-
-    def make(self):
-        return EASESource(l2=5.0)
-
-    def test_loads_as_a_candidate_source(self, fitted, tmp_path):
-        fitted.save(tmp_path / "ease")
-        loaded = load_source(tmp_path / "ease")
-        assert isinstance(loaded, EASESource) and loaded.l2 == 5.0
-        np.testing.assert_array_equal(loaded.weights, fitted.weights)
 
 
 def test_build_source_knows_ease_and_the_colleagues_kinds():
@@ -202,17 +124,21 @@ def test_two_stage_never_recommends_seen_items(fitted_two_stage, synth):
     np.testing.assert_array_equal(ids_sub, ids[sub])
 
 
+def ndcg_at_10(stage, ids: np.ndarray) -> float:
+    return topk_metrics(ids, stage.truth, stage.n_catalog, 10, prefix="topk")["topk.ndcg@10"]
+
+
 def test_two_stage_beats_its_best_single_source_on_planted_recency(fitted_two_stage, synth):
     test = make_stage(synth.interactions, synth.n_users, synth.n_items, synth.n_catalog, "test")
     single = {}
     for name, spec in SMALL_SOURCES.items():
         src = build_source(spec, name).fit(test.positives)
         ids, _ = src.recommend(test.users, 10, test.seen[test.users])
-        single[name] = evaluate_lists(test, ids)["ndcg@10"]
+        single[name] = ndcg_at_10(test, ids)
     ids, _ = fitted_two_stage.recommend(test.users, 10)
-    ours = evaluate_lists(test, ids)
+    ours = ndcg_at_10(test, ids)
     best = max(single.values())
-    assert ours["ndcg@10"] > 1.15 * best, (ours, single)
+    assert ours > 1.15 * best, (ours, single)
 
 
 def test_two_stage_save_load_round_trip(fitted_two_stage, tmp_path):
@@ -281,7 +207,6 @@ def test_config_topk_source_params_match_the_constructors():
     import inspect
 
     from adrec.config import TOPK_SOURCE_PARAMS, ConfigError, build_config
-    from adrec.topk.ease import EASESource
     from adrec.candidates.als import ALSSource
     from adrec.candidates.bpr import BPRSource
     from adrec.candidates.itemitem import ItemItemSource
@@ -307,6 +232,28 @@ def test_config_topk_source_params_match_the_constructors():
         build_config(overrides=["topk.sources={als: {kind: als, params: {factorz: 3}}}"])
     with pytest.raises(ConfigError, match="topk.rankr"):
         build_config(overrides=["topk.rankr=sklearn"])
+
+
+def test_the_recommenders_defaults_are_the_topk_config_sections():
+    from adrec.config import TopKConfig, TopKSourceConfig
+    from adrec.topk.gbdt import resolve_ranker
+
+    kw = TopKConfig().recommender_kwargs()
+    rec = TwoStageRecommender()
+    assert rec.source_specs == kw["sources"]
+    assert (list(rec.train_stages), list(rec.last_n), list(rec.windows_days)) == (
+        kw["train_stages"], kw["last_n"], kw["windows_days"])
+    assert (rec.transition_span, rec.next_candidates, rec.rank_depth, rec.ranker_params, rec.batch_users,
+            rec.seed) == (kw["transition_span"], kw["next_candidates"], kw["rank_depth"], kw["ranker_params"],
+                          kw["batch_users"], kw["seed"])
+    assert rec.ranker == resolve_ranker(kw["ranker"])
+    # what a spec leaves out comes from TopKSourceConfig; what it gets wrong fails with the source's name
+    assert TwoStageRecommender(sources={"pop": {"kind": "popularity"}}).source_specs["pop"] == (
+        TopKSourceConfig(kind="popularity").spec())
+    with pytest.raises(ValueError, match="'pop'"):
+        TwoStageRecommender(sources={"pop": {"n": 3}})
+    with pytest.raises(ValueError, match="factorz"):
+        TwoStageRecommender(sources={"als": {"kind": "als", "factorz": 3}})
 
 
 def test_item_tag_matrix_reads_code_columns():

@@ -1,4 +1,4 @@
-"""Candidate generation: implicit ALS / BPR, item-item, popularity and text-similarity sources
+"""Candidate generation: implicit ALS / BPR, EASE, item-item, popularity and text-similarity sources
 behind one small interface (:class:`CandidateSource`), merged by quota (:class:`MultiSource`).
 
 Importing this package has no side effects (implicit is imported when a model is built).
@@ -7,6 +7,7 @@ Importing this package has no side effects (implicit is imported when a model is
 from .als import ALSSource
 from .base import PAD_SCORE, CandidateSource, has_gpu, load_source, resolve_use_gpu, topk
 from .bpr import BPRSource
+from .ease import EASESource, ease_weights
 from .evaluate import recall_at
 from .factory import SOURCE_NAMES, make_multi_source, make_source
 from .itemitem import ItemItemSource
@@ -18,12 +19,14 @@ __all__ = [
     "ALSSource",
     "BPRSource",
     "CandidateSource",
+    "EASESource",
     "ItemItemSource",
     "MultiSource",
     "PAD_SCORE",
     "PopularitySource",
     "SOURCE_NAMES",
     "TextNeighbourSource",
+    "ease_weights",
     "has_gpu",
     "load_source",
     "make_multi_source",

@@ -16,6 +16,8 @@ import numpy as np
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
+from adrec.config import CANDIDATE_DEFAULTS
+
 from .base import CandidateSource, as_user_items, lists_to_csr, resolve_use_gpu
 
 logger = logging.getLogger(__name__)
@@ -82,10 +84,10 @@ class ALSSource(_FactorSource):
 
     def __init__(
         self,
-        factors: int = 64,
-        iterations: int = 15,
-        regularization: float = 0.05,
-        alpha: float = 2.0,
+        factors: int = CANDIDATE_DEFAULTS.factors,
+        iterations: int = CANDIDATE_DEFAULTS.iterations,
+        regularization: float = CANDIDATE_DEFAULTS.regularization,
+        alpha: float = CANDIDATE_DEFAULTS.alpha,
         seed: int | None = 0,
         use_gpu: bool | None = None,
         num_threads: int = 0,

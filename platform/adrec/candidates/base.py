@@ -20,10 +20,13 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +110,19 @@ def lists_to_csr(item_lists: Sequence[np.ndarray], n_items: int, weights: Sequen
     )
     m.sum_duplicates()
     m.eliminate_zeros()
+    m.sort_indices()
+    return m
+
+
+def binary_matrix(rows: pd.DataFrame, n_users: int, n_items: int) -> sp.csr_matrix:
+    """(n_users, n_items) float32 CSR with a 1 for every (user, item) pair of a frame's ``user_idx`` /
+    ``item_idx`` columns."""
+    m = sp.csr_matrix(
+        (np.ones(len(rows), np.float32), (rows["user_idx"].to_numpy(np.int64), rows["item_idx"].to_numpy(np.int64))),
+        shape=(n_users, n_items),
+    )
+    m.sum_duplicates()
+    m.data[:] = 1.0
     m.sort_indices()
     return m
 
@@ -227,11 +243,6 @@ def unpack_csr(prefix: str, arrays: dict[str, np.ndarray]) -> sp.csr_matrix | No
         return None
     shape = tuple(int(x) for x in arrays[f"{prefix}.shape"])
     return sp.csr_matrix((arrays[f"{prefix}.data"], arrays[f"{prefix}.indices"], arrays[f"{prefix}.indptr"]), shape=shape)
-
-
-def registered_sources() -> dict[str, type[CandidateSource]]:
-    """Class name -> class of every concrete source (what :func:`load_source` can read)."""
-    return dict(_REGISTRY)
 
 
 def load_source(directory: str | Path) -> CandidateSource:

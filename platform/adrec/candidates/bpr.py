@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from adrec.config import CANDIDATE_DEFAULTS
+
 from .als import _FactorSource
 from .base import resolve_use_gpu
 
@@ -26,7 +28,7 @@ class BPRSource(_FactorSource):
 
     def __init__(
         self,
-        factors: int = 64,
+        factors: int = CANDIDATE_DEFAULTS.factors,
         iterations: int = 100,
         learning_rate: float = 0.01,
         regularization: float = 0.01,

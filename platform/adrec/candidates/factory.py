@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+
+from adrec.config import CandidateConfig
 
 from .als import ALSSource
 from .base import CandidateSource
 from .bpr import BPRSource
+from .ease import EASESource
 from .itemitem import ItemItemSource
 from .merge import MultiSource
 from .popularity import PopularitySource
 from .text import TextNeighbourSource
-
-if TYPE_CHECKING:  # pragma: no cover
-    from adrec.config import CandidateConfig
 
 logger = logging.getLogger(__name__)
 
@@ -28,15 +28,8 @@ _BUILDERS: dict[str, Callable[..., CandidateSource]] = {
     "itemitem": lambda **kw: ItemItemSource(kind="cosine", **kw),
     "bm25": lambda **kw: ItemItemSource(kind="bm25", **kw),
     "text": TextNeighbourSource,
-    "ease": lambda **kw: _ease(**kw),
+    "ease": EASESource,
 }
-
-
-def _ease(**kw: Any) -> CandidateSource:
-    # Imported late: adrec.topk builds on this package.
-    from adrec.topk.ease import EASESource
-
-    return EASESource(**kw)
 
 #: The names :func:`make_source` and ``CandidateConfig.quotas`` understand.
 SOURCE_NAMES: tuple[str, ...] = tuple(_BUILDERS)

@@ -12,6 +12,8 @@ import numpy as np
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
+from adrec.config import CANDIDATE_DEFAULTS
+
 from .base import CandidateSource, as_user_items, lists_to_csr, pack_csr, sparse_scores, union_history, unpack_csr
 
 logger = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ class ItemItemSource(CandidateSource):
     def __init__(
         self,
         kind: str = "cosine",
-        K: int = 50,
+        K: int = CANDIDATE_DEFAULTS.itemitem_k,
         K1: float = 1.2,
         B: float = 0.75,
         num_threads: int = 0,

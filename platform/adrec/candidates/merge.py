@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -267,6 +268,4 @@ class MultiSource:
 
 
 def _takes_context(src: CandidateSource) -> bool:
-    import inspect
-
     return "context" in inspect.signature(src.recommend).parameters

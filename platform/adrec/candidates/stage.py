@@ -1,5 +1,7 @@
-"""The candidates stage: fit every configured source on the known positives, report recall, and fit
-the two-stage top-K recommender (candidate union + learned re-ranker) that orders what is served."""
+"""The candidates stage: fit every configured source on the known positives and report their recall.
+
+The two-stage top-K recommender builds on these sources and is fitted after them, by
+:func:`adrec.topk.stage.fit_topk` (``adrec candidates`` runs both)."""
 
 from __future__ import annotations
 
@@ -11,35 +13,30 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from adrec.candidates.base import binary_matrix
 from adrec.candidates.evaluate import recall_at
 from adrec.candidates.factory import make_multi_source
 from adrec.candidates.merge import MultiSource
 from adrec.candidates.popularity import PopularitySource
 from adrec.config import AdrecConfig
+from adrec.features.pipeline import Features
 from adrec.features.split import TEST
 from adrec.run import RunDir
 
-TOPK_DIR = "topk"  # the fitted TwoStageRecommender, in the run and in a model version
+#: Recall is reported at these list lengths, on the users with a test positive.
+RECALL_KS = (50, 100, 200)
 
 log = logging.getLogger(__name__)
 
 
 def positives_matrix(rows: pd.DataFrame, n_users: int, n_items: int) -> sp.csr_matrix:
-    pos = rows[rows["label"] == 1]
-    m = sp.csr_matrix((np.ones(len(pos), np.float32), (pos["user_idx"].to_numpy(), pos["item_idx"].to_numpy())),
-                      shape=(n_users, n_items))
-    m.sum_duplicates()
-    m.data[:] = 1.0
-    return m
+    """The label-1 (user, item) pairs of ``rows``: what the sources are fitted on."""
+    return binary_matrix(rows[rows["label"] == 1], n_users, n_items)
 
 
 def seen_matrix(rows: pd.DataFrame, n_users: int, n_items: int) -> sp.csr_matrix:
     """Every item a user interacted with, whatever the label: never proposed again."""
-    m = sp.csr_matrix((np.ones(len(rows), np.float32), (rows["user_idx"].to_numpy(), rows["item_idx"].to_numpy())),
-                      shape=(n_users, n_items))
-    m.sum_duplicates()
-    m.data[:] = 1.0
-    return m
+    return binary_matrix(rows, n_users, n_items)
 
 
 def context_field(cfg: AdrecConfig, spec) -> str | None:
@@ -51,16 +48,16 @@ def context_field(cfg: AdrecConfig, spec) -> str | None:
     return spec.context[0] if spec.context else None
 
 
-def test_positive_sets(feats, users: np.ndarray) -> list[set[int]]:
+def evaluated_users(feats) -> tuple[np.ndarray, list[set[int]]]:
+    """The users with a test positive (ascending) and their test positives: what recall is scored on."""
     test = feats.rows(TEST)
     test = test[test["label"] == 1]
     by_user = test.groupby("user_idx")["item_idx"].apply(lambda s: set(s.tolist())).to_dict()
-    return [by_user.get(int(u), set()) for u in users]
+    users = np.array(sorted(int(u) for u in by_user), dtype=np.int64)
+    return users, [by_user[u] for u in users]
 
 
 def build_candidates(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict:
-    from adrec.features.pipeline import Features
-
     t0 = time.perf_counter()
     feats = Features(run)
     spec = feats.spec
@@ -85,12 +82,8 @@ def build_candidates(cfg: AdrecConfig, run: RunDir, show_progress: bool = False)
     multi.save(out)
     seen = seen_matrix(known, spec.n_users, spec.n_items)
     sp.save_npz(out / "seen.npz", seen)
-    recall = candidate_recall(multi, feats, seen, cfg.candidates.n_candidates)
+    recall = candidate_recall(multi, feats, seen)
     info = {"sources": multi.names, "context_field": ctx, "fit_seconds": round(fit_s, 2)}
-    if cfg.topk.enabled:
-        two_stage = fit_two_stage(cfg, run, feats)
-        recall.update(two_stage_recall(two_stage, feats, seen))
-        info["topk"] = {"ranker": two_stage.ranker, "sources": list(two_stage.sources), **two_stage.fit_info}
     (out / "recall.json").write_text(json.dumps(recall, indent=2))
     info.update(recall=recall, seconds=round(time.perf_counter() - t0, 2))
     run.update_manifest("candidates", info)
@@ -98,51 +91,14 @@ def build_candidates(cfg: AdrecConfig, run: RunDir, show_progress: bool = False)
     return info
 
 
-def candidate_recall(multi: MultiSource, feats, seen: sp.csr_matrix, n: int) -> dict[str, float]:
+def candidate_recall(multi: MultiSource, feats, seen: sp.csr_matrix) -> dict[str, float]:
     """Recall@50/100/200 of each source and of the merged union, on users with test positives."""
-    tests = test_positive_sets(feats, np.arange(feats.spec.n_users))
-    users = np.array([u for u, t in enumerate(tests) if t], dtype=np.int64)
-    truth = [tests[u] for u in users]
-    ks = (50, 100, 200)
+    users, truth = evaluated_users(feats)
     exclude = seen[users]
     out: dict[str, float] = {}
-    for name, (ids, _) in multi.recommend_per_source(users, max(ks), exclude).items():
-        out.update({f"{name}.{k}": v for k, v in recall_at(ids, truth, ks).items()})
-    for k in ks:
+    for name, (ids, _) in multi.recommend_per_source(users, max(RECALL_KS), exclude).items():
+        out.update({f"{name}.{k}": v for k, v in recall_at(ids, truth, RECALL_KS).items()})
+    for k in RECALL_KS:
         ids, _, _ = multi.recommend(users, k, exclude)
         out[f"union.recall@{k}"] = recall_at(ids, truth, (k,))[f"recall@{k}"]
     return out
-
-
-def topk_dir(run: RunDir):
-    return run.path / TOPK_DIR
-
-
-def fit_two_stage(cfg: AdrecConfig, run: RunDir, feats):
-    """Fit :class:`~adrec.topk.rerank.TwoStageRecommender` under DESIGN.md's protocol and save it in
-    ``<run>/topk``: the re-ranker learns which candidates the *valid* split's positives were, with
-    sources fitted on train only (and on an inner stage carved from train), then the sources are
-    refitted on train + valid. Test rows never reach it."""
-    import shutil
-
-    from adrec.topk.rerank import TopKData, TwoStageRecommender
-
-    t0 = time.perf_counter()
-    rec = TwoStageRecommender(**cfg.topk.recommender_kwargs()).fit(TopKData.from_features(feats))
-    target = topk_dir(run)
-    tmp = target.parent / f".{target.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    rec.save(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    log.info("candidates: two-stage top-K (%s re-ranker) fitted in %.1fs", rec.ranker, time.perf_counter() - t0)
-    return rec
-
-
-def two_stage_recall(rec, feats, seen: sp.csr_matrix) -> dict[str, float]:
-    """Recall@50/100/200 of the two-stage recommender's ordered lists, on users with test positives."""
-    tests = test_positive_sets(feats, np.arange(feats.spec.n_users))
-    users = np.array([u for u, t in enumerate(tests) if t and u < rec.n_users], dtype=np.int64)
-    ks = (50, 100, 200)
-    ids, _, _ = rec.rank_lists(users, max(ks), exclude=seen)
-    return {f"two_stage.{k}": v for k, v in recall_at(ids, [tests[u] for u in users], ks).items()}

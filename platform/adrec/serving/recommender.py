@@ -70,7 +70,7 @@ class Recommender:
         self.ranker = _load_ranker(self.model_dir / "ranker") if load_ranker else None
         self.two_stage = None
         if load_topk and (self.model_dir / "topk").is_dir():
-            from adrec.topk.rerank import TwoStageRecommender
+            from adrec.topk import TwoStageRecommender
 
             self.two_stage = TwoStageRecommender.load(self.model_dir / "topk")
         # Known users' two-stage lists computed once for the version (see precompute_lists).

@@ -1,23 +1,32 @@
-"""Top-K recommendation beyond the candidate sources: the EASE peer, the two-stage re-ranker
-(:class:`TwoStageRecommender`) and the split-and-evaluate protocol (:mod:`.protocol`). The benchmark
-that compares this full path with the classic peers is ``benchmarks/topk.py``, outside the library.
+"""Top-K recommendation on top of the candidate sources: the two-stage recommender
+(:class:`TwoStageRecommender`: a union of sources, then a learned re-ranker), the protocol stages it
+learns and is scored under, and the stage that fits it into a run (:func:`fit_topk`).
+
+Modules, one job each: ``protocol`` (which rows a stage learns from, excludes and is scored on),
+``data`` (what the recommender learns from), ``known`` (the index of a stage's known interactions),
+``union`` (the sources and their candidate union), ``features`` (per-candidate features), ``gbdt``
+(the LightGBM / scikit-learn re-ranker), ``recommender`` (fit, rank, save, load), ``stage`` (the run's
+``topk`` folder).
 
 Importing this package has no side effects; LightGBM is imported only when a re-ranker is built.
 """
 
-from .ease import EASESource, ease_weights
-from .protocol import Stage, evaluate_lists, inner_stage, make_stage
-from .rerank import DEFAULT_SOURCES, TopKData, TwoStageRecommender, item_tag_matrix
+from .data import TopKData, item_tag_matrix
+from .protocol import Stage, inner_stage, make_stage
+from .recommender import TwoStageRecommender, default_params
+from .stage import TOPK_DIR, fit_topk, topk_dir
+from .union import build_source
 
 __all__ = [
-    "DEFAULT_SOURCES",
-    "EASESource",
     "Stage",
+    "TOPK_DIR",
     "TopKData",
     "TwoStageRecommender",
-    "ease_weights",
-    "evaluate_lists",
+    "build_source",
+    "default_params",
+    "fit_topk",
     "inner_stage",
     "item_tag_matrix",
     "make_stage",
+    "topk_dir",
 ]

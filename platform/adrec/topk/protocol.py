@@ -18,25 +18,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from adrec.metrics import rank_topk, topk_metrics
-from adrec.features.split import TEST, TRAIN, VALID
+from adrec.candidates.base import binary_matrix
+from adrec.features.split import TEST, TRAIN, VALID, temporal_split
 
-__all__ = ["STAGES", "Stage", "make_stage", "make_stage_from", "inner_stage", "evaluate_lists", "evaluate_scores",
-           "binary_matrix"]
+__all__ = ["STAGES", "Stage", "make_stage", "make_stage_from", "inner_stage"]
 
 STAGES = ("valid", "test")
-
-
-def binary_matrix(rows: pd.DataFrame, n_users: int, n_items: int) -> sp.csr_matrix:
-    """(n_users, n_items) float32 CSR with a 1 for every (user, item) pair in ``rows``."""
-    m = sp.csr_matrix(
-        (np.ones(len(rows), np.float32), (rows["user_idx"].to_numpy(np.int64), rows["item_idx"].to_numpy(np.int64))),
-        shape=(n_users, n_items),
-    )
-    m.sum_duplicates()
-    m.data[:] = 1.0
-    m.sort_indices()
-    return m
 
 
 @dataclass
@@ -109,18 +96,6 @@ def _stage(interactions: pd.DataFrame, known_splits: tuple[str, ...], target_spl
     return Stage(name, known, positives, seen, users, truth, cutoff, n_users, n_items, int(n_catalog))
 
 
-def evaluate_lists(stage: Stage, top: np.ndarray, k: int = 10) -> dict[str, float]:
-    """Protocol metrics of ranked lists (one row per ``stage.users``), keys without prefix."""
-    m = topk_metrics(top, stage.truth, stage.n_catalog, k, prefix="topk")
-    return {key.split(".", 1)[1]: v for key, v in m.items()}
-
-
-def evaluate_scores(stage: Stage, scores: np.ndarray, k: int = 10) -> dict[str, float]:
-    """Rank full-catalog scores (rows = ``stage.users``) under the protocol and score them."""
-    scores = np.asarray(scores)[:, : stage.n_catalog]
-    return evaluate_lists(stage, rank_topk(scores, stage.exclude_lists(), k), k)
-
-
 def make_stage_from(name: str, known: pd.DataFrame, target: pd.DataFrame, n_users: int, n_items: int,
                     n_catalog: int) -> Stage:
     """A :class:`Stage` from explicit frames: ``known`` (what models learn from, all labels) and
@@ -133,8 +108,6 @@ def inner_stage(interactions: pd.DataFrame, n_users: int, n_items: int, n_catalo
     """A stage carved from the train split alone, by the same tail rule as the protocol's split:
     per user, the last ``(n + 4) // 5`` train interactions (n >= 5) are the target, the rest is
     known. Extra training data for a learned re-ranker that touches neither valid nor test."""
-    from adrec.features.split import temporal_split
-
     df = interactions[["user_idx", "item_idx", "ts", "label", "split"]]
     train = df[df["split"].astype(str).to_numpy() == TRAIN]
     sub = temporal_split(train["user_idx"].to_numpy(np.int64), train["ts"].to_numpy(np.int64),

@@ -60,8 +60,11 @@ def promote(run: RunDir, outcome: SearchOutcome) -> dict:
         out["ranker"] = str(_promote_ranker(run, cfg, best, tune_info))
     else:
         from adrec.candidates.stage import build_candidates
+        from adrec.topk import fit_topk
 
         info = build_candidates(cfg, run)
+        if cfg.topk.enabled:
+            info = fit_topk(cfg, run)
         out["candidates"] = str(run.candidates)
         out["candidates_recall"] = {k: v for k, v in info.get("recall", {}).items() if k.startswith("union")}
     save_config(cfg, run.path / CONFIG_NAME)

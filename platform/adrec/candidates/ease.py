@@ -22,7 +22,9 @@ import scipy.linalg
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from adrec.candidates.base import CandidateSource, as_user_items, lists_to_csr, pack_csr, unpack_csr
+from adrec.config import CANDIDATE_DEFAULTS
+
+from .base import CandidateSource, as_user_items, lists_to_csr, pack_csr, unpack_csr
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ class EASESource(CandidateSource):
     name = "ease"
     supports_fold_in = True
 
-    def __init__(self, l2: float = 500.0, num_threads: int = 0, name: str | None = None) -> None:
+    def __init__(self, l2: float = CANDIDATE_DEFAULTS.ease_l2, num_threads: int = 0, name: str | None = None) -> None:
         super().__init__(name)
         if not float(l2) > 0:
             raise ValueError(f"l2 must be > 0, got {l2}")
