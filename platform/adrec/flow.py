@@ -24,11 +24,9 @@ def prepare(cfg: AdrecConfig, run: RunDir) -> dict:
 
 def candidates(cfg: AdrecConfig, run: RunDir, show_progress: bool = True) -> dict:
     """Fit the candidate sources, then the two-stage top-K recommender that builds on them."""
-    from adrec.candidates.stage import build_candidates
-    from adrec.topk import fit_topk
+    from adrec.topk import fit_candidate_stage
 
-    info = build_candidates(cfg, run, show_progress=show_progress)
-    return fit_topk(cfg, run) if cfg.topk.enabled else info
+    return fit_candidate_stage(cfg, run, show_progress=show_progress)
 
 
 def train(cfg: AdrecConfig, run: RunDir) -> dict:

@@ -14,7 +14,7 @@ Importing this package has no side effects; LightGBM is imported only when a re-
 from .data import TopKData, item_tag_matrix
 from .protocol import Stage, inner_stage, make_stage
 from .recommender import TwoStageRecommender, default_params
-from .stage import TOPK_DIR, fit_topk, topk_dir
+from .stage import TOPK_DIR, fit_candidate_stage, fit_topk, topk_dir
 from .union import build_source
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "TwoStageRecommender",
     "build_source",
     "default_params",
+    "fit_candidate_stage",
     "fit_topk",
     "inner_stage",
     "item_tag_matrix",

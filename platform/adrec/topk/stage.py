@@ -17,7 +17,7 @@ from pathlib import Path
 import scipy.sparse as sp
 
 from adrec.candidates.evaluate import recall_at
-from adrec.candidates.stage import RECALL_KS, evaluated_users
+from adrec.candidates.stage import RECALL_KS, build_candidates, evaluated_users
 from adrec.config import AdrecConfig
 from adrec.features.pipeline import Features
 from adrec.run import RunDir
@@ -25,7 +25,7 @@ from adrec.run import RunDir
 from .data import TopKData
 from .recommender import TwoStageRecommender
 
-__all__ = ["TOPK_DIR", "fit_topk", "topk_dir", "two_stage_recall"]
+__all__ = ["TOPK_DIR", "fit_candidate_stage", "fit_topk", "topk_dir", "two_stage_recall"]
 
 TOPK_DIR = "topk"  # the fitted TwoStageRecommender, in the run and in a model version
 
@@ -34,6 +34,13 @@ log = logging.getLogger(__name__)
 
 def topk_dir(run: RunDir) -> Path:
     return run.path / TOPK_DIR
+
+
+def fit_candidate_stage(cfg: AdrecConfig, run: RunDir, show_progress: bool = True) -> dict:
+    """What ``adrec candidates`` runs: the candidate sources, then (``topk.enabled``) the two-stage
+    recommender that builds on them; the candidates stage's manifest record."""
+    info = build_candidates(cfg, run, show_progress=show_progress)
+    return fit_topk(cfg, run) if cfg.topk.enabled else info
 
 
 def fit_topk(cfg: AdrecConfig, run: RunDir, feats=None) -> dict:

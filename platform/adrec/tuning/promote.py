@@ -48,7 +48,6 @@ def _no_best_message(outcome: SearchOutcome) -> str:
 
 def promote(run: RunDir, outcome: SearchOutcome) -> dict:
     """Make the best trial the run's model: ranker/config (and model version). Returns what was written."""
-    from adrec.flow import CONFIG_NAME
     from adrec.model_version import publish
 
     best = outcome.best
@@ -59,16 +58,13 @@ def promote(run: RunDir, outcome: SearchOutcome) -> dict:
     if outcome.spec.trainable == "ranker":
         out["ranker"] = str(_promote_ranker(run, cfg, best, tune_info))
     else:
-        from adrec.candidates.stage import build_candidates
-        from adrec.topk import fit_topk
+        from adrec.topk import fit_candidate_stage
 
-        info = build_candidates(cfg, run)
-        if cfg.topk.enabled:
-            info = fit_topk(cfg, run)
+        info = fit_candidate_stage(cfg, run)
         out["candidates"] = str(run.candidates)
         out["candidates_recall"] = {k: v for k, v in info.get("recall", {}).items() if k.startswith("union")}
-    save_config(cfg, run.path / CONFIG_NAME)
-    out["config"] = str(run.path / CONFIG_NAME)
+    save_config(cfg, run.config_path)
+    out["config"] = str(run.config_path)
     if (run.ranker / "ranker.json").is_file():
         out["model"] = str(publish(run, extra={"tune": tune_info}))
     else:
