@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform as _platform
 import statistics
 import time
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "(default: OUT/runs)")
     ap.add_argument("--datasets", default="movielens-100k,synthetic",
                     help=f"comma-separated: {', '.join(BUILTIN)} or schema paths")
-    ap.add_argument("--data-dir", default="/work/shared/data/ml-100k", help="the unpacked ml-100k folder")
+    ap.add_argument("--data-dir", default=os.environ.get("ADREC_ML100K"),
+                    help="the unpacked ml-100k folder (default: $ADREC_ML100K)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     ap.add_argument("--quick", action="store_true", help="tiny run: small synthetic log, tiny encoder, one seed")

@@ -4,7 +4,7 @@ Peers (most-popular, implicit ALS and BPR, item-item cosine and BM25, EASE) each
 hyperparameter grid, fitted on the train positives and chosen on NDCG@10 of the valid split;
 the chosen setting is refitted on train + valid positives and scored on the test split (every
 catalog item except the user's train + valid items is a candidate; ties go to the lower item
-index). adrec's full path is :class:`~adrec.topk.rerank.TwoStageRecommender`, whose sources take
+index). adrec's full path is :class:`~adrec.topk.TwoStageRecommender`, whose sources take
 the peers' validation-chosen settings and whose re-ranker learns on the train-side stages only.
 
 Timings are medians over ``repeats`` of the final fit (train + valid) and of recommending the

@@ -65,7 +65,7 @@ class FeatureConfig(_Strict):
     # None: the crosses that suit the built-in data set (see adrec.data.sources.DEFAULT_CROSSES).
     crosses: list[CrossSpec] | None = None
     # How many of the user's most recent earlier positives feed the history features. 50 rather than 10:
-    # the ranker's valid AUC on MovieLens-100k is higher with it (the variants table in README, ranker section).
+    # the ranker's valid AUC on MovieLens-100k is higher with it (docs/benchmarks.md, "Ranker variants").
     history_len: int = Field(50, ge=0)
     # Vocabulary entries seen fewer times than this map to the unknown code.
     min_count: int = Field(1, ge=1)
@@ -186,7 +186,7 @@ class RankerConfig(_Strict):
     # A tiny randomly initialised BERT with the encoder's tokenizer: for tests and smoke runs.
     tiny_encoder: bool = False
     # frozen: the CPU-friendly default (on MovieLens-100k as good on valid as last_n, at a fraction of the
-    # cost; README, ranker section); last_n / full fine-tune the encoder with its own lr (encoder_lr), for GPUs.
+    # cost; docs/benchmarks.md, "Ranker variants"); last_n / full fine-tune the encoder with its own lr (encoder_lr), for GPUs.
     finetune: Literal["frozen", "last_n", "full"] = "frozen"
     finetune_last_n: int = Field(1, ge=1)
     max_text_len: int = Field(32, ge=8)

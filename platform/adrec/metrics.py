@@ -1,4 +1,4 @@
-"""Offline metrics, exactly as DESIGN.md's "Split and evaluation protocol" defines them.
+"""Offline metrics, exactly as the "Split and evaluation protocol" of docs/design.md defines them.
 
 The package's one definition of each metric, below every stage that scores a model (the
 ranker's validation, top-K training, the evaluate stage, the online learner), so none of them

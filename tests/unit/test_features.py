@@ -13,7 +13,7 @@ from adrec.features.split import TEST, TRAIN, VALID, temporal_split
 
 
 def _reference_split(users, ts, items):
-    """Loop-by-loop reading of DESIGN.md's protocol."""
+    """Loop-by-loop reading of the protocol in docs/design.md."""
     out = {}
     df = pd.DataFrame({"u": users, "t": ts, "i": items, "row": range(len(users))})
     for _, g in df.groupby("u"):

@@ -1,4 +1,4 @@
-"""Candidate recall, as the evaluation protocol in DESIGN.md defines it."""
+"""Candidate recall, as the evaluation protocol in docs/design.md defines it."""
 
 from __future__ import annotations
 

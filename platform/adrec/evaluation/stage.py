@@ -4,7 +4,7 @@ The top-K lists come from the same code Serve runs (:class:`~adrec.serving.recom
 the model version's two-stage recommender for the users it knows (``topk.*``), with the older path --
 merged candidates ordered by the CTR ranker -- reported next to it (``ctr_order.*``) when both exist.
 
-Writes ``<run>/report/``: ``metrics.json`` (the keys DESIGN.md lists), ``report.md`` with plots, and
+Writes ``<run>/report/``: ``metrics.json`` (the keys docs/design.md lists), ``report.md`` with plots, and
 the raw predictions in the dataset's own ids (``topk.csv``, ``ctr_preds.csv``) so anyone can re-score
 them with another implementation of the protocol.
 """
@@ -148,7 +148,7 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
         tables["Candidate recall by source"] = long.pivot(index="source", columns="metric", values="value").reset_index()
     sections = {
         "Protocol": (
-            f"Per-user temporal split (DESIGN.md). CTR over {len(test)} test impressions; top-{k} over "
+            f"Per-user temporal split (docs/design.md). CTR over {len(test)} test impressions; top-{k} over "
             f"{len(users)} users with a test positive, "
             + (f"ordered by the version's two-stage recommender ({rec.two_stage.ranker} re-ranker over the union of "
                f"{'+'.join(rec.two_stage.sources)}; train+valid items excluded), as served (`topk.*`); the merged "

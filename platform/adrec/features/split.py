@@ -1,4 +1,4 @@
-"""The per-user temporal split of DESIGN.md.
+"""The per-user temporal split of docs/design.md.
 
 Per user, interactions sorted by (timestamp, item index); a user with n >= 5 interactions puts the
 last (n + 4) // 5 in test and the rest in train; validation is carved from train by the same rule.

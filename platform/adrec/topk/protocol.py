@@ -1,4 +1,4 @@
-"""The top-K protocol of DESIGN.md as data: which rows a model learns from, which items it must
+"""The top-K protocol (docs/design.md) as data: which rows a model learns from, which items it must
 not propose, and which positives it is scored on, for the validation and the test stage.
 
 - ``valid`` stage (model selection): learn from the train split, exclude every train item
