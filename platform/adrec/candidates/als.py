@@ -31,10 +31,23 @@ def to_numpy(factors: Any) -> np.ndarray:
 
 
 class _FactorSource(CandidateSource):
-    """Scores = user_factors @ item_factors.T, factors held as numpy float32."""
+    """Scores = user_factors @ item_factors.T, factors held as numpy float32.
 
-    def __init__(self, name: str | None = None) -> None:
+    Holds the settings every implicit factor model shares; a subclass adds its own and builds the
+    implicit model from them (:meth:`_make_model`)."""
+
+    def __init__(self, factors: int, iterations: int, regularization: float, seed: int | None,
+                 use_gpu: bool | None, num_threads: int, show_progress: bool, name: str | None) -> None:
         super().__init__(name)
+        if factors < 1 or iterations < 1:
+            raise ValueError("factors and iterations must be >= 1")
+        self.factors = int(factors)
+        self.iterations = int(iterations)
+        self.regularization = float(regularization)
+        self.seed = seed
+        self.use_gpu = use_gpu
+        self.num_threads = int(num_threads)
+        self.show_progress = bool(show_progress)
         self.user_factors: np.ndarray | None = None
         self.item_factors: np.ndarray | None = None
         self.backend: str | None = None  # "cpu" or "gpu": where the last fit ran
@@ -94,17 +107,8 @@ class ALSSource(_FactorSource):
         show_progress: bool = False,
         name: str | None = None,
     ) -> None:
-        super().__init__(name)
-        if factors < 1 or iterations < 1:
-            raise ValueError("factors and iterations must be >= 1")
-        self.factors = int(factors)
-        self.iterations = int(iterations)
-        self.regularization = float(regularization)
+        super().__init__(factors, iterations, regularization, seed, use_gpu, num_threads, show_progress, name)
         self.alpha = float(alpha)
-        self.seed = seed
-        self.use_gpu = use_gpu
-        self.num_threads = int(num_threads)
-        self.show_progress = bool(show_progress)
         self._cpu_model: Any = None
 
     def _make_model(self, use_gpu: bool) -> Any:

@@ -228,6 +228,19 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def read_format_json(path: Path, fmt: str, version: int, what: str) -> dict[str, Any]:
+    """A JSON file that names its ``format`` and ``format_version`` (as the savers here write them),
+    refused when it is missing, of another format, or newer than this code."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not {what}")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path}: unknown format {meta.get('format')!r}")
+    if int(meta.get("format_version", 0)) > version:
+        raise ValueError(f"{path}: format_version {meta['format_version']} is newer than this code ({version})")
+    return meta
+
+
 def pack_csr(prefix: str, m: sp.csr_matrix | None, arrays: dict[str, np.ndarray]) -> None:
     if m is None:
         return
@@ -432,13 +445,7 @@ class CandidateSource(ABC):
         the folder; ``SomeSource.load`` also checks that the folder holds that class."""
         d = Path(directory)
         meta_path = d / STATE_JSON
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path} not found: not a saved candidate source")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}")
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: format_version {meta['format_version']} is newer than this code ({FORMAT_VERSION})")
+        meta = read_format_json(meta_path, FORMAT, FORMAT_VERSION, "a saved candidate source")
         klass = _REGISTRY.get(meta.get("class", ""))
         if klass is None:
             raise ValueError(f"{meta_path}: unknown source class {meta.get('class')!r}; known: {sorted(_REGISTRY)}")

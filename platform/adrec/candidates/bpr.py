@@ -39,18 +39,9 @@ class BPRSource(_FactorSource):
         show_progress: bool = False,
         name: str | None = None,
     ) -> None:
-        super().__init__(name)
-        if factors < 1 or iterations < 1:
-            raise ValueError("factors and iterations must be >= 1")
-        self.factors = int(factors)
-        self.iterations = int(iterations)
+        super().__init__(factors, iterations, regularization, seed, use_gpu, num_threads, show_progress, name)
         self.learning_rate = float(learning_rate)
-        self.regularization = float(regularization)
-        self.seed = seed
-        self.use_gpu = use_gpu
-        self.num_threads = int(num_threads)
         self.verify_negative_samples = bool(verify_negative_samples)
-        self.show_progress = bool(show_progress)
 
     def _make_model(self, use_gpu: bool) -> Any:
         from implicit.bpr import BayesianPersonalizedRanking

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .base import PAD_SCORE, CandidateSource, check_name, write_json
+from .base import PAD_SCORE, CandidateSource, check_name, read_format_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -247,14 +246,7 @@ class MultiSource:
     @classmethod
     def load(cls, directory: str | Path) -> MultiSource:
         d = Path(directory)
-        path = d / MANIFEST
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: not a saved MultiSource")
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"{path}: unknown format {manifest.get('format')!r}")
-        if int(manifest.get("format_version", 0)) > MANIFEST_VERSION:
-            raise ValueError(f"{path}: format_version {manifest['format_version']} is newer than this code")
+        manifest = read_format_json(d / MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, "a saved MultiSource")
         sources = {}
         for e in manifest["sources"]:
             sub = d / e["path"]
