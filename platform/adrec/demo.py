@@ -80,8 +80,11 @@ def run_demo(run_dir: str | None, config: str | None, overrides: list[str], user
                 resp = client.post("/recommend", json=body)
                 print(f"      POST /recommend {json.dumps(body)} -> {resp.status_code}")
                 if resp.status_code == 200:
+                    print(f"          ranked by {resp.json()['ranked_by']}")
                     for rec in resp.json()["items"]:
-                        print(f"          {rec['rank']}. {rec['item']:>8}  score {rec['score']:.4f}  {_title(run, rec['item'])}")
+                        rel = "" if rec["relevance"] is None else f"  relevance {rec['relevance']:.4f}"
+                        print(f"          {rec['rank']}. {rec['item']:>8}  click_prob {rec['click_prob']:.4f}{rel}  "
+                              f"{_title(run, rec['item'])}")
                 else:
                     print(f"          {resp.text}")
             bad = client.post("/recommend", json={"user_id": known[0] if known else "x", "k": 0})
