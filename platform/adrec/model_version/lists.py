@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from adrec.config import CandidateConfig, ServeConfig
+
 
 def source_names(two_stage) -> list[str]:
     """The source names a list's bit masks stand for, bit j for name j."""
@@ -21,8 +23,6 @@ def source_names(two_stage) -> list[str]:
 def stored_length() -> int:
     """How long the writer stores the lists: as long as serving's default request needs them
     (``candidates.n_candidates`` candidates, at least ``serve.max_k``)."""
-    from adrec.config import CandidateConfig, ServeConfig
-
     return max(CandidateConfig().n_candidates, ServeConfig().max_k)
 
 

@@ -26,6 +26,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from adrec.model_version import VersionPaths, read_version, write_version
+from adrec.online.catalog import fold_in_sources
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,6 @@ def publish_version(base_dir: Path, target: Path, ranker, catalog, sources=None,
     fold = {"folded": False}
     seen = catalog.seen_matrix(base_seen)
     if fold_in and sources is not None:
-        from adrec.online.catalog import fold_in_sources
-
         fold = {"folded": True, **fold_in_sources(sources, catalog)}
         candidates = sources
     else:
