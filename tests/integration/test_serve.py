@@ -114,7 +114,7 @@ def test_served_top10_is_the_in_process_two_stage_top10(served, tiny_cfg):
     from adrec.serving.recommender import Recommender
 
     rec = Recommender(served["run"].model, tiny_cfg.data.pseudonym_key.encode())
-    assert rec.two_stage is not None, "the version carries the two-stage recommender"
+    assert rec.version.two_stage is not None, "the version carries the two-stage recommender"
     for user in served["users"][:4]:
         r = _rec(served["client"], user, k=10)
         assert r.status_code == 200, r.text

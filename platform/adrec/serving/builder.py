@@ -1,4 +1,4 @@
-"""Building the Ray Serve application (:func:`build_app`): FastAPI ingress -> candidates -> ranker, plus the feedback writer.
+"""Building the Ray Serve application (:func:`build_app`): ingress -> candidates -> ranker, and the feedback writer.
 
 Two topologies (``AppArgs.topology``), the same answers and the same HTTP API:
 

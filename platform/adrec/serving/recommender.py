@@ -126,7 +126,8 @@ class Recommender:
         u = self.user_index(raw_user_id)
         n = CandidateConfig().n_candidates if n_candidates is None else n_candidates
         req = Recommendation(self, u, k, context, n, explain)
-        return req.run(lambda items: self.rank(u, items, context), lambda items: self.explain(u, items, context))["items"]
+        answer = req.run(lambda items: self.rank(u, items, context), lambda items: self.explain(u, items, context))
+        return answer["items"]
 
     def explain(self, user_idx: int, item_idx: np.ndarray, context: dict | None = None, top_n: int = 3) -> list[list[dict]]:
         """Per item, the ``top_n`` features that raise its score most (occlusion).

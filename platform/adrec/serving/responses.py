@@ -45,7 +45,8 @@ class RecommendResponse(BaseModel):
 
 
 class FeedbackResponse(BaseModel):
-    accepted: int = Field(ge=0, description="Events written to the feedback log (durably: fsync-ed before this answer).")
+    accepted: int = Field(ge=0, description="Events written to the feedback log (durably: fsync-ed before this "
+                                            "answer).")
     duplicates: int = Field(ge=0, description="Events whose event_id was already logged (or repeated in the "
                                               "request): accepted, not written again.")
     duplicate_ids: list[str] = Field(description="The event ids counted in duplicates.")
