@@ -6,14 +6,15 @@
 - ``serve run serve_apps.app:app``: ``app`` is the same application built from the ``args`` in
   ``config.yaml`` next to this file.
 
-All logic lives in :mod:`adrec.serving.app`.
+All logic lives in :mod:`adrec.serving` (:mod:`adrec.serving.builder`).
 """
 
 from pathlib import Path
 
 import yaml
 
-from adrec.serving.app import AppArgs, build_app
+from adrec.serving.args import AppArgs
+from adrec.serving.builder import build_app
 
 CONFIG = Path(__file__).with_name("config.yaml")
 

@@ -260,7 +260,7 @@ class ServeConfig(_Strict):
     ingress_replicas: int = Field(1, ge=1)
     # > ranker_replicas turns on autoscaling of the ranker between the two.
     ranker_max_replicas: int | None = Field(None, ge=1)
-    n_candidates: int = Field(100, ge=1)
+    # (How many candidates a request ranks is candidates.n_candidates: one knob for both stages.)
     # Versions with at most this many known users get every user's two-stage list computed when they
     # load (seconds, a few bytes per item), so a request only looks it up; 0 = compute per request.
     precompute_max_users: int = Field(200_000, ge=0)

@@ -64,7 +64,8 @@ def _cfg(**kw) -> OnlineConfig:
 def test_learner_scores_before_learning_publishes_and_folds_in(tiny_run, log_path, stream, tmp_path, one_thread):
     from adrec.data.privacy import pseudonymize
     from adrec.ranking.base import load_ranker
-    from adrec.serving.recommender import LISTS_FILE, Recommender
+    from adrec.model_version import VersionPaths
+    from adrec.serving.recommender import Recommender
 
     published = []
     learner = OnlineLearner(_cfg(), tiny_run.model, log_path, tmp_path / "online",
@@ -98,28 +99,28 @@ def test_learner_scores_before_learning_publishes_and_folds_in(tiny_run, log_pat
 
     # New users are in the version: indexed after the base users, folded into ALS, recommended from it.
     rec_v = Recommender(latest, KEY)
-    base_users = len(Recommender(tiny_run.model, KEY, load_ranker=False).user_pos)
+    base_users = len(Recommender(tiny_run.model, KEY, load_ranker=False).version.user_pos)
     idx = rec_v.user_index(NEWCOMERS[0])
-    assert idx >= base_users and rec_v.seen.shape[0] == base_users + len(NEWCOMERS)
-    als = rec_v.sources["als"]
+    assert idx >= base_users and rec_v.version.seen.shape[0] == base_users + len(NEWCOMERS)
+    als = rec_v.version.sources["als"]
     assert als.user_factors.shape[0] == base_users + len(NEWCOMERS) and np.abs(als.user_factors[idx]).sum() > 0
     cand = rec_v.candidates(idx, 20)
     assert len(cand.items) > 0 and any("als" in s for s in cand.sources)
-    assert len(rec_v.history[idx]) > 0  # their clicks are their history now
+    assert len(rec_v.version.history[idx]) > 0  # their clicks are their history now
     out = rec_v.recommend(NEWCOMERS[0], 5)
     assert len(out) == 5
     # The two-stage recommender travels with online versions: base users keep its order (newcomers, beyond
     # its users, took the fold-in path above), and their impressions since never come back.
-    assert rec_v.two_stage is not None and cand.final is None
+    assert rec_v.version.two_stage is not None and cand.final is None
     for u in range(3):
         base_cand = rec_v.candidates(u, 20)
         assert base_cand.final is not None and len(base_cand.items) == 20
-        assert not set(base_cand.items.tolist()) & set(rec_v.seen[u].indices.tolist())
+        assert not set(base_cand.items.tolist()) & set(rec_v.version.seen[u].indices.tolist())
     # Its base users' lists are stored in it (not computed by every replica at each rollout), and they are
     # this version's (its seen matrix), not the base version's.
-    assert rec_v.precompute_lists(20, max_users=10**6) and (latest / LISTS_FILE).is_file()
+    assert rec_v.precompute_lists(20, max_users=10**6) and VersionPaths(latest).lists.is_file()
     assert [rec_v.candidates(u, 20).items.tolist() for u in range(3)] == \
-        [[i for i in rec_v.two_stage.rank_lists([u], 20, exclude=rec_v.seen)[0][0].tolist() if i >= 0]
+        [[i for i in rec_v.version.two_stage.rank_lists([u], 20, exclude=rec_v.version.seen)[0][0].tolist() if i >= 0]
          for u in range(3)]
     assert pseudonymize(NEWCOMERS[0], KEY) in set(pd.read_parquet(latest / "features" / "users.parquet")["user"])
 
@@ -202,7 +203,7 @@ def test_serve_app_learns_from_http_feedback_and_rolls_out_without_drops(ray_ses
     from ray import serve
 
     from adrec.online.actor import serve_with_learner
-    from adrec.serving.app import AppArgs
+    from adrec.serving.args import AppArgs
 
     args = AppArgs(model_dir=str(tiny_run.model), pseudonym_key=tiny_cfg.data.pseudonym_key,
                    feedback_log=str(tmp_path / "feedback" / "events.jsonl"), port=free_port(), app_name="adrec-online",

@@ -95,10 +95,10 @@ def test_evaluate_scores_the_served_two_stage_lists(tiny_run, tiny_cfg):
     inter = pd.read_parquet(tiny_run.features / "interactions.parquet")
     pos = inter[(inter["split"] == "test") & (inter["label"] == 1)]
     truth = pos.groupby("user_idx")["item_idx"].apply(set)
-    ids = {u: i for i, u in enumerate(rec.items["item"].astype(str))}
+    ids = {u: i for i, u in enumerate(rec.version.items["item"].astype(str))}
     users_idx = [rec.user_index(u) for u in lists.index]
     top = np.array([[ids[i] for i in lists[u]] + [-1] * (10 - len(lists[u])) for u in lists.index])
-    again = topk_metrics(top, [truth[u] for u in users_idx], rec.spec.n_catalog, 10)
+    again = topk_metrics(top, [truth[u] for u in users_idx], rec.version.spec.n_catalog, 10)
     assert again["topk.ndcg@10"] == pytest.approx(metrics["topk.ndcg@10"])
     assert again["topk.recall@10"] == pytest.approx(metrics["topk.recall@10"])
 
@@ -106,19 +106,20 @@ def test_evaluate_scores_the_served_two_stage_lists(tiny_run, tiny_cfg):
 def test_precomputed_two_stage_lists_are_the_per_request_ones(tiny_run):
     """Serving has every known user's list at hand at version load (stored in the version by its publisher,
     or computed); a lookup must equal the re-ranking."""
-    from adrec.serving.recommender import LISTS_FILE, Recommender
+    from adrec.model_version import TwoStageLists, VersionPaths
+    from adrec.serving.recommender import Recommender
 
-    assert (tiny_run.model / LISTS_FILE).is_file()  # stored by publish
+    assert VersionPaths(tiny_run.model).lists.is_file()  # stored by publish
     rec = Recommender(tiny_run.model, None, load_ranker=False)
-    users = range(rec.two_stage.n_users)
+    ts = rec.version.two_stage
+    users = range(ts.n_users)
     fresh = [rec.candidates(u, 30) for u in users]
-    assert rec.precompute_lists(40, max_users=rec.two_stage.n_users)
-    computed = Recommender(tiny_run.model, None, load_ranker=False)
-    computed._read_lists = lambda n: False  # the same lists, computed here instead of read
-    assert computed.precompute_lists(40, max_users=rec.two_stage.n_users)
-    for stored, mine in zip(rec._lists[:3], computed._lists[:3]):
-        np.testing.assert_array_equal(stored, mine)
-    assert rec._lists[3] == computed._lists[3]
+    assert rec.precompute_lists(40, max_users=ts.n_users)
+    computed = TwoStageLists.compute(ts, rec.version.seen, 40)  # the same lists, computed here instead of read
+    np.testing.assert_array_equal(rec.lists.ids, computed.ids)
+    np.testing.assert_array_equal(rec.lists.masks, computed.masks)
+    np.testing.assert_allclose(rec.lists.scores, computed.scores, rtol=1e-6)
+    assert rec.lists.names == computed.names and rec.lists.decode == computed.decode
     for u, want in zip(users, fresh):
         got = rec.candidates(u, 30)
         assert got.items.tolist() == want.items.tolist() and got.sources == want.sources
@@ -127,7 +128,7 @@ def test_precomputed_two_stage_lists_are_the_per_request_ones(tiny_run):
     # a longer list than precomputed takes the per-request path; a version over the user bound is not precomputed
     plain = Recommender(tiny_run.model, None, load_ranker=False)
     assert rec.candidates(0, 50).items.tolist() == plain.candidates(0, 50).items.tolist()
-    assert not plain.precompute_lists(40, max_users=0) and plain._lists is None
+    assert not plain.precompute_lists(40, max_users=0) and plain.lists is None
 
 
 def _adrec(*args, timeout=120):

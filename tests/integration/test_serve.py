@@ -20,7 +20,7 @@ import pytest
 
 from adrec.model_version import publish, read_version
 from adrec.runtime import free_port
-from adrec.serving.app import AppArgs
+from adrec.serving.args import AppArgs
 from adrec.serving.deploy import deploy, rollout, wait_healthy
 from adrec.serving.feedback import read_events
 from benchmarks.loadtest import raw_user_ids
@@ -74,9 +74,12 @@ def _check_ranked(body: dict, k: int, version: str) -> None:
     assert body["version"] == version
     assert len(items) == k
     assert [r["rank"] for r in items] == list(range(1, k + 1))
-    scores = [r["score"] for r in items]
-    assert all(0.0 < s < 1.0 for s in scores)
-    assert scores == sorted(scores, reverse=True)
+    assert all(0.0 < r["click_prob"] < 1.0 for r in items)
+    # One field, one meaning: relevance is the two-stage re-ranker's score, present when it ordered the list.
+    order = [r["relevance"] if body["ranked_by"] == "two_stage" else r["click_prob"] for r in items]
+    assert order == sorted(order, reverse=True)
+    assert all((r["relevance"] is None) == (body["ranked_by"] == "click_prob") for r in items)
+    assert "score" not in items[0]
     assert len({r["item"] for r in items}) == k
 
 
@@ -88,10 +91,12 @@ def test_recommend_known_and_unknown_users(served):
         assert r.status_code == 200, r.text
         assert r.json()["user_id"] == user
         _check_ranked(r.json(), 10, version)
-    # A user the model never saw gets popular (per context) ads, ranked.
+        assert r.json()["ranked_by"] == "two_stage"
+    # A user the model never saw gets popular (per context) ads, ranked by their click probability.
     r = _rec(c, "someone-new", k=7, context={"slot": 1}, explain=True)
     assert r.status_code == 200, r.text
     _check_ranked(r.json(), 7, version)
+    assert r.json()["ranked_by"] == "click_prob"
     assert all(item["sources"] == ["popularity"] for item in r.json()["items"])
 
 
@@ -109,15 +114,35 @@ def test_served_top10_is_the_in_process_two_stage_top10(served, tiny_cfg):
     from adrec.serving.recommender import Recommender
 
     rec = Recommender(served["run"].model, tiny_cfg.data.pseudonym_key.encode())
-    assert rec.two_stage is not None, "the version carries the two-stage recommender"
+    assert rec.version.two_stage is not None, "the version carries the two-stage recommender"
     for user in served["users"][:4]:
         r = _rec(served["client"], user, k=10)
         assert r.status_code == 200, r.text
         local = rec.recommend(user, 10)
         assert [x["item"] for x in r.json()["items"]] == [x["item"] for x in local]
-        assert [x["score"] for x in r.json()["items"]] == pytest.approx([x["score"] for x in local], rel=1e-5)
+        assert [x["relevance"] for x in r.json()["items"]] == pytest.approx([x["relevance"] for x in local], rel=1e-5)
         # the order is the re-ranker's; the CTR ranker's click probability comes with it
-        assert all(0.0 < x["click_prob"] < 1.0 for x in r.json()["items"])
+        assert [x["click_prob"] for x in r.json()["items"]] == pytest.approx([x["click_prob"] for x in local], rel=1e-4)
+
+
+def test_openapi_lists_every_endpoint_with_its_response_schema(served):
+    """Serve's OpenAPI docs are on (no API key needed) and document each endpoint's answer."""
+    spec = httpx.get(served["url"] + "/openapi.json", timeout=10)
+    assert spec.status_code == 200, spec.text
+    paths, schemas = spec.json()["paths"], spec.json()["components"]["schemas"]
+    expected = {("/recommend", "post"): "RecommendResponse", ("/feedback", "post"): "FeedbackResponse",
+                ("/healthz", "get"): "HealthResponse", ("/version", "get"): "VersionResponse"}
+    for (path, method), model in expected.items():
+        ok = paths[path][method]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert ok == {"$ref": f"#/components/schemas/{model}"}, (path, ok)
+        assert schemas[model]["properties"], model
+    assert {"click_prob", "relevance"} <= set(schemas["RecommendedItem"]["properties"])
+    assert "score" not in schemas["RecommendedItem"]["properties"]
+    assert all(f.get("description") for f in schemas["RecommendResponse"]["properties"].values())
+    for path in ("/recommend", "/feedback"):  # the request bodies, parsed by hand, are documented too
+        body = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert body.rsplit("/", 1)[1] in schemas
+    assert httpx.get(served["url"] + "/docs", timeout=10).status_code == 200
 
 
 def test_health_and_version(served):
@@ -388,7 +413,7 @@ def test_encoder_per_request_ranker_scores_like_the_cached_one(served, tiny_cfg)
     for user in served["users"][:3]:
         u = rec.user_index(user)
         cand = rec.candidates(u, 50)
-        rows = rec.rows(np.full(len(cand.items), u), cand.items)
+        rows = rec.version.rows(np.full(len(cand.items), u), cand.items)
         np.testing.assert_allclose(slow.predict(rows), rec.ranker.predict(rows), rtol=1e-4, atol=1e-6)
     assert rec.ranker.model.text.pooled.abs().sum() > 0  # the cache is back in place afterwards
 
@@ -397,8 +422,8 @@ def test_batched_scoring_equals_scoring_each_request(served):
     """A ranking batch (users, candidate lists and contexts mixed) scores each request as rank() alone does."""
     import numpy as np
 
-    from adrec.serving.app import _score
     from adrec.serving.recommender import Recommender
+    from adrec.serving.scoring import score_requests
 
     if served["topology"] != "graph":
         pytest.skip("in-process only: checked once, with the graph app")
@@ -406,7 +431,7 @@ def test_batched_scoring_equals_scoring_each_request(served):
     users = [0, 1, -1, 0, 2]
     contexts = [{}, {"slot": "1"}, {"slot": "1", "device": "mobile"}, {"slot": "2"}, {}]
     items = [rec.candidates(u, 30, c).items[:n] for u, c, n in zip(users, contexts, [10, 30, 5, 10, 1])]
-    got = _score(rec, users, items, contexts)
+    got = score_requests(rec, users, items, contexts)
     for u, it, c, g in zip(users, items, contexts, got):
         np.testing.assert_allclose(g, rec.rank(u, it, c), rtol=1e-5, atol=1e-6)
     assert len({tuple(np.round(g[:5], 6)) for g in got[:2]}) == 2  # different users, different scores

@@ -115,7 +115,7 @@ def test_ranker_search_promotes_a_model_that_serves(tiny_run, tiny_cfg, tmp_path
     assert rec.ranker.cfg.embed_dim == best["params"]["ranker.embed_dim"]
     raw_user = str(pd.read_csv(run.raw / "impressions.csv")["user_id"].iloc[0])
     top = rec.recommend(raw_user, 5)
-    assert len(top) == 5 and all(0 < r["score"] < 1 for r in top)
+    assert len(top) == 5 and all(0 < r["click_prob"] < 1 for r in top)
 
 
 def test_als_search_resumes_after_an_interruption_without_rerunning_finished_trials(tiny_run, tiny_cfg, tmp_path):

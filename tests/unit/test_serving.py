@@ -140,7 +140,7 @@ def test_feedback_log_fsyncs_before_acknowledging(tmp_path, monkeypatch):
 
 # ---- app args -----------------------------------------------------------------------------------------------
 def test_app_args_resolve_paths_and_keys(tmp_path, monkeypatch):
-    from adrec.serving.app import AppArgs
+    from adrec.serving.args import AppArgs
 
     run = tmp_path / "run"
     (run / "secrets").mkdir(parents=True)
@@ -167,7 +167,7 @@ def test_app_args_resolve_paths_and_keys(tmp_path, monkeypatch):
 
 
 def test_app_fingerprint_ignores_the_model_folder_only(tmp_path):
-    from adrec.serving.app import AppArgs
+    from adrec.serving.args import AppArgs
 
     a = AppArgs(model_dir=str(tmp_path / "v1"), pseudonym_key="k", feedback_log=str(tmp_path / "fb.jsonl"))
     # A new model folder is a user_config change: same code version, replicas reconfigured in place.
@@ -199,7 +199,8 @@ def test_serve_apps_config_is_a_valid_serve_config(name, topology, scaled):
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from adrec.serving.app import AppArgs, build_app
+    from adrec.serving.args import AppArgs
+    from adrec.serving.builder import build_app
 
     conf = yaml.safe_load((Path(__file__).resolve().parents[2] / "serve_apps" / name).read_text())
     schema = ServeDeploySchema.model_validate(conf)
@@ -216,7 +217,7 @@ def test_serve_apps_config_is_a_valid_serve_config(name, topology, scaled):
 
 
 def test_app_args_topology_is_checked():
-    from adrec.serving.app import AppArgs
+    from adrec.serving.args import AppArgs
 
     from adrec.config import build_config
 
@@ -227,3 +228,33 @@ def test_app_args_topology_is_checked():
     assert AppArgs.from_config(cfg, "/tmp/r").topology == "graph"
     with pytest.raises(ValueError, match="topology"):
         AppArgs(model_dir="m", topology="mesh")
+
+
+def test_serving_ranks_the_candidates_stage_count():
+    """One candidate-count knob: a request ranks candidates.n_candidates candidates (no serve.n_candidates)."""
+    from adrec.config import build_config
+    from adrec.serving.args import AppArgs
+
+    cfg = build_config(overrides=["candidates.n_candidates=37"])
+    assert AppArgs.from_config(cfg, "/tmp/r").n_candidates == 37
+    assert AppArgs(model_dir="m").n_candidates == build_config().candidates.n_candidates
+    with pytest.raises(ValueError):
+        build_config(overrides=["serve.n_candidates=5"])
+
+
+def test_openapi_documents_every_endpoint_and_field():
+    """The app's OpenAPI document (what /openapi.json serves, here through FastAPI's ASGI client)."""
+    from fastapi.testclient import TestClient
+
+    from adrec.serving.ingress import api
+
+    spec = TestClient(api).get("/openapi.json").json()
+    responses = {(p, m): op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+                 for p, ops in spec["paths"].items() for m, op in ops.items()}
+    assert responses == {("/recommend", "post"): "RecommendResponse", ("/feedback", "post"): "FeedbackResponse",
+                         ("/healthz", "get"): "HealthResponse", ("/version", "get"): "VersionResponse"}
+    schemas = spec["components"]["schemas"]
+    for name in ("RecommendResponse", "RecommendedItem", "FeedbackResponse", "HealthResponse", "VersionResponse",
+                 "RecommendRequest", "FeedbackRequest", "FeedbackEvent"):
+        assert all(f.get("description") for f in schemas[name]["properties"].values()), name
+    assert schemas["RecommendResponse"]["properties"]["ranked_by"]["enum"] == ["two_stage", "click_prob"]

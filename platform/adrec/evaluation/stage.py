@@ -1,7 +1,7 @@
 """The evaluate stage: CTR on test impressions and the full candidates -> ranker -> top-K path.
 
-The top-K lists come from the same code Serve runs (:class:`~adrec.serving.recommender.Recommender`):
-the model version's two-stage recommender for the users it knows (``topk.*``), with the older path --
+The top-K lists come from the model version Serve loads (:class:`~adrec.model_version.ModelVersion`):
+its two-stage recommender for the users it knows (``topk.*``), as served, with the older path --
 merged candidates ordered by the CTR ranker -- reported next to it (``ctr_order.*``) when both exist.
 
 Writes ``<run>/report/``: ``metrics.json`` (the keys docs/design.md lists), ``report.md`` with plots, and
@@ -27,7 +27,9 @@ from adrec.data.schema import load_schema
 from adrec.metrics import ctr_metrics, rank_candidates, topk_metrics
 from adrec.evaluation.plots import plot_calibration, plot_robustness, plot_roc
 from adrec.evaluation.report import markdown_table, write_report
+from adrec.features.pipeline import Features
 from adrec.features.split import TEST
+from adrec.model_version import ModelVersion, load_version
 from adrec.run import RunDir
 
 log = logging.getLogger(__name__)
@@ -40,13 +42,13 @@ def _raw_user_ids(run: RunDir, key: bytes) -> dict[str, str]:
     return pseudonym_map(df[schema.interactions.user].str.strip().to_numpy(), key)
 
 
-def two_stage_lists(rec, users: np.ndarray, k: int) -> np.ndarray:
-    """Top-K ids of known users from the version's two-stage recommender, -1 padded: what
-    :meth:`Recommender.recommend` serves them (same exclusions, same order, ties to the lower item)."""
-    return rec.two_stage.rank_lists(users, k, exclude=rec.seen)[0]
+def two_stage_lists(version: ModelVersion, users: np.ndarray, k: int) -> np.ndarray:
+    """Top-K ids of known users from the version's two-stage recommender, -1 padded: what serving's
+    ``Recommender.recommend`` answers them (same exclusions, same order, ties to the lower item)."""
+    return version.two_stage.rank_lists(users, k, exclude=version.seen)[0]
 
 
-def topk_lists(rec, users: np.ndarray, n_candidates: int, k: int, batch_users: int = 128,
+def topk_lists(rec: ModelVersion, users: np.ndarray, n_candidates: int, k: int, batch_users: int = 128,
                show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Merged candidates then the CTR ranker for many users at once: (top-K ids, candidate ids), -1 padded."""
     tops, cands = [], []
@@ -91,13 +93,10 @@ def robustness(ranker, test: pd.DataFrame, epsilons, report: Path) -> tuple[dict
 
 
 def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict[str, float]:
-    from adrec.features.pipeline import Features
-    from adrec.serving.recommender import Recommender
-
     t0 = time.perf_counter()
     feats = Features(run)
     spec = feats.spec
-    rec = Recommender(run.require(run.model, "train"))
+    rec = load_version(run.require(run.model, "train"))
     k = cfg.eval.k
     report = run.report
     report.mkdir(parents=True, exist_ok=True)
@@ -155,7 +154,7 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
                f"candidates ({cfg.eval.candidate_k} per user) ranked by the CTR ranker are `ctr_order.*`"
                if two_stage else
                f"candidates ({cfg.eval.candidate_k} per user, train items excluded) ranked by the ranker")
-            + f", ties to the lower item index. Model version {rec.version['version']}."
+            + f", ties to the lower item index. Model version {rec.version_id}."
         ),
         "Robustness (FGSM)": rob_body,
     }
@@ -167,7 +166,3 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
 
 def metrics_table(metrics: dict[str, float]) -> str:
     return markdown_table([{"metric": k, "value": v} for k, v in sorted(metrics.items())])
-
-
-def report_path(run: RunDir) -> Path:
-    return run.report / "report.md"

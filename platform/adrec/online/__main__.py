@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     on_publish = None
     if a.rollout:
         from adrec.runtime import init_ray
-        from adrec.serving.app import AppArgs
+        from adrec.serving.args import AppArgs
         from adrec.serving.deploy import rollout
 
         init_ray(cfg.ray)

@@ -15,18 +15,12 @@ from pathlib import Path
 
 import torch
 
+from adrec.model_version.writer import fsync_path
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 NAME = "checkpoint.pt"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(state_dir: Path, state: dict) -> Path:
@@ -39,7 +33,7 @@ def save_checkpoint(state_dir: Path, state: dict) -> Path:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
-    _fsync_dir(state_dir)
+    fsync_path(state_dir)
     return final
 
 

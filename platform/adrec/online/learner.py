@@ -35,8 +35,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from adrec.candidates.merge import MultiSource
 from adrec.config import OnlineConfig
-from adrec.model_version import read_version
+from adrec.model_version import load_version
 from adrec.online.attribution import AttributionJoiner, Example
 from adrec.online.catalog import OnlineCatalog
 from adrec.online.checkpoint import load_checkpoint, save_checkpoint
@@ -44,7 +45,7 @@ from adrec.online.events import CLICK, IMPRESSION, Event, FeedbackReader
 from adrec.online.metrics import EPS, RayGauges, ScoreBoard
 from adrec.online.optim import make_optimizer, select_parameters
 from adrec.online.rows import RowEncoder
-from adrec.online.publish import StatusLog, prune_versions, version_id, write_version
+from adrec.online.publish import StatusLog, prune_versions, publish_version, version_id
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,6 @@ class OnlineLearner:
                  state_dir: str | Path, on_publish: Callable[[Path, dict], None] | None = None,
                  name: str = "default", export_metrics: bool = True):
         from adrec.ranking.base import load_ranker
-        from adrec.serving.recommender import Recommender
 
         torch.set_num_threads(cfg.torch_threads)
         self.cfg = cfg
@@ -76,8 +76,9 @@ class OnlineLearner:
         self.status_log = StatusLog(self.state_dir)
         self.on_publish = on_publish
 
-        self.base = Recommender(self.base_dir, None, load_ranker=False)  # encodings, users, sources
-        self.base_version = str(read_version(self.base_dir)["version"])
+        # encodings, users, histories (the two-stage recommender is not updated online: not loaded)
+        self.base = load_version(self.base_dir, load_ranker=False, load_topk=False)
+        self.base_version = self.base.version_id
         self.spec = self.base.spec
         self.encoder = RowEncoder(self.spec, self.base.user_codes, self.base.item_codes)
         self.ranker = load_ranker(self.base_dir / "ranker")
@@ -339,8 +340,8 @@ class OnlineLearner:
             info = {"examples_learned": self.examples_learned, "records": self.records, "guard": g,
                     "parent_serving": self.serving_version, "learner": self.name}
             self.ranker.info = {**dict(self.ranker.info or {}), "online": info}
-            path, meta = write_version(self.base_dir, self.versions_dir / vid, self.ranker, self.catalog,
-                                       self._sources() if self.cfg.fold_in else None, self.cfg.fold_in, info)
+            path, meta = publish_version(self.base_dir, self.versions_dir / vid, self.ranker, self.catalog,
+                                         self._sources() if self.cfg.fold_in else None, self.cfg.fold_in, info)
             self._load_trainable(self.serving.model, self._trainable(self.model))
             self.serving_version = vid
             self.published.append({"version": vid, "path": str(path), "examples_learned": self.examples_learned,
@@ -365,9 +366,7 @@ class OnlineLearner:
         return record
 
     def _sources(self):
-        from adrec.candidates.merge import MultiSource
-
-        return MultiSource.load(self.base_dir / "candidates")  # a fresh copy: fold-in is applied from the base
+        return MultiSource.load(self.base.paths.candidates)  # a fresh copy: fold-in is applied from the base
 
     @property
     def latest_version_dir(self) -> Path:

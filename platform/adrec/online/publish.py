@@ -6,7 +6,8 @@ the user table, updated histories and seen items, the candidate sources with the
 clicks folded in, and the ranker with the learner's weights (:meth:`FusionRanker.save`). The item text
 cache stays valid (the encoder is not updated online), so loading a version never runs the encoder.
 
-Versions are written to a temporary sibling and renamed into place. Their ids are deterministic
+Versions are written by the one writer of :mod:`adrec.model_version` (a temporary sibling, fsync-ed,
+renamed into place; the known users' two-stage lists stored once). Their ids are deterministic
 (base version + learned-impression count), so a learner that replays events after a crash and
 reaches the same decision finds the version it had already written and reuses it.
 """
@@ -24,7 +25,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from adrec.model_version import read_version
+from adrec.model_version import VersionPaths, read_version, write_version
+from adrec.online.catalog import fold_in_sources
 
 log = logging.getLogger(__name__)
 
@@ -57,80 +59,37 @@ def _append_users(users: pd.DataFrame, new_users: dict[str, int]) -> pd.DataFram
     return pd.concat([users, pd.DataFrame(extra)], ignore_index=True)
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_version(base_dir: Path, target: Path, ranker, catalog, sources=None, fold_in: bool = True,
-                  info: dict | None = None) -> tuple[Path, dict]:
-    """Write the version folder ``target`` (atomically); reuse it when it is already complete."""
+def publish_version(base_dir: Path, target: Path, ranker, catalog, sources=None, fold_in: bool = True,
+                    info: dict | None = None) -> tuple[Path, dict]:
+    """Write the version folder ``target`` (through :func:`adrec.model_version.write_version`: atomic,
+    fsync-ed); reuse it when it is already complete."""
     target = Path(target)
-    if (target / "version.json").is_file():
+    if VersionPaths(target).info.is_file():
         log.info("version %s already written (replay after a restart): reusing it", target.name)
         return target, read_version(target)
-    base_dir = Path(base_dir)
+    base_paths = VersionPaths(base_dir)
     base = read_version(base_dir)
-    tmp = target.parent / f".{target.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "features").mkdir(parents=True)
-    t0 = time.perf_counter()
-    for name in ("spec.json", "items.parquet"):
-        shutil.copy2(base_dir / "features" / name, tmp / "features" / name)
-    users = pd.read_parquet(base_dir / "features" / "users.parquet")
-    _append_users(users, catalog.new_users).to_parquet(tmp / "features" / "users.parquet", index=False)
-    hist = catalog.histories()
-    pd.DataFrame({"user_idx": range(len(hist)), "hist": [h.tolist() for h in hist]}).to_parquet(tmp / "history.parquet")
-
+    base_seen = sp.load_npz(base_paths.seen).tocsr()
     fold = {"folded": False}
-    base_seen = sp.load_npz(base_dir / "seen.npz").tocsr()
+    seen = catalog.seen_matrix(base_seen)
     if fold_in and sources is not None:
-        from adrec.online.catalog import fold_in_sources
-
         fold = {"folded": True, **fold_in_sources(sources, catalog)}
-        sources.save(tmp / "candidates")
-        sp.save_npz(tmp / "seen.npz", catalog.seen_matrix(base_seen))
+        candidates = sources
     else:
         # Without fold-in the sources know the base users only: new users take the cold-user path, so the
         # seen matrix keeps the base users' rows (their online impressions added).
-        shutil.copytree(base_dir / "candidates", tmp / "candidates")
-        seen = catalog.seen_matrix(base_seen)[: base_seen.shape[0]]
-        sp.save_npz(tmp / "seen.npz", seen)
-    ranker.save(tmp / "ranker")
-    if (base_dir / "topk").is_dir():
-        # The two-stage top-K recommender is not updated online: it keeps ordering the base users'
-        # lists (their online impressions excluded through seen.npz); new users take the fold-in path.
-        shutil.copytree(base_dir / "topk", tmp / "topk")
-    vid = target.name
+        candidates = base_paths.candidates
+        seen = seen[: base_seen.shape[0]]
     meta = {k: v for k, v in base.items() if k not in ("version", "created", "online")}
-    meta.update(version=vid, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), parent=base.get("version"),
-                n_users=int(catalog.n_users),
+    meta.update(version=target.name, parent=base.get("version"), n_users=int(catalog.n_users),
                 online={**(info or {}), "new_users": len(catalog.new_users), "fold_in": fold})
-    (tmp / "version.json").write_text(json.dumps(meta, indent=2, default=str))
-    from adrec.serving.recommender import store_lists
-
-    store_lists(tmp)  # once here (the learner's low priority), not in every replica at each rollout
-    _fsync_tree(tmp)
-    tmp.rename(target)
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    log.info("published version %s (%d users, %d new) in %.2fs", vid, catalog.n_users, len(catalog.new_users),
-             time.perf_counter() - t0)
-    return target, meta
+    users = _append_users(pd.read_parquet(base_paths.users), catalog.new_users)
+    # The two-stage top-K recommender is not updated online: it keeps ordering the base users' lists
+    # (their online impressions excluded through seen.npz); new users take the fold-in path.
+    path, meta = write_version(target, meta, features=base_paths.features, users=users, history=catalog.histories(),
+                               seen=seen, candidates=candidates, ranker=ranker, topk=base_paths.topk)
+    log.info("published version %s (%d users, %d new)", target.name, catalog.n_users, len(catalog.new_users))
+    return path, meta
 
 
 def prune_versions(versions_dir: Path, keep: list[str]) -> list[str]:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from adrec.config import AdrecConfig
 from adrec.run import RunDir
-from adrec.serving.app import AppArgs, build_app
+from adrec.serving.args import AppArgs
+from adrec.serving.builder import build_app
 
 log = logging.getLogger(__name__)
 

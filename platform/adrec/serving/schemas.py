@@ -46,10 +46,11 @@ class _Strict(BaseModel):
 
 
 class RecommendRequest(_Strict):
-    user_id: Id
-    k: int = Field(ge=1)
-    context: Context = Field(default_factory=dict)
-    explain: bool = False
+    user_id: Id = Field(description="The user's id as in the data set (pseudonymized at the ingress, never logged).")
+    k: int = Field(ge=1, description="How many items to answer (at most the app's max_k).")
+    context: Context = Field(default_factory=dict, description="The request's context fields (e.g. slot, device), "
+                                                               "strings or integers.")
+    explain: bool = Field(False, description="Add each item's candidate sources and top features.")
 
     @field_validator("k")
     @classmethod
@@ -61,16 +62,16 @@ class RecommendRequest(_Strict):
 
 
 class FeedbackEvent(_Strict):
-    event_id: Id
-    user_id: Id
-    item: Id
-    type: Literal["impression", "click"]
-    ts: float = Field(ge=0)  # unix seconds (an int is accepted)
-    context: Context = Field(default_factory=dict)
+    event_id: Id = Field(description="The idempotency key: an event id already logged is not written again.")
+    user_id: Id = Field(description="The user's id as in the data set (pseudonymized before it is logged).")
+    item: Id = Field(description="The ad's id (an item of the served model version).")
+    type: Literal["impression", "click"] = Field(description="What happened.")
+    ts: float = Field(ge=0, description="When, in unix seconds (an integer is accepted).")
+    context: Context = Field(default_factory=dict, description="The context the item was shown in.")
 
 
 class FeedbackRequest(_Strict):
-    events: list[FeedbackEvent] = Field(min_length=1, max_length=MAX_EVENTS)
+    events: list[FeedbackEvent] = Field(min_length=1, max_length=MAX_EVENTS, description="The events, in order.")
 
 
 def _reject_constant(name: str) -> Any:
