@@ -211,7 +211,7 @@ def run_benchmark(cfg, work: Path, s: Settings) -> dict:
     from adrec.online.stream import feedback_events
     from adrec.run import RunDir
     from adrec.runtime import free_port, init_ray
-    from adrec.serving.app import AppArgs
+    from adrec.serving.args import AppArgs
     from adrec.serving.deploy import deploy, wait_healthy
 
     t_start = time.perf_counter()

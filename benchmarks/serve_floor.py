@@ -21,8 +21,9 @@ def floor_app(replicas: int, num_cpus: float, max_ongoing_requests: int):
         @api.post("/recommend")
         async def recommend(self, request: Request) -> dict:
             body = await request.json()
-            items = [{"item": str(i), "score": 0.0, "rank": i + 1} for i in range(int(body.get("k", 10)))]
-            return {"user_id": body.get("user_id"), "version": VERSION, "items": items}
+            items = [{"item": str(i), "click_prob": 0.0, "relevance": None, "rank": i + 1}
+                     for i in range(int(body.get("k", 10)))]
+            return {"user_id": body.get("user_id"), "version": VERSION, "ranked_by": "click_prob", "items": items}
 
     return Floor.options(num_replicas=replicas, max_ongoing_requests=max_ongoing_requests,
                          ray_actor_options={"num_cpus": num_cpus}).bind()

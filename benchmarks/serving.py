@@ -3,7 +3,7 @@
 Ways to compute the same top-10 for the same users:
 
 - ``serve:<topology>@<ingress>``: ``POST /recommend`` to the Serve app on 127.0.0.1 (``graph``: three
-  deployments, ``fused``: one; see :mod:`adrec.serving.app`) behind one of Serve's HTTP ingresses
+  deployments, ``fused``: one; see :mod:`adrec.serving.builder`) behind one of Serve's HTTP ingresses
   (``haproxy``: HAProxy forwarding to the replicas' own HTTP servers; ``proxy``: the Python proxy
   actor; each on its own local Ray, started in turn: see :mod:`adrec.runtime`), a bounded
   closed-loop load at each concurrency (each of ``c`` clients sends its next request when the previous
@@ -108,8 +108,9 @@ class Benchmark:
                  concurrency: tuple[int, ...] = (1, 8, 32), encoder_requests: int = 100, k: int = 10,
                  api_key: str | None = None, warmup: int = 50, context: dict | None = None, repeats: int = 1):
         from adrec.config import ServeConfig
-        from adrec.serving.app import single_threaded
+        from adrec.model_version.lists import stored_length
         from adrec.serving.recommender import Recommender
+        from adrec.serving.replica import single_threaded
 
         single_threaded()  # like a replica: the in-process paths get one thread too
         self.model_dir, self.k, self.requests, self.repeats = model_dir, k, requests, repeats
@@ -118,7 +119,7 @@ class Benchmark:
         self.bodies = request_bodies(users, max(requests, 500), k=k, context=context)
         self.load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
         serve_cfg = ServeConfig()  # the served defaults: known users' two-stage lists precomputed at load
-        list_len = max(serve_cfg.n_candidates, serve_cfg.max_k)
+        list_len = stored_length()
         self.rec = Recommender(model_dir, key)
         self.rec.precompute_lists(list_len, serve_cfg.precompute_max_users)
         self.slow = Recommender(model_dir, key)
@@ -167,7 +168,7 @@ class Benchmark:
         return {
             "model_version": self.rec.version_id,
             "model_dir": str(self.model_dir),
-            "n_items": int(self.rec.spec.n_items),
+            "n_items": int(self.rec.version.spec.n_items),
             "encoder": self.rec.ranker.cfg.encoder if hasattr(self.rec.ranker, "cfg") else None,
             "tiny_encoder": bool(getattr(getattr(self.rec.ranker, "cfg", None), "tiny_encoder", False)),
             "k": self.k,
@@ -332,7 +333,7 @@ def _deploy_round(cfg, run, args, topologies: list[str], suffix: str):
     Ray; returns ({name: (url, app name)}, the first app's AppArgs)."""
     from ray import serve
 
-    from adrec.serving.app import AppArgs
+    from adrec.serving.args import AppArgs
     from adrec.serving.deploy import deploy
 
     # Feedback goes to a scratch log: the benchmark sends none, and must not touch the run's.

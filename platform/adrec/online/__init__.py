@@ -7,7 +7,7 @@
   (:mod:`.catalog`); offset and state in one atomic checkpoint (:mod:`.checkpoint`).
 - :mod:`adrec.online.actor`: the learner as a Ray actor beside the Serve app (:func:`start_learner`,
   :func:`serve_with_learner`), rolling published versions out to Serve.
-- ``python -m adrec.online --run RUN``: the learner on its own, in the foreground.
+- ``adrec online --run RUN`` (:mod:`.foreground`): the learner on its own, in the foreground.
 
 The benchmark of frozen vs online through a preference drift is ``benchmarks/online.py``, outside the library.
 """

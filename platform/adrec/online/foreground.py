@@ -35,7 +35,7 @@ def run_learner(cfg: AdrecConfig, run: RunDir, rollout: bool = False, once: bool
     on_publish = None
     if rollout:
         from adrec.runtime import init_ray
-        from adrec.serving.app import AppArgs
+        from adrec.serving.args import AppArgs
         from adrec.serving.deploy import rollout as roll_out
 
         init_ray(cfg.ray)
