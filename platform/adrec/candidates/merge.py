@@ -251,7 +251,7 @@ class MultiSource:
         for e in manifest["sources"]:
             sub = d / e["path"]
             if sub.resolve().parent != d.resolve():
-                raise ValueError(f"{path}: source path {e['path']!r} must be a folder directly inside {d}")
+                raise ValueError(f"{d / MANIFEST}: source path {e['path']!r} must be a folder directly inside {d}")
             src = CandidateSource.load(sub)
             if type(src).__name__ != e["class"]:
                 raise ValueError(f"{sub} holds a {type(src).__name__}, the manifest says {e['class']}")
