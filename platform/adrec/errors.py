@@ -15,3 +15,23 @@ class DataError(ValueError):
 
 class RunError(FileNotFoundError):
     """A stage asked for the output of an earlier stage that is not in the run folder."""
+
+
+class LogShrankError(RuntimeError):
+    """The feedback log is shorter than an offset already consumed: it was replaced or rewritten."""
+
+
+class ApiError(Exception):
+    """A client error: ``status`` (4xx) and a message meant for the client."""
+
+    def __init__(self, status: int, message: str, details: list[str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.details = details or []
+
+    def body(self) -> dict:
+        out: dict = {"detail": self.message}
+        if self.details:
+            out["errors"] = self.details
+        return out

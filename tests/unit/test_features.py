@@ -6,7 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from adrec.config import ConfigError, FeatureConfig, build_config, load_config
+from adrec.config import FeatureConfig, build_config, load_config
+
+from adrec.errors import ConfigError
 from adrec.features.pipeline import history_lists
 from adrec.features.spec import FeatureSpec, build_buckets, build_vocab, hash_pair
 from adrec.features.split import TEST, TRAIN, VALID, temporal_split

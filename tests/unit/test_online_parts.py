@@ -19,7 +19,8 @@ from adrec.features.spec import FeatureSpec
 from adrec.online.attribution import AttributionJoiner
 from adrec.online.catalog import OnlineCatalog, fold_in_sources
 from adrec.online.checkpoint import load_checkpoint, save_checkpoint
-from adrec.online.events import FeedbackReader, LogShrankError
+from adrec.errors import LogShrankError
+from adrec.online.events import FeedbackReader
 from adrec.online.metrics import Progressive, ScoreBoard
 from adrec.online.optim import FTRLProximal, parameter_groups, select_parameters
 from adrec.online.rows import RowEncoder

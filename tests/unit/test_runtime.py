@@ -6,7 +6,9 @@ import os
 
 import pytest
 
-from adrec.config import ConfigError, build_config
+from adrec.config import build_config
+
+from adrec.errors import ConfigError
 from adrec.runtime import _environ, haproxy_threads, serve_ingress_env
 
 

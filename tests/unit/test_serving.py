@@ -8,7 +8,8 @@ import os
 import pytest
 
 from adrec.serving.feedback import FeedbackLog, read_events
-from adrec.serving.schemas import ApiError, FeedbackRequest, RecommendRequest, decode_json, validate
+from adrec.errors import ApiError
+from adrec.serving.schemas import FeedbackRequest, RecommendRequest, decode_json, validate
 
 
 # ---- request models ----------------------------------------------------------------------------------

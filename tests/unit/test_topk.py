@@ -206,7 +206,9 @@ def test_rank_lists_orders_by_the_reranker_and_applies_exclusions(fitted_two_sta
 def test_config_topk_source_params_match_the_constructors():
     import inspect
 
-    from adrec.config import TOPK_SOURCE_PARAMS, ConfigError, build_config
+    from adrec.config import TOPK_SOURCE_PARAMS, build_config
+
+    from adrec.errors import ConfigError
     from adrec.candidates.als import ALSSource
     from adrec.candidates.bpr import BPRSource
     from adrec.candidates.itemitem import ItemItemSource

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from adrec.cli import main
-from adrec.config import ConfigError, build_config
+from adrec.config import build_config
+from adrec.errors import ConfigError
 from adrec.tuning.space import load_space, parse_space, to_param_space, trial_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adrec.errors import LogShrankError
+
 log = logging.getLogger(__name__)
 
 IMPRESSION = "impression"
@@ -35,10 +37,6 @@ class Event:
     type: str
     ts: float
     context: dict = field(default_factory=dict, hash=False, compare=False)
-
-
-class LogShrankError(RuntimeError):
-    """The feedback log is shorter than an offset already consumed: it was replaced or rewritten."""
 
 
 def parse_event(rec: dict) -> Event | None:

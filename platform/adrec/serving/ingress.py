@@ -32,7 +32,8 @@ from adrec.serving.replica import call, single_threaded
 from adrec.serving.request import Recommendation
 from adrec.serving.responses import (ErrorResponse, FeedbackResponse, HealthResponse, RecommendResponse,
                                      VersionResponse, version_info)
-from adrec.serving.schemas import ApiError, FeedbackRequest, RecommendRequest, decode_json, read_body, validate
+from adrec.errors import ApiError
+from adrec.serving.schemas import FeedbackRequest, RecommendRequest, decode_json, read_body, validate
 from adrec.serving.scoring import rank_grouped
 
 log = logging.getLogger(__name__)

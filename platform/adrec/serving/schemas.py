@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator
 
+from adrec.errors import ApiError
+
 MAX_CONTEXT_KEYS = 32
 MAX_EVENTS = 1000
 
@@ -23,22 +25,6 @@ Id = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 ContextKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 ContextValue = Annotated[str, StringConstraints(max_length=256)] | int
 Context = Annotated[dict[ContextKey, ContextValue], Field(max_length=MAX_CONTEXT_KEYS)]
-
-
-class ApiError(Exception):
-    """A client error: ``status`` (4xx) and a message meant for the client."""
-
-    def __init__(self, status: int, message: str, details: list[str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.details = details or []
-
-    def body(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"detail": self.message}
-        if self.details:
-            out["errors"] = self.details
-        return out
 
 
 class _Strict(BaseModel):

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adrec.config import AdrecConfig, ConfigError
+from adrec.config import AdrecConfig
+
+from adrec.errors import ConfigError
 from adrec.run import RunDir
 from adrec.tuning.space import TuneSpec, ranker_max_t, to_param_space, trial_config
 from adrec.tuning.trainables import TrainGroupSweeper, make_trainable, per_trial_demand

@@ -37,7 +37,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from adrec.config import AdrecConfig, ConfigError, build_config, deep_merge
+from adrec.config import AdrecConfig, build_config, deep_merge
+
+from adrec.errors import ConfigError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
