@@ -78,6 +78,8 @@ class CandidateConfig(_Strict):
     regularization: float = Field(0.05, ge=0)
     alpha: float = Field(2.0, gt=0)
     use_gpu: bool | None = None  # None: use implicit's GPU build when it has CUDA
+    # How many candidates each user's list holds: what a served request ranks, what `adrec evaluate` scores
+    # (candidates.recall@N) and what an ALS tuning trial's recall is taken at. The one candidate-count knob.
     n_candidates: int = Field(100, ge=1)
     # Share of the candidate list each source may fill, in merge order.
     quotas: dict[str, float] = Field(
@@ -237,7 +239,7 @@ class RankerConfig(_Strict):
 
 class EvalConfig(_Strict):
     k: int = Field(10, ge=1)
-    candidate_k: int = Field(100, ge=1)
+    # (The candidates evaluated per user are candidates.n_candidates: what a served request ranks.)
     fgsm_epsilons: list[float] = Field(default_factory=lambda: [0.0, 0.01, 0.05, 0.1])
 
 

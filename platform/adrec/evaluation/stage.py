@@ -118,7 +118,7 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
     truth_by_user = pos.groupby("user_idx")["item_idx"].apply(lambda s: set(s.tolist()))
     users = truth_by_user.index.to_numpy(dtype=np.int64)
     truth = truth_by_user.tolist()
-    top, cand = topk_lists(rec, users, cfg.eval.candidate_k, k, show_progress=show_progress)
+    top, cand = topk_lists(rec, users, cfg.candidates.n_candidates, k, show_progress=show_progress)
     two_stage = rec.two_stage is not None
     if two_stage:
         metrics.update(topk_metrics(top, truth, spec.n_catalog, k, prefix="ctr_order"))
@@ -151,9 +151,9 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
             f"{len(users)} users with a test positive, "
             + (f"ordered by the version's two-stage recommender ({rec.two_stage.ranker} re-ranker over the union of "
                f"{'+'.join(rec.two_stage.sources)}; train+valid items excluded), as served (`topk.*`); the merged "
-               f"candidates ({cfg.eval.candidate_k} per user) ranked by the CTR ranker are `ctr_order.*`"
+               f"candidates ({cfg.candidates.n_candidates} per user) ranked by the CTR ranker are `ctr_order.*`"
                if two_stage else
-               f"candidates ({cfg.eval.candidate_k} per user, train items excluded) ranked by the ranker")
+               f"candidates ({cfg.candidates.n_candidates} per user, train items excluded) ranked by the ranker")
             + f", ties to the lower item index. Model version {rec.version_id}."
         ),
         "Robustness (FGSM)": rob_body,

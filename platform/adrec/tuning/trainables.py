@@ -249,7 +249,7 @@ def als_trial(config: dict, *, spec: TuneSpec, base: dict, run_path: str, cpu: f
     src.fit(train_pos)
     fit_s = time.perf_counter() - t0
     with threadpool_limits(max(1, int(cpu)), "blas"):
-        metrics = als_metrics(src, seen, users, truth, n_items, k=cfg.eval.k, n=cfg.eval.candidate_k)
+        metrics = als_metrics(src, seen, users, truth, n_items, k=cfg.eval.k, n=cfg.candidates.n_candidates)
     metrics["fit_seconds"] = fit_s
     with tempfile.TemporaryDirectory(prefix="adrec-als-") as d:
         src.save(Path(d) / "als")
