@@ -88,7 +88,7 @@ def load_schema(path: str | Path, data_root: str | Path | None = None) -> tuple[
     p = Path(path)
     if not p.is_file():
         raise DataError(f"schema file {p} does not exist")
-    root = p.parent if data_root is None else Path(data_root).expanduser().resolve()
+    root = (p.parent if data_root is None else Path(data_root).expanduser()).resolve()
     if not root.is_dir():
         raise DataError(f"data folder {root} (where the paths of schema {p} resolve) is not a folder")
     try:
