@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", metavar="NAME_OR_YAML",
                    help="synthetic (the built-in ad log), movielens-100k, or a schema YAML of your own data")
     p.add_argument("--data-dir", metavar="DIR",
-                   help="folder of the data set's files (movielens-100k: the unpacked ml-100k folder)")
+                   help="folder of the data set's files: where a schema YAML's paths resolve (else the YAML's "
+                        "folder); movielens-100k: the unpacked ml-100k folder")
 
     p = sub.add_parser("candidates", help="fit the candidate sources (implicit ALS and others) and the two-stage top-K")
     _common(p)
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, run_required=False)
     p.add_argument("--dataset", default="synthetic", metavar="NAME_OR_YAML",
                    help="synthetic (default), movielens-100k, or a schema YAML")
-    p.add_argument("--data-dir", metavar="DIR", help="folder of the data set's files (movielens-100k)")
+    p.add_argument("--data-dir", metavar="DIR", help="folder of the data set's files (a schema YAML's paths resolve there; movielens-100k)")
     p.add_argument("--port", type=int, default=8000, metavar="PORT", help="HTTP port of the demo's Serve app")
     p.add_argument("--users", type=int, default=3, metavar="N", help="known users to request recommendations for")
     return ap

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from adrec.config import SyntheticConfig
+from adrec.config import SyntheticConfig, build_config
 from adrec.data import DataError, load_schema, read_dataset
+from adrec.data.ids import normalize_id, normalize_ids
 from adrec.data.movielens import materialize
 from adrec.data.privacy import pseudonymize
+from adrec.data.sources import SchemaSource, resolve_schema
 from adrec.data.synthetic import generate
 
 KEY = b"k"
@@ -204,3 +207,90 @@ def test_missing_column_listed_once(tmp_path):
     schema, root = load_schema(tmp_path / "schema.yaml")
     with pytest.raises(DataError, match=r"missing column\(s\) \['rating'\];"):
         read_dataset(schema, root, KEY)
+
+
+# ---- ids, empty fields, the data root (issue 15) ---------------------------------------------------
+def test_normalize_id_strips_and_composes():
+    decomposed, composed = "jose\u0301", "jos\u00e9"
+    assert normalize_id(f" \t{decomposed} \r\n") == composed
+    assert normalize_id(42) == "42"
+    assert normalize_id("Ann Lee") == "Ann Lee" != normalize_id("ann lee")  # inner space and case are kept
+    assert normalize_id("\uff11") == "\uff11"  # a full-width digit is not folded (NFC, not NFKC)
+    s = pd.Series([" a", "a ", "b", decomposed])
+    assert normalize_ids(s).tolist() == ["a", "a", "b", composed]
+
+
+def test_ingestion_pseudonymizes_the_normalized_id(tmp_path):
+    # What Serve computes for a raw id (Recommender.user_index, the ingress) is what prepare stored.
+    schema, root = _write(tmp_path, "user_id,ad_id,ts,clicked\n jose\u0301 , a1 ,100,1\njos\u00e9,a1,101,0\n")
+    raw = read_dataset(schema, root, KEY)
+    assert raw.interactions["user"].nunique() == 1
+    assert raw.interactions["user"].iloc[0] == pseudonymize(normalize_id("  jos\u00e9"), KEY)
+    assert raw.interactions["item"].tolist() == ["a1", "a1"]
+
+
+def test_empty_fields_of_every_kind_are_kept_counted_and_warned_once(tmp_path, caplog):
+    schema, root = _write(tmp_path, """
+        user_id,ad_id,ts,clicked,slot
+        u1,a1,100,1,top
+        u1,a2,101,0,
+        u2,a3,102,1,
+        """, ads="""
+        ad_id,title,cat,price,tags
+        a1,shoes,sport,9.5,run|walk
+        a2,,,,
+        a3,hat,,1.0, | 
+        """)
+    (tmp_path / "schema.yaml").write_text((tmp_path / "schema.yaml").read_text().replace(
+        "label: clicked\n", "label: clicked\n  context: [slot]\n") + "  multi_valued: {tags: '|'}\n")
+    schema, root = load_schema(tmp_path / "schema.yaml")
+    with caplog.at_level("WARNING", logger="adrec.data.ingest"):
+        raw = read_dataset(schema, root, KEY)
+    assert len(raw.interactions) == 3 and len(raw.items) == 3
+    assert {k: v for k, v in raw.counts.items() if k.startswith("empty_fields.")} == {
+        "empty_fields.interactions.slot": 2, "empty_fields.items.title": 1, "empty_fields.items.cat": 2,
+        "empty_fields.items.tags": 2, "empty_fields.items.price": 1}
+    for col in ("slot", "title", "cat", "tags", "price"):
+        assert caplog.text.count(f"column '{col}' is empty") == 1, col
+    assert raw.items["item.tags"].tolist() == ["run|walk", "", ""]
+    assert raw.items["item.price"].isna().tolist() == [False, True, False]
+
+
+def test_a_short_line_reads_as_empty_trailing_fields(tmp_path):
+    # Some writers drop a line's trailing empty cells: "a2,hat" under a five-column header.
+    schema, root = _write(tmp_path, "user_id,ad_id,ts,clicked\nu1,a1,100,1\nu1,a2,101,0\n",
+                          ads="ad_id,title,cat,price\na1,shoes,sport,9.5\na2,hat\n")
+    raw = read_dataset(schema, root, KEY)
+    assert raw.items["item.cat"].tolist() == ["sport", ""]
+    assert raw.items["item.price"].isna().tolist() == [False, True]
+    assert raw.counts["empty_fields.items.cat"] == 1 and raw.counts["empty_fields.items.price"] == 1
+
+
+def test_duplicate_interactions_are_kept_and_counted(tmp_path):
+    schema, root = _write(tmp_path, "user_id,ad_id,ts,clicked\nu1,a1,100,1\nu1,a1,100,1\nu1,a1,101,1\n")
+    raw = read_dataset(schema, root, KEY)
+    assert len(raw.interactions) == 3 and raw.counts["duplicate_interactions"] == 1
+
+
+def test_data_root_given_is_where_paths_resolve(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "imp.csv").write_text("user_id,ad_id,ts,clicked\nu1,a1,100,1\n")
+    (tmp_path / "schema.yaml").write_text(
+        "interactions:\n  path: imp.csv\n  user: user_id\n  item: ad_id\n  timestamp: ts\n  label: clicked\n")
+    with pytest.raises(DataError, match=rf"schema path 'imp\.csv', relative to {re.escape(str(tmp_path))}\)"):
+        read_dataset(*load_schema(tmp_path / "schema.yaml"), KEY)
+    schema, root = load_schema(tmp_path / "schema.yaml", data)
+    assert root == data.resolve() and len(read_dataset(schema, root, KEY).interactions) == 1
+    with pytest.raises(DataError, match="is not a folder"):
+        load_schema(tmp_path / "schema.yaml", tmp_path / "nowhere")
+
+
+def test_resolve_schema_records_where_the_root_comes_from(tmp_path):
+    (tmp_path / "schema.yaml").write_text("interactions: {}\n")
+    cfg = build_config(overrides=[f"data.dataset={tmp_path / 'schema.yaml'}"]).data
+    assert resolve_schema(cfg, tmp_path / "raw") == SchemaSource(tmp_path / "schema.yaml", None)
+    assert resolve_schema(cfg, tmp_path / "raw").root_from == "schema folder"
+    cfg = build_config(overrides=[f"data.dataset={tmp_path}", f"data.data_dir={tmp_path / 'd'}"]).data
+    src = resolve_schema(cfg, tmp_path / "raw")
+    assert src.data_root == (tmp_path / "d").resolve() and src.root_from == "--data-dir"

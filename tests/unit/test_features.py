@@ -10,7 +10,7 @@ from adrec.config import FeatureConfig, build_config, load_config
 
 from adrec.errors import ConfigError
 from adrec.features.pipeline import history_lists
-from adrec.features.spec import FeatureSpec, build_buckets, build_vocab, hash_pair
+from adrec.features.spec import FeatureSpec, build_buckets, build_vocab, hash_pair, multi_width
 from adrec.features.split import TEST, TRAIN, VALID, temporal_split
 
 
@@ -120,3 +120,35 @@ def test_history_len_has_one_default_the_configs():
     with pytest.raises(TypeError, match="history_len"):
         FeatureSpec()
     assert build_config().features.history_len == FeatureConfig().history_len == 50
+
+
+def test_every_encoder_takes_missing_values_as_code_zero():
+    # A side row the table lacks arrives as NaN (pandas 3 str dtype) or None (object): never a crash,
+    # never a value of its own ("nan", "None").
+    spec = FeatureSpec(vocabs={"item.cat": {"a": 1, "b": 2}}, buckets={"item.price": [1.0, 2.0]},
+                       multi_vocabs={"item.tags": {"x": 1, "y": 2}}, multi_max_len={"item.tags": 2}, history_len=0)
+    for missing in (np.nan, None):
+        cat = pd.Series(["b", missing, ""], dtype=str if missing is np.nan else object)
+        assert spec.encode_categorical("item.cat", cat).tolist() == [2, 0, 0]
+        tags = pd.Series(["y|x", missing, ""], dtype=str if missing is np.nan else object)
+        assert spec.encode_multi("item.tags", tags).tolist() == [[2, 1], [0, 0], [0, 0]]
+        price = pd.Series([1.5, missing, ""], dtype=object)
+        assert spec.encode_numeric("item.price", price).tolist() == [2, 0, 0]
+    assert build_vocab(pd.Series(["a", None, np.nan, "", "None"], dtype=object)) == {"None": 1, "a": 2}
+    assert build_vocab(pd.Series(["x|y", np.nan, ""], dtype=str), sep="|") == {"x": 1, "y": 2}
+    assert multi_width(pd.Series([np.nan, ""], dtype=str)) == 1
+    assert multi_width(pd.Series(["a|b|c", np.nan], dtype=str)) == 3
+
+
+def test_entity_frame_gives_missing_side_rows_empty_features():
+    from adrec.features.pipeline import _entity_frame
+
+    spec = FeatureSpec(vocabs={"item.cat": {"a": 1}}, buckets={"item.price": [1.0]},
+                       multi_vocabs={"item.tags": {"x": 1}}, multi_max_len={"item.tags": 2}, history_len=0)
+    table = pd.DataFrame({"item": ["i1"], "text": ["shoes"], "item.cat": ["a"], "item.tags": ["x"],
+                          "item.price": [2.0]})
+    frame = _entity_frame("item", ["i1", "i2"], table, "item", spec)
+    assert frame["text"].tolist() == ["shoes", ""]
+    assert frame["c:item.cat"].tolist() == [1, 0] and frame["c:item.price"].tolist() == [2, 0]
+    assert [list(x) for x in frame["c:item.tags"]] == [[1, 0], [0, 0]]
+    assert frame["item.cat"].tolist() == ["a", ""] and np.isnan(frame["item.price"].iloc[1])

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from adrec.errors import DataError
+from adrec.data.ids import normalize_ids
 from adrec.data.privacy import pseudonymize_series
 from adrec.data.schema import DatasetSchema, EntitySchema, _Table, parse_label_rule
 
@@ -63,6 +64,22 @@ class _BadRows:
         log.warning("%s: skipping %d row(s) with bad '%s' (%s), first at row %d", file.name, n, column, why, int(lines[0]))
 
 
+class _EmptyFields:
+    """Counts the empty cells of each feature column (kept: they encode as missing, code 0) and warns
+    once per column, so a half-filled catalogue is visible in the log and the manifest."""
+
+    def __init__(self):
+        self.count: dict[str, int] = {}
+
+    def add(self, path: Path, table: str, column: str, empty: np.ndarray) -> None:
+        n = int(np.count_nonzero(empty))
+        if n == 0:
+            return
+        self.count[f"empty_fields.{table}.{column}"] = n
+        log.warning("%s: column '%s' is empty in %d row(s); kept, with an empty '%s' feature there",
+                    path.name, column, n, column)
+
+
 def _read_table(table: _Table, root: Path, what: str) -> tuple[pd.DataFrame, Path, np.ndarray]:
     path = (root / table.path).resolve()
     if not path.is_file():
@@ -82,6 +99,9 @@ def _read_table(table: _Table, root: Path, what: str) -> tuple[pd.DataFrame, Pat
         raise DataError(f"{path}: not UTF-8 text ({err}); re-encode the file as UTF-8") from None
     except pd.errors.ParserError as err:
         raise DataError(f"{path}: cannot be parsed with sep={table.sep!r}: {err}") from None
+    # A line with fewer fields than the header (writers that drop trailing empty cells) reads as NaN
+    # there even with keep_default_na=False; those cells are empty, like any other empty cell.
+    df = df.fillna("")
     if table.header and table.names:
         df.columns = table.names
     elif table.header:
@@ -124,15 +144,17 @@ def _parse_ts(s: pd.Series) -> pd.Series:
     return num.fillna(secs)
 
 
-def _read_interactions(schema: DatasetSchema, root: Path, bad: _BadRows, key: bytes) -> pd.DataFrame:
+def _read_interactions(schema: DatasetSchema, root: Path, bad: _BadRows, empties: _EmptyFields,
+                       key: bytes) -> pd.DataFrame:
     spec = schema.interactions
     df, path, lines = _read_table(spec, root, "interactions")
     label_col, op, thr = parse_label_rule(spec.label)
     _require(df, path, [spec.user, spec.item, spec.timestamp, label_col, *spec.context])
     keep = np.ones(len(df), dtype=bool)
 
+    ids = {col: normalize_ids(df[col]) for col in (spec.user, spec.item)}
     for col in (spec.user, spec.item):
-        empty = df[col].str.strip() == ""
+        empty = ids[col] == ""
         bad.add(path, col, lines[empty.to_numpy()], df[col][empty], "empty id")
         keep &= ~empty.to_numpy()
 
@@ -158,21 +180,24 @@ def _read_interactions(schema: DatasetSchema, root: Path, bad: _BadRows, key: by
         label = raw_label.to_numpy()
 
     out = pd.DataFrame({
-        "user": pseudonymize_series(df[spec.user][keep].str.strip(), key).to_numpy(),
-        "item": df[spec.item][keep].str.strip().to_numpy(),
+        "user": pseudonymize_series(ids[spec.user][keep], key).to_numpy(),
+        "item": ids[spec.item][keep].to_numpy(),
         "ts": ts[keep].astype("int64").to_numpy(),
         "label": np.asarray(label)[keep].astype("int8"),
     })
     for c in spec.context:
         out[f"ctx.{c}"] = df[c][keep].to_numpy()
+        empties.add(path, "interactions", c, (out[f"ctx.{c}"] == "").to_numpy())
     return out
 
 
-def _read_entity(spec: EntitySchema, root: Path, bad: _BadRows, kind: str, key: bytes | None) -> pd.DataFrame:
+def _read_entity(spec: EntitySchema, root: Path, bad: _BadRows, empties: _EmptyFields, kind: str,
+                 key: bytes | None) -> pd.DataFrame:
     df, path, lines = _read_table(spec, root, kind)
     _require(df, path, [spec.id, *spec.text, *spec.categorical, *spec.multi_valued, *spec.numeric])
     keep = np.ones(len(df), dtype=bool)
-    empty = (df[spec.id].str.strip() == "").to_numpy()
+    all_ids = normalize_ids(df[spec.id])
+    empty = (all_ids == "").to_numpy()
     bad.add(path, spec.id, lines[empty], df[spec.id][empty], "empty id")
     keep &= ~empty
     nums = {}
@@ -184,7 +209,7 @@ def _read_entity(spec: EntitySchema, root: Path, bad: _BadRows, kind: str, key: 
         bad.add(path, c, lines[bad_num], df[c][bad_num], "not a number")
         keep &= ~bad_num
         nums[c] = v
-    ids = df[spec.id][keep].str.strip()
+    ids = all_ids[keep]
     idcol = "user" if kind == "users" else "item"
     out = pd.DataFrame({idcol: pseudonymize_series(ids, key).to_numpy() if key is not None else ids.to_numpy()})
     dup = out[idcol].duplicated(keep="first").to_numpy()
@@ -193,6 +218,8 @@ def _read_entity(spec: EntitySchema, root: Path, bad: _BadRows, kind: str, key: 
         raise DataError(f"{path}: column '{spec.id}', row {first}: duplicate id {ids.to_numpy()[dup][0]!r}")
     if spec.text:
         parts = [df[c][keep].str.strip() for c in spec.text]
+        for c, part in zip(spec.text, parts):
+            empties.add(path, kind, c, (part == "").to_numpy())
         text = parts[0]
         for p in parts[1:]:
             text = text.str.cat(p, sep=" | ")
@@ -206,14 +233,18 @@ def _read_entity(spec: EntitySchema, root: Path, bad: _BadRows, kind: str, key: 
         out[f"{kind[:-1]}.{c}"] = vals.to_numpy()
     for c in spec.numeric:
         out[f"{kind[:-1]}.{c}"] = nums[c][keep].to_numpy(dtype="float64")
+    for c in [*spec.categorical, *spec.multi_valued]:
+        empties.add(path, kind, c, (out[f"{kind[:-1]}.{c}"] == "").to_numpy())
+    for c in spec.numeric:
+        empties.add(path, kind, c, out[f"{kind[:-1]}.{c}"].isna().to_numpy())
     return out
 
 
 def read_dataset(schema: DatasetSchema, root: Path, key: bytes, max_bad_rows: int = 0) -> RawData:
-    bad = _BadRows(max_bad_rows)
-    inter = _read_interactions(schema, root, bad, key)
-    items = _read_entity(schema.items, root, bad, "items", None) if schema.items else None
-    users = _read_entity(schema.users, root, bad, "users", key) if schema.users else None
+    bad, empties = _BadRows(max_bad_rows), _EmptyFields()
+    inter = _read_interactions(schema, root, bad, empties, key)
+    items = _read_entity(schema.items, root, bad, empties, "items", None) if schema.items else None
+    users = _read_entity(schema.users, root, bad, empties, "users", key) if schema.users else None
     counts = {
         "interactions": len(inter),
         "users": int(inter["user"].nunique()),
@@ -222,6 +253,14 @@ def read_dataset(schema: DatasetSchema, root: Path, key: bytes, max_bad_rows: in
         "bad_rows_skipped": bad.total,
     }
     counts.update({f"bad_rows_skipped.{k}": v for k, v in bad.count.items()})
+    # Repeated rows are kept (an ad shown twice at the same second is two impressions to some logs and a
+    # double write to others: only the data owner knows), but counted and warned about.
+    dup = int(inter.duplicated().sum())
+    counts["duplicate_interactions"] = dup
+    if dup:
+        log.warning("%d interaction row(s) repeat an earlier row exactly (same user, item, time, label and "
+                    "context); kept", dup)
+    counts.update(empties.count)
     if items is not None:
         missing = ~inter["item"].isin(items["item"])
         counts["interactions_with_unknown_item"] = int(missing.sum())

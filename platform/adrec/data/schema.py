@@ -82,11 +82,15 @@ def parse_label_rule(label: str) -> tuple[str, str | None, float | None]:
     )
 
 
-def load_schema(path: str | Path) -> tuple[DatasetSchema, Path]:
-    """Read a schema YAML; returns it with the folder its relative paths start from."""
+def load_schema(path: str | Path, data_root: str | Path | None = None) -> tuple[DatasetSchema, Path]:
+    """Read a schema YAML; returns it with the folder its relative paths start from: ``data_root``
+    when given (``--data-dir``), else the YAML's own folder."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"schema file {p} does not exist")
+    root = (p.parent if data_root is None else Path(data_root).expanduser()).resolve()
+    if not root.is_dir():
+        raise DataError(f"data folder {root} (where the paths of schema {p} resolve) is not a folder")
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
@@ -101,7 +105,7 @@ def load_schema(path: str | Path) -> tuple[DatasetSchema, Path]:
             msgs.append(f"  {where}: {what}")
         raise DataError(f"schema file {p} does not fit the dataset contract:\n" + "\n".join(msgs)) from None
     parse_label_rule(schema.interactions.label)
-    return schema, p.parent
+    return schema, root
 
 
 def write_schema(schema: DatasetSchema, path: str | Path) -> None:

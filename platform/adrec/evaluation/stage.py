@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from adrec.config import AdrecConfig
 from adrec.data.ingest import _read_table
+from adrec.data.ids import normalize_ids
 from adrec.data.privacy import pseudonym_map, resolve_key
 from adrec.data.schema import load_schema
 from adrec.metrics import ctr_metrics, rank_candidates, topk_metrics
@@ -37,9 +38,10 @@ log = logging.getLogger(__name__)
 
 def _raw_user_ids(run: RunDir, key: bytes) -> dict[str, str]:
     """pseudonym -> the data owner's raw id, rebuilt from the raw file (never stored anywhere)."""
-    schema, root = load_schema(run.manifest()["stages"]["prepare"]["schema"])
+    prep = run.manifest()["stages"]["prepare"]
+    schema, root = load_schema(prep["schema"], prep.get("data_root"))
     df, _, _ = _read_table(schema.interactions, root, "interactions")
-    return pseudonym_map(df[schema.interactions.user].str.strip().to_numpy(), key)
+    return pseudonym_map(normalize_ids(df[schema.interactions.user]).to_numpy(), key)
 
 
 def two_stage_lists(version: ModelVersion, users: np.ndarray, k: int) -> np.ndarray:

@@ -22,7 +22,7 @@ from adrec.config import AdrecConfig, CrossSpec
 from adrec.data import load_schema, read_dataset
 from adrec.data.privacy import resolve_key
 from adrec.data.sources import DEFAULT_CROSSES, resolve_schema
-from adrec.features.spec import FeatureSpec, build_buckets, build_vocab
+from adrec.features.spec import FeatureSpec, build_buckets, build_vocab, multi_width
 from adrec.features.split import TEST, TRAIN, temporal_split
 from adrec.run import RunDir, fingerprint
 from adrec.runtime import init_ray
@@ -110,7 +110,7 @@ def build_spec(cfg: AdrecConfig, raw, train_rows: pd.DataFrame, n_users: int, n_
             spec.buckets[c] = build_buckets(table[c], cfg.features.numeric_buckets)
         for c in raw.columns.get(f"{kind}.multi_valued", []):
             spec.multi_vocabs[c] = build_vocab(table[c], cfg.features.min_count, sep="|")
-            spec.multi_max_len[c] = int(max(1, table[c].astype(str).str.count(r"\|").max() + 1))
+            spec.multi_max_len[c] = multi_width(table[c])
     known = set(spec.fields)
     for cross in resolve_crosses(cfg):
         a, b = cross.fields
@@ -131,8 +131,10 @@ def _entity_frame(kind: str, ids: list[str], table: pd.DataFrame | None, idcol: 
     if "text" not in frame:
         frame["text"] = ""
     frame["text"] = frame["text"].fillna("").astype(str)
+    # The left join leaves NaN in every column of an id its side table lacks: such an entity has empty
+    # side features, "" for text-valued columns, NaN (missing, code 0) for numeric ones.
     for c in frame.columns:
-        if c.startswith(kind + ".") and frame[c].dtype == object:
+        if c.startswith(kind + ".") and not pd.api.types.is_numeric_dtype(frame[c]):
             frame[c] = frame[c].fillna("")
     codes = spec.encode_entity(kind, frame)
     frame[f"{kind}_idx"] = np.arange(len(frame))
@@ -158,8 +160,9 @@ def prepare(cfg: AdrecConfig, run: RunDir) -> dict:
 
     t0 = time.perf_counter()
     run.raw.mkdir(parents=True, exist_ok=True)
-    schema_path = resolve_schema(cfg.data, run.raw)
-    schema, root = load_schema(schema_path)
+    source = resolve_schema(cfg.data, run.raw)
+    schema, root = load_schema(source.path, source.data_root)
+    log.info("schema %s; its paths resolve against %s (%s)", source.path, root, source.root_from)
     key = resolve_key(cfg.data.pseudonym_key, run.path)
     raw = read_dataset(schema, root, key, cfg.data.max_bad_rows)
     inter = raw.interactions
@@ -207,7 +210,9 @@ def prepare(cfg: AdrecConfig, run: RunDir) -> dict:
     data_files = [p for p in {root / t.path for t in (schema.interactions, schema.items, schema.users) if t}]
     run.update_manifest("prepare", {
         "config": cfg.to_dict(),
-        "schema": str(schema_path),
+        "schema": str(source.path),
+        "data_root": str(root),
+        "data_root_from": source.root_from,
         "data_fingerprint": fingerprint([p.resolve() for p in data_files]),
         "counts": counts,
         "seconds": round(time.perf_counter() - t0, 2),

@@ -13,6 +13,7 @@ Multi-valued item/user columns become padded code lists (``multi``).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,15 @@ from adrec.data.ingest import MV_SEP
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xBF58476D1CE4E5B9)
 _M3 = np.uint64(0x94D049BB133111EB)
+
+
+def as_text(values: pd.Series) -> pd.Series:
+    """Values of a categorical or multi-valued field as text, a missing one (NaN, None: a side row the
+    table lacks, a cell a client left out) as "" — the empty value every vocabulary maps to code 0.
+
+    Plain ``astype(str)`` is not enough: pandas 3 keeps NaN as NaN in its ``str`` dtype, and an object
+    column turns None into the text "None"."""
+    return values.astype(object).where(values.notna(), "").astype(str)
 
 
 def hash_pair(a: np.ndarray, b: np.ndarray, size: int, salt: int) -> np.ndarray:
@@ -85,7 +95,7 @@ class FeatureSpec:
     # ---- encoding -----------------------------------------------------------------------------
     def encode_categorical(self, name: str, values: pd.Series) -> np.ndarray:
         vocab = self.vocabs[name]
-        return values.astype(str).map(vocab).fillna(0).to_numpy(dtype=np.int64)
+        return as_text(values).map(vocab).fillna(0).to_numpy(dtype=np.int64)
 
     def encode_numeric(self, name: str, values: pd.Series) -> np.ndarray:
         v = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
@@ -96,7 +106,7 @@ class FeatureSpec:
         vocab = self.multi_vocabs[name]
         width = self.multi_max_len[name]
         out = np.zeros((len(values), width), dtype=np.int64)
-        for i, s in enumerate(values.astype(str).to_numpy()):
+        for i, s in enumerate(as_text(values).to_numpy()):
             codes = [vocab.get(x, 0) for x in s.split(MV_SEP) if x][:width]
             out[i, : len(codes)] = codes
         return out
@@ -147,13 +157,19 @@ class FeatureSpec:
 
 
 def build_vocab(values: pd.Series, min_count: int = 1, sep: str | None = None) -> dict[str, int]:
-    s = values.astype(str)
+    s = as_text(values)
     if sep is not None:
         s = s.str.split(sep, regex=False).explode()
     s = s[s != ""]
     counts = s.value_counts()
     kept = sorted(counts[counts >= min_count].index.tolist())
     return {v: i + 1 for i, v in enumerate(kept)}
+
+
+def multi_width(values: pd.Series) -> int:
+    """How many codes a multi-valued field's padded list holds: its longest value list (at least 1)."""
+    counts = as_text(values).str.count(re.escape(MV_SEP))
+    return int(max(1, (counts.max() if len(counts) else 0) + 1))
 
 
 def build_buckets(values: pd.Series, n: int) -> list[float]:

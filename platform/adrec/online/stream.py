@@ -48,13 +48,14 @@ def feedback_events(impressions: pd.DataFrame, *, user: str = "user_id", item: s
 
 def write_feedback_log(path: str | Path, events: list[dict], key: bytes, version: str | None = None) -> int:
     """Append ``events`` to the feedback log at ``path`` as the app's feedback writer does; returns how many."""
+    from adrec.data.ids import normalize_id
     from adrec.data.privacy import pseudonymize
     from adrec.serving.feedback import FeedbackLog
 
     fl = FeedbackLog(path)
     try:
         now = time.time()
-        records = [{"event_id": e["event_id"], "user": pseudonymize(e["user_id"], key), "item": e["item"],
+        records = [{"event_id": e["event_id"], "user": pseudonymize(normalize_id(e["user_id"]), key), "item": normalize_id(e["item"]),
                     "type": e["type"], "ts": e["ts"], "context": dict(e.get("context") or {}), "received_at": now,
                     "version": version} for e in events]
         res = fl.append(records)

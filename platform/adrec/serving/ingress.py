@@ -25,6 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adrec import __version__
+from adrec.data.ids import normalize_id
 from adrec.data.privacy import pseudonymize
 from adrec.serving.args import AppArgs
 from adrec.serving.holder import VersionHolder
@@ -203,7 +204,7 @@ class Ingress:
     async def recommend(self, request: Request) -> JSONResponse:
         req: RecommendRequest = await self._body(request, RecommendRequest, max_k=self.settings.max_k)
         context = {k: str(v) for k, v in req.context.items()}
-        user = pseudonymize(req.user_id, self.key)
+        user = pseudonymize(normalize_id(req.user_id), self.key)
         if self.candidates is None:
             out = await self._guarded("recommend", self._recommend_here(user, req.k, context, req.explain))
         else:
@@ -217,7 +218,7 @@ class Ingress:
               responses=_errors(400, 401, 403, 413, 422, 503))
     async def feedback(self, request: Request) -> JSONResponse:
         req: FeedbackRequest = await self._body(request, FeedbackRequest)
-        events = [{"event_id": e.event_id, "user": pseudonymize(e.user_id, self.key), "item": e.item,
+        events = [{"event_id": e.event_id, "user": pseudonymize(normalize_id(e.user_id), self.key), "item": normalize_id(e.item),
                    "type": e.type, "ts": e.ts, "context": {k: v for k, v in e.context.items()}} for e in req.events]
         out = await self._graph(self.feedback.append, events)
         status = out.pop("status")

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from adrec.config import CandidateConfig
+from adrec.data.ids import normalize_id
 from adrec.data.privacy import pseudonymize
 from adrec.model_version import ModelVersion, TwoStageLists, load_version
 from adrec.serving.request import Recommendation
@@ -69,7 +70,7 @@ class Recommender:
         """Index of a raw user id (pseudonymized with the key), or -1 for a user the model never saw."""
         if self.key is None:
             raise ValueError("this Recommender has no pseudonymization key; it cannot look up raw user ids")
-        return self.pseudonym_index(pseudonymize(str(raw_user_id), self.key))
+        return self.pseudonym_index(pseudonymize(normalize_id(raw_user_id), self.key))
 
     def pseudonym_index(self, pseudonym: str) -> int:
         """Index of an already pseudonymized user id (what the Serve graph passes around), or -1."""
