@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import ConfigDict, Field, SecretStr, field_validator
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 
 from adrec.config import CandidateConfig, ServeConfig
 from adrec.data.privacy import KEY_ENV
@@ -44,6 +44,8 @@ class AppArgs(ServeConfig):
     api_key: SecretStr | None = None
     api_key_env: str = API_KEY_ENV
     app_name: str = APP_NAME
+    # Secrets that resolved() read from the environment: field -> variable (for messages saying where a key came from).
+    _from_env: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("pseudonym_key", "api_key")
     @classmethod
@@ -104,6 +106,7 @@ class AppArgs(ServeConfig):
         secrets = Path(model_dir).parent / SECRETS_DIR
         upd["feedback_log"] = (absolute(self.feedback_log) if self.feedback_log
                                else str(Path(model_dir).parent / "feedback" / "events.jsonl"))
+        from_env = dict(self._from_env)
         for field, env, filename in (("pseudonym_key", self.pseudonym_key_env, PSEUDONYM_KEY_FILE),
                                      ("api_key", self.api_key_env, API_KEY_FILE)):
             if getattr(self, field) is not None:
@@ -112,9 +115,12 @@ class AppArgs(ServeConfig):
                 upd[f"{field}_file"] = absolute(getattr(self, f"{field}_file"))
             elif env_secret(env):
                 upd[field] = SecretStr(os.environ[env])
+                from_env[field] = env
             elif (secrets / filename).is_file():
                 upd[f"{field}_file"] = str(secrets / filename)
-        return self.model_copy(update=upd)
+        out = self.model_copy(update=upd)
+        out._from_env = from_env
+        return out
 
     def pseudonym_key_source(self) -> tuple[bytes | None, str]:
         """The pseudonymization key of (resolved) args and where it came from (None: none found)."""
@@ -127,7 +133,8 @@ class AppArgs(ServeConfig):
     def _secret(self, field: str, env: str) -> tuple[bytes | None, str]:
         literal, path = getattr(self, field), getattr(self, f"{field}_file")
         if literal is not None:
-            return literal.get_secret_value().encode(), f"the app's {field}"
+            return literal.get_secret_value().encode(), (f"${self._from_env[field]}" if field in self._from_env
+                                                         else f"the app's {field}")
         if path:
             return read_secret(path), str(path)
         value = env_secret(env)
