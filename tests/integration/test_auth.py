@@ -1,5 +1,5 @@
 """No secret at rest and auth that fails closed, on a real run: prepare -> candidates -> train -> evaluate ->
-serve (HTTP on 127.0.0.1) with both keys given literally, then every file of the run folder searched for them.
+serve (HTTP on 127.0.0.1), and a tiny Tune search, with both keys given literally, then every file of the run folder searched for them.
 Also a rollout to a version another key pseudonymized: refused by the replica, the live version keeps serving."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from adrec import flow
 from adrec.config import build_config
@@ -18,6 +19,7 @@ from adrec.keys import key_fingerprint
 from adrec.model_version import publish, read_version
 from adrec.run import RunDir, resolve_config
 from adrec.runtime import free_port
+from adrec.tuning import tune
 
 pytestmark = pytest.mark.ray
 
@@ -41,6 +43,12 @@ def secret_run(ray_session, tiny_cfg, tmp_path_factory):
     flow.candidates(cfg, run, show_progress=False)
     flow.train(cfg, run)
     flow.evaluate(cfg, run, show_progress=False)
+    # A one-trial ALS search (its marker, its trials' params and results land in RUN/tune), not promoted.
+    space = tmp_path_factory.mktemp("space") / "als.yaml"
+    space.write_text(yaml.safe_dump({"trainable": "als", "space": {"candidates.factors": {"grid": [8]}},
+                                     "metric": "valid_recall@100", "mode": "max", "num_samples": 1,
+                                     "max_concurrent": 1, "scheduler": "fifo", "resources_per_trial": {"cpu": 1}}))
+    tune(cfg, run, space, do_promote=False, verbose=0)
     # Serve as the CLI does: the run's saved config (fingerprints only), the keys from the secrets files.
     mp = pytest.MonkeyPatch()
     mp.delenv("ADREC_PSEUDONYM_KEY", raising=False)  # tests/conftest.py sets another key for the other tests
@@ -94,6 +102,7 @@ def test_the_keys_are_nowhere_in_the_run_folder_but_the_secrets_files(secret_run
                     if needle in data:
                         found.append(f"{path.relative_to(run.path)}: the {key_name} ({form})")
     assert searched > 20 and not found, found
+    assert (run.tune / "als" / "adrec_search.json").is_file()  # Tune's files were among those searched
     fp = key_fingerprint(pk)
     assert read_version(run.model)["pseudonym_key_fingerprint"] == fp
     text = run.config_path.read_text()
