@@ -310,7 +310,10 @@ def run_benchmark(cfg, work: Path, s: Settings) -> dict:
     _wait(lambda: ray.get(learner.rollouts_idle.remote()), 120)
     final = ray.get(learner.status.remote())
     timings["catch_up_s"] = round(time.perf_counter() - t, 1)
-    info = wait_healthy(url, 30)
+    wait_healthy(url, 30)
+    import httpx
+
+    info = httpx.get(url + "/version", timeout=30).json()  # /healthz says only ok or not
     segments = final["metrics"]["segments"]
     report = {
         "settings": asdict(s) | {"port": port, "feedback_rate_events_per_s": round(rate, 1)},

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adrec.errors import ConfigError
+from adrec.keys import (API_KEY_FILE, PSEUDONYM_KEY_FILE, SECRETS_DIR, check_not_empty, is_fingerprint,
+                        key_fingerprint, store_secret)
 
 
 class _Strict(BaseModel):
@@ -45,8 +47,17 @@ class DataConfig(_Strict):
     synthetic: SyntheticConfig = SyntheticConfig()
     # Rows that fail to parse are an error unless this many may be skipped (and counted).
     max_bad_rows: int = Field(0, ge=0)
-    # Key for the keyed hash that pseudonymizes user ids. Falls back to $ADREC_PSEUDONYM_KEY.
+    # Key for the keyed hash that pseudonymizes user ids. Falls back to $ADREC_PSEUDONYM_KEY, then to the
+    # run's secrets/pseudonym.key. A literal key here is moved into that file (mode 0600) when the config
+    # is saved, and the saved config holds its fingerprint ("sha256:..."): a fingerprint here means "the
+    # key must come from the environment or the secrets file, and must be this one". Empty: an error.
     pseudonym_key: str | None = None
+
+    @field_validator("pseudonym_key")
+    @classmethod
+    def _key_not_empty(cls, v: str | None) -> str | None:
+        check_not_empty(v, "data.pseudonym_key")
+        return v
 
 
 class CrossSpec(_Strict):
@@ -251,7 +262,15 @@ class ServeConfig(_Strict):
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = "/"
     max_k: int = Field(100, ge=1)
+    # The API key every endpoint but /healthz wants (x-api-key header): api_key, else api_key_file, else
+    # $ADREC_API_KEY, else the run's secrets/api.key. A literal key is moved into that file (mode 0600)
+    # when the config is saved (the saved config holds its fingerprint, as for data.pseudonym_key). An
+    # empty key is an error, never "auth off".
     api_key: str | None = None
+    api_key_file: str | None = None
+    # Without an API key, Serve listens on loopback only: a host beyond it (0.0.0.0, a LAN address) refuses
+    # to start unless this is set explicitly (then it starts with a warning).
+    allow_unauthenticated: bool = False
     max_body_bytes: int = Field(65536, ge=1024)
     feedback_log: str | None = None  # default: <run>/feedback/events.jsonl
     ranker_replicas: int = Field(1, ge=1)
@@ -273,6 +292,18 @@ class ServeConfig(_Strict):
     request_timeout_s: float = Field(10.0, gt=0)
     # Serve's per-request access log lines (path, status, latency; never bodies): off for throughput.
     access_log: bool = False
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, v: str | None, info) -> str | None:
+        check_not_empty(v, f"serve.{info.field_name}")
+        return v
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _file_not_empty(cls, v: str | None, info) -> str | None:
+        check_not_empty(v, f"serve.{info.field_name}")
+        return v
 
 
 class RayConfig(_Strict):
@@ -355,7 +386,28 @@ class AdrecConfig(_Strict):
     online: OnlineConfig = OnlineConfig()
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(self.model_dump_json())
+        """The config as adrec writes it anywhere (config.yaml, manifests, Tune's files): every literal
+        secret replaced by its fingerprint (see :data:`SECRET_FIELDS`)."""
+        d = json.loads(self.model_dump_json())
+        for (section, key), _ in SECRET_FIELDS.items():
+            value = d[section][key]
+            if value is not None and not is_fingerprint(value):
+                d[section][key] = key_fingerprint(value)
+        return d
+
+    def literal_secrets(self) -> dict[str, str]:
+        """The secrets given literally (not as a fingerprint): secrets-file name -> key."""
+        out = {}
+        for (section, key), filename in SECRET_FIELDS.items():
+            value = getattr(getattr(self, section), key)
+            if value is not None and not is_fingerprint(value):
+                out[filename] = value
+        return out
+
+
+#: Config fields that hold a secret -> the file of a run's secrets folder that keeps it.
+SECRET_FIELDS: dict[tuple[str, str], str] = {("data", "pseudonym_key"): PSEUDONYM_KEY_FILE,
+                                             ("serve", "api_key"): API_KEY_FILE}
 
 
 def _describe(err: ValidationError, source: str) -> str:
@@ -385,6 +437,9 @@ def parse_override(text: str) -> dict[str, Any]:
         raise ConfigError(f"override '{text}' must look like section.key=value, e.g. ranker.epochs=2")
     dotted, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw != "" else None
+    if raw.strip() == "" and tuple(dotted.strip().split(".")) in SECRET_FIELDS:
+        # `--set serve.api_key=$KEY` with an empty $KEY: an empty key (an error), never "no key" (auth off).
+        value = raw
     node: dict[str, Any] = {}
     cur = node
     parts = dotted.strip().split(".")
@@ -424,5 +479,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: AdrecConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write ``cfg`` to ``path`` (a run's config.yaml) with fingerprints in place of secrets; a secret
+    given literally is kept in the ``secrets/`` folder beside it (mode 0600), where the later stages and
+    Serve find it."""
+    path = Path(path)
+    for filename, value in cfg.literal_secrets().items():
+        store_secret(path.parent / SECRETS_DIR / filename, value)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

@@ -59,6 +59,10 @@ def serve_ingress_env(mode: str) -> dict[str, str]:
     env = dict(HAPROXY_ENV)
     # HAProxy's stats and Prometheus listeners default to fixed ports (8404, 9101) on every interface:
     # two local Rays (tests, a benchmark, the demo) would collide, so each gets free ones, unless set.
+    # Their bind address has no knob (Ray 2.x: `bind *:<stats_port>` and `bind :<metrics_port>` in
+    # ray/serve/_private/haproxy_templates.py, ports only from RAY_SERVE_HAPROXY_STATS_PORT /
+    # RAY_SERVE_HAPROXY_METRICS_PORT): on any machine reachable from others they must be firewalled
+    # (README, "Security"); tests/unit/test_secrets.py notices when Ray adds one.
     for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
         port = os.environ.get(var)
         while not port or port in env.values():  # two random picks may coincide

@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from adrec.errors import ConfigError
+from adrec.keys import (PSEUDONYM_KEY_FILE, SECRETS_DIR, check_not_empty, env_secret, is_fingerprint, key_fingerprint,
+                        read_secret, store_secret)
 
 log = logging.getLogger(__name__)
 
@@ -18,26 +21,41 @@ KEY_ENV = "ADREC_PSEUDONYM_KEY"
 
 
 def resolve_key(configured: str | None, run_dir: Path | None = None) -> bytes:
-    """Key from config, else $ADREC_PSEUDONYM_KEY, else a random key kept in ``run/secrets`` (mode 0600).
+    """The pseudonymization key (see :func:`key_and_source`)."""
+    return key_and_source(configured, run_dir)[0]
 
-    The key never goes into features, logs or model files: only the serving side needs it,
+
+def key_and_source(configured: str | None, run_dir: Path | None = None) -> tuple[bytes, str]:
+    """The key and where it came from: ``data.pseudonym_key`` when it is a literal key (then also kept in
+    ``run/secrets/pseudonym.key``), else $ADREC_PSEUDONYM_KEY, else that file, else a random key written
+    there (mode 0600). When ``configured`` is a fingerprint (a saved config's), the key found must have it.
+
+    The key never goes into features, logs, config files or model files: only the serving side needs it,
     to map an incoming raw id onto the same pseudonym.
     """
-    key = configured or os.environ.get(KEY_ENV)
-    if key:
-        return key.encode()
-    if run_dir is None:
-        raise ValueError(f"no pseudonymization key: set data.pseudonym_key or ${KEY_ENV}")
-    path = Path(run_dir) / "secrets" / "pseudonym.key"
-    if path.exists():
-        return path.read_bytes().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key_b = secrets.token_hex(32).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key_b)
-    log.warning("no pseudonymization key configured: generated one in %s (set $%s to share one across runs)", path, KEY_ENV)
-    return key_b
+    check_not_empty(configured, "data.pseudonym_key")
+    expected = configured if is_fingerprint(configured) else None
+    path = Path(run_dir) / SECRETS_DIR / PSEUDONYM_KEY_FILE if run_dir is not None else None
+    env = env_secret(KEY_ENV)
+    if configured and expected is None:
+        key, source = configured.encode(), "data.pseudonym_key"
+        if path is not None:
+            store_secret(path, key)
+    elif env:
+        key, source = env.encode(), f"${KEY_ENV}"
+    elif path is not None and path.exists():
+        key, source = read_secret(path), str(path)
+    elif expected is not None or path is None:
+        raise ConfigError(f"no pseudonymization key{f' ({expected}, as the run config records)' if expected else ''}: "
+                          f"set ${KEY_ENV}" + (f" or put it in {path}" if path is not None else " or data.pseudonym_key"))
+    else:
+        key, source = store_secret(path, secrets.token_hex(32)).read_bytes(), str(path)
+        log.warning("no pseudonymization key configured: generated one in %s (set $%s to share one across runs)",
+                    path, KEY_ENV)
+    if expected is not None and key_fingerprint(key) != expected:
+        raise ConfigError(f"the pseudonymization key from {source} ({key_fingerprint(key)}) is not the one the run's "
+                          f"config records ({expected}): use the key the run was prepared with")
+    return key, source
 
 
 def pseudonymize(raw_id: str, key: bytes) -> str:

@@ -21,6 +21,7 @@ import pandas as pd
 from adrec.config import AdrecConfig, CrossSpec
 from adrec.data import load_schema, read_dataset
 from adrec.data.privacy import resolve_key
+from adrec.keys import key_fingerprint
 from adrec.data.sources import DEFAULT_CROSSES, resolve_schema
 from adrec.features.spec import FeatureSpec, build_buckets, build_vocab, multi_width
 from adrec.features.split import TEST, TRAIN, temporal_split
@@ -214,6 +215,7 @@ def prepare(cfg: AdrecConfig, run: RunDir) -> dict:
         "data_root": str(root),
         "data_root_from": source.root_from,
         "data_fingerprint": fingerprint([p.resolve() for p in data_files]),
+        "pseudonym_key_fingerprint": key_fingerprint(key),  # the model version records it (Serve checks it)
         "counts": counts,
         "seconds": round(time.perf_counter() - t0, 2),
     })

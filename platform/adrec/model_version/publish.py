@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 
 from adrec.features.pipeline import Features, latest_history
-from adrec.model_version.writer import write_version
+from adrec.model_version.writer import PSEUDONYM_KEY_FINGERPRINT, write_version
 from adrec.run import RunDir
 
 
@@ -17,10 +17,13 @@ def publish(run: RunDir, ranker_dir: Path | None = None, target: Path | None = N
     cand = run.require(run.candidates, "candidates")
     ranker_dir = Path(ranker_dir or run.require(run.ranker, "train"))
     topk = run.path / "topk"  # adrec.candidates.stage.TOPK_DIR (not imported: it pulls in the sources)
-    cand_info = run.manifest().get("stages", {}).get("candidates", {})
+    stages = run.manifest().get("stages", {})
+    cand_info = stages.get("candidates", {})
     info = {"version": time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6], "run": run.path.name,
             "n_users": feats.spec.n_users, "n_items": feats.spec.n_items,
-            "context_field": cand_info.get("context_field"), "topk": topk.is_dir(), **(extra or {})}
+            "context_field": cand_info.get("context_field"), "topk": topk.is_dir(),
+            # Which key pseudonymized the users (a fingerprint): Serve refuses to serve it with another.
+            PSEUDONYM_KEY_FINGERPRINT: stages.get("prepare", {}).get(PSEUDONYM_KEY_FINGERPRINT), **(extra or {})}
     hist = latest_history(feats.interactions, feats.spec.n_users, feats.spec.history_len)
     path, _ = write_version(target or run.model, info, features=run.features, history=hist, seen=cand / "seen.npz",
                             candidates=cand, ranker=ranker_dir, topk=topk if topk.is_dir() else None)

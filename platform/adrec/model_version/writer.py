@@ -28,6 +28,10 @@ from adrec.model_version.reader import load_two_stage
 
 log = logging.getLogger(__name__)
 
+#: The version.json field with the fingerprint of the key that pseudonymized the version's users (see adrec.keys);
+#: the online learner's versions inherit it from their base version.
+PSEUDONYM_KEY_FINGERPRINT = "pseudonym_key_fingerprint"
+
 # Files a candidates stage folder holds that are not part of a version's sources (seen.npz has its own place).
 _NOT_SOURCES = ("seen.npz", "recall.json")
 

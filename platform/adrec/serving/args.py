@@ -5,12 +5,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import ConfigDict, Field, SecretStr
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 
 from adrec.config import CandidateConfig, ServeConfig
 from adrec.data.privacy import KEY_ENV
+from adrec.errors import ConfigError
+from adrec.keys import (API_KEY_FILE, PSEUDONYM_KEY_FILE, SECRETS_DIR, check_not_empty, env_secret, is_fingerprint,
+                        key_fingerprint, read_secret, store_secret)
+from adrec.model_version.writer import PSEUDONYM_KEY_FINGERPRINT
 
 APP_NAME = "adrec"
+API_KEY_ENV = "ADREC_API_KEY"
 
 
 class AppArgs(ServeConfig):
@@ -30,30 +35,66 @@ class AppArgs(ServeConfig):
     # ``topology`` (a ServeConfig field, see adrec.serving.builder): the `deployments` of a Serve config
     # must name that topology's deployments (Serve rejects overrides of deployments the app does not have).
     # The key that pseudonymized the data set's user ids: literal, else this file, else $pseudonym_key_env,
-    # else <model_dir>/../secrets/pseudonym.key (where `adrec prepare` keeps a generated key).
+    # else <model_dir>/../secrets/pseudonym.key (where `adrec prepare` keeps it).
     pseudonym_key: SecretStr | None = None
     pseudonym_key_file: str | None = None
     pseudonym_key_env: str = KEY_ENV
-    # The API key (`x-api-key` header): api_key, else $api_key_env when set; none -> no authentication.
+    # The API key (`x-api-key` header): api_key, else api_key_file, else $api_key_env, else
+    # <model_dir>/../secrets/api.key; none -> no authentication (loopback only, see adrec.serving.deploy).
     api_key: SecretStr | None = None
-    api_key_env: str = "ADREC_API_KEY"
+    api_key_env: str = API_KEY_ENV
     app_name: str = APP_NAME
+    # Secrets that resolved() read from the environment: field -> variable (for messages saying where a key came from).
+    _from_env: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator("pseudonym_key", "api_key")
+    @classmethod
+    def _key_not_empty(cls, v: SecretStr | None, info) -> SecretStr | None:  # replaces ServeConfig's (a str there)
+        if v is not None:
+            check_not_empty(v.get_secret_value(), info.field_name)
+            if is_fingerprint(v.get_secret_value()):
+                raise ValueError(f"{info.field_name} is a fingerprint, not a key: give the key itself, its file "
+                                 f"({info.field_name}_file) or its environment variable")
+        return v
+
+    @field_validator("pseudonym_key_file", "api_key_file")
+    @classmethod
+    def _file_not_empty(cls, v: str | None, info) -> str | None:
+        check_not_empty(v, info.field_name)
+        return v
 
     @classmethod
     def from_config(cls, cfg, run_dir: str | Path, **overrides: Any) -> "AppArgs":
-        """Args for a run folder (``<run>/model``) from an :class:`AdrecConfig`."""
+        """Args for a run folder (``<run>/model``) from an :class:`AdrecConfig`.
+
+        A literal key in ``cfg`` is kept in the run's secrets folder (mode 0600) and the args name that
+        file, so the key is in no Serve config; a fingerprint in ``cfg`` (a saved config's) must match the
+        key found (a :class:`ConfigError` otherwise).
+        """
         run = Path(run_dir).expanduser().resolve()
         fields = cfg.serve.model_dump()
         fields.update(model_dir=str(run / "model"), n_candidates=cfg.candidates.n_candidates)
-        if cfg.data.pseudonym_key:
-            fields["pseudonym_key"] = cfg.data.pseudonym_key
+        expected = {"pseudonym_key": cfg.data.pseudonym_key, "api_key": cfg.serve.api_key}
+        fields["api_key"] = None
+        for name, filename in cfg.literal_secrets().items():
+            field = "pseudonym_key" if filename == PSEUDONYM_KEY_FILE else "api_key"
+            fields[f"{field}_file"] = str(store_secret(run / SECRETS_DIR / filename, expected[field]))
         if fields.get("feedback_log") is None:
             fields["feedback_log"] = str(run / "feedback" / "events.jsonl")
         fields.update(overrides)
-        return cls.model_validate(fields)
+        args = cls.model_validate(fields)
+        found = args.resolved()
+        for field, want in expected.items():
+            if is_fingerprint(want):
+                key, source = found.pseudonym_key_source() if field == "pseudonym_key" else found.api_key_source()
+                if key is None or key_fingerprint(key) != want:
+                    raise ConfigError(f"the run config's {field} is {want}, but the key "
+                                      + (f"from {source} is {key_fingerprint(key)}" if key is not None else
+                                         "was found nowhere") + ": give the key the run was prepared with")
+        return args
 
     def resolved(self) -> "AppArgs":
-        """Absolute paths, the default feedback log and key file filled in, env-provided secrets read."""
+        """Absolute paths, the default feedback log and key files filled in, env-provided secrets read."""
         home = Path(os.environ.get("ADREC_HOME", os.getcwd()))
 
         def absolute(p: str) -> str:
@@ -62,35 +103,80 @@ class AppArgs(ServeConfig):
 
         model_dir = absolute(self.model_dir)
         upd: dict[str, Any] = {"model_dir": model_dir}
-        run = Path(model_dir).parent
-        upd["feedback_log"] = absolute(self.feedback_log) if self.feedback_log else str(run / "feedback" / "events.jsonl")
-        if self.pseudonym_key is None:
-            if self.pseudonym_key_file:
-                upd["pseudonym_key_file"] = absolute(self.pseudonym_key_file)
-            elif os.environ.get(self.pseudonym_key_env):
-                upd["pseudonym_key"] = SecretStr(os.environ[self.pseudonym_key_env])
-            elif (run / "secrets" / "pseudonym.key").is_file():
-                upd["pseudonym_key_file"] = str(run / "secrets" / "pseudonym.key")
-        if self.api_key is None and os.environ.get(self.api_key_env):
-            upd["api_key"] = SecretStr(os.environ[self.api_key_env])
-        return self.model_copy(update=upd)
+        secrets = Path(model_dir).parent / SECRETS_DIR
+        upd["feedback_log"] = (absolute(self.feedback_log) if self.feedback_log
+                               else str(Path(model_dir).parent / "feedback" / "events.jsonl"))
+        from_env = dict(self._from_env)
+        for field, env, filename in (("pseudonym_key", self.pseudonym_key_env, PSEUDONYM_KEY_FILE),
+                                     ("api_key", self.api_key_env, API_KEY_FILE)):
+            if getattr(self, field) is not None:
+                continue
+            if getattr(self, f"{field}_file"):
+                upd[f"{field}_file"] = absolute(getattr(self, f"{field}_file"))
+            elif env_secret(env):
+                upd[field] = SecretStr(os.environ[env])
+                from_env[field] = env
+            elif (secrets / filename).is_file():
+                upd[f"{field}_file"] = str(secrets / filename)
+        out = self.model_copy(update=upd)
+        out._from_env = from_env
+        return out
+
+    def pseudonym_key_source(self) -> tuple[bytes | None, str]:
+        """The pseudonymization key of (resolved) args and where it came from (None: none found)."""
+        return self._secret("pseudonym_key", self.pseudonym_key_env)
+
+    def api_key_source(self) -> tuple[bytes | None, str]:
+        """The API key of (resolved) args and where it came from (None: no authentication)."""
+        return self._secret("api_key", self.api_key_env)
+
+    def _secret(self, field: str, env: str) -> tuple[bytes | None, str]:
+        literal, path = getattr(self, field), getattr(self, f"{field}_file")
+        if literal is not None:
+            return literal.get_secret_value().encode(), (f"${self._from_env[field]}" if field in self._from_env
+                                                         else f"the app's {field}")
+        if path:
+            return read_secret(path), str(path)
+        value = env_secret(env)
+        return (value.encode() if value else None), f"${env}"
 
     def key_bytes(self) -> bytes:
-        if self.pseudonym_key is not None:
-            return self.pseudonym_key.get_secret_value().encode()
-        if self.pseudonym_key_file:
-            return Path(self.pseudonym_key_file).read_bytes().strip()
-        if os.environ.get(self.pseudonym_key_env):
-            return os.environ[self.pseudonym_key_env].encode()
-        raise ValueError(f"no pseudonymization key for {self.model_dir}: set pseudonym_key, pseudonym_key_file or "
-                         f"${self.pseudonym_key_env} (the key `adrec prepare` used)")
+        key, _ = self.pseudonym_key_source()
+        if key is None:
+            raise ConfigError(f"no pseudonymization key for {self.model_dir}: set pseudonym_key, pseudonym_key_file "
+                              f"or ${self.pseudonym_key_env} (the key `adrec prepare` used)")
+        return key
+
+    def api_key_bytes(self) -> bytes | None:
+        return self.api_key_source()[0]
+
+    def check_version_key(self, info: dict, model_dir: str | Path) -> None:
+        """Refuse a model version whose users another key pseudonymized (every user would be a cold start).
+
+        ``info``: the version's ``version.json``; a version without the field (written before it existed)
+        passes.
+        """
+        want = info.get(PSEUDONYM_KEY_FINGERPRINT)
+        if want is None:
+            return
+        key, source = self.pseudonym_key_source()
+        have = key_fingerprint(key) if key is not None else None
+        if have != want:
+            raise KeyMismatchError(
+                f"the pseudonymization keys differ: model version {info.get('version')} in {model_dir} was built "
+                f"with key {want} (its version.json, recorded by `adrec prepare`), the app has "
+                + (f"key {have} from {source}" if key is not None else "no key")
+                + ": every user would be a cold start; serve with the key the run was prepared with")
 
     def fingerprint(self) -> str:
-        """Changes with any setting (secrets included, hashed) and with this package's serving code."""
+        """Changes with any setting (secrets included, as their fingerprints) and with this package's serving code."""
         h = hashlib.sha256(self.model_dump_json(exclude={"model_dir"}).encode())
         for secret in (self.pseudonym_key, self.api_key):
-            value = secret.get_secret_value() if secret is not None else ""
-            h.update(hashlib.sha256(value.encode()).digest())
+            h.update((key_fingerprint(secret.get_secret_value()) if secret is not None else "").encode())
         for src in sorted(Path(__file__).parent.glob("*.py")):
             h.update(src.read_bytes())
         return h.hexdigest()[:16]
+
+
+class KeyMismatchError(ConfigError):
+    """The app's pseudonymization key is not the one a model version was built with."""

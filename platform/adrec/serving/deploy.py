@@ -1,7 +1,9 @@
 """Deploying the Serve app from Python: ``adrec serve``, the demo, the tests and the benchmark.
 
 - :func:`serve_run` serves a run folder's model version (``adrec serve --run RUN [--port P]``).
-- :func:`deploy` starts Serve's HTTP proxy on ``host:port`` and (re)deploys the app from :class:`AppArgs`.
+- :func:`deploy` starts Serve's HTTP proxy on ``host:port`` and (re)deploys the app from :class:`AppArgs`,
+  after :func:`preflight`: no API key beyond loopback, or a model version another key pseudonymized,
+  refuse to start.
 - :func:`rollout` points the running app at another model version through the deployments'
   ``user_config``: the replicas load it next to the live one and switch, no replica restarts and no
   dropped requests.
@@ -13,12 +15,14 @@ The same app deploys declaratively with ``serve run serve_apps/config.yaml`` or
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import threading
 import time
 from pathlib import Path
 
 from adrec.config import AdrecConfig
+from adrec.errors import ConfigError
 from adrec.run import RunDir
 from adrec.serving.args import AppArgs
 from adrec.serving.builder import build_app
@@ -55,16 +59,52 @@ def wait_healthy(url: str, timeout_s: float = 60.0, headers: dict | None = None)
     raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout_s:.0f}s (last: {last})")
 
 
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach ``host`` (127.0.0.0/8, ::1, localhost); "" and 0.0.0.0 are every interface."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost: may resolve to anything
+        return False
+
+
+def preflight(args: AppArgs) -> AppArgs:
+    """The start-up checks of :func:`deploy`; returns the args resolved. :class:`ConfigError` when
+
+    - the app has no API key and listens beyond loopback, unless ``allow_unauthenticated`` (a warning then);
+    - the model version was built with another pseudonymization key than the app's (every user would be a
+      cold start).
+    """
+    from adrec.model_version import read_version
+
+    r = args.resolved()
+    api_key, _ = r.api_key_source()
+    if api_key is None and not is_loopback(r.host):
+        if not r.allow_unauthenticated:
+            raise ConfigError(f"refusing to serve on {r.host or '(every interface)'}:{r.port} without an API key: "
+                              f"anyone who reaches it could call the API. Set ${r.api_key_env} (or serve.api_key_file), "
+                              "listen on 127.0.0.1, or set serve.allow_unauthenticated=true to accept it")
+        log.warning("serving on %s:%d WITHOUT authentication (serve.allow_unauthenticated): anyone who reaches "
+                    "this port can call the API", r.host or "(every interface)", r.port)
+    r.check_version_key(read_version(r.model_dir), r.model_dir)
+    return r
+
+
 def deploy(args: AppArgs, timeout_s: float = 120.0) -> str:
     """Deploy (or update) the app and wait until it answers; returns its base URL."""
     from ray import serve
 
+    from adrec.model_version import read_version
+
+    preflight(args)
     start(args.host, args.port)
     t = time.perf_counter()
     serve.run(build_app(args), name=args.app_name, route_prefix=args.route_prefix, blocking=False)
     url = base_url(args)
-    info = wait_healthy(url, timeout_s)
-    log.info("app %s serving version %s at %s (%.1fs)", args.app_name, info.get("version"), url, time.perf_counter() - t)
+    wait_healthy(url, timeout_s)
+    log.info("app %s serving version %s at %s (%.1fs)", args.app_name, read_version(args.resolved().model_dir)["version"],
+             url, time.perf_counter() - t)
     return url
 
 
@@ -157,8 +197,9 @@ def serve_run(cfg: AdrecConfig, run_dir: str | Path | RunDir, blocking: bool = T
 
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run.require(run.model, "train")
-    init_ray(cfg.ray)
     args = AppArgs.from_config(cfg, run.path)
+    preflight(args)  # before Ray starts: a refusal costs nothing
+    init_ray(cfg.ray)
     url = deploy(args)
     if not blocking:
         return url

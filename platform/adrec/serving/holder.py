@@ -89,6 +89,8 @@ class VersionHolder:
 
     def _load(self, model_dir: str) -> Recommender:
         s = self.settings
+        # A version another key pseudonymized is refused before it loads (the live one keeps serving).
+        s.check_version_key(read_version(model_dir), model_dir)
         return load_candidate_side(model_dir, self.load_ranker, s.n_candidates, s.max_k, s.precompute_max_users)
 
     async def _load_targets(self, ready, raise_errors: bool = False) -> None:

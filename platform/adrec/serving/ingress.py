@@ -107,7 +107,7 @@ class Ingress:
     def __init__(self, settings: AppArgs, candidates: DeploymentHandle | None, feedback: DeploymentHandle):
         self.settings = settings
         self.key = settings.key_bytes()
-        self.api_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
+        self.api_key = settings.api_key_bytes()  # None: no authentication (loopback only, see deploy.preflight)
         self.candidates = candidates
         self.feedback = feedback
         # fused: the live Recommender (with its ranker) and its swaps
@@ -180,17 +180,20 @@ class Ingress:
     async def _graph(self, method, *args) -> Any:
         return await self._guarded(getattr(method, "_method_name", "call"), call(method, *args))
 
-    @api.get("/healthz", response_model=HealthResponse, responses=_errors(503))
-    async def healthz(self) -> dict:
+    @api.get("/healthz", response_model=HealthResponse, responses={503: {"model": HealthResponse,
+                                                                         "description": "Not ready."}})
+    async def healthz(self) -> JSONResponse:
+        # Healthy or not, nothing else: the probe needs no key, so it tells an anonymous caller no version,
+        # no reason (GET /version has them, behind the key).
         if self.candidates is None:
-            if self.holder.rec is None:
-                raise ApiError(503, "not ready")
-            return {"status": "ok", "version": self.holder.rec.version_id}
-        try:
-            info = await asyncio.wait_for(self.candidates.version.remote(), timeout=5)
-        except Exception:
-            raise ApiError(503, "not ready") from None
-        return {"status": "ok", "version": info.get("version")}
+            ok = self.holder.rec is not None
+        else:
+            try:
+                await asyncio.wait_for(self.candidates.version.remote(), timeout=5)
+                ok = True
+            except Exception:
+                ok = False
+        return JSONResponse({"status": "ok"} if ok else {"status": "unavailable"}, status_code=200 if ok else 503)
 
     @api.get("/version", response_model=VersionResponse, responses=_errors(401, 403, 503))
     async def version(self, request: Request) -> dict:

@@ -53,8 +53,9 @@ class FeedbackResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok"] = Field(description="'ok' once a model version is loaded (503 before).")
-    version: str | None = Field(description="The model version being served.")
+    status: Literal["ok", "unavailable"] = Field(description="'ok' (200) once a model version is loaded, "
+                                                          "'unavailable' (503) before or when a part is down. "
+                                                          "Nothing else: GET /version tells which version.")
 
 
 class VersionResponse(BaseModel):
