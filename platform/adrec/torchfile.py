@@ -3,8 +3,8 @@
 A checkpoint with pickled objects in it runs code when it is loaded, and a run folder may sit on shared
 storage that others can write. So every torch file adrec writes holds only tensors, numbers, strings,
 None and lists / tuples / dicts / sets of them (:func:`plain` converts numpy values and dataclasses on the
-way out), and every one it reads goes through :func:`load`, whose refusal says what to do instead of
-suggesting ``weights_only=False`` as torch's own message does.
+way out), and every one it reads goes through :func:`load`, whose refusal says how to rebuild the file
+instead of suggesting, as torch's own message does, to load it unsafely.
 """
 
 from __future__ import annotations
