@@ -36,8 +36,9 @@ def plain(obj: Any) -> Any:
         return obj.item()
     if isinstance(obj, dict):
         return {plain(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return type(obj)(plain(v) for v in obj)
+    for kind in (list, tuple, set):  # subclasses (a namedtuple, say) would need their class to load: the builtin
+        if isinstance(obj, kind):
+            return kind(plain(v) for v in obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     raise TypeError(f"{type(obj).__name__} is not plain state: a torch file of adrec holds only tensors, "
