@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import adrec
-from adrec.errors import ConfigError, DataError, RunError
+from adrec.errors import ConfigError, DataError, RunError, UnsafeFileError
 from adrec.run import RunDir, resolve_config
 
 log = logging.getLogger("adrec.cli")
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("evaluate", "serve") and isinstance(out, dict):
             print(json.dumps(out, indent=2, default=str))
         return 0
-    except (ConfigError, DataError, RunError) as err:
+    except (ConfigError, DataError, RunError, UnsafeFileError) as err:
         print(f"adrec {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

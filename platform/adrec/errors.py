@@ -17,6 +17,11 @@ class RunError(FileNotFoundError):
     """A stage asked for the output of an earlier stage that is not in the run folder."""
 
 
+class UnsafeFileError(ValueError):
+    """A model or state file that only code execution could load (a pickle, a checkpoint holding objects,
+    a class name off the allow-list): refused, never run; the message says how to rebuild it."""
+
+
 class LogShrankError(RuntimeError):
     """The feedback log is shorter than an offset already consumed: it was replaced or rewritten."""
 

@@ -153,6 +153,32 @@ def test_two_stage_save_load_round_trip(fitted_two_stage, tmp_path):
     np.testing.assert_allclose(before[1], after[1], rtol=1e-5)
 
 
+def test_a_pickle_planted_in_a_versions_topk_folder_is_refused(fitted_two_stage, tmp_path):
+    import pickle
+
+    from adrec.errors import UnsafeFileError
+    from adrec.model_version.layout import VersionPaths
+    from adrec.model_version.reader import load_two_stage
+    from adrec.topk import gbdt
+
+    if fitted_two_stage.ranker != "sklearn":
+        pytest.skip("the pickle was scikit-learn's format")
+    marker = tmp_path / "ran"
+
+    class Plant:  # unpickled, it would create the marker
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    topk = VersionPaths(tmp_path / "version").topk
+    fitted_two_stage.save(topk)
+    assert (topk / gbdt.SKLEARN_FILE).is_file() and not (topk / gbdt.LEGACY_PICKLE).exists()
+    (topk / gbdt.SKLEARN_FILE).unlink()  # a version as older adrec wrote it, with a malicious ranker.pkl
+    (topk / gbdt.LEGACY_PICKLE).write_bytes(pickle.dumps(Plant()))
+    with pytest.raises(UnsafeFileError, match=r"ranker\.pkl is a pickled re-ranker.*`adrec candidates --run R`"):
+        load_two_stage(tmp_path / "version")
+    assert not marker.exists()
+
+
 def test_two_stage_extra_scores_hook(synth):
     calls = []
 

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import scipy.sparse as sp
 
+from adrec.errors import UnsafeFileError
+
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
@@ -446,9 +448,13 @@ class CandidateSource(ABC):
         d = Path(directory)
         meta_path = d / STATE_JSON
         meta = read_format_json(meta_path, FORMAT, FORMAT_VERSION, "a saved candidate source")
-        klass = _REGISTRY.get(meta.get("class", ""))
+        # Only a name is read from the file, looked up among the classes defined in code (the registry
+        # that __init_subclass__ fills): no module named in a file is ever imported.
+        name = meta.get("class")
+        klass = _REGISTRY.get(name) if isinstance(name, str) else None
         if klass is None:
-            raise ValueError(f"{meta_path}: unknown source class {meta.get('class')!r}; known: {sorted(_REGISTRY)}")
+            raise UnsafeFileError(f"{meta_path}: unknown source class {name!r} (nothing was imported); "
+                                  f"known: {sorted(_REGISTRY)}")
         if not issubclass(klass, cls):
             raise TypeError(f"{d} holds a {klass.__name__}, not a {cls.__name__}")
         with np.load(d / STATE_NPZ, allow_pickle=False) as npz:

@@ -59,7 +59,7 @@ def _tokenizer_source(cfg: "RankerConfig") -> str:
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path)
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
 
 
 def tiny_bert(vocab_size: int, seed: int = 0):
@@ -97,11 +97,15 @@ def load_encoder(cfg: "RankerConfig"):
 
 
 def load_saved_encoder(folder: str | Path):
-    """An encoder written by ``save_pretrained`` (the ranker's ``encoder/`` folder) and its tokenizer."""
+    """An encoder written by ``save_pretrained`` (the ranker's ``encoder/`` folder) and its tokenizer.
+
+    Weights from safetensors only and no code from the folder: a pickled ``pytorch_model.bin`` or a
+    config naming its own model code is refused (a ranker folder may sit on storage others can write)."""
     from transformers import AutoModel
 
     folder = str(folder)
-    return AutoModel.from_pretrained(folder), load_tokenizer(folder)
+    model = AutoModel.from_pretrained(folder, use_safetensors=True, trust_remote_code=False)
+    return model, load_tokenizer(folder)
 
 
 # ---- tokens and pooling ---------------------------------------------------------------------------

@@ -44,6 +44,10 @@ class ModelVersion:
     ``load_ranker=False`` skips the CTR ranker (a process that only produces candidates);
     ``load_topk=False`` skips the two-stage recommender (about 80 MB and 0.5 s on MovieLens-100k):
     for a process that only scores with the CTR ranker.
+
+    No file of the version runs code when read: a pickle, a checkpoint holding objects or a class name
+    outside the code's allow-lists raises :class:`~adrec.errors.UnsafeFileError` naming the file and
+    the command that rebuilds it.
     """
 
     def __init__(self, model_dir: str | Path, load_ranker: bool = True, load_topk: bool = True):

@@ -13,8 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-import torch
-
+from adrec import torchfile
 from adrec.model_version.writer import fsync_path
 
 log = logging.getLogger(__name__)
@@ -29,7 +28,7 @@ def save_checkpoint(state_dir: Path, state: dict) -> Path:
     final = state_dir / NAME
     tmp = state_dir / f".{NAME}.tmp"
     with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
+        torchfile.save({"format": FORMAT, **state}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
@@ -41,8 +40,9 @@ def load_checkpoint(state_dir: Path) -> dict | None:
     path = Path(state_dir) / NAME
     if not path.is_file():
         return None
-    # Our own file (pickled plain Python, numpy and tensors), never user input.
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    # Plain state only (weights_only): a run folder on shared storage must not be a way to run code here.
+    state = torchfile.load(path, "the online learner's checkpoint",
+                           f"delete {path} to start the learner afresh from its base version")
     if int(state.get("format", 0)) > FORMAT:
         raise ValueError(f"{path} was written by a newer adrec (format {state['format']} > {FORMAT})")
     return state

@@ -7,6 +7,8 @@ as :meth:`FeatureSpec.encode_rows` produces them at serving time.
 
 A saved ranker is a folder with a ``ranker.json`` naming its class; :func:`load_ranker` reads it
 and returns the right class, so the Serve app and the evaluation never need to know which one it is.
+The name maps through :data:`RANKER_CLASSES`, written here in code: a file never chooses a module to
+import (a run folder on shared storage must not be a way to run code in Serve or the learner).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from adrec.errors import UnsafeFileError
+
 RANKER_JSON = "ranker.json"
 
-# Short names for the rankers this package ships; any "module:Class" or "module.Class" also works.
-_REGISTRY = {
-    "FusionRanker": "adrec.ranking.fusion:FusionRanker",
+#: The ranker classes a ``ranker.json`` may name, and where each lives (imported on first use: torch).
+RANKER_CLASSES = {
+    "FusionRanker": ("adrec.ranking.fusion", "FusionRanker"),
 }
 
 
@@ -44,18 +48,15 @@ class Ranker(ABC):
         """Rebuild a ranker from a folder written by :meth:`save`."""
 
 
-def _import_class(ref: str):
-    ref = _REGISTRY.get(ref, ref)
-    if ":" in ref:
-        module, _, name = ref.partition(":")
-    else:
-        module, _, name = ref.rpartition(".")
-    if not module:
-        raise ValueError(f"unknown ranker class '{ref}' (known: {sorted(_REGISTRY)})")
-    cls = getattr(importlib.import_module(module), name, None)
-    if cls is None or not (isinstance(cls, type) and issubclass(cls, Ranker)):
-        raise ValueError(f"'{ref}' is not a Ranker class")
-    return cls
+def ranker_class(name: object, where: str | Path = RANKER_JSON) -> type[Ranker]:
+    """The class :data:`RANKER_CLASSES` knows as ``name``; any other name (a module path, say) is refused
+    with :class:`UnsafeFileError` before anything is imported."""
+    if not isinstance(name, str) or name not in RANKER_CLASSES:
+        raise UnsafeFileError(f"{where} names ranker class {name!r}, which is not one adrec ships "
+                              f"(known: {sorted(RANKER_CLASSES)}); nothing was imported. Train the ranker "
+                              "again (`adrec train --run R`) or fix the file's \"class\"")
+    module, attr = RANKER_CLASSES[name]
+    return getattr(importlib.import_module(module), attr)
 
 
 def read_ranker_json(path: str | Path) -> dict:
@@ -71,4 +72,4 @@ def load_ranker(path: str | Path) -> Ranker:
     meta = read_ranker_json(path)
     if "class" not in meta:
         raise ValueError(f"{Path(path) / RANKER_JSON} names no 'class'")
-    return _import_class(meta["class"]).load(Path(path))
+    return ranker_class(meta["class"], Path(path) / RANKER_JSON).load(Path(path))

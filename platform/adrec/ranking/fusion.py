@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from adrec import torchfile
 from adrec.config import RankerConfig
 from adrec.features.spec import FeatureSpec
 from adrec.ranking.base import RANKER_JSON, Ranker
@@ -184,7 +185,8 @@ class FusionRanker(Ranker):
         arch = meta["arch"]
         tables = EntityTables.from_frames(items, users, arch)
         model = _make_model(arch, cfg, tables, encoder, tok, refresh=False)
-        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+        state = torchfile.load(folder / "model.pt", "a ranker's weights",
+                               "train the ranker again (`adrec train --run R`)")
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("text.encoder.")]
         if missing or unexpected:

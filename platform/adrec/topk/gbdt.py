@@ -4,11 +4,14 @@ pointwise HistGradientBoostingClassifier; training, scoring and the model file.
 
 Scores are monotone in what was learned (LightGBM's raw score, scikit-learn's decision function):
 they order one user's candidates and mean nothing across models.
+
+Neither model file is a pickle: a version folder may sit on storage others can write, and unpickling
+runs code. LightGBM's is its text model; scikit-learn's is a skops file (``skops.io``: a zip of JSON
+and numpy arrays), loaded with the trusted-type list :data:`SKLEARN_TRUSTED` and refused otherwise.
 """
 
 from __future__ import annotations
 
-import pickle
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,13 +21,21 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
+from adrec.errors import UnsafeFileError
+
 __all__ = ["LGBM_DEFAULTS", "RANKERS", "SKLEARN_DEFAULTS", "load_ranker", "predict", "resolve_ranker", "save_ranker",
            "train_ranker"]
 
 #: What ``ranker`` may say; "auto" is LightGBM when importable, else scikit-learn.
 RANKERS = ("auto", "lightgbm", "sklearn")
 LGBM_FILE = "ranker.txt"
-SKLEARN_FILE = "ranker.pkl"
+SKLEARN_FILE = "ranker.skops"
+#: What versions before skops wrote: a pickle, refused (never unpickled).
+LEGACY_PICKLE = "ranker.pkl"
+#: The types a scikit-learn re-ranker file may hold beyond those skops trusts by default (scikit-learn's
+#: estimators, numpy and builtins): the fitted trees of HistGradientBoostingClassifier.
+SKLEARN_TRUSTED = ("sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",)
+_REFIT = "refit the top-K stage (`adrec candidates --run R`)"
 
 
 def resolve_ranker(ranker: str) -> str:
@@ -106,20 +117,50 @@ def predict(model: Any, kind: str, x: pd.DataFrame | np.ndarray) -> np.ndarray:
         return np.asarray(model.decision_function(x), dtype=np.float64)
 
 
+def _skops():
+    try:
+        import skops.io
+    except ImportError as err:
+        raise ImportError("the scikit-learn re-ranker is saved with skops: pip install skops "
+                          "(or install LightGBM and use ranker='lightgbm')") from err
+    return skops.io
+
+
 def save_ranker(model: Any, kind: str, directory: Path) -> None:
-    """Write the re-ranker into ``directory``: LightGBM's text model, scikit-learn's model pickled
-    (the format this package has always written; load only folders you wrote yourself)."""
+    """Write the re-ranker into ``directory``: LightGBM's text model, or scikit-learn's model as a skops file."""
     if kind == "lightgbm":
         booster = model.booster_ if hasattr(model, "booster_") else model
         booster.save_model(str(directory / LGBM_FILE))
     else:
-        (directory / SKLEARN_FILE).write_bytes(pickle.dumps(model))
+        _skops().dump(model, directory / SKLEARN_FILE)
 
 
 def load_ranker(kind: str, directory: Path) -> Any:
-    """The re-ranker :func:`save_ranker` wrote (a LightGBM Booster, or the scikit-learn model)."""
+    """The re-ranker :func:`save_ranker` wrote (a LightGBM Booster, or the scikit-learn model).
+
+    A scikit-learn file holding any type outside skops' defaults and :data:`SKLEARN_TRUSTED`, and a
+    pickled ``ranker.pkl`` of older versions, are refused with :class:`UnsafeFileError`: nothing in them runs."""
     if kind == "lightgbm":
         import lightgbm
 
         return lightgbm.Booster(model_file=str(directory / LGBM_FILE))
-    return pickle.loads((directory / SKLEARN_FILE).read_bytes())
+    path = directory / SKLEARN_FILE
+    if not path.is_file():
+        if (directory / LEGACY_PICKLE).is_file():
+            raise UnsafeFileError(f"{directory / LEGACY_PICKLE} is a pickled re-ranker, which adrec no longer "
+                                  f"loads (unpickling a file runs code from it): {_REFIT}")
+        raise FileNotFoundError(f"{path} is missing: {_REFIT}")
+    sio = _skops()
+    from skops.io.exceptions import UntrustedTypesFoundException
+
+    try:
+        model = sio.load(path, trusted=list(SKLEARN_TRUSTED))
+    except UntrustedTypesFoundException as err:
+        raise UnsafeFileError(f"{path} is refused: it holds types outside the re-ranker's trusted list "
+                              f"({err}); {_REFIT}") from None
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    if not isinstance(model, HistGradientBoostingClassifier):
+        raise UnsafeFileError(f"{path} holds a {type(model).__name__}, not the HistGradientBoostingClassifier "
+                              f"adrec writes: {_REFIT}")
+    return model

@@ -2,7 +2,8 @@
 
 A session gives the loop its rank, world size and device, the checkpoint to resume from (None on a
 fresh start) and ``report(metrics, state)``, called once per epoch. A checkpoint is one file,
-``state.pt``: the training state of :class:`adrec.ranking.train.state.TrainingState`.
+``state.pt``: the training state of :class:`adrec.ranking.train.state.TrainingState`, as plain state
+(:mod:`adrec.torchfile`: tensors and plain values, read with ``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -12,12 +13,22 @@ from pathlib import Path
 
 import torch
 
+from adrec import torchfile
+
 STATE_FILE = "state.pt"
 
 
 def load_state(folder: str | Path) -> dict:
-    """The training state saved in a checkpoint folder."""
-    return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+    """The training state saved in a checkpoint folder (:class:`UnsafeFileError` for one holding objects)."""
+    return torchfile.load(Path(folder) / STATE_FILE, "a training checkpoint",
+                          "delete the checkpoint folder and train again (`adrec train --run R`)")
+
+
+def save_state(state: dict, folder: str | Path) -> Path:
+    """Write ``state`` as the checkpoint file of ``folder``, as plain state that :func:`load_state` reads."""
+    path = Path(folder) / STATE_FILE
+    torchfile.save(state, path)
+    return path
 
 
 class LocalSession:
@@ -78,7 +89,7 @@ class RaySession:
 
         if self.rank == 0:
             with tempfile.TemporaryDirectory(prefix="adrec-ckpt-") as d:
-                torch.save(state, Path(d) / STATE_FILE)
+                save_state(state, d)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)

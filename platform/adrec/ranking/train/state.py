@@ -59,7 +59,10 @@ class Progress:
 
     @classmethod
     def from_dict(cls, state: dict) -> "Progress":
-        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
+        pr = cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
+        if isinstance(pr.best_logits, torch.Tensor):  # a checkpoint file holds them as a tensor (plain state)
+            pr.best_logits = pr.best_logits.numpy()
+        return pr
 
 
 def seed_all(seed: int) -> None:
