@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import adrec
-from adrec.errors import ConfigError, DataError, RunError
+from adrec.errors import ConfigError, DataError, LearnerFailedError, RunError
 from adrec.run import RunDir, resolve_config
 
 log = logging.getLogger("adrec.cli")
@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, RunError) as err:
         print(f"adrec {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except LearnerFailedError as err:
+        print(f"adrec {args.command}: error: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"adrec {args.command}: interrupted", file=sys.stderr)
         return 130
