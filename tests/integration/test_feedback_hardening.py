@@ -100,7 +100,7 @@ def test_poisoned_timestamps_over_http_get_422_and_leave_the_labels_alone(ray_se
         assert not any(e["event_id"].startswith("poison-") for e in read_events(args.feedback_log))
         for k in ("records", "examples", "positives", "examples_learned", "pending", "late_clicks", "future_ts_clamped"):
             assert after["counts"][k] == before["counts"][k], k  # not one label changed
-        assert after["healthy"] and after["running"]
+        assert after["healthy"] and after["running"] and ray.get(handle.check.remote()) is True
     finally:
         ray.kill(handle, no_restart=True)
         serve.shutdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
@@ -241,6 +242,10 @@ def test_one_writer_per_log(tmp_path):
     other = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=60)
     assert other.returncode == 3 and f"pid {os.getpid()}" in other.stdout and str(path) in other.stdout
     first.append([_rec("b")])  # the holder goes on; nothing it acknowledged is lost
+    t = time.monotonic()
+    with pytest.raises(LogLockedError):
+        FeedbackLog(path, lock_wait_s=0.3)  # a writer that waits for a handover gives up after its wait
+    assert time.monotonic() - t >= 0.3
     first.close()
     second = FeedbackLog(path)  # released with the first writer
     assert second.append([_rec("b"), _rec("c")]).accepted == ["c"]

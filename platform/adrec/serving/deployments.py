@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 # Versions a ranker replica keeps loaded: the live one and the one before it (mid-rollout requests).
 KEEP_VERSIONS = 2
+# How long a new feedback writer waits for the log's lock: a replica replacing one that is still shutting
+# down (Serve's graceful shutdown: 20 s by default) takes over; a second writer beside a live one fails.
+WRITER_HANDOVER_S = 30.0
 
 
 @serve.deployment(name="RankerDeployment")
@@ -192,7 +195,7 @@ class FeedbackDeployment:
 
     def __init__(self, settings: AppArgs):
         self.log = FeedbackLog(settings.feedback_log, dedup_max_ids=settings.feedback_dedup_max_ids,
-                               dedup_window_s=settings.feedback_dedup_window_s)
+                               dedup_window_s=settings.feedback_dedup_window_s, lock_wait_s=WRITER_HANDOVER_S)
         self.items: set[str] | None = None
         self.previous_items: set[str] = set()
         self.version: str | None = None

@@ -11,7 +11,8 @@
   run out of space) with a checksum, and set afresh from the recovered log whenever the log is opened.
 - **One writer per log**: opening takes an exclusive ``flock`` on ``<log>.lock`` (holder pid, host and
   time written into it); a second writer, another replica or another app on the same file, is
-  refused with :class:`LogLockedError` naming the log and the holder.
+  refused with :class:`LogLockedError` naming the log and the holder (after ``lock_wait_s``: a
+  replica that replaces one still shutting down waits for it to let go).
 - ``event_id`` is the idempotency key: an id already in the log (or twice in one batch) is accepted
   and reported as a duplicate, never written twice. The index of seen ids is **bounded**: it keeps
   the newest ``dedup_max_ids`` ids, and none older than ``dedup_window_s`` (by the time the writer
@@ -106,7 +107,7 @@ def committed_size(path: str | Path, retries: int = 5) -> int | None:
 # ---- the writer -------------------------------------------------------------------------------------------
 class FeedbackLog:
     def __init__(self, path: str | Path, dedup_max_ids: int = DEDUP_MAX_IDS,
-                 dedup_window_s: float | None = DEDUP_WINDOW_S):
+                 dedup_window_s: float | None = DEDUP_WINDOW_S, lock_wait_s: float = 0.0):
         self.path = Path(path)
         self.dedup_max_ids = int(dedup_max_ids)
         self.dedup_window_s = dedup_window_s
@@ -115,7 +116,7 @@ class FeedbackLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if new_dir:
             _fsync_dir(self.path.parent.parent)
-        self._lock_fd = self._take_lock()
+        self._lock_fd = self._take_lock(lock_wait_s)
         self._fd = -1
         self._mark_fd = -1
         try:
@@ -140,28 +141,33 @@ class FeedbackLog:
     def lock_path(self) -> Path:
         return self.path.with_name(self.path.name + ".lock")
 
-    def _take_lock(self) -> int:
+    def _take_lock(self, wait_s: float) -> int:
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(fd)
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
+        deadline = time.monotonic() + wait_s
+        while True:
             try:
-                holder = self.lock_path.read_text().strip() or "unknown"
-            except OSError:
-                holder = "unknown"
-            raise LogLockedError(f"feedback log {self.path} is already open for writing by another writer "
-                                 f"({holder}; lock {self.lock_path}): one writer per log. Run one feedback "
-                                 "replica per log (FeedbackDeployment num_replicas=1) and give every app its own "
-                                 "serve.feedback_log") from None
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:  # held by another open of the file (this process or another)
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise LogLockedError(f"feedback log {self.path} is already open for writing by another writer "
+                                         f"({self._holder()}; lock {self.lock_path}): one writer per log. Run one "
+                                         "feedback replica per log (FeedbackDeployment num_replicas=1) and give every "
+                                         "app its own serve.feedback_log") from None
+            time.sleep(0.1)
         try:  # who holds it, for the message above (best effort: a full disk must not stop the writer)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode(), 0)
         except OSError:
             pass
         return fd
+
+    def _holder(self) -> str:
+        try:
+            return self.lock_path.read_text().strip() or "holder unknown"
+        except OSError:
+            return "holder unknown"
 
     # ---- recovery -----------------------------------------------------------------------------------
     def _remember(self, eid: str, at: float) -> None:
