@@ -145,7 +145,7 @@ class LearnerActor:
                                  on_publish=self.rollouts.submit if self.rollouts else None,
                                  live_versions=self.rollouts.live_versions if self.rollouts else None)
 
-        self.supervised = Supervised(make, cfg, state_dir, self._stop)
+        self.supervised = Supervised(make, cfg, state_dir)
         self._last = self.supervised.learner
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None

@@ -50,13 +50,13 @@ def run_learner(cfg: AdrecConfig, run: RunDir, rollout: bool = False, once: bool
     lower_priority(oc, min(19, os.getpriority(os.PRIO_PROCESS, 0) + oc.nice))
     stop = threading.Event()
     sup = Supervised(lambda: OnlineLearner(oc, base, feedback, state, on_publish=on_publish,
-                                           name=f"process-{run.path.name}"), oc, state, stop)
+                                           name=f"process-{run.path.name}"), oc, state)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     log.info("learning from %s (state in %s)%s", feedback, state, "; rolling versions out" if rollout else "")
     while not stop.is_set():
-        if sup.step() == 0 and sup.learner is not None:  # (a restart in progress: go round again)
-            if once:
+        if sup.step() == 0:
+            if once and sup.learner is not None:  # (None: a restart is due, after its backoff)
                 break
             stop.wait(oc.poll_interval_s)
     learner = sup.learner

@@ -12,7 +12,6 @@ is appended to ``status.jsonl``, and :meth:`Supervised.step` raises :class:`Lear
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,11 +23,11 @@ log = logging.getLogger(__name__)
 
 
 class Supervised:
-    def __init__(self, make: Callable[[], object], cfg, state_dir: str | Path, stop: threading.Event | None = None):
+    def __init__(self, make: Callable[[], object], cfg, state_dir: str | Path):
         self.make, self.cfg = make, cfg
         self.status_log = StatusLog(Path(state_dir))
-        self.stop = stop or threading.Event()
         self.health = {"healthy": True, "error": None, "failures": 0, "restarts": 0}
+        self.retry_at = 0.0  # monotonic time of the next restart (the backoff is waited out by the caller's loop)
         self.learner = make()  # a learner that cannot even start fails the caller at once
         self.learner.health = self.health
 
@@ -37,9 +36,11 @@ class Supervised:
         return bool(self.health["healthy"])
 
     def step(self) -> int:
-        """One learner step (records read); 0 while it restarts. Raises once it is unhealthy."""
+        """One learner step (records read); 0 while it waits to restart. Raises once it is unhealthy."""
         if not self.healthy:
             raise LearnerFailedError(f"the online learner is unhealthy: {self.health['error']}")
+        if self.learner is None and time.monotonic() < self.retry_at:
+            return 0
         try:
             if self.learner is None:
                 self.learner = self.make()
@@ -71,7 +72,7 @@ class Supervised:
         log.error("online learner step failed (%d of at most %d restarts in a row; next in %.1fs): %s", n, limit,
                   wait, self.health["error"], exc_info=err)
         self._write({"event": "step_failed", "retry_in_s": wait})
-        self.stop.wait(wait)
+        self.retry_at = time.monotonic() + wait
 
     def _write(self, record: dict) -> None:
         """The failure into status.jsonl and status.json (the last summary, with the health now)."""
