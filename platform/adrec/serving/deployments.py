@@ -248,6 +248,3 @@ class FeedbackDeployment:
 
     def count(self) -> int:
         return len(self.log)
-
-    def items_state(self) -> dict:
-        return {"version": self.version, "loading": self.wanted is not None, "error": self.load_error}
