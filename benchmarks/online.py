@@ -246,7 +246,8 @@ def run_benchmark(cfg, work: Path, s: Settings) -> dict:
     # 3. serve, with the learner beside it (paused until the first learning phase)
     port = s.port or free_port()
     args = AppArgs.from_config(cfg, run.path, port=port, app_name="adrec-online-bench",
-                               feedback_log=str(work / "feedback" / "events.jsonl"))
+                               feedback_log=str(work / "feedback" / "events.jsonl"),
+                               feedback_max_behind_s=None)  # the stream replays the synthetic log's (2023) times
     args = args.resolved()
     t = time.perf_counter()
     url = deploy(args)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import adrec
-from adrec.errors import ConfigError, DataError, RunError, UnsafeFileError
+from adrec.errors import ConfigError, DataError, LearnerFailedError, RunError, UnsafeFileError
 from adrec.run import RunDir, resolve_config
 
 log = logging.getLogger("adrec.cli")
@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, RunError, UnsafeFileError) as err:
         print(f"adrec {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except LearnerFailedError as err:
+        print(f"adrec {args.command}: error: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"adrec {args.command}: interrupted", file=sys.stderr)
         return 130

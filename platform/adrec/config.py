@@ -273,6 +273,15 @@ class ServeConfig(_Strict):
     allow_unauthenticated: bool = False
     max_body_bytes: int = Field(65536, ge=1024)
     feedback_log: str | None = None  # default: <run>/feedback/events.jsonl
+    # A /feedback event's ts must lie within this window around the server's clock (else 422): at most
+    # this far ahead (clock skew of clients), and at most this far behind (None: unbounded, e.g. to
+    # backfill or replay old logs). Nanoseconds, far future and negative ts are refused by default.
+    feedback_max_ahead_s: float = Field(300.0, ge=0)
+    feedback_max_behind_s: float | None = Field(7 * 86400.0, ge=0)
+    # The feedback writer's index of event ids (the idempotency key) keeps at most this many ids, none
+    # older than the window (by the time they were received): an event re-sent later is logged again.
+    feedback_dedup_max_ids: int = Field(1_000_000, ge=1)
+    feedback_dedup_window_s: float | None = Field(7 * 86400.0, gt=0)
     ranker_replicas: int = Field(1, ge=1)
     candidate_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(64, ge=1)
@@ -329,6 +338,10 @@ class OnlineConfig(_Strict):
     # An impression is labelled (and learned from) once the event-time watermark (the largest ts seen)
     # passes its ts + window + this slack; clicks that come later still are counted as late, not learned.
     lateness_s: float = Field(0.0, ge=0)
+    # The watermark never moves past the learner's clock plus this skew, whatever the events' ts say
+    # (counted as future_ts_clamped): the same bound as serve.feedback_max_ahead_s, for logs written
+    # before the ingress checked ts or by other writers. None: no bound (replays of logs from elsewhere).
+    max_ahead_s: float | None = Field(300.0, ge=0)
     # Per-coordinate FTRL-Proximal around the served weights, AdaGrad, or plain mini-batch SGD.
     optimizer: Literal["ftrl", "adagrad", "sgd"] = "ftrl"
     lr: float = Field(0.1, gt=0)  # sgd / adagrad step size; ftrl's alpha
@@ -356,6 +369,14 @@ class OnlineConfig(_Strict):
     read_batch_events: int = Field(2000, ge=1)  # log records read per step
     poll_interval_s: float = Field(0.25, gt=0)
     keep_versions: int = Field(4, ge=2)  # published version folders kept (the live one and its predecessors)
+    # A published version holds at most this many users more than its predecessor (users first seen in
+    # feedback); events of further new users are learned from as cold users but not added (counted as
+    # refused_new_users). None: unbounded.
+    max_new_users_per_version: int | None = Field(10_000, ge=0)
+    # A learner whose step fails is rebuilt from its checkpoint this many times in a row (backoff doubling
+    # from restart_backoff_s) before it reports itself unhealthy and stops.
+    max_restarts: int = Field(5, ge=0)
+    restart_backoff_s: float = Field(1.0, ge=0)
     # On publication: re-solve the ALS factors of the users (new ones included) and items with online clicks
     # against the fixed other side, and add the clicks to the history-based candidate sources.
     fold_in: bool = True

@@ -40,3 +40,7 @@ class ApiError(Exception):
         if self.details:
             out["errors"] = self.details
         return out
+
+
+class LearnerFailedError(RuntimeError):
+    """The online learner failed more often in a row than it may restart; it reports itself unhealthy."""

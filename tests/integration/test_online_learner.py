@@ -207,7 +207,7 @@ def test_serve_app_learns_from_http_feedback_and_rolls_out_without_drops(ray_ses
 
     args = AppArgs(model_dir=str(tiny_run.model), pseudonym_key=tiny_cfg.data.pseudonym_key,
                    feedback_log=str(tmp_path / "feedback" / "events.jsonl"), port=free_port(), app_name="adrec-online",
-                   num_cpus_per_replica=0.1)
+                   num_cpus_per_replica=0.1, feedback_max_behind_s=None)  # a replay of the tiny log's (2023) events
     cfg = _cfg(publish_every_events=500, num_cpus=0.1)
     part = stream[:1400]
     url, handle = serve_with_learner(cfg, args, state_dir=tmp_path / "online", name="test-online-serve")

@@ -157,7 +157,7 @@ def test_health_and_version(served):
 
 # ---- hostile input ----------------------------------------------------------------------------------------
 def _event(eid: str, item: str, user: str = "user00001", **kw) -> dict:
-    return {"event_id": eid, "user_id": user, "item": item, "type": "click", "ts": 1_700_000_000, **kw}
+    return {"event_id": eid, "user_id": user, "item": item, "type": "click", "ts": time.time() - 60, **kw}
 
 
 def _hostile_corpus(items: list[str]) -> list[tuple[str, str, str, dict, int]]:
@@ -215,6 +215,10 @@ def _hostile_corpus(items: list[str]) -> list[tuple[str, str, str, dict, int]]:
          j({"events": [{k: v for k, v in _event("h-5", items[0]).items() if k != "event_id"}]}), 422),
         ("feedback: ts a string", "POST", "/feedback", j({"events": [_event("h-6", items[0], ts="yesterday")]}), 422),
         ("feedback: ts negative", "POST", "/feedback", j({"events": [_event("h-7", items[0], ts=-1)]}), 422),
+        ("feedback: ts in nanoseconds", "POST", "/feedback", j({"events": [_event("h-10", items[0], ts=time.time() * 1e9)]}), 422),
+        ("feedback: ts far future", "POST", "/feedback", j({"events": [_event("h-11", items[0], ts=1e18)]}), 422),
+        ("feedback: ts an hour ahead", "POST", "/feedback", j({"events": [_event("h-12", items[0], ts=time.time() + 3600)]}), 422),
+        ("feedback: ts a year old", "POST", "/feedback", j({"events": [_event("h-13", items[0], ts=time.time() - 3.2e7)]}), 422),
         ("feedback: events empty", "POST", "/feedback", j({"events": []}), 422),
         ("feedback: events not a list", "POST", "/feedback", j({"events": {"a": 1}}), 422),
         ("feedback: extra field", "POST", "/feedback", j({"events": [_event("h-8", items[0], price=3)]}), 422),
@@ -365,10 +369,16 @@ def test_a_version_that_fails_to_load_is_reported_and_the_live_one_keeps_serving
     broken = tmp_path / "broken"
     publish(served["run"], target=broken)
     (broken / "ranker" / "model.pt").write_bytes(b"not a torch file")
+    (broken / "features" / "items.parquet").write_bytes(b"not parquet either")  # the feedback writer reads it
     with pytest.raises(RuntimeError, match="could not load version"):
         rollout(served["args"], broken, timeout_s=120)
     r = _rec(served["client"], served["users"][0])
     assert r.status_code == 200 and r.json()["version"] == live
+    # /feedback does not depend on the version: it answers, and still knows the items of the live one.
+    item = r.json()["items"][0]["item"]
+    fb = served["client"].post("/feedback", json={"events": [_event("broken-1", item)]})
+    assert fb.status_code == 200 and fb.json()["accepted"] == 1, fb.text
+    assert served["client"].post("/feedback", json={"events": [_event("broken-2", "no-such-ad")]}).status_code == 422
     # Back to the live version (replicas restarted later by the fault tests must find a loadable one).
     assert rollout(served["args"], served["v2"]) == live
     shutil.rmtree(broken)

@@ -115,6 +115,79 @@ def test_reader_consumes_complete_lines_only(tmp_path):
         r.read(path.stat().st_size + 1, 1)
 
 
+def test_the_reader_never_reads_past_the_committed_mark(tmp_path):
+    from adrec.serving.feedback import FeedbackLog
+
+    path = tmp_path / "events.jsonl"
+    log = FeedbackLog(path)
+    log.append([_rec(0), _rec(1)])
+    acked = path.stat().st_size
+    with open(path, "ab") as f:  # complete lines the writer has not acknowledged (a batch still failing)
+        f.write((json.dumps(_rec(2)) + "\n").encode())
+    r = FeedbackReader(path)
+    res = r.read(0, 100)
+    assert [e.event_id for e in res.events] == ["e0", "e1"] and res.end_offset == acked == r.size()
+    assert r.read(acked, 100).records == []
+    log.append([_rec(3)])  # the writer cuts the unacknowledged bytes, then appends and moves the mark
+    res = r.read(acked, 100)
+    assert [e.event_id for e in res.events] == ["e3"] and res.end_offset == path.stat().st_size
+    log.close()
+
+
+def test_the_watermark_never_passes_the_clock_plus_the_skew():
+    clock = [1_800_000_000.0]
+    now = clock[0]
+    j = AttributionJoiner(window_s=1000, max_ahead_s=300, clock=lambda: clock[0])
+    assert j.impression("i1", "u", 1, now - 50, {}, ()) == []  # final once the watermark passes now + 950
+    assert j.click("v", 2, 1e18) == []  # nanoseconds: would finalise i1 at once
+    assert j.impression("i2", "u", 3, now * 1e9, {}, ()) == []
+    assert j.watermark == now + 300 and j.counts["future_ts_clamped"] == 2
+    assert j.n_pending == 2 and j.counts["examples"] == 0 and j.counts["late_clicks"] == 0
+    clock[0] = now + 2000  # time passes: a real event past i1's deadline labels it, as ever
+    out = j.impression("i3", "u", 4, now + 1900, {}, ())
+    assert [e.event_id for e in out] == ["i1"] and j.counts["future_ts_clamped"] == 2
+    unbounded = AttributionJoiner(window_s=1000)  # no bound: the old behaviour (replays of foreign logs)
+    unbounded.impression("i1", "u", 1, now - 50, {}, ())
+    assert [e.event_id for e in unbounded.click("v", 2, 1e18)] == ["i1"]
+
+
+def test_new_users_are_bounded_per_version():
+    cat = OnlineCatalog({"known": 0}, [np.array([1])], hist_len=3, n_items=5, max_new_per_version=2)
+    for u in ("n1", "n2", "n3", "n3", "known", "n4"):
+        cat.impression(u, 1)
+    cat.click("n3", 2)
+    assert list(cat.new_users) == ["n1", "n2"] and cat.refused_users == 2 and cat.refused_events == 4
+    assert "n3" not in cat.seen and "n3" not in cat.clicks and cat.index("n3") == -1
+    assert cat.seen_matrix(sp.csr_matrix((1, 5))).shape == (3, 5)  # nothing of the refused users reaches a version
+    cat.published()
+    cat.click("n3", 2)
+    assert cat.index("n3") == 3 and cat.refused_users == 2
+    again = OnlineCatalog({"known": 0}, [np.array([1])], hist_len=3, n_items=5, max_new_per_version=2)
+    again.load_state_dict(cat.state_dict())
+    assert again.state_dict() == cat.state_dict()
+    assert OnlineConfig().max_new_users_per_version == 10_000
+
+
+def test_pruning_keeps_the_live_version_and_its_predecessor(tmp_path):
+    from adrec.online.publish import prune_versions
+
+    for v in ("v1", "v2", "v3", "v4", "v5"):
+        (tmp_path / v).mkdir()
+    (tmp_path / ".v6.tmp").mkdir()
+    removed = prune_versions(tmp_path, {"v4", "v5"} | {"v1", "v2"})  # newest two | live and the one before it
+    assert sorted(removed) == [".v6.tmp", "v3"] and sorted(p.name for p in tmp_path.iterdir()) == ["v1", "v2", "v4", "v5"]
+
+
+def test_status_records_are_appended_once(tmp_path):
+    from adrec.online.publish import StatusLog
+
+    st = StatusLog(tmp_path)
+    rec = {"event": "published", "version": "b-o000000800", "examples_learned": 800, "guard": {"events": 3}}
+    assert st.append_once(rec) and not st.append_once(dict(rec))  # a replay of the same decision
+    assert st.append_once({**rec, "event": "refused", "version": "b-o000001600", "examples_learned": 1600})
+    assert [r["version"] for r in st.read()] == ["b-o000000800", "b-o000001600"]
+
+
 # ---- progressive metrics -----------------------------------------------------------------------------
 def test_progressive_metrics_match_the_offline_definitions():
     rng = np.random.default_rng(1)

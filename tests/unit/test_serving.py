@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
-from adrec.serving.feedback import FeedbackLog, read_events
+from adrec.config import OnlineConfig, ServeConfig
+from adrec.serving.feedback import (FeedbackLog, FeedbackWriteError, LogLockedError, committed_path, committed_size,
+                                    read_events)
 from adrec.errors import ApiError
 from adrec.serving.schemas import FeedbackRequest, RecommendRequest, decode_json, validate
 
@@ -68,6 +71,33 @@ def test_feedback_request_validation():
     assert _status(FeedbackRequest, {"events": [ev], "more": 1}) == 422
 
 
+def test_feedback_ts_must_lie_in_the_window_around_the_server_clock():
+    now = 1_800_000_000.0
+    ctx = {"now": now, "max_ahead_s": 300.0, "max_behind_s": 604800.0}
+    ev = {"event_id": "e1", "user_id": "u", "item": "i", "type": "click", "ts": now}
+
+    def check(ts, **over):
+        return _status(FeedbackRequest, {"events": [ev, {**ev, "ts": ts}]}, **{**ctx, **over})
+
+    assert check(now) == check(now + 299) == check(now - 604799) == 200
+    for poisoned in (1e18, now * 1e9, now + 301, -1, -1e18, now - 604801, 0):  # far future, nanoseconds, negative, old
+        assert check(poisoned) == 422, poisoned
+    assert check(now - 10 * 365 * 86400, max_behind_s=None) == 200  # a replay of old logs, when allowed
+    assert check(-1, max_behind_s=None) == 422  # never negative
+    assert check(now + 301, max_behind_s=None) == 422
+    with pytest.raises(ApiError) as err:
+        validate(FeedbackRequest, {"events": [ev, {**ev, "ts": 1e18}]}, **ctx)
+    msg = err.value.message
+    assert "events.1.ts: 1e+18 is 1e+18 s ahead of the server clock (allowed: 300 s ahead, 604800 s behind)" in msg, msg
+    assert "events.0" not in msg
+    with pytest.raises(ApiError, match=r"events.0.ts: .* behind the server clock \(allowed: 300 s ahead, 604800 s behind\)"):
+        validate(FeedbackRequest, {"events": [{**ev, "ts": 1_700_000_000}]}, **ctx)
+    with pytest.raises(ApiError, match=r"events.0.ts: -5 is negative"):
+        validate(FeedbackRequest, {"events": [{**ev, "ts": -5}]}, **ctx)
+    defaults = ServeConfig()
+    assert defaults.feedback_max_ahead_s == OnlineConfig().max_ahead_s == 300 and defaults.feedback_max_behind_s == 604800
+
+
 @pytest.mark.parametrize("raw, ok", [
     (b'{"a": 1}', True),
     (b'  {"a": "\\u00fc"}  ', True),
@@ -118,7 +148,7 @@ def test_feedback_log_rebuilds_its_index_and_cuts_a_torn_tail(tmp_path):
     with open(path, "ab") as f:  # a crash in the middle of a write: never acknowledged
         f.write(b'{"event_id": "c", "us')
     log = FeedbackLog(path)
-    assert log.ids == {"a", "b"} and len(log) == 2
+    assert set(log.ids) == {"a", "b"} and len(log) == 2
     assert path.read_bytes().endswith(b"\n")
     assert log.append([_rec("a"), _rec("c")]).accepted == ["c"]
     log.close()
@@ -137,6 +167,112 @@ def test_feedback_log_fsyncs_before_acknowledging(tmp_path, monkeypatch):
     log.append([_rec("x")])  # a pure duplicate writes nothing
     assert not calls
     log.close()
+
+
+def test_the_committed_mark_follows_acknowledged_appends_only(tmp_path):
+    path = tmp_path / "events.jsonl"
+    log = FeedbackLog(path)
+    assert committed_size(path) == 0
+    log.append([_rec("a"), _rec("b")])
+    assert committed_size(path) == path.stat().st_size > 0
+    acked = path.stat().st_size
+    with open(path, "ab") as f:  # bytes beyond the mark (what a failed batch leaves before its rollback)
+        f.write(json.dumps(_rec("ghost")).encode() + b"\n")
+    assert committed_size(path) == acked
+    log.append([_rec("c")])  # the next append first cuts what the mark does not cover
+    assert [e["event_id"] for e in read_events(path)] == ["a", "b", "c"] and committed_size(path) == path.stat().st_size
+    log.close()
+    committed_path(path).write_bytes(b"00000000000000000017 deadbeef\n")  # a torn / corrupt mark reads as nothing
+    assert committed_size(path, retries=2) == 0
+    FeedbackLog(path).close()  # reopening sets the mark from the log itself
+    assert committed_size(path) == path.stat().st_size
+    assert committed_size(tmp_path / "never-written.jsonl") is None  # no mark: an older writer's log
+
+
+_FILL = """
+import errno, json, os, resource, signal, sys
+from adrec.serving.feedback import FeedbackLog, FeedbackWriteError, committed_size
+path = sys.argv[1]
+log = FeedbackLog(path)
+log.append([{"event_id": "ok-0", "user": "u", "item": "i", "type": "click", "ts": 1.0}])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + 100, resource.RLIM_INFINITY))
+try:
+    log.append([{"event_id": f"big-{i}", "user": "u", "item": "i", "type": "click", "ts": 1.0, "pad": "x" * 50}
+                for i in range(20)])
+    print(json.dumps({"failed": False}))
+except FeedbackWriteError as err:
+    print(json.dumps({"failed": True, "errno": err.errno, "msg": str(err), "size": os.path.getsize(path),
+                      "mark": committed_size(path)}))
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+log.append([{"event_id": "ok-1", "user": "u", "item": "i", "type": "click", "ts": 1.0}])
+"""
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path):
+    """A real failing write (the file size limit, EFBIG, mid-batch) in a child process: rolled back, mark unmoved."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "events.jsonl"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", _FILL, str(path)], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    first = len(json.dumps({"event_id": "ok-0", "user": "u", "item": "i", "type": "click", "ts": 1.0},
+                           separators=(",", ":"))) + 1
+    assert res["failed"] and res["errno"] == 27 and "could not be written" in res["msg"]  # EFBIG
+    assert res["size"] == res["mark"] == first  # the partial batch was cut off; the mark never covered it
+    assert [e["event_id"] for e in read_events(path)] == ["ok-0", "ok-1"]
+    assert committed_size(path) == path.stat().st_size
+
+
+def test_one_writer_per_log(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "events.jsonl"
+    first = FeedbackLog(path)
+    first.append([_rec("a")])
+    with pytest.raises(LogLockedError, match=rf"feedback log {path} is already open for writing .*pid {os.getpid()}"):
+        FeedbackLog(path)  # a second writer in this process (another open file description)
+    code = ("import sys\nfrom adrec.serving.feedback import FeedbackLog, LogLockedError\n"
+            "try:\n    FeedbackLog(sys.argv[1])\nexcept LogLockedError as e:\n    print(e); sys.exit(3)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    other = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=60)
+    assert other.returncode == 3 and f"pid {os.getpid()}" in other.stdout and str(path) in other.stdout
+    first.append([_rec("b")])  # the holder goes on; nothing it acknowledged is lost
+    t = time.monotonic()
+    with pytest.raises(LogLockedError):
+        FeedbackLog(path, lock_wait_s=0.3)  # a writer that waits for a handover gives up after its wait
+    assert time.monotonic() - t >= 0.3
+    first.close()
+    second = FeedbackLog(path)  # released with the first writer
+    assert second.append([_rec("b"), _rec("c")]).accepted == ["c"]
+    second.close()
+    assert [e["event_id"] for e in read_events(path)] == ["a", "b", "c"]
+
+
+def test_the_dedup_index_is_bounded_and_survives_a_restart(tmp_path):
+    path = tmp_path / "events.jsonl"
+    log = FeedbackLog(path, dedup_max_ids=3, dedup_window_s=None)
+    log.append([_rec(x) for x in "abcde"])
+    assert list(log.ids) == ["c", "d", "e"] and log.forgotten == 2
+    assert log.append([_rec("e"), _rec("a")]).accepted == ["a"]  # "a" left the window: logged again
+    log.close()
+    again = FeedbackLog(path, dedup_max_ids=3, dedup_window_s=None)  # rebuilt within the same bounds
+    assert list(again.ids) == ["d", "e", "a"] and len(again) == 6
+    again.close()
+    # by age: ids received longer ago than the window are forgotten (received_at of the records)
+    old = tmp_path / "old.jsonl"
+    log = FeedbackLog(old, dedup_window_s=3600)
+    log.append([{**_rec("old"), "received_at": 1.0}, {**_rec("new"), "received_at": 4e9}])
+    assert list(log.ids) == ["new"]
+    log.close()
+    log = FeedbackLog(old, dedup_window_s=3600)
+    assert list(log.ids) == ["new"] and log.append([_rec("old")]).accepted == ["old"]
+    log.close()
+    assert ServeConfig().feedback_dedup_max_ids == 1_000_000 and ServeConfig().feedback_dedup_window_s == 7 * 86400
 
 
 # ---- app args -----------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@
 - :mod:`adrec.online.actor`: the learner as a Ray actor beside the Serve app (:func:`start_learner`,
   :func:`serve_with_learner`), rolling published versions out to Serve.
 - ``adrec online --run RUN`` (:mod:`.foreground`): the learner on its own, in the foreground.
+- :mod:`adrec.online.supervise`: a failing learner restarts from its checkpoint (bounded, with backoff),
+  then reports itself unhealthy; it never idles silently.
 
 The benchmark of frozen vs online through a preference drift is ``benchmarks/online.py``, outside the library.
 """

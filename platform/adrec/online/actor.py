@@ -8,6 +8,9 @@
   a nice value alone barely separates the two; SCHED_IDLE does.) Its methods (``status``, ``flush``,
   ``stop``, ...) are safe to call while it runs. Started with ``max_restarts``, Ray brings a crashed learner back; the new instance
   restores the checkpoint and carries on from there (exactly once, see :mod:`adrec.online.learner`).
+  A step that raises is restarted in the actor (:mod:`adrec.online.supervise`: from the checkpoint,
+  bounded, with backoff); past that the actor reports itself unhealthy (``status()["healthy"]``,
+  ``check()`` raises) instead of idling. Pruning never removes the version Serve serves nor its predecessor.
 - :class:`Rollouts` turns every published version into a Serve rollout
   (:func:`adrec.serving.deploy.rollout`: the deployments' ``user_config`` changes, the replicas load
   the new version beside the live one and switch without dropping requests). It runs in its own
@@ -68,6 +71,7 @@ class Rollouts:
         self._wanted: tuple[Path, str] | None = None
         self.history: list[dict] = []
         self.live: str | None = None
+        self.previous: str | None = None  # the version live before ``live`` (requests in flight may use it)
         self.busy = False
         self._thread = threading.Thread(target=self._run, name="adrec-rollouts", daemon=True)
         self._thread.start()
@@ -91,7 +95,8 @@ class Rollouts:
             rec = {"version": vid, "path": str(path), "started": time.time()}
             try:
                 rollout(self.args, path)
-                self.live = vid
+                if vid != self.live:
+                    self.previous, self.live = self.live, vid
                 rec["ok"] = True
                 log.info("rolled out %s in %.1fs", vid, time.perf_counter() - t0)
             except Exception as err:
@@ -102,6 +107,11 @@ class Rollouts:
                 self.history.append(rec)
                 self.busy = False
                 self._cv.notify_all()
+
+    def live_versions(self) -> set[str]:
+        """The versions the app may serve now (the live one, the one before, and one being rolled out)."""
+        with self._cv:
+            return {v for v in (self.live, self.previous, self._wanted[1] if self._wanted else None) if v}
 
     def idle(self) -> bool:
         with self._cv:
@@ -120,6 +130,7 @@ class LearnerActor:
     def __init__(self, cfg, base_model_dir: str, feedback_log: str, state_dir: str, app_args=None,
                  name: str = DEFAULT_NAME, autostart: bool = True):
         from adrec.online.learner import OnlineLearner
+        from adrec.online.supervise import Supervised
 
         _logging()
         self.cfg = cfg
@@ -127,12 +138,17 @@ class LearnerActor:
         # loop sets it for itself; the actor's other threads answer calls and roll out at full priority).
         self._priority = min(19, os.getpriority(os.PRIO_PROCESS, 0) + int(cfg.nice))
         self.rollouts = Rollouts(app_args) if app_args is not None else None
-        self.learner = OnlineLearner(cfg, base_model_dir, feedback_log, state_dir,
-                                     on_publish=self.rollouts.submit if self.rollouts else None, name=name)
-        self._lock = threading.RLock()
         self._stop = threading.Event()
+
+        def make():
+            return OnlineLearner(cfg, base_model_dir, feedback_log, state_dir, name=name,
+                                 on_publish=self.rollouts.submit if self.rollouts else None,
+                                 live_versions=self.rollouts.live_versions if self.rollouts else None)
+
+        self.supervised = Supervised(make, cfg, state_dir)
+        self._last = self.supervised.learner
+        self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
-        self.error: str | None = None
         self.priority = "normal"
         if self.rollouts is not None and self.learner.published:
             # Restarted after a crash: make sure Serve holds the version the checkpoint says it does.
@@ -149,17 +165,24 @@ class LearnerActor:
         self._thread.start()
         return True
 
+    @property
+    def learner(self):
+        """The learner now (while a failed one restarts: the last one, for its status)."""
+        if self.supervised.learner is not None:
+            self._last = self.supervised.learner
+        return self._last
+
     def _loop(self) -> None:
+        from adrec.errors import LearnerFailedError
+
         cfg = self.cfg
         self.priority = lower_priority(cfg, self._priority)
         while not self._stop.is_set():
             t0 = time.perf_counter()
             try:
                 with self._lock:
-                    n = self.learner.step()
-            except Exception as err:  # keep the actor up to report it; Ray restarts only on process death
-                self.error = repr(err)
-                log.exception("online learner step failed; stopping the loop")
+                    n = self.supervised.step()  # a failure restarts the learner from its checkpoint, with backoff
+            except LearnerFailedError:  # the actor stays up to report it (status, check); logged by supervise
                 return
             busy = time.perf_counter() - t0
             if n == 0:
@@ -175,14 +198,14 @@ class LearnerActor:
         if self._thread is not None:
             self._thread.join()
         with self._lock:
-            if flush:
-                self.learner.flush()
-            else:
-                self.learner.checkpoint()
+            live = self.supervised.learner  # None after a failure: its checkpoint stays the last good state
+            if live is not None:
+                live.flush() if flush else live.checkpoint()
             return self.status()
 
     def flush(self) -> dict:
         with self._lock:
+            self.check()
             self.learner.flush()
             return self.learner.status()
 
@@ -194,13 +217,21 @@ class LearnerActor:
     def status(self) -> dict:
         with self._lock:
             out = self.learner.status()
+        out.update(self.supervised.health)
         out["running"] = self.running()
-        out["error"] = self.error
         out["pid"] = os.getpid()
         out["priority"] = self.priority
         if self.rollouts is not None:
             out["rollouts"] = self.rollouts.status()
         return out
+
+    def check(self) -> bool:
+        """True while the learner is healthy; raises with its error once it gave up restarting."""
+        from adrec.errors import LearnerFailedError
+
+        if not self.supervised.healthy:
+            raise LearnerFailedError(f"the online learner is unhealthy: {self.supervised.health['error']}")
+        return True
 
     def rollouts_idle(self) -> bool:
         return self.rollouts is None or self.rollouts.idle()

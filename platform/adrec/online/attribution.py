@@ -5,7 +5,10 @@
   click on it is counted as a repeat, never learned twice.
 - A click logged before its impression (clients report out of order) waits as an orphan until the
   impression arrives or can no longer arrive in time.
-- The watermark is the largest event ``ts`` read so far. An impression is final (its label can no
+- The watermark is the largest event ``ts`` read so far, but never more than ``max_ahead_s`` past the
+  learner's clock (``clock()``): an event stamped further ahead (a client sending nanoseconds, a log
+  written before the ingress checked ``ts``, another writer) is counted as ``future_ts_clamped`` and
+  moves the watermark only to that bound, so it cannot finalise pending impressions early. An impression is final (its label can no
   longer change) once the watermark passes ``ts + window + lateness``; final impressions leave the
   joiner in (deadline, arrival) order. Everything depends on the order of the log alone, so a replay
   from a checkpoint emits the same examples in the same order as the first pass.
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import heapq
 import math
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass
@@ -42,13 +47,16 @@ class Example:
 
 
 COUNTERS = ("impressions", "clicks", "attributed_clicks", "repeat_clicks", "late_clicks", "unattributed_clicks",
-            "examples", "positives")
+            "examples", "positives", "future_ts_clamped")
 
 
 class AttributionJoiner:
-    def __init__(self, window_s: float, lateness_s: float = 0.0):
+    def __init__(self, window_s: float, lateness_s: float = 0.0, max_ahead_s: float | None = None,
+                 clock: Callable[[], float] = time.time):
         self.window = float(window_s)
         self.lateness = float(lateness_s)
+        self.max_ahead = max_ahead_s
+        self.clock = clock
         self.watermark = -math.inf
         self.seq = 0
         # seq -> [event_id, user, item_idx, ts, context, hist, clicked]
@@ -61,6 +69,11 @@ class AttributionJoiner:
 
     # ---- input ----------------------------------------------------------------------------------
     def _advance(self, ts: float) -> None:
+        if self.max_ahead is not None:
+            bound = self.clock() + self.max_ahead
+            if ts > bound:
+                self.counts["future_ts_clamped"] += 1
+                ts = bound
         if ts > self.watermark:
             self.watermark = ts
 

@@ -8,6 +8,11 @@ updates on publication: new users (and known users with new clicks) get least-sq
 factors against the fixed item factors, items that were clicked get their item factors re-solved
 against the user factors (a cold catalog item gets its first informative factor here), and the
 history-based sources (item-item, text neighbours) see the new clicks in their user rows.
+
+New users are bounded per version (``max_new_per_version``, :meth:`OnlineCatalog.published` starts the
+next version's allowance): beyond it a new user's events are still learned from (as a cold user) but
+the user is not added and nothing is kept for them; each such event counts in ``refused_events`` and
+each such user once in ``refused_users`` (ids of refused users are kept only up to the same bound).
 """
 
 from __future__ import annotations
@@ -21,7 +26,13 @@ log = logging.getLogger(__name__)
 
 
 class OnlineCatalog:
-    def __init__(self, user_pos: dict[str, int], base_history: list[np.ndarray], hist_len: int, n_items: int):
+    def __init__(self, user_pos: dict[str, int], base_history: list[np.ndarray], hist_len: int, n_items: int,
+                 max_new_per_version: int | None = None):
+        self.max_new = max_new_per_version
+        self.version_start = 0  # len(new_users) when the last version was published
+        self.refused_events = 0
+        self.refused_users = 0
+        self._refused: set[str] = set()
         self.user_pos = user_pos
         self.n_base_users = len(user_pos)
         self.base_history = base_history
@@ -58,16 +69,33 @@ class OnlineCatalog:
         return self.n_base_users + len(self.new_users)
 
     # ---- updates ----------------------------------------------------------------------------------
-    def _register(self, user: str) -> None:
-        if user not in self.user_pos and user not in self.new_users:
-            self.new_users[user] = self.n_base_users + len(self.new_users)
+    def _register(self, user: str) -> bool:
+        """Whether the user is (now) known; False when the version's allowance of new users is used up."""
+        if user in self.user_pos or user in self.new_users:
+            return True
+        if self.max_new is not None and len(self.new_users) - self.version_start >= self.max_new:
+            self.refused_events += 1
+            if user not in self._refused:
+                self.refused_users += 1
+                if len(self._refused) < max(self.max_new, 1):
+                    self._refused.add(user)
+            return False
+        self.new_users[user] = self.n_base_users + len(self.new_users)
+        return True
+
+    def published(self) -> None:
+        """A version holding every user so far was published: the next one may add its own allowance."""
+        self.version_start = len(self.new_users)
+        self._refused.clear()
 
     def impression(self, user: str, item: int) -> None:
-        self._register(user)
+        if not self._register(user):
+            return
         self.seen.setdefault(user, set()).add(int(item))
 
     def click(self, user: str, item: int) -> None:
-        self._register(user)
+        if not self._register(user):
+            return
         item = int(item)
         self.clicks.setdefault(user, []).append(item)
         self.seen.setdefault(user, set()).add(item)
@@ -113,13 +141,19 @@ class OnlineCatalog:
     def state_dict(self) -> dict:
         return {"new_users": dict(self.new_users), "hist": {u: list(h) for u, h in self.hist.items()},
                 "clicks": {u: list(c) for u, c in self.clicks.items()},
-                "seen": {u: sorted(s) for u, s in self.seen.items()}}
+                "seen": {u: sorted(s) for u, s in self.seen.items()}, "version_start": self.version_start,
+                "refused_events": self.refused_events, "refused_users": self.refused_users,
+                "refused": sorted(self._refused)}
 
     def load_state_dict(self, st: dict) -> None:
         self.new_users = {str(u): int(i) for u, i in st["new_users"].items()}
         self.hist = {str(u): [int(x) for x in h] for u, h in st["hist"].items()}
         self.clicks = {str(u): [int(x) for x in c] for u, c in st["clicks"].items()}
         self.seen = {str(u): set(int(x) for x in s) for u, s in st["seen"].items()}
+        self.version_start = int(st.get("version_start", 0))
+        self.refused_events = int(st.get("refused_events", 0))
+        self.refused_users = int(st.get("refused_users", 0))
+        self._refused = set(st.get("refused", ()))
 
 
 def _binary(m: sp.spmatrix) -> sp.csr_matrix:

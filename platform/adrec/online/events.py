@@ -3,9 +3,12 @@
 The log (:mod:`adrec.serving.feedback`) is append-only JSON lines. A reader position is the byte
 offset just past the last *complete* line it consumed, so:
 
+- it reads only what the writer acknowledged: never past the log's committed mark
+  (:func:`adrec.serving.feedback.committed_size`), so a batch whose write failed and was cut off
+  again is never seen (a log without a mark, from an older writer, is read up to its end);
 - a line still being written (no newline yet) is never consumed: the next read starts at it again;
-- the only bytes the writer ever removes are such a torn tail (cut when the log is reopened), which
-  lie past every offset a reader can hold;
+- the only bytes the writer ever removes are such a torn tail or failed batch, which lie past every
+  offset a reader can hold;
 - the offset is what the learner checkpoints together with its model: resuming from it re-reads
   exactly the records after the last checkpoint, none skipped and none twice.
 """
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adrec.errors import LogShrankError
+from adrec.serving.feedback import committed_size
 
 log = logging.getLogger(__name__)
 
@@ -75,26 +79,33 @@ class FeedbackReader:
         self.path = Path(path)
         self.chunk_bytes = int(chunk_bytes)
 
-    def size(self) -> int:
+    def file_size(self) -> int:
         try:
             return os.stat(self.path).st_size
         except FileNotFoundError:
             return 0
 
+    def size(self) -> int:
+        """How many bytes of the log may be read: the committed mark (capped by the file's length)."""
+        size = self.file_size()
+        mark = committed_size(self.path)
+        return size if mark is None else min(mark, size)
+
     def read(self, offset: int, max_records: int) -> ReadResult:
-        size = self.size()
-        if size < offset:
-            raise LogShrankError(f"feedback log {self.path} has {size} bytes, but {offset} were already consumed: "
+        end = self.file_size()
+        if end < offset:
+            raise LogShrankError(f"feedback log {self.path} has {end} bytes, but {offset} were already consumed: "
                                  "it was replaced or rewritten; the learner refuses to guess where to continue")
+        size = self.size()
         records: list[tuple[Event | None, int]] = []
         pos = offset
-        if size == offset or max_records <= 0:
+        if size <= offset or max_records <= 0:
             return ReadResult(records, pos)
         with open(self.path, "rb") as f:
             f.seek(offset)
             buf = b""
-            while len(records) < max_records:
-                chunk = f.read(self.chunk_bytes)
+            while len(records) < max_records and f.tell() < size:
+                chunk = f.read(min(self.chunk_bytes, size - f.tell()))
                 if not chunk:
                     break
                 buf += chunk

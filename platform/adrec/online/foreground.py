@@ -5,7 +5,9 @@ from the version in ``RUN/model``, keeps its state in ``online.state_dir`` (defa
 publishes versions there. With ``rollout`` every published version is also rolled out to the Serve app of
 this run on the Ray at ``ray.address`` (the app ``adrec serve`` deployed). SIGINT / SIGTERM checkpoint and
 return; a SIGKILL loses nothing either: the next start resumes from the last checkpoint (offset and model
-together).
+together). A failing step restarts the learner from its checkpoint (:mod:`adrec.online.supervise`); past
+``online.max_restarts`` failures in a row it raises :class:`~adrec.errors.LearnerFailedError` (the
+CLI exits non-zero) with ``healthy: false`` in the status file.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def run_learner(cfg: AdrecConfig, run: RunDir, rollout: bool = False, once: bool
     """Learn until stopped (or, with ``once``, until the log holds nothing new); the learner's summary."""
     from adrec.online.actor import lower_priority
     from adrec.online.learner import OnlineLearner
+    from adrec.online.supervise import Supervised
 
     oc = cfg.online
     base = run.require(run.model, "train")
@@ -45,19 +48,23 @@ def run_learner(cfg: AdrecConfig, run: RunDir, rollout: bool = False, once: bool
             roll_out(args, path)
 
     lower_priority(oc, min(19, os.getpriority(os.PRIO_PROCESS, 0) + oc.nice))
-    learner = OnlineLearner(oc, base, feedback, state, on_publish=on_publish, name=f"process-{run.path.name}")
     stop = threading.Event()
+    sup = Supervised(lambda: OnlineLearner(oc, base, feedback, state, on_publish=on_publish,
+                                           name=f"process-{run.path.name}"), oc, state)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     log.info("learning from %s (state in %s)%s", feedback, state, "; rolling versions out" if rollout else "")
     while not stop.is_set():
-        if learner.step() == 0:
-            if once:
+        if sup.step() == 0:
+            if once and sup.learner is not None:  # (None: a restart is due, after its backoff)
                 break
             stop.wait(oc.poll_interval_s)
+    learner = sup.learner
+    if learner is None:  # stopped while restarting: its checkpoint is the state
+        return {"healthy": sup.healthy, "error": sup.health["error"]}
     if once and flush:
         learner.flush()
     else:
         learner.checkpoint()
     status = learner.status()
-    return {k: status[k] for k in ("serving_version", "counts", "guard", "last_decision")}
+    return {k: status[k] for k in ("healthy", "serving_version", "counts", "guard", "last_decision")}

@@ -7,6 +7,12 @@ One :class:`OnlineLearner` owns a state folder (default ``<run>/online``)::
     status.json       the latest status summary
     status.jsonl      one record per publication decision (published / refused), restart and flush
 
+A decision is checkpointed first and then appended to ``status.jsonl``, once: a learner that replays
+events after a crash reaches the same decision and finds its record there (or, restarting between the
+two writes, appends the checkpointed decision it does not find). Pruning keeps the newest
+``keep_versions`` published versions and whatever ``live_versions()`` names (the actor: the version
+Serve serves and its predecessor), even when the learner has published newer ones since.
+
 Per log record, in log order: the event goes through the :class:`AttributionJoiner`; labelled
 impressions queue up; every full mini-batch is scored by the learner's model (before it learns from
 it: progressive validation), by the serving version and by the frozen initial model, then the
@@ -62,7 +68,8 @@ class OnlineLearner:
 
     def __init__(self, cfg: OnlineConfig, base_model_dir: str | Path, feedback_log: str | Path,
                  state_dir: str | Path, on_publish: Callable[[Path, dict], None] | None = None,
-                 name: str = "default", export_metrics: bool = True):
+                 name: str = "default", export_metrics: bool = True,
+                 live_versions: Callable[[], set[str]] | None = None):
         from adrec.ranking.base import load_ranker
 
         torch.set_num_threads(cfg.torch_threads)
@@ -75,6 +82,7 @@ class OnlineLearner:
         self.reader = FeedbackReader(feedback_log)
         self.status_log = StatusLog(self.state_dir)
         self.on_publish = on_publish
+        self.live_versions = live_versions
 
         # encodings, users, histories (the two-stage recommender is not updated online: not loaded)
         self.base = load_version(self.base_dir, load_ranker=False, load_topk=False)
@@ -101,8 +109,9 @@ class OnlineLearner:
                 for p in r.model.parameters():
                     p.requires_grad_(False)
 
-        self.joiner = AttributionJoiner(cfg.attribution_window_s, cfg.lateness_s)
-        self.catalog = OnlineCatalog(self.base.user_pos, self.base.history, self.spec.history_len, self.spec.n_items)
+        self.joiner = AttributionJoiner(cfg.attribution_window_s, cfg.lateness_s, cfg.max_ahead_s)
+        self.catalog = OnlineCatalog(self.base.user_pos, self.base.history, self.spec.history_len, self.spec.n_items,
+                                     cfg.max_new_users_per_version)
         scorers = [ONLINE, SERVING] + ([FROZEN] if cfg.track_frozen else [])
         self.board = ScoreBoard(scorers, list(cfg.segments_ts), cfg.recent_window)
         self.ready: deque[Example] = deque()
@@ -121,6 +130,8 @@ class OnlineLearner:
         self.started = time.time()
         self.learn_seconds = 0.0
         self.gauges = RayGauges(name) if export_metrics else None
+        # healthy / error / failures / restarts: set by adrec.online.supervise, which restarts a failed learner
+        self.health: dict = {"healthy": True, "error": None, "failures": 0, "restarts": 0}
         self.restored = self._restore()
 
     # ---- state --------------------------------------------------------------------------------------
@@ -187,6 +198,8 @@ class OnlineLearner:
                  self.name, self.records, self.offset, self.examples_learned, self.serving_version)
         self.status_log.append({"event": "resumed", "records": self.records, "offset": self.offset,
                                 "examples_learned": self.examples_learned, "serving_version": self.serving_version})
+        if self.last_decision is not None:  # stopped between the checkpoint and the record of its decision
+            self.status_log.append_once(self.last_decision)
         return True
 
     # ---- rows ---------------------------------------------------------------------------------------
@@ -346,8 +359,9 @@ class OnlineLearner:
             self.serving_version = vid
             self.published.append({"version": vid, "path": str(path), "examples_learned": self.examples_learned,
                                    "records": self.records})
-            keep = [p["version"] for p in self.published[-self.cfg.keep_versions:]]
-            prune_versions(self.versions_dir, keep)
+            self.catalog.published()
+            keep = {p["version"] for p in self.published[-self.cfg.keep_versions:]}
+            prune_versions(self.versions_dir, keep | (self.live_versions() if self.live_versions else set()))
             record.update(event="published", path=str(path), fold_in=meta.get("online", {}).get("fold_in"))
             log.info("online learner %s published %s (progressive logloss %.5f vs serving %.5f over %d events)",
                      self.name, vid, g["online_logloss"], g["serving_logloss"], g["events"])
@@ -355,8 +369,8 @@ class OnlineLearner:
         self.last_decision_examples = self.examples_learned
         self.last_publish_time = time.monotonic()
         self.last_decision = record
-        self.status_log.append(record)
         self.checkpoint()  # the decision and the state it was made in are durable together
+        self.status_log.append_once(record)
         if record["event"] == "published" and self.on_publish is not None:
             try:
                 self.on_publish(Path(record["path"]), record)
@@ -377,10 +391,11 @@ class OnlineLearner:
         return {"records": self.records, "offset": self.offset, "examples_learned": self.examples_learned,
                 "pending": self.joiner.n_pending, "queued": len(self.ready), "published": len(self.published),
                 "refused": self.refused, "new_users": len(self.catalog.new_users),
+                "refused_new_users": self.catalog.refused_users, "refused_new_user_events": self.catalog.refused_events,
                 "log_bytes": self.reader.size(), **self.joiner.counts, **self.counters}
 
     def status(self) -> dict:
-        return {"learner": self.name, "base_version": self.base_version, "base_dir": str(self.base_dir),
+        return {"learner": self.name, **self.health, "base_version": self.base_version, "base_dir": str(self.base_dir),
                 "serving_version": self.serving_version, "latest_version_dir": str(self.latest_version_dir),
                 "counts": self.counts(), "metrics": self.board.summary(), "guard": self.guard_view(),
                 "last_decision": self.last_decision, "published": self.published[-self.cfg.keep_versions:],

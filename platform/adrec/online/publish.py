@@ -92,8 +92,11 @@ def publish_version(base_dir: Path, target: Path, ranker, catalog, sources=None,
     return path, meta
 
 
-def prune_versions(versions_dir: Path, keep: list[str]) -> list[str]:
-    """Delete published version folders not named in ``keep`` (and stale temporary folders)."""
+def prune_versions(versions_dir: Path, keep) -> list[str]:
+    """Delete published version folders not named in ``keep`` (and stale temporary folders).
+
+    ``keep`` must name the live version and its predecessor besides the newest ones: a rollout may
+    still be on its way to a newer version, or have failed, while Serve serves an older one."""
     removed = []
     if not versions_dir.is_dir():
         return removed
@@ -124,10 +127,34 @@ class StatusLog:
         finally:
             os.close(fd)
 
+    def append_once(self, record: dict, tail_bytes: int = 1 << 20) -> bool:
+        """Append a decision record unless the log's tail already holds it (same event, version and
+        learned count: a replay after a crash); returns whether it was appended."""
+        key = (record.get("event"), record.get("version"), record.get("examples_learned"))
+        if self.records.is_file():
+            with open(self.records, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+                for line in f.read().splitlines():
+                    try:
+                        r = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(r, dict) and (r.get("event"), r.get("version"), r.get("examples_learned")) == key:
+                        return False
+        self.append(record)
+        return True
+
     def write(self, summary: dict) -> None:
         tmp = self.current.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(summary, indent=1, default=_json_default))
         tmp.replace(self.current)
+
+    def read_current(self) -> dict:
+        try:
+            out = json.loads(self.current.read_text())
+        except (OSError, ValueError):
+            return {}
+        return out if isinstance(out, dict) else {}
 
     def read(self) -> list[dict]:
         if not self.records.is_file():

@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from adrec.model_version import VersionPaths, read_version
 from adrec.serving.args import AppArgs
-from adrec.serving.feedback import FeedbackLog
+from adrec.serving.feedback import FeedbackLog, FeedbackWriteError
 from adrec.serving.holder import VersionHolder, load_state, settle_heap
 from adrec.serving.recommender import Recommender
 from adrec.serving.replica import call, single_threaded
@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 # Versions a ranker replica keeps loaded: the live one and the one before it (mid-rollout requests).
 KEEP_VERSIONS = 2
+# How long a new feedback writer waits for the log's lock: a replica replacing one that is still shutting
+# down (Serve's graceful shutdown: 20 s by default) takes over; a second writer beside a live one fails.
+WRITER_HANDOVER_S = 30.0
 
 
 @serve.deployment(name="RankerDeployment")
@@ -181,33 +184,65 @@ class CandidateDeployment:
 
 @serve.deployment(name="FeedbackDeployment", num_replicas=1)
 class FeedbackDeployment:
-    """The single writer of the feedback log (one replica: one append order, one index of event ids)."""
+    """The single writer of the feedback log (one replica: one append order, one index of event ids;
+    the log's lock refuses a second one, see :class:`~adrec.serving.feedback.FeedbackLog`).
+
+    ``/feedback`` does not depend on the model version: the version's item ids (which events may
+    name) are read before the replica answers the first time, later in the background; a version
+    whose item table cannot be read leaves the previous ids in force. If none could ever be read,
+    events are logged without the item check (the learner counts unknown items).
+    """
 
     def __init__(self, settings: AppArgs):
-        self.log = FeedbackLog(settings.feedback_log)
-        self.items: set[str] = set()
+        self.log = FeedbackLog(settings.feedback_log, dedup_max_ids=settings.feedback_dedup_max_ids,
+                               dedup_window_s=settings.feedback_dedup_window_s, lock_wait_s=WRITER_HANDOVER_S)
+        self.items: set[str] | None = None
         self.previous_items: set[str] = set()
         self.version: str | None = None
+        self.wanted: str | None = None
+        self.load_error: str | None = None
+        self.loader: asyncio.Task | None = None
 
     async def reconfigure(self, config: dict) -> None:
-        model_dir = Path(config["model_dir"])
-        version = str(read_version(model_dir)["version"])
-        if version == self.version:
-            return
-        items = await asyncio.to_thread(pd.read_parquet, VersionPaths(model_dir).items, columns=["item"])
-        # Items of the version being replaced stay valid: clients may report on what they were shown.
-        self.previous_items, self.items = self.items, set(items["item"].astype(str))
-        self.version = version
+        # Serve holds requests back from a replica while reconfigure runs: never wait here for a version.
+        self.wanted = str(config["model_dir"])
+        if self.items is None and self.version is None and self.loader is None:
+            self.loader = asyncio.create_task(self._load_items())
+            await self.loader  # the first ids before the first request (failures are caught there)
+        elif self.loader is None or self.loader.done():
+            self.loader = asyncio.create_task(self._load_items())
+
+    async def _load_items(self) -> None:
+        while self.wanted is not None:
+            model_dir = self.wanted
+            try:
+                version = str((await asyncio.to_thread(read_version, model_dir))["version"])
+                if version != self.version:
+                    items = await asyncio.to_thread(pd.read_parquet, VersionPaths(model_dir).items, columns=["item"])
+                    # Items of the version being replaced stay valid: clients may report on what they were shown.
+                    self.previous_items, self.items = self.items or set(), set(items["item"].astype(str))
+                    self.version = version
+                self.load_error = None
+            except Exception as err:
+                self.load_error = f"{model_dir}: {type(err).__name__}: {err}"
+                log.error("feedback: could not read the items of %s (keeps the items of %s): %s", model_dir,
+                          self.version, err)
+            if self.wanted == model_dir:
+                self.wanted = None
 
     async def append(self, events: list[dict]) -> dict:
-        bad = [i for i, e in enumerate(events) if e["item"] not in self.items and e["item"] not in self.previous_items
-               and e["event_id"] not in self.log.ids]
-        if bad:
-            shown = ", ".join(f"events.{i}.item" for i in bad[:10]) + (" ..." if len(bad) > 10 else "")
-            return {"status": 422, "detail": f"unknown item in {len(bad)} event(s): {shown}; nothing was written"}
+        if self.items is not None:
+            bad = [i for i, e in enumerate(events) if e["item"] not in self.items
+                   and e["item"] not in self.previous_items and e["event_id"] not in self.log.ids]
+            if bad:
+                shown = ", ".join(f"events.{i}.item" for i in bad[:10]) + (" ..." if len(bad) > 10 else "")
+                return {"status": 422, "detail": f"unknown item in {len(bad)} event(s): {shown}; nothing was written"}
         now = time.time()
         records = [{**e, "received_at": now, "version": self.version} for e in events]
-        res = await asyncio.to_thread(self.log.append, records)
+        try:
+            res = await asyncio.to_thread(self.log.append, records)
+        except FeedbackWriteError as err:
+            return {"status": 503, "detail": f"{err.strerror}: nothing of this batch was stored, retry later"}
         return {"status": 200, "accepted": len(res.accepted), "duplicates": len(res.duplicates),
                 "duplicate_ids": res.duplicates}
 

@@ -12,6 +12,7 @@ CandidateDeployment. ``/feedback`` always goes to the single FeedbackDeployment.
 import asyncio
 import hmac
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -220,7 +221,9 @@ class Ingress:
     @api.post("/feedback", response_model=FeedbackResponse, openapi_extra=_documented_body(FeedbackRequest),
               responses=_errors(400, 401, 403, 413, 422, 503))
     async def feedback(self, request: Request) -> JSONResponse:
-        req: FeedbackRequest = await self._body(request, FeedbackRequest)
+        s = self.settings
+        req: FeedbackRequest = await self._body(request, FeedbackRequest, now=time.time(),
+                                                max_ahead_s=s.feedback_max_ahead_s, max_behind_s=s.feedback_max_behind_s)
         events = [{"event_id": e.event_id, "user": pseudonymize(normalize_id(e.user_id), self.key), "item": normalize_id(e.item),
                    "type": e.type, "ts": e.ts, "context": {k: v for k, v in e.context.items()}} for e in req.events]
         out = await self._graph(self.feedback.append, events)

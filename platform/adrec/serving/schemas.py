@@ -52,8 +52,30 @@ class FeedbackEvent(_Strict):
     user_id: Id = Field(description="The user's id as in the data set (pseudonymized before it is logged).")
     item: Id = Field(description="The ad's id (an item of the served model version).")
     type: Literal["impression", "click"] = Field(description="What happened.")
-    ts: float = Field(ge=0, description="When, in unix seconds (an integer is accepted).")
+    ts: float = Field(description="When, in unix seconds (an integer is accepted): at most serve.feedback_max_ahead_s "
+                                  "ahead of the server's clock and at most serve.feedback_max_behind_s behind it.")
     context: Context = Field(default_factory=dict, description="The context the item was shown in.")
+
+    @field_validator("ts")
+    @classmethod
+    def _ts_window(cls, ts: float, info: ValidationInfo) -> float:
+        """Event time near the server's clock (validation context ``now``, ``max_ahead_s``, ``max_behind_s``):
+        one event stamped in the far future (nanoseconds, say) would otherwise move the learner's
+        watermark there and label every pending impression at once."""
+        ctx = info.context or {}
+        now = ctx.get("now")
+        ahead, behind = ctx.get("max_ahead_s"), ctx.get("max_behind_s")
+        window = "" if now is None else \
+            f" (allowed: {ahead:g} s ahead, {'unbounded' if behind is None else f'{behind:g} s'} behind)"
+        if ts < 0:
+            raise ValueError(f"{ts:g} is negative: ts is unix seconds{window}")
+        if now is None:
+            return ts
+        if ahead is not None and ts > now + ahead:
+            raise ValueError(f"{ts:g} is {ts - now:.3g} s ahead of the server clock{window}")
+        if behind is not None and ts < now - behind:
+            raise ValueError(f"{ts:g} is {now - ts:.3g} s behind the server clock{window}")
+        return ts
 
 
 class FeedbackRequest(_Strict):
