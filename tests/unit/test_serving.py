@@ -9,7 +9,7 @@ import time
 import pytest
 
 from adrec.config import OnlineConfig, ServeConfig
-from adrec.serving.feedback import (FeedbackLog, FeedbackWriteError, LogLockedError, committed_path, committed_size,
+from adrec.serving.feedback import (FeedbackLog, LogLockedError, committed_path, committed_size,
                                     read_events)
 from adrec.errors import ApiError
 from adrec.serving.schemas import FeedbackRequest, RecommendRequest, decode_json, validate
