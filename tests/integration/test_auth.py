@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+import time
 from pathlib import Path
 
 import httpx
@@ -81,7 +82,7 @@ def test_the_keys_are_nowhere_in_the_run_folder_but_the_secrets_files(secret_run
         assert r.status_code == 200 and r.json()["ranked_by"] == "two_stage"  # the key from the file: a known user
         item = r.json()["items"][0]["item"]
         fb = c.post("/feedback", json={"events": [{"event_id": "auth-1", "user_id": user, "item": item,
-                                                    "type": "click", "ts": 1_700_000_000}]})
+                                                    "type": "click", "ts": time.time() - 60}]})
         assert fb.status_code == 200
     secrets_dir = run.path / "secrets"
     assert (secrets_dir / "pseudonym.key").read_text() == pk and (secrets_dir / "api.key").read_text() == ak
