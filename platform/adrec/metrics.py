@@ -19,6 +19,10 @@ precision denominator, ties going to the lower item index:
     :func:`rank_candidates` ranks per-user candidate lists;
     :func:`topk_metrics` turns the ranked lists into
     Precision/Recall/NDCG/MAP/HitRate/Coverage@K.
+
+Fairness of exposure (the served top-K lists; -1 padding is no slot), hand-written for the
+same reason: :func:`item_exposure`, :func:`gini`, :func:`long_tail_share`,
+:func:`exposure_to_merit`, :func:`calibration_by_group`.
 """
 
 from __future__ import annotations
@@ -40,6 +44,11 @@ __all__ = [
     "topk_metrics",
     "rank_topk",
     "rank_candidates",
+    "item_exposure",
+    "gini",
+    "long_tail_share",
+    "exposure_to_merit",
+    "calibration_by_group",
 ]
 
 # Rows of the score matrix handled at once by rank_topk: bounds temporary memory to
@@ -442,3 +451,138 @@ def rank_candidates(
     ranked = np.where(np.take_along_axis(drop, compact, axis=1), -1, ranked)
     out[:, : ranked.shape[1]] = ranked
     return out
+
+
+# ---------------------------------------------------------------- Fairness of exposure
+
+
+def _lists(lists) -> np.ndarray:
+    arr = np.asarray(lists)
+    if arr.size == 0:
+        return np.zeros((0, 0), dtype=np.int64)
+    if arr.ndim != 2:
+        raise ValueError(f"lists must be 2-D (n_users, K), got shape {arr.shape}")
+    arr = _as_index_array(arr, "lists").reshape(arr.shape)
+    if arr.min() < -1:
+        raise ValueError(f"lists hold {arr.min()}; only -1 may pad")
+    return arr
+
+
+def _position_weights(k: int) -> np.ndarray:
+    """1 / log2(1 + rank) for ranks 1..k (the NDCG discount)."""
+    return 1.0 / np.log2(np.arange(1, k + 1, dtype=np.float64) + 1.0)
+
+
+def item_exposure(lists, n_items: int, *, position_weighted: bool = False) -> np.ndarray:
+    """Exposure of every item ``0..n_items-1`` in the served lists (``(n_users, K)``, -1 padding).
+
+    Unweighted (the default): the number of lists the item appears in. ``position_weighted``:
+    the sum over those lists of 1 / log2(1 + rank), rank 1-based. Items never served get 0.
+    """
+    lists = _lists(lists)
+    n_items = int(n_items)
+    if n_items < 0:
+        raise ValueError(f"n_items must be >= 0, got {n_items}")
+    if lists.size and lists.max() >= n_items:
+        raise ValueError(f"lists hold item index {lists.max()} outside [0, {n_items})")
+    valid = lists >= 0
+    w = np.broadcast_to(_position_weights(lists.shape[1]), lists.shape) if position_weighted \
+        else np.ones(lists.shape)
+    return np.bincount(lists[valid], weights=w[valid], minlength=n_items).astype(np.float64)
+
+
+def gini(values) -> float:
+    """Gini index of non-negative ``values`` (e.g. exposure per item, zeros included).
+
+    With x sorted ascending and i = 1..n: G = sum_i (2i - n - 1) x_i / (n sum_i x_i).
+    0 when every value is equal; (n - 1) / n when one value holds everything. ``nan`` when
+    there are no values or they sum to 0 (nothing was exposed).
+    """
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    if x.size and (not np.all(np.isfinite(x)) or x.min() < 0):
+        raise ValueError("gini needs finite, non-negative values")
+    total = x.sum()
+    if x.size == 0 or total == 0:
+        return float("nan")
+    x = np.sort(x)
+    n = x.size
+    i = np.arange(1, n + 1, dtype=np.float64)
+    return float(((2 * i - n - 1) * x).sum() / (n * total))
+
+
+def long_tail_share(lists, popularity, head_share: float = 0.8) -> float:
+    """Share of served slots (non-padding list entries) that hold a long-tail item.
+
+    ``popularity[i]`` counts item i's train interactions. The head is the smallest set of most
+    popular items (ties to the lower index) whose counts add up to at least ``head_share`` of
+    all of them; every other item, never-seen ones included, is long tail. ``nan`` when no slot
+    is served or popularity sums to 0.
+    """
+    if not 0.0 < head_share <= 1.0:
+        raise ValueError(f"head_share must be in (0, 1], got {head_share}")
+    lists = _lists(lists)
+    pop = np.asarray(popularity, dtype=np.float64).reshape(-1)
+    if pop.size and (not np.all(np.isfinite(pop)) or pop.min() < 0):
+        raise ValueError("popularity needs finite, non-negative counts")
+    if lists.size and lists.max() >= pop.size:
+        raise ValueError(f"lists hold item index {lists.max()} outside [0, {pop.size})")
+    served = lists[lists >= 0]
+    if served.size == 0 or pop.sum() == 0:
+        return float("nan")
+    order = np.lexsort((np.arange(pop.size), -pop))  # most popular first, ties to the lower index
+    cum = np.cumsum(pop[order])
+    # A small tolerance so that 0.8 of a sum of floats is not missed by rounding.
+    n_head = int(np.searchsorted(cum, head_share * pop.sum() * (1 - 1e-12))) + 1
+    head = np.zeros(pop.size, dtype=bool)
+    head[order[:n_head]] = True
+    return float((~head[served]).mean())
+
+
+def exposure_to_merit(lists, test_pos: Sequence[Iterable[int]], item_group, n_groups: int) -> dict[str, np.ndarray]:
+    """Exposure against merit per provider group (Singh & Joachims, "Fairness of Exposure in Rankings").
+
+    Args:
+        lists: ``(n_users, K)`` served lists, -1 padding.
+        test_pos: the test-positive items of each list's user.
+        item_group: group (provider) index ``0..n_groups-1`` of every item.
+        n_groups: number of groups.
+
+    exposure_share[g] = sum over served slots of items of g of 1 / log2(1 + rank), divided by
+    the same sum over all slots; merit_share[g] = the number of (user, item) test positives
+    whose item is in g, divided by all of them; ratio = exposure_share / merit_share (1 = exposed
+    in proportion to merit, < 1 under-exposed). A group with no test positives has ratio ``nan``.
+    Returns ``{"exposure_share", "merit_share", "ratio"}``, each of length ``n_groups``
+    (all ``nan`` when nothing is served or there are no positives).
+    """
+    lists = _lists(lists)
+    groups = _as_index_array(item_group, "item_group")
+    n_groups = int(n_groups)
+    if groups.size and (groups.min() < 0 or groups.max() >= n_groups):
+        raise ValueError(f"item_group holds a group outside [0, {n_groups})")
+    if len(test_pos) != lists.shape[0]:
+        raise ValueError(f"test_pos has {len(test_pos)} entries but lists has {lists.shape[0]} rows")
+    exposure = np.bincount(groups, weights=item_exposure(lists, groups.size, position_weighted=True),
+                           minlength=n_groups)
+    pos = [np.unique(_as_index_array(t, f"test_pos[{u}]")) for u, t in enumerate(test_pos)]
+    pos = np.concatenate(pos) if pos else np.zeros(0, dtype=np.int64)
+    if pos.size and (pos.min() < 0 or pos.max() >= groups.size):
+        raise ValueError(f"test_pos holds an item index outside [0, {groups.size})")
+    merit = np.bincount(groups[pos], minlength=n_groups).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        exp_share = exposure / exposure.sum() if exposure.sum() > 0 else np.full(n_groups, np.nan)
+        merit_share = merit / merit.sum() if merit.sum() > 0 else np.full(n_groups, np.nan)
+        ratio = np.where(merit_share > 0, exp_share / np.where(merit_share > 0, merit_share, 1.0), np.nan)
+    return {"exposure_share": exp_share, "merit_share": merit_share, "ratio": ratio}
+
+
+def calibration_by_group(y, p, groups) -> dict[str, float]:
+    """:func:`calibration` (mean predicted / observed CTR) of the rows of each group label.
+
+    ``groups`` holds one label per row (str-converted for the keys); a group without
+    positives gets ``nan``. Groups in sorted label order.
+    """
+    y, p = _labels_and_probs(y, p)
+    g = np.asarray(groups).astype(str).reshape(-1)
+    if g.shape[0] != y.shape[0]:
+        raise ValueError(f"groups has {g.shape[0]} labels for {y.shape[0]} rows")
+    return {label: calibration(y[g == label], p[g == label]) for label in np.unique(g)}

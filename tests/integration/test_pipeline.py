@@ -66,6 +66,15 @@ def test_evaluate_writes_every_metric_and_predictions(tiny_run, tiny_cfg):
     assert rob[0.0] == pytest.approx(on_disk["ctr.auc"], abs=1e-3)  # the attack at 0 changes nothing
     assert rob[max(rob)] < rob[0.0]  # an attack against the labels lowers the AUC
     assert "robustness.png" in report and "trained without adversarial training" in report
+    # Fairness of exposure from the served lists: the synthetic log's providers are its advertisers.
+    for key in ("fairness.gini.items", "fairness.gini.providers", "fairness.long_tail_share",
+                "fairness.exposure_to_merit.min", "fairness.exposure_to_merit.max"):
+        assert isinstance(on_disk[key], float) and math.isfinite(on_disk[key]), key
+    assert 0 <= on_disk["fairness.gini.items"] < 1 and 0 <= on_disk["fairness.long_tail_share"] <= 1
+    assert on_disk["fairness.exposure_to_merit.min"] <= on_disk["fairness.exposure_to_merit.max"]
+    assert any(k.startswith("fairness.calibration.gender.") for k in on_disk)
+    assert any(k.startswith("fairness.calibration.age.") for k in on_disk)
+    assert "fairness_exposure.png" in report and "advertiser" in report
 
 
 def test_candidates_stage_fits_the_two_stage_recommender_into_the_version(tiny_run):

@@ -26,10 +26,11 @@ from adrec.data.ids import normalize_ids
 from adrec.data.privacy import pseudonym_map, resolve_key
 from adrec.data.schema import load_schema
 from adrec.metrics import ctr_metrics, rank_candidates, topk_metrics
+from adrec.evaluation.fairness import fairness
 from adrec.evaluation.plots import plot_calibration, plot_robustness, plot_roc
 from adrec.evaluation.report import markdown_table, write_report
 from adrec.features.pipeline import Features
-from adrec.features.split import TEST
+from adrec.features.split import TEST, TRAIN
 from adrec.model_version import ModelVersion, load_version
 from adrec.run import RunDir
 
@@ -141,7 +142,15 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
     metrics.update(rob_metrics)
     if rob_img is not None:
         images["Robustness: test AUC under FGSM"] = rob_img
+    train_pos = feats.rows(TRAIN).query("label == 1")["item_idx"].to_numpy(dtype=np.int64)
+    fair_metrics, fair_body, fair_img, fair_table = fairness(
+        feats.items, feats.users, spec.n_catalog, train_pos, top, truth, test, probs, report)
+    metrics.update(fair_metrics)
+    if fair_img is not None:
+        images["Fairness: provider exposure share vs merit share"] = fair_img
     tables = {}
+    if fair_table is not None:
+        tables["Exposure to merit by provider"] = fair_table
     recall_path = run.candidates / "recall.json"
     if recall_path.exists():
         rec_json = json.loads(recall_path.read_text())
@@ -159,6 +168,7 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
             + f", ties to the lower item index. Model version {rec.version_id}."
         ),
         "Robustness (FGSM)": rob_body,
+        "Fairness of exposure": fair_body,
     }
     write_report(report, metrics, sections=sections, images=images, tables=tables, title=f"adrec report: {run.path.name}")
     run.update_manifest("evaluate", {"metrics": metrics, "seconds": round(time.perf_counter() - t0, 2)})
