@@ -167,7 +167,10 @@ def test_movielens_missing_folder_says_where_to_get_it(tmp_path):
         materialize(tmp_path / "nope", tmp_path / "out")
 
 
-
+@pytest.mark.parametrize("sep", ["::", "||", "\\s+", '"'])
+def test_separator_must_be_one_character(tmp_path, sep):
+    with pytest.raises(DataError, match="sep must be one character"):
+        _write(tmp_path, "user_id,ad_id,ts,clicked\nu,a,1,1\n", sep=f"'{sep}'")
 
 def test_tab_separator_by_name(tmp_path):
     schema, root = _write(tmp_path, "user_id\tad_id\tts\tclicked\nu\ta\t1\t1\n", sep="'\\t'")
