@@ -105,6 +105,11 @@ def _make_remote(scheme: str, bucket: str):
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
         if region:
             kwargs["region"] = region
+        # Credentials from the environment are passed on explicitly: the filesystem travels (pickled) to Ray
+        # workers whose environment may not have them (Ray Train's checkpoints, Serve replicas).
+        if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+            kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+                          session_token=os.environ.get("AWS_SESSION_TOKEN"))
         return pafs.S3FileSystem(**kwargs)
     fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
     return fs
@@ -303,6 +308,23 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: the names in it) by its path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder below ``root`` (and ``root``): their data and their names are on disk."""
+    for dirpath, dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
