@@ -257,9 +257,13 @@ def materialize(model_dir: str | os.PathLike) -> Path:
     manifest = man_loc.read_json()
     tmp = cache.with_name(cache.name + f".{uuid.uuid4().hex[:8]}.tmp")
     t0 = time.perf_counter()
-    for f in manifest["files"]:
-        (loc / f["path"]).download(tmp / f["path"])
-    verify(tmp, manifest)
+    try:
+        for f in manifest["files"]:
+            (loc / f["path"]).download(tmp / f["path"])
+        verify(tmp, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     (tmp / MANIFEST).write_text(json.dumps(manifest))
     (tmp / _VERIFIED).write_text("")
     try:
