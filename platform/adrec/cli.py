@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--port", type=int, metavar="PORT", help="HTTP port (default: serve.port, 8000)")
     p.add_argument("--host", metavar="HOST", help="HTTP host to listen on (default: serve.host, 127.0.0.1)")
+    p.add_argument("--detach", action="store_true",
+                   help="deploy and return: the app keeps running on the cluster (for `ray job submit`)")
 
     p = sub.add_parser("online", help="the online learner on the run's feedback log, in the foreground")
     _common(p)
@@ -156,12 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             from adrec.serving.deploy import serve_run
 
-            out = serve_run(cfg, run, blocking=True)
+            out = serve_run(cfg, run, blocking=not args.detach)
         elif args.command == "online":
             from adrec.online.foreground import run_learner
 
             out = run_learner(cfg, run, rollout=args.rollout, once=args.once, flush=args.flush)
         log.info("%s finished in %.1fs", args.command, time.perf_counter() - t0)
+        if args.command == "serve" and args.detach:
+            print(f"adrec serving at {out} (detached: the app runs on until `serve shutdown`)", flush=True)
         if args.command not in ("evaluate", "serve") and isinstance(out, dict):
             print(json.dumps(out, indent=2, default=str))
         return 0

@@ -45,6 +45,8 @@ from adrec.serving.ingress import Ingress
 def _options(deployment, settings: AppArgs, version: str, user_config: dict | None, **extra):
     opts = dict(max_ongoing_requests=settings.max_ongoing_requests, ray_actor_options={"num_cpus": settings.num_cpus_per_replica},
                 user_config=user_config, logging_config={"enable_access_log": settings.access_log}, **extra)
+    if settings.max_replicas_per_node:
+        opts["max_replicas_per_node"] = settings.max_replicas_per_node
     try:  # a stable code version: a changed user_config is then a reconfigure in place, not new replicas
         return deployment.options(version=version, _internal=True, **opts)
     except TypeError:  # a Ray without the internal flag: rollouts restart replicas (rolling, still no drops)

@@ -36,11 +36,12 @@ def base_url(args: AppArgs) -> str:
     return f"http://{host}:{args.port}{args.route_prefix.rstrip('/')}"
 
 
-def start(host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Start Serve (its HTTP ingress, HAProxy or the proxy actor, on ``host:port``) unless it already runs here."""
+def start(host: str = "127.0.0.1", port: int = 8000, proxy_location: str = "EveryNode") -> None:
+    """Start Serve (its HTTP ingress, HAProxy or the proxy actor, on ``host:port`` of every node or of the head
+    only) unless it already runs on this cluster."""
     from ray import serve
 
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
 
 
 def wait_healthy(url: str, timeout_s: float = 60.0, headers: dict | None = None) -> dict:
@@ -98,7 +99,7 @@ def deploy(args: AppArgs, timeout_s: float = 120.0) -> str:
     from ray import serve
 
     preflight(args)
-    start(args.host, args.port)
+    start(args.host, args.port, args.proxy_location)
     t = time.perf_counter()
     serve.run(build_app(args), name=args.app_name, route_prefix=args.route_prefix, blocking=False)
     url = base_url(args)
