@@ -154,8 +154,13 @@ def test_a_version_built_with_another_key_is_refused(tmp_path, no_env):
 
 
 def _cli_run(tmp_path: Path, key: str | None) -> Path:
+    from adrec.model_version.registry import registry_of, staging_dir
+
     run = tmp_path / "run"
-    _version(run / "model", key)
+    reg = registry_of(run)
+    folder = staging_dir(reg, "v1")
+    _version(folder, key)
+    reg.commit(folder)
     return run
 
 

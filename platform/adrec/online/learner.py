@@ -47,11 +47,11 @@ from adrec.model_version import VersionRegistry, load_version, materialize
 from adrec.model_version.registry import VERSIONS_DIR
 from adrec.online.attribution import AttributionJoiner, Example
 from adrec.online.catalog import OnlineCatalog
-from adrec.online.checkpoint import load_checkpoint, save_checkpoint
+from adrec.online.checkpoint import load_checkpoint, local_state_dir, save_checkpoint
 from adrec.online.events import CLICK, IMPRESSION, Event, FeedbackReader
 from adrec.online.metrics import EPS, RayGauges, ScoreBoard
 from adrec.online.optim import make_optimizer, select_parameters
-from adrec.online.publish import StatusLog, publish_version, version_id
+from adrec.online.publish import STATUS_CURRENT, STATUS_RECORDS, StatusLog, publish_version, version_id
 from adrec.online.rows import RowEncoder
 from adrec.storage import resolve
 
@@ -79,11 +79,18 @@ class OnlineLearner:
         self.name = name
         base_loc = resolve(base_model_dir)
         self.base_dir = materialize(base_loc.uri)
-        self.state_dir = Path(state_dir).expanduser().resolve()
+        # The state may live on an object store (it then outlives the node): the checkpoint goes there
+        # directly, the status files are kept in a local cache and copied there with every checkpoint.
+        self.state_loc = resolve(state_dir)
+        self.state_dir = local_state_dir(self.state_loc)
+        if not self.state_loc.is_local:
+            for name in (STATUS_RECORDS, STATUS_CURRENT):
+                if (self.state_loc / name).is_file():
+                    (self.state_loc / name).download(self.state_dir / name)
         # The learner's versions go where the base version's came from (the run's registry, on its store);
         # a loose base folder (not in a registry) gets one in the learner's state.
         parent = resolve(base_loc.uri.rsplit("/", 1)[0])
-        self.registry = VersionRegistry(parent if parent.name == VERSIONS_DIR else self.state_dir / VERSIONS_DIR)
+        self.registry = VersionRegistry(parent if parent.name == VERSIONS_DIR else self.state_loc / VERSIONS_DIR)
         self.reader = FeedbackReader(feedback_log)
         self.status_log = StatusLog(self.state_dir)
         self.on_publish = on_publish
@@ -163,12 +170,16 @@ class OnlineLearner:
                 "learn_seconds": self.learn_seconds}
 
     def checkpoint(self) -> None:
-        save_checkpoint(self.state_dir, self.state_dict())
+        save_checkpoint(self.state_loc, self.state_dict())
         self.last_checkpoint_records = self.records
         self.status_log.write(self.status())
+        if not self.state_loc.is_local:
+            for name in (STATUS_RECORDS, STATUS_CURRENT):
+                if (self.state_dir / name).is_file():
+                    (self.state_loc / name).upload(self.state_dir / name)
 
     def _restore(self) -> bool:
-        st = load_checkpoint(self.state_dir)
+        st = load_checkpoint(self.state_loc)
         if st is None:
             return False
         if st["base_version"] != self.base_version:

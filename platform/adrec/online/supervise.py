@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from adrec.errors import LearnerFailedError
+from adrec.online.checkpoint import local_state_dir
 from adrec.online.publish import StatusLog
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 class Supervised:
     def __init__(self, make: Callable[[], object], cfg, state_dir: str | Path):
         self.make, self.cfg = make, cfg
-        self.status_log = StatusLog(Path(state_dir))
+        self.status_log = StatusLog(local_state_dir(state_dir))
         self.health = {"healthy": True, "error": None, "failures": 0, "restarts": 0}
         self.retry_at = 0.0  # monotonic time of the next restart (the backoff is waited out by the caller's loop)
         self.learner = make()  # a learner that cannot even start fails the caller at once

@@ -20,7 +20,7 @@ from adrec.keys import (
     read_secret,
     store_secret,
 )
-from adrec.model_version.registry import VERSIONS_DIR, live_entry
+from adrec.model_version.registry import VERSIONS_DIR, registry_of
 from adrec.model_version.writer import PSEUDONYM_KEY_FINGERPRINT
 from adrec.run import RunDir
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator
@@ -102,7 +102,11 @@ class AppArgs(ServeConfig):
         rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         run = rd.path  # local: the run folder; remote: its cache (the secrets folder never leaves the node)
         fields = cfg.serve.model_dump()
-        fields.update(model_dir=live_entry(rd).uri, run_dir=rd.uri, n_candidates=cfg.candidates.n_candidates)
+        registry = registry_of(rd.location)
+        # The live version; a run not trained yet gets its versions folder, which every reader refuses
+        # with "not a model version: run `adrec train` first".
+        model_dir = registry.live().uri if registry.live_record() else registry.location.uri
+        fields.update(model_dir=model_dir, run_dir=rd.uri, n_candidates=cfg.candidates.n_candidates)
         expected = {"pseudonym_key": cfg.data.pseudonym_key, "api_key": cfg.serve.api_key}
         fields["api_key"] = None
         for name, filename in cfg.literal_secrets().items():
