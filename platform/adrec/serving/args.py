@@ -52,7 +52,7 @@ class AppArgs(ServeConfig):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # The model version to serve: a version folder or URI (``RUN/versions/<n>``; replicas on any node copy
-    # a remote one into their cache, see adrec.model_version.materialize).
+    # a remote one into their cache, see adrec.model_version.materialize), or a run: its live version.
     model_dir: str = Field(min_length=1)
     # The run the version belongs to (path or URI): where the default feedback log and the secrets folder
     # are. Default: the folder above ``versions/`` (or, for a loose version folder, the one above it).
@@ -138,6 +138,11 @@ class AppArgs(ServeConfig):
             return str(q if q.is_absolute() else (home / q).resolve())
 
         model_dir = absolute(self.model_dir)
+        if self.model_dir != "(user_config)":
+            # A run instead of a version: its live version (what `adrec serve --run` serves).
+            reg = registry_of(model_dir)
+            if not (storage.resolve(model_dir) / "version.json").is_file() and reg.live_record():
+                model_dir = reg.live().uri
         run_dir = absolute(self.run_dir) if self.run_dir else run_of_version(model_dir)
         upd: dict[str, Any] = {"model_dir": model_dir, "run_dir": run_dir}
         secrets = RunDir(run_dir).path / SECRETS_DIR
