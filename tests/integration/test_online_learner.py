@@ -19,7 +19,7 @@ from adrec.online.learner import OnlineLearner
 from adrec.online.publish import StatusLog
 from adrec.online.stream import feedback_events, post_feedback, write_feedback_log
 from adrec.runtime import free_port
-from adrec.serving.feedback import read_events
+from adrec.feedback.filelog import read_events
 
 pytestmark = pytest.mark.ray
 
@@ -76,7 +76,7 @@ def test_learner_scores_before_learning_publishes_and_folds_in(tiny_run, log_pat
     n_imp = sum(e["type"] == "impression" for e in stream)
     n_clk = sum(e["type"] == "click" for e in stream)
     assert c["records"] == len(read_events(log_path)) == len(stream)
-    assert c["offset"] == log_path.stat().st_size
+    assert c["position"] == log_path.stat().st_size
     assert c["impressions"] == c["examples"] == c["examples_learned"] == n_imp
     assert c["clicks"] == n_clk and c["attributed_clicks"] == c["positives"] > 0
     assert c["new_users"] == len(NEWCOMERS)
@@ -186,7 +186,7 @@ def test_exactly_once_when_the_learner_actor_is_killed(ray_session, tiny_run, lo
     resumed = [r for r in StatusLog(tmp_path / "killed").read() if r.get("event") == "resumed"]
     assert len(resumed) == 1 and 0 < resumed[0]["records"] < total  # restarted from a mid-stream checkpoint
     want = ref.counts()
-    for k in ("records", "offset", "examples_learned", "impressions", "clicks", "attributed_clicks", "positives",
+    for k in ("records", "position", "examples_learned", "impressions", "clicks", "attributed_clicks", "positives",
               "late_clicks", "published", "refused", "new_users", "steps"):
         assert status["counts"][k] == want[k], k
     assert status["serving_version"] == ref.serving_version

@@ -4,7 +4,7 @@ Learns from the run's feedback log (``serve.feedback_log``, default ``RUN/feedba
 from the version in ``RUN/model``, keeps its state in ``online.state_dir`` (default ``RUN/online``) and
 publishes versions there. With ``rollout`` every published version is also rolled out to the Serve app of
 this run on the Ray at ``ray.address`` (the app ``adrec serve`` deployed). SIGINT / SIGTERM checkpoint and
-return; a SIGKILL loses nothing either: the next start resumes from the last checkpoint (offset and model
+return; a SIGKILL loses nothing either: the next start resumes from the last checkpoint (log position and model
 together). A failing step restarts the learner from its checkpoint (:mod:`adrec.online.supervise`); past
 ``online.max_restarts`` failures in a row it raises :class:`~adrec.errors.LearnerFailedError` (the
 CLI exits non-zero) with ``healthy: false`` in the status file.
@@ -33,7 +33,8 @@ def run_learner(cfg: AdrecConfig, run: RunDir, rollout: bool = False, once: bool
 
     oc = cfg.online
     base = run.require(run.model, "train")
-    feedback = Path(cfg.serve.feedback_log) if cfg.serve.feedback_log else run.feedback / "events.jsonl"
+    # a local path or a URI (a segment log on a shared store): not a Path, which would mangle "s3://"
+    feedback = cfg.serve.feedback_log or str(run.feedback / "events.jsonl")
     state = Path(oc.state_dir) if oc.state_dir else run.path / "online"
     on_publish = None
     if rollout:

@@ -47,12 +47,13 @@ def feedback_events(impressions: pd.DataFrame, *, user: str = "user_id", item: s
 
 
 def write_feedback_log(path: str | Path, events: list[dict], key: bytes, version: str | None = None) -> int:
-    """Append ``events`` to the feedback log at ``path`` as the app's feedback writer does; returns how many."""
+    """Append ``events`` to the feedback log at ``path`` (a file or a URI: :func:`adrec.feedback.open_log`) as
+    the app's feedback writer does; returns how many."""
     from adrec.data.ids import normalize_id
     from adrec.data.privacy import pseudonymize
-    from adrec.serving.feedback import FeedbackLog
+    from adrec.feedback import open_log
 
-    fl = FeedbackLog(path)
+    fl = open_log(path).writer()
     try:
         now = time.time()
         records = [{"event_id": e["event_id"], "user": pseudonymize(normalize_id(e["user_id"]), key), "item": normalize_id(e["item"]),

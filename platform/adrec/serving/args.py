@@ -13,6 +13,7 @@ from adrec.errors import ConfigError
 from adrec.keys import (API_KEY_FILE, PSEUDONYM_KEY_FILE, SECRETS_DIR, check_not_empty, env_secret, is_fingerprint,
                         key_fingerprint, read_secret, store_secret)
 from adrec.model_version.writer import PSEUDONYM_KEY_FINGERPRINT
+from adrec.storage import is_remote, normalize
 
 APP_NAME = "adrec"
 API_KEY_ENV = "ADREC_API_KEY"
@@ -104,7 +105,8 @@ class AppArgs(ServeConfig):
         model_dir = absolute(self.model_dir)
         upd: dict[str, Any] = {"model_dir": model_dir}
         secrets = Path(model_dir).parent / SECRETS_DIR
-        upd["feedback_log"] = (absolute(self.feedback_log) if self.feedback_log
+        upd["feedback_log"] = ((normalize(self.feedback_log) if is_remote(self.feedback_log)
+                                else absolute(self.feedback_log)) if self.feedback_log
                                else str(Path(model_dir).parent / "feedback" / "events.jsonl"))
         from_env = dict(self._from_env)
         for field, env, filename in (("pseudonym_key", self.pseudonym_key_env, PSEUDONYM_KEY_FILE),
