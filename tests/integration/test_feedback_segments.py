@@ -157,3 +157,29 @@ def test_a_put_that_fails_on_the_wire_is_not_acknowledged_and_leaves_nothing_vis
         writer.close()
     finally:
         proxy.close()
+
+
+def test_a_write_the_store_took_though_the_writer_saw_an_error_is_logged_once(s3_server, monkeypatch, caplog):
+    proxy = TcpProxy(s3_server.port)
+    try:
+        for k, v in {**s3_server.env, "AWS_ENDPOINT_URL": proxy.endpoint}.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setattr(storage, "_fs_cache", {})
+        prefix = _prefix()
+        log = open_log(f"s3://{s3_server.bucket}/{prefix}", group_wait_s=0.0)
+        writer = log.writer()
+        proxy.mode = "lose-reply"
+        with pytest.raises(FeedbackWriteError):
+            writer.append([_rec("x-1"), _rec("x-2")])  # not acknowledged (503) ...
+        assert proxy.lost_replies >= 1 and len(s3_server.keys(prefix + "/")) == 1  # ... yet on the store
+        proxy.mode = "pass"
+        with caplog.at_level("WARNING", logger="adrec.feedback.segments"):
+            assert writer.append([_rec("y-1")]).accepted == ["y-1"]  # the writer looks first, and finds it
+        assert "although its write reported an error" in caplog.text
+        retry = writer.append([_rec("x-1"), _rec("x-2")])  # the client's retry: already in the log
+        assert retry.accepted == [] and retry.duplicates == ["x-1", "x-2"]
+        reader = log.reader()
+        assert [e.event_id for e in reader.read(reader.start(), 100).events] == ["x-1", "x-2", "y-1"]
+        writer.close()
+    finally:
+        proxy.close()

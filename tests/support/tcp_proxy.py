@@ -5,6 +5,9 @@ Put it between a client and a real server (moto's S3) and switch its ``mode`` at
 - ``"pass"``: bytes go through unchanged;
 - ``"cut"``: an HTTP ``PUT`` is forwarded up to its headers and the first bytes of its body, then both
   connections are closed (a request torn mid-upload; GET, HEAD and LIST still work);
+- ``"lose-reply"``: requests go through, but the reply to the request that completes an upload (a
+  ``PUT`` of a whole object, or the ``POST`` completing a multipart upload) is dropped and the
+  connections closed: the store took the object, the client sees a network error;
 - ``"down"``: every connection is closed as soon as it is used or accepted (the server is gone).
 """
 
@@ -18,12 +21,18 @@ from adrec.runtime import free_port
 BODY_BYTES_BEFORE_CUT = 10
 
 
+def _completes_upload(request_line: bytes) -> bool:
+    method, _, target = request_line.partition(b" ")
+    return (method == b"PUT" and b"partNumber=" not in target) or (method == b"POST" and b"uploadId=" in target)
+
+
 class TcpProxy:
     def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1"):
         self.upstream = (upstream_host, upstream_port)
         self.mode = "pass"
         self.port = free_port(40000, 49999)
         self.cuts = 0  # requests torn apart so far
+        self.lost_replies = 0
         self._sock = socket.create_server(("127.0.0.1", self.port))
         self._stop = threading.Event()
         self._conns: list[socket.socket] = []
@@ -50,7 +59,7 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._conns += [client, server]
-            state = {"cutting": False}
+            state = {"cutting": False, "last": b""}
             threading.Thread(target=self._pump, args=(client, server, True, state), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, False, state), daemon=True).start()
 
@@ -69,6 +78,11 @@ class TcpProxy:
                 if not data:
                     break
                 if self.mode == "down":
+                    break
+                if upstream and data[:8].split(b" ", 1)[0] in (b"GET", b"HEAD", b"PUT", b"POST", b"DELETE"):
+                    state["last"] = data.split(b"\r\n", 1)[0]
+                if not upstream and self.mode == "lose-reply" and _completes_upload(state["last"]):
+                    self.lost_replies += 1
                     break
                 if upstream and self.mode == "cut":
                     if data.startswith(b"PUT "):
