@@ -80,3 +80,13 @@ def test_app_args_keep_a_store_uri_as_the_feedback_log(tmp_path):
     assert args.resolved().feedback_log == "s3://bucket/run/feedback"
     local = AppArgs(model_dir=str(tmp_path / "model"), pseudonym_key="k", feedback_log="fb/events.jsonl")
     assert local.resolved().feedback_log.endswith("/fb/events.jsonl") and local.resolved().feedback_log.startswith("/")
+
+
+def test_several_feedback_writers_need_a_log_on_a_shared_store(tmp_path):
+    from adrec.serving.args import AppArgs
+    from adrec.serving.builder import build_app
+
+    args = AppArgs(model_dir=str(tmp_path / "model"), pseudonym_key="k", feedback_log=str(tmp_path / "fb.jsonl"),
+                   feedback_replicas=2)
+    with pytest.raises(ConfigError, match="feedback_replicas=2, but the feedback log .* is a local file"):
+        build_app(args)
