@@ -47,6 +47,18 @@ def _ids_in_defined_order(srv, prefix: str) -> list[str]:
             for r in decode_lines(s3.get_object(Bucket=srv.bucket, Key=key)["Body"].read())]
 
 
+@pytest.fixture
+def proxied(s3_server, monkeypatch):
+    """A segment log reached through a :class:`TcpProxy` in front of the S3 server: (proxy, prefix, log)."""
+    proxy = TcpProxy(s3_server.port)
+    for k, v in {**s3_server.env, "AWS_ENDPOINT_URL": proxy.endpoint}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(storage, "_fs_cache", {})
+    prefix = _prefix()
+    yield proxy, prefix, open_log(f"s3://{s3_server.bucket}/{prefix}", group_wait_s=0.0)
+    proxy.close()
+
+
 def test_group_commit_writes_fewer_segments_than_requests(s3_env):
     prefix = _prefix()
     log = open_log(f"s3://{s3_env.bucket}/{prefix}", group_wait_s=0.02)
@@ -120,66 +132,49 @@ def test_two_writers_interleaved_are_read_once_in_the_defined_order(s3_env):
     b.close()
 
 
-def test_a_put_that_fails_on_the_wire_is_not_acknowledged_and_leaves_nothing_visible(s3_server, monkeypatch):
-    proxy = TcpProxy(s3_server.port)
-    try:
-        for k, v in {**s3_server.env, "AWS_ENDPOINT_URL": proxy.endpoint}.items():
-            monkeypatch.setenv(k, v)
-        monkeypatch.setattr(storage, "_fs_cache", {})
-        prefix = _prefix()
-        log = open_log(f"s3://{s3_server.bucket}/{prefix}", group_wait_s=0.0)
-        writer = log.writer()
-        assert writer.append([_rec("ok-1"), _rec("ok-2")]).accepted == ["ok-1", "ok-2"]
-        before = s3_server.keys(prefix + "/")  # straight from the server, not through the proxy
-        assert len(before) == 1
-
-        acked = ["ok-1", "ok-2"]
-        for mode, batch in (("cut", ["torn-1", "torn-2"]), ("down", ["gone-1"])):
-            proxy.mode = mode  # "cut": the PUT's body is torn off mid-upload; "down": the server is unreachable
-            t = time.monotonic()
-            with pytest.raises(FeedbackWriteError, match="could not be written"):
-                writer.append([_rec(e) for e in batch])
-            assert time.monotonic() - t < 60
-            assert s3_server.keys(prefix + "/") == before, mode  # no object, not even a partial one
-            proxy.mode = "pass"
-            reader = log.reader()
-            assert [e.event_id for e in reader.read(reader.start(), 100).events] == acked, mode
-            # the client retries: stored now (not taken for a duplicate of what failed), and read once
-            assert writer.append([_rec(e) for e in batch]).accepted == batch
-            acked += batch
-            before = s3_server.keys(prefix + "/")
-        assert proxy.cuts >= 1
-        assert writer.append([_rec("torn-1")]).duplicates == ["torn-1"]
-        reader = log.reader()
-        assert [e.event_id for e in reader.read(reader.start(), 100).events] == acked
-        seqs = sorted(int(SEGMENT_RE.match(k.rsplit("/", 1)[1])[1]) for k in s3_server.keys(prefix + "/"))
-        assert seqs == [1, 3, 5]  # the failed writes' numbers (2, 4) are never used again
-        writer.close()
-    finally:
-        proxy.close()
-
-
-def test_a_write_the_store_took_though_the_writer_saw_an_error_is_logged_once(s3_server, monkeypatch, caplog):
-    proxy = TcpProxy(s3_server.port)
-    try:
-        for k, v in {**s3_server.env, "AWS_ENDPOINT_URL": proxy.endpoint}.items():
-            monkeypatch.setenv(k, v)
-        monkeypatch.setattr(storage, "_fs_cache", {})
-        prefix = _prefix()
-        log = open_log(f"s3://{s3_server.bucket}/{prefix}", group_wait_s=0.0)
-        writer = log.writer()
-        proxy.mode = "lose-reply"
-        with pytest.raises(FeedbackWriteError):
-            writer.append([_rec("x-1"), _rec("x-2")])  # not acknowledged (503) ...
-        assert proxy.lost_replies >= 1 and len(s3_server.keys(prefix + "/")) == 1  # ... yet on the store
+def test_a_put_that_fails_on_the_wire_is_not_acknowledged_and_leaves_nothing_visible(s3_server, proxied):
+    proxy, prefix, log = proxied
+    writer = log.writer()
+    assert writer.append([_rec("ok-1"), _rec("ok-2")]).accepted == ["ok-1", "ok-2"]
+    before = s3_server.keys(prefix + "/")  # straight from the server, not through the proxy
+    assert len(before) == 1
+    acked = ["ok-1", "ok-2"]
+    for mode, batch in (("cut", ["torn-1", "torn-2"]), ("down", ["gone-1"])):
+        proxy.mode = mode  # "cut": the PUT's body is torn off mid-upload; "down": the server is unreachable
+        t = time.monotonic()
+        with pytest.raises(FeedbackWriteError, match="could not be written"):
+            writer.append([_rec(e) for e in batch])
+        assert time.monotonic() - t < 60
+        assert s3_server.keys(prefix + "/") == before, mode  # no object, not even a partial one
         proxy.mode = "pass"
-        with caplog.at_level("WARNING", logger="adrec.feedback.segments"):
-            assert writer.append([_rec("y-1")]).accepted == ["y-1"]  # the writer looks first, and finds it
-        assert "although its write reported an error" in caplog.text
-        retry = writer.append([_rec("x-1"), _rec("x-2")])  # the client's retry: already in the log
-        assert retry.accepted == [] and retry.duplicates == ["x-1", "x-2"]
         reader = log.reader()
-        assert [e.event_id for e in reader.read(reader.start(), 100).events] == ["x-1", "x-2", "y-1"]
-        writer.close()
-    finally:
-        proxy.close()
+        assert [e.event_id for e in reader.read(reader.start(), 100).events] == acked, mode
+        # the client retries: stored now (not taken for a duplicate of what failed), and read once
+        assert writer.append([_rec(e) for e in batch]).accepted == batch
+        acked += batch
+        before = s3_server.keys(prefix + "/")
+    assert proxy.cuts >= 1
+    assert writer.append([_rec("torn-1")]).duplicates == ["torn-1"]
+    reader = log.reader()
+    assert [e.event_id for e in reader.read(reader.start(), 100).events] == acked
+    seqs = sorted(int(SEGMENT_RE.match(k.rsplit("/", 1)[1])[1]) for k in s3_server.keys(prefix + "/"))
+    assert seqs == [1, 3, 5]  # the failed writes' numbers (2, 4) are never used again
+    writer.close()
+
+
+def test_a_write_the_store_took_though_the_writer_saw_an_error_is_logged_once(s3_server, proxied, caplog):
+    proxy, prefix, log = proxied
+    writer = log.writer()
+    proxy.mode = "lose-reply"
+    with pytest.raises(FeedbackWriteError):
+        writer.append([_rec("x-1"), _rec("x-2")])  # not acknowledged (503) ...
+    assert proxy.lost_replies >= 1 and len(s3_server.keys(prefix + "/")) == 1  # ... yet on the store
+    proxy.mode = "pass"
+    with caplog.at_level("WARNING", logger="adrec.feedback.segments"):
+        assert writer.append([_rec("y-1")]).accepted == ["y-1"]  # the writer looks first, and finds it
+    assert "although its write reported an error" in caplog.text
+    retry = writer.append([_rec("x-1"), _rec("x-2")])  # the client's retry: already in the log
+    assert retry.accepted == [] and retry.duplicates == ["x-1", "x-2"]
+    reader = log.reader()
+    assert [e.event_id for e in reader.read(reader.start(), 100).events] == ["x-1", "x-2", "y-1"]
+    writer.close()
