@@ -90,3 +90,21 @@ def test_several_feedback_writers_need_a_log_on_a_shared_store(tmp_path):
                    feedback_replicas=2)
     with pytest.raises(ConfigError, match="feedback_replicas=2, but the feedback log .* is a local file"):
         build_app(args)
+
+
+def test_a_replacement_writer_knows_the_ids_of_the_logs_recent_segments(tmp_path):
+    log = open_log(tmp_path / "segs", kind="segments", group_wait_s=0.0)
+    crashed = log.writer()
+    assert crashed.append([_rec("a"), _rec("b")]).accepted == ["a", "b"]  # acknowledged, then the replica dies
+    replacement = log.writer()
+    assert replacement.writer_id != crashed.writer_id
+    assert replacement.append([_rec("a"), _rec("c")]).duplicates == ["a"]  # the client's retry: not twice
+    unseeded = open_log(tmp_path / "segs", kind="segments", seed_window_s=0.0).writer()
+    assert unseeded.append([_rec("b")]).accepted == ["b"]  # outside the seed window: logged again
+    reader = log.reader()
+    assert sorted(e.event_id for e in reader.read(reader.start(), 100).events) == ["a", "b", "b", "c"]
+    resumed = open_log(tmp_path / "segs", kind="segments", writer_id=crashed.writer_id).writer()
+    resumed.append([_rec("d")])  # an explicit id carries on its sequence after its last segment
+    assert [s.seq for s in list_segments(log.root) if s.writer == crashed.writer_id] == [1, 2]
+    for w in (crashed, replacement, unseeded, resumed):
+        w.close()

@@ -33,7 +33,8 @@ KINDS = ("file", "segments")
 def open_log(uri: str | os.PathLike, kind: str | None = None, **options) -> FeedbackLog:
     """The feedback log at ``uri``: a local path -> the file log, ``s3://`` / ``gs://`` -> segments.
 
-    ``options`` go to the backend (for segments: ``group_wait_s``, ``max_group_events``, ``writer_id``).
+    ``options`` go to the backend (for segments: ``group_wait_s``, ``max_group_events``, ``writer_id``,
+    ``seed_window_s``, ``seed_max_segments``: see :class:`~adrec.feedback.segments.SegmentWriter`).
     """
     s = os.fspath(uri)
     kind = kind or ("segments" if is_remote(s) else "file")

@@ -80,7 +80,7 @@ class LogWriter(ABC):
 
     @abstractmethod
     def __len__(self) -> int:
-        """How many records this writer knows in the log."""
+        """How many records this writer wrote (the file log's single writer: all the log holds)."""
 
     @abstractmethod
     def close(self) -> None:

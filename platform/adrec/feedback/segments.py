@@ -9,15 +9,18 @@ For a log every node reaches (``s3://bucket/prefix``, ``gs://...``; any :mod:`ad
 - Each writer picks a fresh id when it opens (UTC start time, host, pid, random: :func:`new_writer_id`),
   so two writers never share a sequence, whatever the nodes' disks and clocks: a crashed writer's
   replacement is a new writer (its predecessor's segments stay and are read as they are). An explicit
-  ``writer_id`` resumes that writer's sequence after its last segment and rebuilds its dedup index from
-  its segments; it is for one writer at a time (nothing on a plain object store can refuse a second).
+  ``writer_id`` resumes that writer's sequence after its last segment; it is for one writer at a time
+  (nothing on a plain object store can refuse a second).
 - **Group commit**: ``append`` hands its records to the writer's commit thread and waits. The thread
   takes the first waiting request, collects what else arrives within ``group_wait_s`` (a few ms; and
   whatever queued while the previous segment was being written), writes the group's new records as ONE
   segment with one whole-object write (:meth:`adrec.storage.Location.write_bytes`: an object becomes
   visible only complete), and only then acknowledges every request of the group.
-- ``event_id`` deduplication per writer, bounded, as in the file log (:class:`~adrec.feedback.dedup.DedupIndex`);
-  a retry that reaches another writer replica is logged again (the learner sees it twice).
+- ``event_id`` deduplication per writer, bounded, as in the file log (:class:`~adrec.feedback.dedup.DedupIndex`).
+  A new writer seeds its index from every writer's segments of the last ``seed_window_s`` (15 min, by the
+  commit time in their names; the newest ``seed_max_segments`` at most), so a client's retry of an event
+  that a crashed writer acknowledged is still answered as a duplicate by its replacement. A retry that
+  reaches another live writer replica is logged again (the learner sees it twice).
 - **A failed write** fails every request of the group (:class:`FeedbackWriteError`: 503) and nothing
   of it is visible. Its sequence number is never used again: if the store took the object although the
   client saw an error, a later write with that number would replace what a reader may have read. Before
@@ -63,6 +66,8 @@ log = logging.getLogger(__name__)
 
 GROUP_WAIT_S = 0.005  # how long a group collects requests after its first one arrived
 MAX_GROUP_EVENTS = 20_000  # records of one segment at most (a larger single request is one segment still)
+SEED_WINDOW_S = 900.0  # a new writer's dedup index starts with the ids of the log's segments this recent ...
+SEED_MAX_SEGMENTS = 200  # ... the newest this many at most (read when the writer opens)
 SEGMENT_RE = re.compile(r"^(\d{12})-(\d{13})\.jsonl$")
 _WRITER_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -117,7 +122,8 @@ class SegmentWriter(LogWriter):
 
     def __init__(self, root: str | Location, dedup_max_ids: int = DEDUP_MAX_IDS,
                  dedup_window_s: float | None = DEDUP_WINDOW_S, group_wait_s: float = GROUP_WAIT_S,
-                 max_group_events: int = MAX_GROUP_EVENTS, writer_id: str | None = None):
+                 max_group_events: int = MAX_GROUP_EVENTS, writer_id: str | None = None,
+                 seed_window_s: float = SEED_WINDOW_S, seed_max_segments: int = SEED_MAX_SEGMENTS):
         self.root = resolve(root)
         if writer_id is not None and not _WRITER_RE.match(writer_id):
             raise ConfigError(f"feedback writer id {writer_id!r}: use letters, digits, '.', '_' and '-' only")
@@ -130,8 +136,7 @@ class SegmentWriter(LogWriter):
         self.seq, self.last_ms = 1, 0
         self.segments_written = 0
         self._doubt: tuple[Location, list[dict]] | None = None  # a failed write that may have landed
-        if writer_id is not None:
-            self._resume()
+        self._open(writer_id is not None, seed_window_s, seed_max_segments)
         self._cv = threading.Condition()
         self._queue: deque[_Request] = deque()
         self._closed = False
@@ -140,17 +145,22 @@ class SegmentWriter(LogWriter):
         log.info("feedback writer %s on %s (group commit: %.0f ms)", self.writer_id, self.root.uri,
                  1000 * self.group_wait_s)
 
-    def _resume(self) -> None:
-        mine = [s for s in list_segments(self.root) if s.writer == self.writer_id]
-        for s in sorted(mine, key=lambda s: s.seq):
+    def _open(self, resume: bool, seed_window_s: float, seed_max_segments: int) -> None:
+        segs = list_segments(self.root)
+        horizon_ms = 1000 * (time.time() - seed_window_s)
+        seeded = 0
+        for s in [s for s in segs if s.ms >= horizon_ms][-seed_max_segments:] if seed_max_segments > 0 else []:
             recs = decode_lines((self.root / s.name).read_bytes())
             self.index.remember(recs)
-            self.n_records += len(recs)
+            seeded += len(recs)
+        mine = [s for s in segs if s.writer == self.writer_id] if resume else []
         if mine:
             self.seq = max(s.seq for s in mine) + 1
             self.last_ms = max(s.ms for s in mine)
-            log.info("feedback writer %s resumes after segment %d (%d records)", self.writer_id, self.seq - 1,
-                     self.n_records)
+            log.info("feedback writer %s resumes after segment %d", self.writer_id, self.seq - 1)
+        if seeded:
+            log.info("feedback writer %s: %d ids of the log's recent segments in its dedup index", self.writer_id,
+                     len(self.index))
 
     # ---- the interface ------------------------------------------------------------------------------
     def submit(self, records: list[dict]) -> Future:
@@ -370,18 +380,17 @@ class SegmentLog(FeedbackLog):
     """The feedback log as writers' segments on a shared store (see the module documentation)."""
 
     def __init__(self, uri: str | Location, group_wait_s: float = GROUP_WAIT_S,
-                 max_group_events: int = MAX_GROUP_EVENTS, writer_id: str | None = None):
+                 max_group_events: int = MAX_GROUP_EVENTS, writer_id: str | None = None,
+                 seed_window_s: float = SEED_WINDOW_S, seed_max_segments: int = SEED_MAX_SEGMENTS):
         self.root = resolve(uri)
         self.uri = self.root.uri
-        self.group_wait_s = group_wait_s
-        self.max_group_events = max_group_events
-        self.writer_id = writer_id
+        self.options = {"group_wait_s": group_wait_s, "max_group_events": max_group_events, "writer_id": writer_id,
+                        "seed_window_s": seed_window_s, "seed_max_segments": seed_max_segments}
 
     def writer(self, *, dedup_max_ids: int = DEDUP_MAX_IDS, dedup_window_s: float | None = DEDUP_WINDOW_S,
                handover_s: float = 0.0) -> SegmentWriter:
         # handover_s: no lock to wait for, every writer has its own segments.
-        return SegmentWriter(self.root, dedup_max_ids, dedup_window_s, self.group_wait_s, self.max_group_events,
-                             self.writer_id)
+        return SegmentWriter(self.root, dedup_max_ids, dedup_window_s, **self.options)
 
     def reader(self) -> SegmentReader:
         return SegmentReader(self.root)
