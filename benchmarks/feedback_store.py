@@ -1,8 +1,8 @@
 """Feedback-log benchmark: durable append latency, local file log vs group-committed segments on S3.
 
-What ``POST /feedback``'s writer replica does per request (:meth:`adrec.feedback.LogWriter.append`:
-it returns once the events are durable), at a closed-loop concurrency (each of ``c`` clients sends its
-next batch when the previous one is acknowledged), for:
+What ``POST /feedback``'s writer replica does per request (:meth:`adrec.feedback.LogWriter.append_async`
+on the replica's event loop: it returns once the events are durable), at a closed-loop concurrency
+(each of ``c`` clients sends its next batch when the previous one is acknowledged), for:
 
 - ``local``: the file log (:mod:`adrec.feedback.filelog`) on this machine's disk (write + fsync per
   request, one writer);
@@ -21,11 +21,11 @@ under ``--out``. Exit status 1 when the store's p99 misses ``--target-p99-ms`` (
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -48,39 +48,34 @@ def _events(client: int, request: int, n: int) -> list[dict]:
 
 
 def measure(uri: str, concurrency: int, requests: int, batch: int, warmup: int = 2, **log_options) -> dict:
-    """Closed-loop appends by ``concurrency`` clients, ``requests`` each (after ``warmup``); latencies in ms."""
+    """``concurrency`` clients on one event loop, as in the writer replica (each awaits
+    :meth:`~adrec.feedback.LogWriter.append_async` and sends its next batch once acknowledged), ``requests``
+    each after ``warmup``; latencies in ms."""
     writer = open_log(uri, **log_options).writer()
-    latencies: list[float] = []
-    lock = threading.Lock()
-    start = threading.Barrier(concurrency)
 
-    def client(c: int) -> None:
-        for r in range(warmup):
-            writer.append(_events(c, -1 - r, batch))
-        start.wait()
+    async def client(c: int) -> list[float]:
         mine = []
         for r in range(requests):
             ev = _events(c, r, batch)
             t = time.perf_counter()
-            res = writer.append(ev)
+            res = await writer.append_async(ev)
             mine.append(1000 * (time.perf_counter() - t))
             assert len(res.accepted) == batch
-        with lock:
-            latencies.extend(mine)
+        return mine
 
-    segments_before = getattr(writer, "segments_written", None)
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(concurrency)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    async def run() -> tuple[list[float], float]:
+        for r in range(warmup):
+            await asyncio.gather(*(writer.append_async(_events(c, -1 - r, batch)) for c in range(concurrency)))
+        t0 = time.perf_counter()
+        per_client = await asyncio.gather(*(client(c) for c in range(concurrency)))
+        return [x for m in per_client for x in m], time.perf_counter() - t0
+
+    latencies, wall = asyncio.run(run())
     out = {"concurrency": concurrency, "requests": len(latencies), "events_per_request": batch,
            "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
            "mean_ms": float(np.mean(latencies)), "max_ms": float(np.max(latencies)),
            "events_per_s": len(latencies) * batch / wall}
-    if segments_before is not None:  # (warm-up segments included: counted over the whole run)
+    if hasattr(writer, "segments_written"):  # (warm-up segments included: counted over the whole run)
         out["segments_per_request"] = writer.segments_written / ((requests + warmup) * concurrency)
     writer.close()
     return out

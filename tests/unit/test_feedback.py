@@ -108,3 +108,21 @@ def test_a_replacement_writer_knows_the_ids_of_the_logs_recent_segments(tmp_path
     assert [s.seq for s in list_segments(log.root) if s.writer == crashed.writer_id] == [1, 2]
     for w in (crashed, replacement, unseeded, resumed):
         w.close()
+
+
+def test_append_async_groups_the_requests_of_one_event_loop(tmp_path):
+    import asyncio
+
+    log = open_log(tmp_path / "segs", kind="segments", group_wait_s=0.05)
+    w = log.writer()
+
+    async def main():
+        return await asyncio.gather(*(w.append_async([_rec(f"a{i}")]) for i in range(10)))
+
+    results = asyncio.run(main())
+    assert [r.accepted for r in results] == [[f"a{i}"] for i in range(10)]
+    assert len(list_segments(log.root)) < 10  # more requests than the loop's thread pool, grouped all the same
+    w.close()
+    file_writer = open_log(tmp_path / "events.jsonl").writer()  # the file log: its append in a thread
+    assert asyncio.run(file_writer.append_async([_rec("f")])).accepted == ["f"]
+    file_writer.close()

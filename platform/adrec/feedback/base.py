@@ -19,6 +19,7 @@ four classes and a scheme in :func:`adrec.feedback.open_log`; the learner sees o
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +74,10 @@ class LogWriter(ABC):
     @abstractmethod
     def append(self, records: list[dict]) -> AppendResult:
         """Write the records whose ``event_id`` is new and return once they are durable."""
+
+    async def append_async(self, records: list[dict]) -> AppendResult:
+        """:meth:`append` for an event loop (a Serve replica): the wait never blocks the loop."""
+        return await asyncio.to_thread(self.append, records)
 
     @abstractmethod
     def seen(self, event_id: str) -> bool:

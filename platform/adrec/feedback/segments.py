@@ -42,6 +42,7 @@ compaction of consumed segments (not done here).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -178,6 +179,11 @@ class SegmentWriter(LogWriter):
         """Write the records whose ``event_id`` is new (with the group this request joins); returns once
         their segment is on the store. Raises :class:`FeedbackWriteError` when it could not be written."""
         return self.submit(records).result()
+
+    async def append_async(self, records: list[dict]) -> AppendResult:
+        # The request waits on its group's future, not in a thread of the loop's small pool (which would
+        # hold back the requests beyond the pool's size from joining the group being collected).
+        return await asyncio.wrap_future(self.submit(records))
 
     def seen(self, event_id: str) -> bool:
         return event_id in self.index

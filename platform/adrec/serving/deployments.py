@@ -241,7 +241,7 @@ class FeedbackDeployment:
         now = time.time()
         records = [{**e, "received_at": now, "version": self.version} for e in events]
         try:
-            res = await asyncio.to_thread(self.log.append, records)
+            res = await self.log.append_async(records)
         except FeedbackWriteError as err:
             return {"status": 503, "detail": f"{err.strerror}: nothing of this batch was stored, retry later"}
         return {"status": 200, "accepted": len(res.accepted), "duplicates": len(res.duplicates),
