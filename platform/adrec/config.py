@@ -290,8 +290,11 @@ class ServeConfig(_Strict):
     candidate_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(64, ge=1)
     num_cpus_per_replica: float = Field(0.25, gt=0)
-    # Ingress replicas (stateless). The feedback writer is always a single replica.
+    # Ingress replicas (stateless).
     ingress_replicas: int = Field(1, ge=1)
+    # Writer replicas of /feedback: one for a file log (one writer per file); a segment log on a shared
+    # store (feedback_log=s3://...) takes several, on any nodes, each writing its own segments.
+    feedback_replicas: int = Field(1, ge=1)
     # > ranker_replicas turns on autoscaling of the ranker between the two.
     ranker_max_replicas: int | None = Field(None, ge=1)
     # At most this many replicas of one deployment on one node (Serve's max_replicas_per_node): 1 spreads

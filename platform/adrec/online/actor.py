@@ -215,7 +215,7 @@ class LearnerActor:
     def caught_up(self) -> bool:
         """Everything in the log now has been read (impressions may still wait for their window)."""
         with self._lock:
-            return self.learner.offset >= self.learner.reader.size()
+            return self.learner.reader.caught_up(self.learner.position)
 
     def status(self) -> dict:
         with self._lock:

@@ -1,10 +1,10 @@
 """One file holds the learner's whole state; it is replaced atomically.
 
-The log offset, the model weights, the optimizer state, the attribution joiner, the queue of labelled
+The log position, the model weights, the optimizer state, the attribution joiner, the queue of labelled
 examples not yet learned, the online catalog and the progressive metrics are written together, in one
 ``torch.save`` to a temporary file that is fsync-ed and then renamed over ``checkpoint.pt`` (and the
 folder fsync-ed). A reader therefore finds the previous complete state or the new complete state,
-never a mix: the offset can never run ahead of (or lag behind) the model it belongs to. A state location
+never a mix: the position can never run ahead of (or lag behind) the model it belongs to. A state location
 on an object store gets the same guarantee from its whole-object write (:meth:`adrec.storage.Location.write_bytes`):
 the learner's state then survives the node it ran on.
 """

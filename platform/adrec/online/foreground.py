@@ -4,7 +4,7 @@ Learns from the run's feedback log (``serve.feedback_log``, default ``RUN/feedba
 from the run's live version, keeps its state in ``online.state_dir`` (default ``RUN/online``, on the run's store) and
 publishes versions there. With ``rollout`` every published version is also rolled out to the Serve app of
 this run on the Ray at ``ray.address`` (the app ``adrec serve`` deployed). SIGINT / SIGTERM checkpoint and
-return; a SIGKILL loses nothing either: the next start resumes from the last checkpoint (offset and model
+return; a SIGKILL loses nothing either: the next start resumes from the last checkpoint (log position and model
 together). A failing step restarts the learner from its checkpoint (:mod:`adrec.online.supervise`); past
 ``online.max_restarts`` failures in a row it raises :class:`~adrec.errors.LearnerFailedError` (the
 CLI exits non-zero) with ``healthy: false`` in the status file.

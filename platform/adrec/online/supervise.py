@@ -3,7 +3,7 @@
 :class:`Supervised` steps an :class:`~adrec.online.learner.OnlineLearner`. A step that raises (a log
 that shrank, a full disk under the state folder, a bug) drops the learner and builds a new one from
 its checkpoint after a backoff (``online.restart_backoff_s``, doubling), so exactly once holds across
-the restart (offset and state come back together). After ``online.max_restarts`` failures in a row
+the restart (log position and state come back together). After ``online.max_restarts`` failures in a row
 the learner is unhealthy: ``status.json`` says ``healthy: false`` with the error, a ``failed`` record
 is appended to ``status.jsonl``, and :meth:`Supervised.step` raises :class:`LearnerFailedError`
 (the actor's ``check`` raises, ``adrec online`` exits non-zero). It never idles silently.

@@ -5,25 +5,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator
+
 from adrec import storage
 from adrec.config import CandidateConfig, ServeConfig
 from adrec.data.privacy import KEY_ENV
 from adrec.errors import ConfigError
-from adrec.keys import (
-    API_KEY_FILE,
-    PSEUDONYM_KEY_FILE,
-    SECRETS_DIR,
-    check_not_empty,
-    env_secret,
-    is_fingerprint,
-    key_fingerprint,
-    read_secret,
-    store_secret,
-)
+from adrec.keys import (API_KEY_FILE, PSEUDONYM_KEY_FILE, SECRETS_DIR, check_not_empty, env_secret, is_fingerprint,
+                        key_fingerprint, read_secret, store_secret)
 from adrec.model_version.registry import VERSIONS_DIR, registry_of
 from adrec.model_version.writer import PSEUDONYM_KEY_FINGERPRINT
 from adrec.run import RunDir
-from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 
 APP_NAME = "adrec"
 API_KEY_ENV = "ADREC_API_KEY"

@@ -6,7 +6,7 @@ Two topologies (``AppArgs.topology``), the same answers and the same HTTP API:
 
     HTTP -> Ingress (FastAPI: auth, body limits, strict validation, pseudonymization)
               |-- /recommend -> CandidateDeployment --rank/explain--> RankerDeployment (@serve.batch)
-              |-- /feedback  -> FeedbackDeployment (one writer: durable JSONL log, idempotent by event_id)
+              |-- /feedback  -> FeedbackDeployment (durable log, idempotent by event_id: adrec.feedback)
               |-- /version   -> CandidateDeployment
               `-- /healthz
 
@@ -36,10 +36,12 @@ the same way in both: scale the Ingress to scale a fused app.
 
 from ray import serve
 
+from adrec.errors import ConfigError
 from adrec.serving.args import AppArgs
 from adrec.serving.deployments import CandidateDeployment, FeedbackDeployment, RankerDeployment
 from adrec.serving.holder import model_config
 from adrec.serving.ingress import Ingress
+from adrec.storage import is_remote
 
 
 def _options(deployment, settings: AppArgs, version: str, user_config: dict | None, **extra):
@@ -58,6 +60,10 @@ def build_app(args: AppArgs) -> serve.Application:
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args)
     args = args.resolved()
+    if args.feedback_replicas > 1 and not is_remote(args.feedback_log):
+        raise ConfigError(f"serve.feedback_replicas={args.feedback_replicas}, but the feedback log {args.feedback_log} "
+                          "is a local file, which has one writer: use 1, or put the log on a shared store "
+                          "(serve.feedback_log=s3://bucket/prefix/feedback), where every replica writes its own segments")
     user_config = model_config(args.model_dir)
     # The deployments get every setting except the model folder: that is the user_config, so pointing
     # the app at a new version changes nothing else, and Serve reconfigures the replicas in place.
@@ -68,7 +74,7 @@ def build_app(args: AppArgs) -> serve.Application:
                                         "target_ongoing_requests": max(2, args.max_batch_size)}}
     else:
         scale = {"num_replicas": args.ranker_replicas}
-    feedback = _options(FeedbackDeployment, args, version, user_config, num_replicas=1).bind(settings)
+    feedback = _options(FeedbackDeployment, args, version, user_config, num_replicas=args.feedback_replicas).bind(settings)
     if args.topology == "fused":
         # The ingress holds the model: it takes the ranker's scaling (and the model version as user_config).
         if "num_replicas" in scale:

@@ -86,8 +86,10 @@ def train_ranker(cfg: AdrecConfig, run: RunDir, features=None,
         "epochs_run": [int(h["epoch"]) for h in state["history"]],
         "start_epochs": [int(h["start_epoch"]) for h in state["history"]],
         "history": state["history"],
+        "num_workers": rc.num_workers,
+        "worker_nodes": max(int(h.get("worker_nodes", 1)) for h in state["history"]),
         "calibration": list(ranker.calibration),
-        "ray_run": str(storage / name),
+        "ray_run": (storage / name).uri,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     run.update_manifest("train", {k: v for k, v in summary.items() if k != "history"} | {
