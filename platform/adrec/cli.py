@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -16,9 +18,24 @@ from adrec.run import RunDir, resolve_config
 log = logging.getLogger("adrec.cli")
 
 
+def env_expanded(value: str) -> str:
+    """``$VAR`` / ``${VAR}`` in a location expanded from this process's environment; an unset one is an error.
+
+    So a job names the bucket the cluster's nodes were given: ``ray job submit ... --run '$ADREC_STORE/runs/r1'``
+    (single quotes: `ray job submit` passes the argument on as typed, and the job expands it on the cluster).
+    """
+    out = os.path.expandvars(value)
+    left = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", out)
+    if left:
+        raise argparse.ArgumentTypeError(f"{value!r} names ${left[0]}, which is not set here (cluster.yaml exports "
+                                         f"ADREC_STORE on every node; elsewhere export it first)")
+    return out
+
+
 def _common(p: argparse.ArgumentParser, run_required: bool = True) -> None:
-    p.add_argument("--run", required=run_required, metavar="DIR",
-                   help="run folder: prepare creates it, every later stage reads and writes it")
+    p.add_argument("--run", required=run_required, metavar="DIR", type=env_expanded,
+                   help="run folder: prepare creates it, every later stage reads and writes it "
+                        "($VARS are expanded, e.g. '$ADREC_STORE/runs/r1')")
     p.add_argument("--config", metavar="FILE",
                    help="YAML config (default: the run's config.yaml, else the built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
