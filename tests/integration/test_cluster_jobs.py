@@ -116,6 +116,19 @@ def test_pipeline_step_runs_as_a_ray_job(tmp_path, request):
     head.assert_gone()
 
 
+def _open_serve_config(tmp_path: Path) -> Path:
+    """serve_apps/config.yaml listening on every interface, with no API key anywhere (and no model: the
+    refusal must come before the app reads one)."""
+    import yaml
+
+    conf = yaml.safe_load((ROOT / "serve_apps" / "config.yaml").read_text())
+    conf["http_options"].update(host="0.0.0.0", port=_free_ports(1)[0])
+    conf["applications"][0]["args"].update(model_dir=str(tmp_path / "no-model"), pseudonym_key="k")
+    path = tmp_path / "open.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
 def test_serve_deploy_config_to_a_running_cluster(tmp_path, request, tiny_run, tiny_cfg):
     """`serve deploy serve_apps/config.yaml` (model, key and port adapted) against a `ray start --head`.
 
@@ -203,9 +216,19 @@ def test_a_job_runs_the_code_it_was_submitted_with(tmp_path, request):
         cd "{work}"
         timeout 180 ray job submit --address={head.dashboard} --working-dir . -- \\
             python pipelines/where.py --run '$ADREC_STORE/runs/r1' || exit 91
+        unset ADREC_API_KEY
+        timeout 60 serve deploy "{_open_serve_config(tmp_path)}" --address={head.dashboard} || exit 92
+        for i in $(seq 1 60); do
+            timeout 30 serve status --address={head.dashboard} > "{tmp_path / 'status.txt'}"
+            grep -q DEPLOY_FAILED "{tmp_path / 'status.txt'}" && break
+            sleep 1
+        done
         """)
     rc, out = _in_namespace(script, tmp_path / "where.sh", timeout=300)
-    assert rc not in (90, 91) and rc == 0, out[-6000:]
+    assert rc not in (90, 91, 92) and rc == 0, out[-6000:]
+    # Clients reach a cluster's Serve beyond loopback: without an API key the app is refused before it is built.
+    status = (tmp_path / "status.txt").read_text()
+    assert "DEPLOY_FAILED" in status and "without an API key" in status, status[-3000:]
     where = json.loads(next(line for line in out.splitlines() if line.startswith("WHERE="))[len("WHERE="):])
     driver, worker = Path(where["driver"]), Path(where["worker"])
     # Both inside what Ray unpacked for this job on the node, never the node's copy (nor the test's tree).
@@ -217,3 +240,16 @@ def test_a_job_runs_the_code_it_was_submitted_with(tmp_path, request):
     assert where["mark"] == mark
     assert where["run"] == "s3://bucket-x/adrec/runs/r1"
     head.assert_gone()
+
+
+def _open_serve_config(tmp_path: Path) -> Path:
+    """serve_apps/config.yaml listening on every interface, with no API key anywhere (and no model: the
+    refusal must come before the app reads one)."""
+    import yaml
+
+    conf = yaml.safe_load((ROOT / "serve_apps" / "config.yaml").read_text())
+    conf["http_options"].update(host="0.0.0.0", port=_free_ports(1)[0])
+    conf["applications"][0]["args"].update(model_dir=str(tmp_path / "no-model"), pseudonym_key="k")
+    path = tmp_path / "open.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return path

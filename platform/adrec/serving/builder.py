@@ -38,6 +38,7 @@ from ray import serve
 
 from adrec.serving.args import AppArgs
 from adrec.serving.deployments import CandidateDeployment, FeedbackDeployment, RankerDeployment
+from adrec.serving.exposure import require_api_key, serve_http_address
 from adrec.serving.holder import model_config
 from adrec.serving.ingress import Ingress
 
@@ -56,6 +57,8 @@ def build_app(args: AppArgs) -> serve.Application:
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args)
     args = args.resolved()
+    # Before anything is read or placed: Serve's http_options.host decides who can reach the app.
+    require_api_key(args, *serve_http_address(args.host, args.port))
     user_config = model_config(args.model_dir)
     # The deployments get every setting except the model folder: that is the user_config, so pointing
     # the app at a new version changes nothing else, and Serve reconfigures the replicas in place.
