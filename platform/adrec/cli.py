@@ -19,7 +19,8 @@ log = logging.getLogger("adrec.cli")
 
 
 def env_expanded(value: str) -> str:
-    """``$VAR`` / ``${VAR}`` in a location expanded from this process's environment; an unset one is an error.
+    """``$VAR`` / ``${VAR}`` in a location (``--run``, ``--data-dir``) expanded from this process's environment;
+    an unset one is an error.
 
     So a job names the bucket the cluster's nodes were given: ``ray job submit ... --run '$ADREC_STORE/runs/r1'``
     (single quotes: `ray job submit` passes the argument on as typed, and the job expands it on the cluster).
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--dataset", metavar="NAME_OR_YAML",
                    help="synthetic (the built-in ad log), movielens-100k, or a schema YAML of your own data")
-    p.add_argument("--data-dir", metavar="DIR",
+    p.add_argument("--data-dir", metavar="DIR", type=env_expanded,
                    help="folder of the data set's files: where a schema YAML's paths resolve (else the YAML's "
                         "folder); movielens-100k: the unpacked ml-100k folder")
 
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, run_required=False)
     p.add_argument("--dataset", default="synthetic", metavar="NAME_OR_YAML",
                    help="synthetic (default), movielens-100k, or a schema YAML")
-    p.add_argument("--data-dir", metavar="DIR", help="folder of the data set's files (a schema YAML's paths resolve there; movielens-100k)")
+    p.add_argument("--data-dir", metavar="DIR", type=env_expanded, help="folder of the data set's files (a schema YAML's paths resolve there; movielens-100k)")
     p.add_argument("--port", type=int, default=8000, metavar="PORT", help="HTTP port of the demo's Serve app")
     p.add_argument("--users", type=int, default=3, metavar="N", help="known users to request recommendations for")
     return ap

@@ -117,12 +117,13 @@ def test_pipeline_step_runs_as_a_ray_job(tmp_path, request):
 
 
 def _open_serve_config(tmp_path: Path) -> Path:
-    """serve_apps/config.yaml listening on every interface, with no API key anywhere (and no model: the
-    refusal must come before the app reads one)."""
+    """serve_apps/config.cluster.yaml (it listens on every interface) on a free port, with no API key anywhere
+    (and no model: the refusal must come before the app reads one)."""
     import yaml
 
-    conf = yaml.safe_load((ROOT / "serve_apps" / "config.yaml").read_text())
-    conf["http_options"].update(host="0.0.0.0", port=_free_ports(1)[0])
+    conf = yaml.safe_load((ROOT / "serve_apps" / "config.cluster.yaml").read_text())
+    assert conf["http_options"]["host"] == "0.0.0.0"
+    conf["http_options"]["port"] = _free_ports(1)[0]
     conf["applications"][0]["args"].update(model_dir=str(tmp_path / "no-model"), pseudonym_key="k")
     path = tmp_path / "open.yaml"
     path.write_text(yaml.safe_dump(conf))
@@ -243,12 +244,13 @@ def test_a_job_runs_the_code_it_was_submitted_with(tmp_path, request):
 
 
 def _open_serve_config(tmp_path: Path) -> Path:
-    """serve_apps/config.yaml listening on every interface, with no API key anywhere (and no model: the
-    refusal must come before the app reads one)."""
+    """serve_apps/config.cluster.yaml (it listens on every interface) on a free port, with no API key anywhere
+    (and no model: the refusal must come before the app reads one)."""
     import yaml
 
-    conf = yaml.safe_load((ROOT / "serve_apps" / "config.yaml").read_text())
-    conf["http_options"].update(host="0.0.0.0", port=_free_ports(1)[0])
+    conf = yaml.safe_load((ROOT / "serve_apps" / "config.cluster.yaml").read_text())
+    assert conf["http_options"]["host"] == "0.0.0.0"
+    conf["http_options"]["port"] = _free_ports(1)[0]
     conf["applications"][0]["args"].update(model_dir=str(tmp_path / "no-model"), pseudonym_key="k")
     path = tmp_path / "open.yaml"
     path.write_text(yaml.safe_dump(conf))

@@ -12,6 +12,8 @@ def test_run_expands_the_store_named_on_the_nodes(monkeypatch):
     for typed in ("$ADREC_STORE/runs/r1", "${ADREC_STORE}/runs/r1"):
         assert build_parser().parse_args(["train", "--run", typed]).run == "s3://bucket-x/adrec/runs/r1"
     assert build_parser().parse_args(["train", "--run", "runs/r1"]).run == "runs/r1"
+    parsed = build_parser().parse_args(["prepare", "--run", "r", "--data-dir", "$ADREC_STORE/data/ml-100k"])
+    assert parsed.data_dir == "s3://bucket-x/adrec/data/ml-100k"
 
 
 def test_an_unset_variable_is_an_error_not_a_folder_named_after_it(monkeypatch, capsys):

@@ -135,3 +135,29 @@ def test_image_pin_check_rejects_what_it_should():
     for bad in ("rayproject/ray:latest", "rayproject/ray:2.60.0-gpu", "rayproject/ray:nightly-py311-cpu"):
         with pytest.raises(AssertionError, match="not a pinned"):
             image_pins(bad)
+
+
+def test_the_clusters_serve_config_is_reachable_and_needs_a_key(monkeypatch, tmp_path):
+    """serve_apps/config.cluster.yaml: valid for Serve and adrec, beyond loopback (so the builder wants an API
+    key), its model on the store the nodes were given."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from adrec.errors import ConfigError
+    from adrec.serving.builder import build_app
+    from adrec.serving.exposure import require_api_key
+    from serve_apps.app import config_args
+
+    path = ROOT / "serve_apps" / "config.cluster.yaml"
+    conf = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(conf)
+    args = config_args(path)
+    assert args.topology == "fused" and args.model_dir == "$ADREC_STORE/runs/r1/model"
+    assert {d["name"] for d in conf["applications"][0]["deployments"]} == {"Ingress", "FeedbackDeployment"}
+    host, port = conf["http_options"]["host"], conf["http_options"]["port"]
+    monkeypatch.delenv("ADREC_API_KEY", raising=False)
+    monkeypatch.setenv("ADREC_STORE", str(tmp_path))
+    with pytest.raises(ConfigError, match="without an API key"):
+        require_api_key(args.resolved(), host, port)
+    # as Serve would build it there (the builder asks Serve for the host; no Serve runs here)
+    with pytest.raises(ConfigError, match="without an API key"):
+        build_app(args.model_copy(update={"host": host}))
