@@ -116,20 +116,6 @@ def test_pipeline_step_runs_as_a_ray_job(tmp_path, request):
     head.assert_gone()
 
 
-def _open_serve_config(tmp_path: Path) -> Path:
-    """serve_apps/config.cluster.yaml (it listens on every interface) on a free port, with no API key anywhere
-    (and no model: the refusal must come before the app reads one)."""
-    import yaml
-
-    conf = yaml.safe_load((ROOT / "serve_apps" / "config.cluster.yaml").read_text())
-    assert conf["http_options"]["host"] == "0.0.0.0"
-    conf["http_options"]["port"] = _free_ports(1)[0]
-    conf["applications"][0]["args"].update(model_dir=str(tmp_path / "no-model"), pseudonym_key="k")
-    path = tmp_path / "open.yaml"
-    path.write_text(yaml.safe_dump(conf))
-    return path
-
-
 def test_serve_deploy_config_to_a_running_cluster(tmp_path, request, tiny_run, tiny_cfg):
     """`serve deploy serve_apps/config.yaml` (model, key and port adapted) against a `ray start --head`.
 
