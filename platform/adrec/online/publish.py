@@ -26,13 +26,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from adrec.errors import RunError
-from adrec.model_version import (
-    VersionEntry,
-    VersionPaths,
-    VersionRegistry,
-    read_version,
-    write_version,
-)
+from adrec.model_version import VersionEntry, VersionPaths, VersionRegistry, read_version, write_version
 from adrec.model_version.registry import staging_dir
 from adrec.online.catalog import fold_in_sources
 

@@ -39,6 +39,7 @@ from ray import serve
 from adrec.errors import ConfigError
 from adrec.serving.args import AppArgs
 from adrec.serving.deployments import CandidateDeployment, FeedbackDeployment, RankerDeployment
+from adrec.serving.exposure import require_api_key, serve_http_address
 from adrec.serving.holder import model_config
 from adrec.serving.ingress import Ingress
 from adrec.storage import is_remote
@@ -60,6 +61,8 @@ def build_app(args: AppArgs) -> serve.Application:
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args)
     args = args.resolved()
+    # Before anything is read or placed: Serve's http_options.host decides who can reach the app.
+    require_api_key(args, *serve_http_address(args.host, args.port))
     if args.feedback_replicas > 1 and not is_remote(args.feedback_log):
         raise ConfigError(f"serve.feedback_replicas={args.feedback_replicas}, but the feedback log {args.feedback_log} "
                           "is a local file, which has one writer: use 1, or put the log on a shared store "

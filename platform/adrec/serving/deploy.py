@@ -15,7 +15,6 @@ The same app deploys declaratively with ``serve run serve_apps/config.yaml`` or
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import threading
 import time
@@ -23,10 +22,10 @@ from pathlib import Path
 
 from adrec import storage
 from adrec.config import AdrecConfig
-from adrec.errors import ConfigError
 from adrec.run import RunDir
 from adrec.serving.args import AppArgs
 from adrec.serving.builder import build_app
+from adrec.serving.exposure import require_api_key
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +60,6 @@ def wait_healthy(url: str, timeout_s: float = 60.0, headers: dict | None = None)
     raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout_s:.0f}s (last: {last})")
 
 
-def is_loopback(host: str) -> bool:
-    """Only this machine can reach ``host`` (127.0.0.0/8, ::1, localhost); "" and 0.0.0.0 are every interface."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:  # a host name other than localhost: may resolve to anything
-        return False
-
-
 def preflight(args: AppArgs) -> AppArgs:
     """The start-up checks of :func:`deploy`; returns the args resolved. :class:`ConfigError` when
 
@@ -81,14 +70,7 @@ def preflight(args: AppArgs) -> AppArgs:
     from adrec.model_version import read_version
 
     r = args.resolved()
-    api_key, _ = r.api_key_source()
-    if api_key is None and not is_loopback(r.host):
-        if not r.allow_unauthenticated:
-            raise ConfigError(f"refusing to serve on {r.host or '(every interface)'}:{r.port} without an API key: "
-                              f"anyone who reaches it could call the API. Set ${r.api_key_env} (or serve.api_key_file), "
-                              "listen on 127.0.0.1, or set serve.allow_unauthenticated=true to accept it")
-        log.warning("serving on %s:%d WITHOUT authentication (serve.allow_unauthenticated): anyone who reaches "
-                    "this port can call the API", r.host or "(every interface)", r.port)
+    require_api_key(r, r.host, r.port)
     r.check_version_key(read_version(r.model_dir), r.model_dir)
     return r
 
