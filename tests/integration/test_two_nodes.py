@@ -68,7 +68,7 @@ def cluster(tmp_path_factory):
 
 
 def _submit(cluster, step: str, *args: str, resources: dict | None = None, timeout_s: float = 600,
-            wait: bool = True) -> str:
+            wait: bool = True, fails: bool = False) -> str:
     """``ray job submit --working-dir . -- python pipelines/<step>.py ...`` against the head, as the README."""
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", f"--address={cluster['head'].dashboard}",
            "--working-dir", "."]
@@ -83,6 +83,9 @@ def _submit(cluster, step: str, *args: str, resources: dict | None = None, timeo
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
     out = proc.stdout + proc.stderr
     (cluster["logs"] / f"job-{step}.log").write_text(out)
+    if fails:
+        assert proc.returncode != 0, f"{step} job should have failed:\n{out[-6000:]}"
+        return out
     assert proc.returncode == 0 and (not wait or "succeeded" in out.lower()), f"{step} job failed:\n{out[-6000:]}"
     print(f"{step}: {time.monotonic() - t0:.0f}s")
     return out
@@ -103,7 +106,11 @@ def test_the_cluster_walkthrough_runs_on_two_nodes_sharing_only_the_store(cluste
     os.environ.update(s3.env)  # this process reads the store too (the asserts)
     _submit(cluster, "prepare", "--run", RUN, "--dataset", "synthetic", *TINY)
     _submit(cluster, "candidates", "--run", RUN)
-    _submit(cluster, "train", "--run", RUN, "--num-workers", "2", "--set", "ranker.placement_strategy=STRICT_SPREAD")
+    # A local path where the nodes must share storage is refused before any work starts.
+    out = _submit(cluster, "train_ranker", "--run", RUN, "--num-workers", "2", "--set",
+                  "ranker.storage_path=/tmp/checkpoints", fails=True)
+    assert "the Ray cluster has 2 nodes and the others cannot read this machine's disk" in out
+    _submit(cluster, "train_ranker", "--run", RUN, "--num-workers", "2", "--set", "ranker.placement_strategy=STRICT_SPREAD")
     _submit(cluster, "evaluate", "--run", RUN)
     run = storage.resolve(RUN)
     manifest = (run / "manifest.json").read_json()
@@ -181,7 +188,7 @@ def test_the_cluster_walkthrough_runs_on_two_nodes_sharing_only_the_store(cluste
     reg = registry_of(RUN)
     served_entry = reg.find(served)
     before = (served_entry.location / "MANIFEST.json").read_bytes()
-    _submit(cluster, "train", "--run", RUN, "--set", "ranker.seed=1")
+    _submit(cluster, "train_ranker", "--run", RUN, "--set", "ranker.seed=1")
     assert reg.live().number > served_entry.number
     assert (served_entry.location / "MANIFEST.json").read_bytes() == before
     shutil.rmtree(storage.cache_root(), ignore_errors=True)

@@ -65,12 +65,16 @@ def preflight(args: AppArgs) -> AppArgs:
 
     - the app has no API key and listens beyond loopback, unless ``allow_unauthenticated`` (a warning then);
     - the model version was built with another pseudonymization key than the app's (every user would be a
-      cold start).
+      cold start);
+    - the version or the feedback log is a local path while the Ray cluster has several nodes (replicas
+      placed on the others could not read the version, and acknowledged events would live on one disk).
     """
     from adrec.model_version import read_version
 
     r = args.resolved()
     require_api_key(r, r.host, r.port)
+    storage.require_shared(r.model_dir, "the model version Serve loads (serve.model_dir / --run)")
+    storage.require_shared(r.feedback_log, "the feedback log (serve.feedback_log)")
     r.check_version_key(read_version(r.model_dir), r.model_dir)
     return r
 
