@@ -66,8 +66,6 @@ def train_ranker(cfg: AdrecConfig, run: RunDir, features=None,
         log.warning("use_gpu is set but this process sees no CUDA device; the workers must (Ray places them)")
     data = prepare_data(rc, features)
     init_ray(cfg.ray)
-    # Ray Train's storage (its checkpoints) is a location like any other: on the run's store by default, so
-    # the workers of every node write their checkpoints where the driver (and a restarted run) finds them.
     storage = train_storage(rc, run)
     name = resume_key(rc, data_fingerprint(run, features))
     if not rc.resume:
