@@ -182,6 +182,10 @@ class TopKConfig(_Strict):
     rank_depth: int = Field(500, ge=1)
     batch_users: int = Field(512, ge=1)
     seed: int = 0
+    # Exposure-aware re-ranking of every served list (adrec.topk.exposure): the weight w of the provider's
+    # exposure so far in the list against the scaled relevance; 0 = off (the re-ranker's order).
+    exposure_weight: float = Field(0.0, ge=0, le=1)
+    exposure_pool: int = Field(100, ge=1)  # the best candidates by re-ranker score it re-ranks
 
     def recommender_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`adrec.topk.TwoStageRecommender` (whose defaults they are)."""
@@ -191,6 +195,7 @@ class TopKConfig(_Strict):
             "windows_days": list(self.windows_days), "transition_span": self.transition_span,
             "next_candidates": self.next_candidates, "rank_depth": self.rank_depth, "ranker": self.ranker,
             "ranker_params": dict(self.ranker_params), "batch_users": self.batch_users, "seed": self.seed,
+            "exposure_weight": self.exposure_weight, "exposure_pool": self.exposure_pool,
         }
 
 
@@ -252,6 +257,8 @@ class EvalConfig(_Strict):
     k: int = Field(10, ge=1)
     # (The candidates evaluated per user are candidates.n_candidates: what a served request ranks.)
     fgsm_epsilons: list[float] = Field(default_factory=lambda: [0.0, 0.01, 0.05, 0.1])
+    # topk.exposure_weight values of the report's trade-off curve (NDCG@K vs provider Gini); [] = none.
+    exposure_weights: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5, 0.8])
 
 
 class ServeConfig(_Strict):

@@ -29,6 +29,7 @@ from adrec.metrics import ctr_metrics, rank_candidates, topk_metrics
 from adrec.evaluation.fairness import fairness
 from adrec.evaluation.plots import plot_calibration, plot_robustness, plot_roc
 from adrec.evaluation.report import markdown_table, write_report
+from adrec.evaluation.tradeoff import exposure_tradeoff
 from adrec.features.pipeline import Features
 from adrec.features.split import TEST, TRAIN
 from adrec.model_version import ModelVersion, load_version
@@ -151,6 +152,13 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
     tables = {}
     if fair_table is not None:
         tables["Exposure to merit by provider"] = fair_table
+    if two_stage:
+        trade_metrics, trade_body, trade_img = exposure_tradeoff(
+            rec.two_stage, users, truth, rec.seen, spec.n_catalog, k, cfg.eval.exposure_weights, report)
+        metrics.update(trade_metrics)
+        fair_body += "\n\n### Exposure-aware re-ranking: the trade-off\n\n" + trade_body
+        if trade_img is not None:
+            images["Fairness: NDCG vs provider Gini (exposure re-ranking)"] = trade_img
     recall_path = run.candidates / "recall.json"
     if recall_path.exists():
         rec_json = json.loads(recall_path.read_text())

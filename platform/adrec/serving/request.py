@@ -37,8 +37,9 @@ class Recommendation:
         self.cand = rec.candidates(user_idx, max(n_candidates, k), context)
         self.ranked_by = CLICK_PROB if self.cand.final is None else TWO_STAGE
         self.click_probs = np.full(len(self.cand.items), np.nan, np.float32)
-        # Positions of the chosen items, best first: known now when the re-ranker's order is final.
-        self.order = None if self.cand.final is None else top_order(self.cand.items, self.cand.final, k)
+        # Positions of the chosen items, best first: known now when the two-stage order is final. That order
+        # is the list's own (by re-ranker score, or its exposure-aware re-ranking: adrec.topk.exposure).
+        self.order = None if self.cand.final is None else np.arange(min(k, len(self.cand.items)))
 
     @property
     def to_score(self) -> np.ndarray:
