@@ -308,6 +308,10 @@ class ServeConfig(_Strict):
     request_timeout_s: float = Field(10.0, gt=0)
     # Serve's per-request access log lines (path, status, latency; never bodies): off for throughput.
     access_log: bool = False
+    # explain=true (adrec.serving.explanations): the first this many items get the ranker's explanations, and
+    # Integrated Gradients runs while this budget lasts (then the answer degrades to sources + history).
+    explain_max_items: int = Field(10, ge=0)
+    explain_budget_ms: float = Field(500.0, ge=0)
 
     @field_validator("api_key")
     @classmethod
