@@ -199,6 +199,21 @@ class TopKConfig(_Strict):
         }
 
 
+class DPConfig(_Strict):
+    """DP-SGD for the ranker (adrec.ranking.train.privacy): per-example clipping to ``max_grad_norm``,
+    Gaussian noise calibrated by Opacus' accountant so that the whole planned training spends at most
+    ``target_epsilon`` at ``delta``, batches drawn by Poisson sampling (each row with probability
+    batch_size / rows)."""
+
+    target_epsilon: float = Field(gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    # Rows whose per-example gradients are computed at once (memory, not privacy: a logical batch is
+    # still one noisy step).
+    physical_batch: int = Field(32, ge=1)
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
 class RankerConfig(_Strict):
     encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
     # A tiny randomly initialised BERT with the encoder's tokenizer: for tests and smoke runs.
@@ -251,6 +266,15 @@ class RankerConfig(_Strict):
     storage_path: str | None = None
     # Re-running with the same configuration resumes from its latest checkpoint; False starts over.
     resume: bool = True
+    # DP-SGD (adrec.ranking.train.privacy): None = off. Needs finetune "frozen" (the encoder gets no noise).
+    dp: DPConfig | None = None
+
+    @model_validator(mode="after")
+    def _dp_needs_what_it_covers(self) -> "RankerConfig":
+        if self.dp is not None and (self.finetune != "frozen" or self.fgsm_epsilon > 0 or self.ensemble_bagging):
+            raise ValueError("ranker.dp needs finetune: frozen, fgsm_epsilon: 0 and ensemble_bagging: false "
+                             "(a trainable encoder, FGSM and bagging weights are not in its per-example clipping)")
+        return self
 
 
 class EvalConfig(_Strict):
@@ -259,6 +283,8 @@ class EvalConfig(_Strict):
     fgsm_epsilons: list[float] = Field(default_factory=lambda: [0.0, 0.01, 0.05, 0.1])
     # topk.exposure_weight values of the report's trade-off curve (NDCG@K vs provider Gini); [] = none.
     exposure_weights: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5, 0.8])
+    # Users whose served lists the report's explanation-faithfulness check attributes (Integrated Gradients); 0 = off.
+    explain_users: int = Field(50, ge=0)
 
 
 class ServeConfig(_Strict):

@@ -27,9 +27,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from adrec.ranking.fusion import _sigmoid
+
 log = logging.getLogger(__name__)
 
-__all__ = ["Explainer", "ITEM_GROUPS"]
+__all__ = ["Explainer", "ITEM_GROUPS", "explainer_of"]
 
 _ITEM_KEYS = {"item_id": "item.id", "item_attr": "item.attributes", "item_text": "item.text"}
 ITEM_GROUPS = (*_ITEM_KEYS.values(), "history")
@@ -52,6 +54,11 @@ class Explainer:
         self.field_names = list(arch["fields"])
         self.multi_names = [m["name"] for m in arch["multi"]]
         self.groups = [*self.field_names, *self.multi_names, *ITEM_GROUPS]
+
+    def probability(self, logits: np.ndarray) -> np.ndarray:
+        """Click probabilities of raw logits (the ranker's calibration), as ``predict`` answers them."""
+        a, b = self.ranker.calibration
+        return _sigmoid(a * np.asarray(logits, np.float64) + b)
 
     # ---- (b) "because you liked": attention over the history ----------------------------------
     def history_attention(self, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -175,3 +182,14 @@ class Explainer:
                     t[j, inv[j, 0]] = c
         with torch.no_grad():
             return f(*inputs).numpy().astype(np.float64), f(*zeroed).numpy().astype(np.float64)
+
+
+def explainer_of(ranker) -> Explainer | None:
+    """The ranker's :class:`Explainer` (built once and kept on it), or None for a ranker without input
+    embeddings (only the fusion ranker has them)."""
+    if not hasattr(getattr(ranker, "model", None), "embed"):
+        return None
+    ex = getattr(ranker, "_explainer", None)
+    if ex is None:
+        ex = ranker._explainer = Explainer(ranker)
+    return ex

@@ -36,19 +36,6 @@ def field_kind(name: str) -> str:
     return {"ctx": "context", "user": "user", "item": "item"}.get(name.split(".", 1)[0], "other")
 
 
-def explainer_of(ranker):
-    """The ranker's :class:`~adrec.ranking.explain.Explainer` (built once), or None for a ranker without
-    input embeddings (only the fusion ranker has them)."""
-    if not hasattr(getattr(ranker, "model", None), "embed"):
-        return None
-    ex = getattr(ranker, "_explainer", None)
-    if ex is None:
-        from adrec.ranking.explain import Explainer
-
-        ex = ranker._explainer = Explainer(ranker)
-    return ex
-
-
 def attention_because(hist: np.ndarray, weights: np.ndarray, item_ids, top_n: int) -> list[dict]:
     """The ``top_n`` history items of one row by attention weight (weights > 0 only)."""
     order = np.argsort(-weights, kind="stable")[:top_n]
@@ -83,6 +70,8 @@ def explain_items(rec, user_idx: int, item_idx: np.ndarray, context: dict | None
     item_idx = np.asarray(item_idx, np.int64)
     n = min(len(item_idx), int(max_items))
     out = [{"because_you_liked": [], "features": None} for _ in item_idx]
+    from adrec.ranking.explain import explainer_of  # torch and captum: only when explaining
+
     ex = explainer_of(rec.ranker)
     if n == 0 or ex is None:
         return {"items": out, "complete": ex is not None or n == 0}

@@ -81,6 +81,7 @@ def train_ranker(cfg: AdrecConfig, run: RunDir, features=None,
         "start_epochs": [int(h["start_epoch"]) for h in state["history"]],
         "history": state["history"],
         "calibration": list(ranker.calibration),
+        "privacy": ranker.info.get("privacy"),  # ranker.dp: the epsilon spent (adrec.ranking.train.privacy)
         "ray_run": str(storage / name),
         "seconds": round(time.perf_counter() - t0, 2),
     }
