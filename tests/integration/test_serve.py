@@ -48,7 +48,8 @@ def served(request, ray_session, tiny_run, tiny_cfg, tmp_path_factory):
     args = AppArgs(model_dir=str(tiny_run.model), pseudonym_key=tiny_cfg.data.pseudonym_key, api_key=API_KEY,
                    feedback_log=str(tmp / "feedback" / "events.jsonl"), port=free_port(), app_name=APP,
                    ranker_replicas=2, num_cpus_per_replica=0.1, max_body_bytes=8192, max_k=50, topology=topology,
-                   explain_budget_ms=60_000)  # the shared 2-core machine: a budget that never cuts the test short
+                   # the shared 2-core machine: an explanation budget and a timeout that never cut a test short
+                   explain_budget_ms=60_000, request_timeout_s=120)
     url = deploy(args)
     client = httpx.Client(base_url=url, headers={"x-api-key": API_KEY}, timeout=30)
     users = raw_user_ids(tiny_run)
