@@ -36,8 +36,8 @@ def run_benchmark(run_path: Path, epsilons: list[float], seeds: list[int], epoch
     test = feats.rows(TEST)
     y = test["label"].to_numpy()
     rows = []
-    for eps in [*epsilons, None]:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: a stopped run still has every epsilon of its first seeds
+        for eps in [*epsilons, None]:
             sets = [f"ranker.seed={seed}", f"ranker.epochs={epochs}", "ranker.finetune=frozen",
                     "ranker.fgsm_epsilon=0", "ranker.ensemble_bagging=false", *overrides]
             if max_steps:
@@ -53,6 +53,8 @@ def run_benchmark(run_path: Path, epsilons: list[float], seeds: list[int], epoch
                          "spent_epsilon": spent, "test_auc": float(auc(y, ranker.predict(test))),
                          "train_seconds": round(secs, 1)})
             print(json.dumps(rows[-1]), flush=True)
+            out.mkdir(parents=True, exist_ok=True)  # what ran so far, should a long benchmark be stopped
+            (out / f"privacy_benchmark_{base.data.dataset}.partial.json").write_text(json.dumps(rows, indent=2) + "\n")
     dataset = base.data.dataset
     summary = []
     for eps in [*epsilons, "none"]:
