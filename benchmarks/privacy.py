@@ -29,7 +29,7 @@ from adrec.run import RunDir, resolve_config
 
 
 def run_benchmark(run_path: Path, epsilons: list[float], seeds: list[int], epochs: int, max_steps: int | None,
-                  overrides: list[str], out: Path) -> dict:
+                  overrides: list[str], out: Path, physical_batch: int = 32) -> dict:
     run = RunDir(run_path)
     base = resolve_config(run)
     feats = Features(run)
@@ -43,7 +43,7 @@ def run_benchmark(run_path: Path, epsilons: list[float], seeds: list[int], epoch
             if max_steps:
                 sets.append(f"ranker.max_steps_per_epoch={max_steps}")
             if eps is not None:
-                sets.append(f"ranker.dp={{target_epsilon: {eps}}}")
+                sets.append(f"ranker.dp={{target_epsilon: {eps}, physical_batch: {physical_batch}}}")
             cfg = build_config(base.model_dump(mode="json"), overrides=sets).ranker
             t0 = time.perf_counter()
             ranker, _ = fit_local(cfg, feats)
@@ -67,6 +67,7 @@ def run_benchmark(run_path: Path, epsilons: list[float], seeds: list[int], epoch
                        "without DP": {e: no_dp for e in epsilons}}, out / f"privacy_benchmark_{dataset}.png",
                       xlabel="target epsilon (delta 1e-5)", ylabel="test AUC", title=f"DP-SGD on {dataset}")
     result = {"dataset": dataset, "epochs": epochs, "max_steps_per_epoch": max_steps, "overrides": overrides,
+              "physical_batch": physical_batch,
               "runs": rows, "summary": summary}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"privacy_benchmark_{dataset}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -84,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--max-steps-per-epoch", type=int, default=None)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="a ranker.KEY=VALUE override")
+    ap.add_argument("--physical-batch", type=int, default=32, help="ranker.dp.physical_batch (memory only)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     args = ap.parse_args(argv)
-    run_benchmark(args.run, args.epsilons, args.seeds, args.epochs, args.max_steps_per_epoch, args.overrides, args.out)
+    run_benchmark(args.run, args.epsilons, args.seeds, args.epochs, args.max_steps_per_epoch, args.overrides, args.out,
+                  args.physical_batch)
     return 0
