@@ -182,6 +182,10 @@ class TopKConfig(_Strict):
     rank_depth: int = Field(500, ge=1)
     batch_users: int = Field(512, ge=1)
     seed: int = 0
+    # Exposure-aware re-ranking of every served list (adrec.topk.exposure): the weight w of the provider's
+    # exposure so far in the list against the scaled relevance; 0 = off (the re-ranker's order).
+    exposure_weight: float = Field(0.0, ge=0, le=1)
+    exposure_pool: int = Field(100, ge=1)  # the best candidates by re-ranker score it re-ranks
 
     def recommender_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`adrec.topk.TwoStageRecommender` (whose defaults they are)."""
@@ -191,7 +195,23 @@ class TopKConfig(_Strict):
             "windows_days": list(self.windows_days), "transition_span": self.transition_span,
             "next_candidates": self.next_candidates, "rank_depth": self.rank_depth, "ranker": self.ranker,
             "ranker_params": dict(self.ranker_params), "batch_users": self.batch_users, "seed": self.seed,
+            "exposure_weight": self.exposure_weight, "exposure_pool": self.exposure_pool,
         }
+
+
+class DPConfig(_Strict):
+    """DP-SGD for the ranker (adrec.ranking.train.privacy): per-example clipping to ``max_grad_norm``,
+    Gaussian noise calibrated by Opacus' accountant so that the whole planned training spends at most
+    ``target_epsilon`` at ``delta``, batches drawn by Poisson sampling (each row with probability
+    batch_size / rows)."""
+
+    target_epsilon: float = Field(gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    # Rows whose per-example gradients are computed at once (memory, not privacy: a logical batch is
+    # still one noisy step).
+    physical_batch: int = Field(32, ge=1)
+    accountant: Literal["rdp", "prv"] = "rdp"
 
 
 class RankerConfig(_Strict):
@@ -250,12 +270,25 @@ class RankerConfig(_Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     # Re-running with the same configuration resumes from its latest checkpoint; False starts over.
     resume: bool = True
+    # DP-SGD (adrec.ranking.train.privacy): None = off. Needs finetune "frozen" (the encoder gets no noise).
+    dp: DPConfig | None = None
+
+    @model_validator(mode="after")
+    def _dp_needs_what_it_covers(self) -> "RankerConfig":
+        if self.dp is not None and (self.finetune != "frozen" or self.fgsm_epsilon > 0 or self.ensemble_bagging):
+            raise ValueError("ranker.dp needs finetune: frozen, fgsm_epsilon: 0 and ensemble_bagging: false "
+                             "(a trainable encoder, FGSM and bagging weights are not in its per-example clipping)")
+        return self
 
 
 class EvalConfig(_Strict):
     k: int = Field(10, ge=1)
     # (The candidates evaluated per user are candidates.n_candidates: what a served request ranks.)
     fgsm_epsilons: list[float] = Field(default_factory=lambda: [0.0, 0.01, 0.05, 0.1])
+    # topk.exposure_weight values of the report's trade-off curve (NDCG@K vs provider Gini); [] = none.
+    exposure_weights: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5, 0.8])
+    # Users whose served lists the report's explanation-faithfulness check attributes (Integrated Gradients); 0 = off.
+    explain_users: int = Field(50, ge=0)
 
 
 class ServeConfig(_Strict):
@@ -314,6 +347,10 @@ class ServeConfig(_Strict):
     request_timeout_s: float = Field(10.0, gt=0)
     # Serve's per-request access log lines (path, status, latency; never bodies): off for throughput.
     access_log: bool = False
+    # explain=true (adrec.serving.explanations): the first this many items get the ranker's explanations, and
+    # Integrated Gradients runs while this budget lasts (then the answer degrades to sources + history).
+    explain_max_items: int = Field(10, ge=0)
+    explain_budget_ms: float = Field(500.0, ge=0)
 
     @field_validator("api_key")
     @classmethod

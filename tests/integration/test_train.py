@@ -105,3 +105,20 @@ def test_rerun_with_the_same_config_resumes_from_the_finished_run(small_run):
     again = train_ranker(cfg, small_run)
     assert again["epochs_run"] == first["epochs_run"] == [1]
     assert again["valid_auc"] == pytest.approx(first["valid_auc"])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_dp_sgd_under_ray_train_reports_the_spent_epsilon(small_run, workers):
+    """ranker.dp on Ray Train with one and two workers (noise added once, the workers' clipped sums reduced)."""
+    from adrec.ranking.base import load_ranker
+    from adrec.ranking.train import train_ranker
+
+    cfg = build_config(overrides=SMALL + [
+        "ranker.finetune=frozen", "ranker.epochs=1", "ranker.refit=false", "ranker.max_steps_per_epoch=3",
+        f"ranker.num_workers={workers}", "ranker.resume=false",  # the worker count is not in the resume key
+        "ranker.dp={target_epsilon: 8.0, physical_batch: 64}"])
+    out = train_ranker(cfg, small_run)
+    privacy = load_ranker(small_run.ranker).info["privacy"]
+    assert privacy["steps"] == 3 and 0.0 < privacy["epsilon"] <= 8.0 and privacy["delta"] == 1e-5
+    assert out["privacy"] == privacy == small_run.manifest()["stages"]["train"]["privacy"]
+    assert 0.0 < out["valid_auc"] <= 1.0
