@@ -223,6 +223,9 @@ class RankerConfig(_Strict):
     lora: LoraSettings = LoraSettings()
     # False: no item text tower (the ablation's "no text" row): the encoder never runs, item text adds nothing.
     text_tower: bool = True
+    # Candidate sources whose (user, item) scores join the cross tower, fitted leakage-free on earlier rows
+    # (adrec.ranking.collab): any of "ease", "als", "itemitem". Empty: none (issue 14, opt-in).
+    collab: list[Literal["ease", "als", "itemitem"]] = Field(default_factory=list)
     max_text_len: int = Field(32, ge=8)
     embed_dim: int = Field(32, ge=4)
     hidden: list[int] = Field(default_factory=lambda: [256, 128])

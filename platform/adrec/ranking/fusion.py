@@ -6,6 +6,7 @@ A saved fusion ranker is a self-describing folder::
     model.pt         state dict of everything but the encoder
     encoder/         the (fine-tuned) encoder and its tokenizer, via save_pretrained (LoRA merged in)
     adapter/         finetune=lora only: the LoRA adapter, peft's save_pretrained (adrec.ranking.lora)
+    collab/          ranker.collab only: the candidate sources behind its collaborative features
     items.parquet    the item table the model needs (index, id, text, item code columns)
     users.parquet    user multi-valued codes (only when the spec has user multi-valued fields)
     item_text.npy    cache of the pooled item text embeddings for this model version
@@ -36,6 +37,7 @@ from adrec.features.spec import FeatureSpec
 from adrec.ranking.base import RANKER_JSON, Ranker
 from adrec.ranking.data import EntityTables, architecture, rows_to_arrays
 from adrec.features.encoder import load_encoder, load_saved_encoder, tokenize
+from adrec.ranking.collab import COLLAB_DIR, CollabScorer, feature_names
 from adrec.ranking.lora import read_adapter, save_encoder
 from adrec.ranking.model import FusionModel
 
@@ -54,7 +56,8 @@ def model_arch(cfg: RankerConfig, spec: FeatureSpec) -> dict:
                 cross_rank=cfg.cross_rank, dropout=cfg.dropout, embed_dropout=cfg.embed_dropout,
                 att_hidden=cfg.att_hidden, fm=cfg.fm, members=cfg.ensemble, mixed_members=cfg.ensemble_mixed,
                 finetune=cfg.finetune, finetune_last_n=cfg.finetune_last_n,
-                max_text_len=cfg.max_text_len, text_tower=cfg.text_tower)
+                max_text_len=cfg.max_text_len, text_tower=cfg.text_tower,
+                dense=feature_names(cfg.collab) if cfg.collab else [])
     return arch
 
 
@@ -90,6 +93,7 @@ class FusionRanker(Ranker):
         self.calibration = (float(calibration[0]), float(calibration[1]))
         self.info = dict(info or {})
         self.adapter_files: dict[str, bytes] = {}  # a LoRA ranker loaded merged: its adapter, saved again as is
+        self.collab: CollabScorer | None = None  # ranker.collab: the sources fitted on train + valid
         self.model.eval()
 
     # ---- construction -------------------------------------------------------------------------
@@ -116,6 +120,11 @@ class FusionRanker(Ranker):
     def batch(self, rows: pd.DataFrame) -> dict[str, torch.Tensor]:
         """Model input tensors for ranker input rows."""
         arrays = rows_to_arrays(rows, self.arch)
+        if self.arch.get("dense"):  # the collaborative features: one implementation for every caller
+            if self.collab is None:
+                raise ValueError("this ranker reads collaborative features but carries no fitted sources")
+            hist = rows["hist"].to_numpy() if "hist" in rows.columns else [None] * len(rows)
+            arrays["dense"] = self.collab.features(hist, rows["item_idx"].to_numpy())
         device = self.model.device
         return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
 
@@ -158,6 +167,8 @@ class FusionRanker(Ranker):
         self.tables.items.to_parquet(tmp / "items.parquet", index=False)
         if self.tables.users is not None:
             self.tables.users.to_parquet(tmp / "users.parquet", index=False)
+        if self.collab is not None:
+            self.collab.save(tmp / COLLAB_DIR)
         meta = {
             "class": "FusionRanker",
             "name": self.name,
@@ -200,6 +211,8 @@ class FusionRanker(Ranker):
         cal = meta.get("calibration", {})
         ranker = cls(model, cfg, meta["spec"], tables, tok, (cal.get("a", 1.0), cal.get("b", 0.0)), meta.get("info"))
         ranker.adapter_files = read_adapter(folder)
+        if (folder / COLLAB_DIR).is_dir():
+            ranker.collab = CollabScorer.load(folder / COLLAB_DIR)
         ranker._load_text_cache(folder)
         return ranker
 

@@ -212,12 +212,18 @@ class FusionHead(nn.Module):
         self.att = nn.Sequential(nn.Linear(4 * d_item, att), nn.ReLU(), nn.Linear(att, 1))
         self.hist_n = nn.Embedding(self.hist_len + 1, k)
         nn.init.normal_(self.hist_n.weight, std=0.05)
-        d0 = (n_fields + n_multi) * k + k + 4 * d_item + k
+        n_dense = len(arch.get("dense", []))  # collaborative scores (adrec.ranking.collab): into the cross tower
+        d0 = (n_fields + n_multi) * k + k + 4 * d_item + k + (k if n_dense else 0)
         self.cross = CrossNetV2(d0, int(arch["cross_layers"]), int(arch.get("cross_rank", 64)))
         hidden = list(arch["hidden"])
         self.deep = mlp([d0, *hidden], float(arch["dropout"]))
         self.out = nn.Linear(hidden[-1] if hidden else d0, 1)
         self.emb_dropout = nn.Dropout(float(arch.get("embed_dropout", 0.0)))
+        self.dense_proj = nn.Linear(n_dense, k) if n_dense else None
+        self.dense_wide = nn.Linear(n_dense, 1) if n_dense else None
+        if self.dense_wide is not None:
+            nn.init.zeros_(self.dense_wide.weight)
+            nn.init.zeros_(self.dense_wide.bias)
         self.fm = bool(arch.get("fm", False))
         self.use_hist = True
 
@@ -394,8 +400,12 @@ class FusionModel(nn.Module):
         if key("multi") in e:
             parts.append(e[key("multi")].flatten(1))
         parts += [t_c, cand, interest, interest * cand, hmean, n_hist]
+        if h.dense_proj is not None:
+            parts.append(h.dense_proj(b["dense"]))
         x = h.deep(h.cross(torch.cat(parts, dim=-1)))
         wide = h.lin(b["fields"] + self.field_off).sum(dim=(1, 2))
+        if h.dense_wide is not None:
+            wide = wide + h.dense_wide(b["dense"]).squeeze(-1)
         logit = h.out(x).squeeze(-1) + wide + h.bias
         if h.fm:
             v = torch.cat([fields, e[key("multi")]], dim=1) if key("multi") in e else fields
