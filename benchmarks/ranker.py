@@ -8,7 +8,8 @@ rate) and wall time, as medians over the seeds, in ``results.json`` and ``result
 on the slices where text matters (issue 14, :mod:`adrec.evaluation.slices`): cold and warm items,
 few-shot users, and new items under the strict item cold-start protocol (a second preparation where a
 seeded 20% of the items lose their train and valid rows, every model trained again on it).
-``--ablation`` adds adrec's variants (no text tower, frozen, LoRA, last-N layers) on every slice.
+``--ablation`` adds adrec's variants (no text tower, frozen, LoRA, last-N layers, collaborative
+features) on every slice.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ VARIANTS: dict[str, list[str]] = {
     "adrec:frozen": ["ranker.finetune=frozen"],
     "adrec:lora": ["ranker.finetune=lora"],
     "adrec:last-n": ["ranker.finetune=last_n"],
+    "adrec:collab": ["ranker.collab=[ease,als,itemitem]"],
 }
 ALL_MODELS = (*MODELS, *VARIANTS)
 # The quick run: a small synthetic log, the tiny encoder, one seed, short training.
