@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform as _platform
 import statistics
@@ -172,18 +173,20 @@ def _prepared(cfg: AdrecConfig, run: RunDir):
 def run_benchmark(datasets: list[str], out: str | Path, data_dir: str | None = None, seeds=(0, 1, 2),
                   models=MODELS, quick: bool = False, refit: bool = True, overrides: list[str] | None = None,
                   robustness_epsilon: float | None = None, name: str = "results",
-                  runs: str | Path | None = None, new_items: float = 0.0) -> dict:
+                  runs: str | Path | None = None, new_items: float = 0.0, new_items_models=None) -> dict:
     """Run every model on every data set and seed; write ``<name>.json`` and ``<name>.md`` under ``out``
     (the prepared features and the trained rankers go under ``runs``, default ``<out>/runs``).
 
     ``new_items`` > 0: also the strict item cold-start protocol (that seeded fraction of the items loses
-    its train and valid rows; ``features.new_items``), every model again on that second preparation."""
+    its train and valid rows; ``features.new_items``), every model (or ``new_items_models``) again on that
+    second preparation."""
     from adrec.runtime import init_ray
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = Path(runs) if runs is not None else out / "runs"
-    unknown = [m for m in models if m not in ALL_MODELS]
+    strict_models = list(models if new_items_models is None else new_items_models)
+    unknown = [m for m in [*models, *strict_models] if m not in ALL_MODELS]
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(ALL_MODELS)}")
     seeds = [0] if quick else list(seeds)
@@ -200,7 +203,8 @@ def run_benchmark(datasets: list[str], out: str | Path, data_dir: str | None = N
         ov = ["data.pseudonym_key=benchmark", *dataset_overrides(ds_name, data_dir, quick),
               *(QUICK_RANKER if quick else []), f"ranker.refit={str(refit).lower()}", *(overrides or [])]
         cfg = build_config(overrides=ov)
-        variant_cfgs = {m: build_config(overrides=[*ov, *VARIANTS[m]]) for m in models if m in VARIANTS}
+        variant_cfgs = {m: build_config(overrides=[*ov, *VARIANTS[m]]) for m in {*models, *strict_models}
+                        if m in VARIANTS}
         init_ray(cfg.ray)
         run = RunDir(runs_dir / ds_name)
         features, data, masks, prep_s = _prepared(cfg, run)
@@ -231,7 +235,7 @@ def run_benchmark(datasets: list[str], out: str | Path, data_dir: str | None = N
                 "rows": {s: int(len(getattr(s_data, s))) for s in ("train", "valid", "test")},
                 "new_item_rows": int(s_masks["new_items"].sum())}
             ds_out["new_items_protocol"]["models"] = _models_pass(
-                s_cfg, s_run, s_feats, s_data, models, seeds, refit, quick, {"new_items": s_masks["new_items"]},
+                s_cfg, s_run, s_feats, s_data, strict_models, seeds, refit, quick, {"new_items": s_masks["new_items"]},
                 f"{ds_name} (new items)", s_variants,
                 write=lambda done: write(new_items_protocol=ds_out["new_items_protocol"] | {"models": done}))
         ds_out["target"] = target_check(ds_out)
@@ -259,14 +263,16 @@ def slice_table(ds: dict) -> dict:
     """Per model, the median test AUC overall and on every slice; new items from the strict protocol's pass."""
     strict = ds.get("new_items_protocol", {}).get("models", {})
     table = {}
-    for model, e in ds["models"].items():
-        if "median" not in e:
+    for model in [*ds["models"], *(m for m in strict if m not in ds["models"])]:
+        med = ds["models"].get(model, {}).get("median")
+        s_med = strict.get(model, {}).get("median")
+        if med is None and s_med is None:
             continue
-        row = {"overall": e["median"]["auc"], **e["median"].get("slices", {})}
+        row = {"overall": med["auc"], **med.get("slices", {})} if med else {}
         row.pop("new_items", None)  # the standard split's new items are few and incidental: the strict pass scores them
-        row["new_items"] = strict.get(model, {}).get("median", {}).get("slices", {}).get("new_items", float("nan"))
-        if "train_seconds" in e["median"]:
-            row["train_seconds"] = e["median"]["train_seconds"]
+        row["new_items"] = (s_med or {}).get("slices", {}).get("new_items", float("nan"))
+        if med and "train_seconds" in med:
+            row["train_seconds"] = med["train_seconds"]
         table[model] = row
     return table
 
@@ -278,14 +284,14 @@ def slice_target_check(ds: dict) -> dict:
         return {}
     out = {}
     for sl in ("cold_items", "new_items"):
-        peers = {m: r[sl] for m, r in table.items() if not is_adrec(m) and r[sl] == r[sl]}
-        mine = table[ADREC][sl]
+        peers = {m: r[sl] for m, r in table.items() if not is_adrec(m) and r.get(sl, math.nan) == r.get(sl, math.nan)}
+        mine = table[ADREC].get(sl, math.nan)
         entry: dict = {}
         if peers:
             best = max(peers, key=peers.get)
             entry.update(best_peer=best, gain_over_best_peer=mine - peers[best])
         if "adrec:no-text" in table:
-            entry["gain_over_no_text"] = mine - table["adrec:no-text"][sl]
+            entry["gain_over_no_text"] = mine - table["adrec:no-text"].get(sl, math.nan)
         entry["met"] = bool(entry.get("gain_over_best_peer", -1) >= 0.03 and entry.get("gain_over_no_text", -1) >= 0.02)
         out[sl] = entry
     return out
@@ -293,7 +299,7 @@ def slice_target_check(ds: dict) -> dict:
 
 def _slice_lines(ds: dict) -> list[str]:
     table = slice_table(ds)
-    if not any("cold_items" in r for r in table.values()):  # a report from before the slices
+    if not any("cold_items" in r or r["new_items"] == r["new_items"] for r in table.values()):  # no slices yet
         return []
     rows = ds.get("slice_rows", {})
     strict = ds.get("new_items_protocol")
@@ -387,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-items", type=float, default=0.2, metavar="FRACTION",
                     help="the strict item cold-start protocol's held-out share of the items, every model trained "
                          "again on it for ctr.auc.new_items (default 0.2; 0 skips that pass)")
+    ap.add_argument("--new-items-models", default=None,
+                    help="comma-separated models of the strict pass (default: those of --models)")
     ap.add_argument("--quick", action="store_true", help="tiny run: small synthetic log, tiny encoder, one seed")
     ap.add_argument("--no-refit", action="store_true", help="test the models fitted on train only")
     ap.add_argument("--robustness", type=float, default=None, metavar="EPS",
@@ -403,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
                            models=[m.strip() for m in args.models.split(",") if m.strip()]
                            + (list(VARIANTS) if args.ablation else []), quick=args.quick,
                            refit=not args.no_refit, overrides=args.set, robustness_epsilon=args.robustness,
-                           name=args.name, runs=args.runs, new_items=args.new_items)
+                           name=args.name, runs=args.runs, new_items=args.new_items,
+                           new_items_models=None if args.new_items_models is None else
+                           [m.strip() for m in args.new_items_models.split(",") if m.strip()])
     log.info("results in %s/%s.json and %s.md", args.out, args.name, args.name)
     sys_out = markdown(report)
     log.info("\n%s", sys_out)
