@@ -23,7 +23,7 @@ from adrec.evaluation.report import markdown_table
 from adrec.evaluation.stage import two_stage_lists
 from adrec.features.pipeline import Features
 from adrec.features.split import TEST
-from adrec.model_version import load_version
+from adrec.model_version import live_dir, load_version
 from adrec.run import RunDir, resolve_config
 from adrec.serving.recommender import Recommender
 
@@ -38,7 +38,7 @@ def run_benchmark(run_path: Path, n_users: int, n_requests: int, out: Path) -> d
     feats = Features(run)
     test = feats.rows(TEST)
     users = np.unique(test.loc[test["label"] == 1, "user_idx"].to_numpy(np.int64))
-    version = load_version(run.model)
+    version = load_version(live_dir(run))
     top = two_stage_lists(version, users, 10)
     t0 = time.perf_counter()
     metrics, body = faithfulness(version, users, top, n_users, seed=cfg.ranker.seed)

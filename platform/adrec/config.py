@@ -81,6 +81,10 @@ class FeatureConfig(_Strict):
     # Vocabulary entries seen fewer times than this map to the unknown code.
     min_count: int = Field(1, ge=1)
     batch_size: int = Field(65536, ge=64)
+    # The strict item cold-start protocol (issue 14): this seeded fraction of the catalog loses every train
+    # and valid interaction and is scored only in test (``ctr.auc.new_items``). 0: the standard protocol.
+    new_items: float = Field(0.0, ge=0, lt=1)
+    new_items_seed: int = 0
 
 
 class CandidateConfig(_Strict):
@@ -214,14 +218,34 @@ class DPConfig(_Strict):
     accountant: Literal["rdp", "prv"] = "rdp"
 
 
+class LoraSettings(_Strict):
+    """LoRA of the encoder (``ranker.finetune=lora``, Hugging Face peft): low-rank updates of the target
+    projections, trained with their own learning rate and merged into the encoder when the ranker is saved."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # Module names peft matches (BERT/MiniLM self-attention: query, key, value; the FFN: intermediate.dense ...).
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
+    # Low-rank factors start at zero (B) and want a larger step than full fine-tuning's encoder_lr.
+    lr: float = Field(5e-4, gt=0)
+
+
 class RankerConfig(_Strict):
     encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
     # A tiny randomly initialised BERT with the encoder's tokenizer: for tests and smoke runs.
     tiny_encoder: bool = False
     # frozen: the CPU-friendly default (on MovieLens-100k as good on valid as last_n, at a fraction of the
     # cost; docs/benchmarks.md, "Ranker variants"); last_n / full fine-tune the encoder with its own lr (encoder_lr), for GPUs.
-    finetune: Literal["frozen", "last_n", "full"] = "frozen"
+    # lora: low-rank adapters on the attention projections (ranker.lora), merged for serving (issue 14).
+    finetune: Literal["frozen", "last_n", "full", "lora"] = "frozen"
     finetune_last_n: int = Field(1, ge=1)
+    lora: LoraSettings = LoraSettings()
+    # False: no item text tower (the ablation's "no text" row): the encoder never runs, item text adds nothing.
+    text_tower: bool = True
+    # Candidate sources whose (user, item) scores join the cross tower, fitted leakage-free on earlier rows
+    # (adrec.ranking.collab): any of "ease", "als", "itemitem". Empty: none (issue 14, opt-in).
+    collab: list[Literal["ease", "als", "itemitem"]] = Field(default_factory=list)
     max_text_len: int = Field(32, ge=8)
     embed_dim: int = Field(32, ge=4)
     hidden: list[int] = Field(default_factory=lambda: [256, 128])

@@ -64,6 +64,29 @@ def test_train_one_epoch_gives_a_valid_auc(small_run):
     assert small_run.manifest()["stages"]["train"]["valid_auc"] == pytest.approx(out["valid_auc"])
 
 
+def test_lora_through_ray_train_saves_the_adapter_and_serves_merged(small_run, tmp_path):
+    import shutil
+
+    from adrec.features.pipeline import Features
+    from adrec.ranking.fusion import FusionRanker
+    from adrec.ranking.lora import is_lora
+    from adrec.ranking.train import train_ranker
+
+    run = RunDir(tmp_path / "lora")  # its own run folder: the module's other tests train into small_run's
+    shutil.copytree(small_run.features, run.features)
+    run.update_manifest("prepare", small_run.manifest()["stages"]["prepare"])
+    cfg = build_config(overrides=SMALL + ["ranker.finetune=lora", "ranker.epochs=1", "ranker.refit=false"])
+    out = train_ranker(cfg, run)
+    assert 0.0 < out["valid_auc"] <= 1.0
+    assert (run.ranker / "adapter" / "adapter_config.json").is_file()
+    assert (run.ranker / "adapter" / "adapter_model.safetensors").is_file()
+    ranker = FusionRanker.load(run.ranker)
+    assert not is_lora(ranker.model.text.encoder)  # merged: serving runs a plain encoder
+    test = Features(run).rows("test")
+    p = ranker.predict(test)
+    assert p.shape == (len(test),) and np.all((p > 0) & (p < 1))
+
+
 def test_resumes_after_a_worker_failure_without_redoing_epochs(small_run):
     """The worker raises once after epoch 1's checkpoint; FailureConfig restarts it from that checkpoint."""
     from adrec.ranking.train import train_ranker

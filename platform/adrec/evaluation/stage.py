@@ -27,11 +27,12 @@ from adrec.data.privacy import pseudonym_map, resolve_key
 from adrec.data.schema import load_schema
 from adrec.evaluation.fairness import fairness
 from adrec.evaluation.faithfulness import faithfulness
+from adrec.evaluation.slices import COLD_MAX, SLICES, slice_masks, slice_metrics
 from adrec.evaluation.plots import plot_calibration, plot_robustness, plot_roc
 from adrec.evaluation.report import markdown_table, write_report
 from adrec.evaluation.tradeoff import exposure_tradeoff
 from adrec.features.pipeline import Features
-from adrec.features.split import TEST, TRAIN
+from adrec.features.split import TEST, TRAIN, VALID
 from adrec.metrics import ctr_metrics, rank_candidates, topk_metrics
 from adrec.model_version import ModelVersion, live_dir, load_version
 from adrec.run import RunDir
@@ -115,6 +116,9 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
     probs = np.asarray(rec.ranker.predict(test), dtype=np.float64)
     y = test["label"].to_numpy()
     metrics = ctr_metrics(y, probs)
+    known = feats.rows(TRAIN, VALID)
+    metrics.update(slice_metrics(y, probs, slice_masks(known["user_idx"].to_numpy(), known["item_idx"].to_numpy(),
+                                                       test["user_idx"].to_numpy(), test["item_idx"].to_numpy())))
     pd.DataFrame({"user": user_raw[test["user_idx"]], "item": item_raw[test["item_idx"]], "prob": probs}) \
         .to_csv(report / "ctr_preds.csv", index=False)
 
@@ -181,6 +185,8 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
                f"candidates ({cfg.candidates.n_candidates} per user, train items excluded) ranked by the ranker")
             + f", ties to the lower item index. Model version {rec.version_id}."
         ),
+        "Slices where text matters": slices_section(
+            metrics, int(run.manifest()["stages"]["prepare"]["counts"].get("new_items_held_out", 0))),
         "Robustness (FGSM)": rob_body,
         "Fairness of exposure": fair_body,
         "Explanations: faithfulness": faith_body,
@@ -203,6 +209,18 @@ def privacy_section(privacy: dict | None) -> str:
             f"for the ranker's weights. It does not cover the valid labels used for early stopping and "
             f"calibration, a user's rows together (user-level), the candidate sources and the two-stage re-ranker, "
             f"nor the online learner (docs/design.md, \"Differential privacy\").")
+
+
+def slices_section(metrics: dict[str, float], held_out: int) -> str:
+    """The report's slice table (adrec.evaluation.slices defines the slices)."""
+    rows = [{"slice": name, "test AUC": metrics[f"ctr.auc.{name}"], "rows": int(metrics[f"ctr.rows.{name}"])}
+            for name in SLICES]
+    protocol = (f"the strict item cold-start protocol: {held_out} items (features.new_items, seeded) had every "
+                f"train and valid interaction removed" if held_out else
+                "the standard protocol (no items held out; `features.new_items=0.2` runs the strict one)")
+    return (f"Test AUC on impressions of items with at most {COLD_MAX} train+valid interactions (cold) or more "
+            f"(warm), of items with none (new; this run used {protocol}), and of users with at most {COLD_MAX} "
+            f"(few-shot).\n\n{markdown_table(rows)}")
 
 
 def metrics_table(metrics: dict[str, float]) -> str:

@@ -24,7 +24,7 @@ from adrec.data.privacy import resolve_key
 from adrec.keys import key_fingerprint
 from adrec.data.sources import DEFAULT_CROSSES, resolve_schema
 from adrec.features.spec import FeatureSpec, build_buckets, build_vocab, multi_width
-from adrec.features.split import TEST, TRAIN, temporal_split
+from adrec.features.split import TEST, TRAIN, new_item_holdout, temporal_split
 from adrec.run import RunDir, fingerprint
 from adrec.runtime import init_ray
 
@@ -177,6 +177,12 @@ def prepare(cfg: AdrecConfig, run: RunDir) -> dict:
     inter = inter.assign(user_idx=inter["user"].map(user_pos).astype("int64"),
                          item_idx=inter["item"].map(item_pos).astype("int64"))
     inter["split"] = temporal_split(inter["user_idx"].to_numpy(), inter["ts"].to_numpy(), inter["item_idx"].to_numpy())
+    held_out = new_item_holdout(inter["item_idx"].to_numpy(), cfg.features.new_items, cfg.features.new_items_seed)
+    if len(held_out):
+        drop = inter["item_idx"].isin(held_out).to_numpy() & (inter["split"] != TEST).to_numpy()
+        log.info("strict new-item protocol: %d items (%.0f%%) held out, %d train/valid rows removed",
+                 len(held_out), 100 * cfg.features.new_items, int(drop.sum()))
+        inter = inter[~drop].reset_index(drop=True)
 
     spec = build_spec(cfg, raw, inter[inter["split"] != TEST], len(user_ids), len(item_ids), n_catalog)
     items = _entity_frame("item", item_ids, raw.items, "item", spec)
@@ -207,7 +213,8 @@ def prepare(cfg: AdrecConfig, run: RunDir) -> dict:
     split_counts = feats["split"].value_counts().to_dict()
     counts = {**raw.counts, **{f"rows.{k}": int(v) for k, v in split_counts.items()},
               "catalog_items": n_catalog, "indexed_items": len(item_ids), "indexed_users": len(user_ids),
-              "fields": len(spec.fields), "crosses": [c["name"] for c in spec.crosses]}
+              "fields": len(spec.fields), "crosses": [c["name"] for c in spec.crosses],
+              "new_items_held_out": int(len(held_out))}
     data_files = [p for p in {root / t.path for t in (schema.interactions, schema.items, schema.users) if t}]
     run.update_manifest("prepare", {
         "config": cfg.to_dict(),

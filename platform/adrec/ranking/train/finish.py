@@ -31,6 +31,7 @@ def finish(cfg: RankerConfig, data: dict, state: dict, ranker: FusionRanker | No
     if ranker is None:
         ranker = FusionRanker.build(cfg, data["spec"], data["items"], data["users"], refresh=False)
     ranker.model.cpu()
+    ranker.collab = data.get("collab")
     refit = state.get("final_state") is not None
     weights = state["final_state"] if refit else state["best_state"]
     missing, unexpected = ranker.model.load_state_dict(weights, strict=False)

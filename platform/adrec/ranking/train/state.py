@@ -128,7 +128,7 @@ class TrainingState:
         groups = [{"params": model.head_parameters(), "lr": cfg.lr}]
         enc_params = model.encoder_parameters()
         if enc_params:
-            groups.append({"params": enc_params, "lr": cfg.encoder_lr})
+            groups.append({"params": enc_params, "lr": cfg.lora.lr if cfg.finetune == "lora" else cfg.encoder_lr})
         self.opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         self.average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
 
