@@ -98,7 +98,9 @@ def _make_remote(scheme: str, bucket: str):
         # pyarrow reads AWS_ENDPOINT_URL itself in recent releases; passing it explicitly also covers the
         # older ones and lets a plain-http endpoint (a store on 127.0.0.1) work without extra settings.
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs: dict[str, Any] = {}
+        # allow_delayed_open: a small whole-object write is one PutObject instead of a three-request multipart
+        # upload (measured here: feedback segments' p50 33-40 -> 18-24 ms at concurrency 8).
+        kwargs: dict[str, Any] = {"allow_delayed_open": True}
         if endpoint:
             scheme_part, _, host = endpoint.partition("://")
             kwargs.update(endpoint_override=host or scheme_part, scheme=scheme_part if host else "https")
