@@ -102,7 +102,7 @@ def run_benchmark(out: Path, concurrency: int = 8, requests: int = 50, batch: in
         if server is not None:
             server.stop()
     report = {"results": results, "target_p99_ms": TARGET_P99_MS, "load_avg_1_5_15": list(os.getloadavg()),
-              "cpus": os.cpu_count(), "command": f"python -m benchmarks.feedback_store --concurrency {concurrency} "
+              "cpus": os.cpu_count(), "command": f"python -m benchmarks.feedback_store --out {out} --concurrency {concurrency} "
                                                  f"--requests {requests} --batch {batch}"}
     out.mkdir(parents=True, exist_ok=True)
     (out / "feedback_store_benchmark.json").write_text(json.dumps(report, indent=2))
@@ -112,7 +112,8 @@ def run_benchmark(out: Path, concurrency: int = 8, requests: int = 50, batch: in
     (out / "feedback_store_benchmark.md").write_text(
         f"# Feedback log: durable append latency\n\n{table}\n\n"
         f"Load average (1/5/15 min) during the run: {', '.join(f'{x:.1f}' for x in report['load_avg_1_5_15'])} "
-        f"on {report['cpus']} CPUs. Command: `{report['command']}`\n")
+        f"on {report['cpus']} CPUs (a machine shared with other work: the figures move with its load). "
+        f"Command: `{report['command']}`\n")
     return report
 
 
