@@ -216,8 +216,10 @@ class Ingress:
             out = await self._graph(self.candidates.recommend, user, req.k, context, req.explain)
         # A plain JSONResponse: the answer is already JSON types, and FastAPI's encoder walk of it cost
         # a measurable share of a request's CPU.
-        return JSONResponse({"user_id": req.user_id, "version": out["version"], "ranked_by": out["ranked_by"],
-                             "items": out["items"]})
+        body = {"user_id": req.user_id, "version": out["version"], "ranked_by": out["ranked_by"], "items": out["items"]}
+        if "explain_complete" in out:  # with explain: whether every item got its attributions
+            body["explain_complete"] = out["explain_complete"]
+        return JSONResponse(body)
 
     @api.post("/feedback", response_model=FeedbackResponse, openapi_extra=_documented_body(FeedbackRequest),
               responses=_errors(400, 401, 403, 413, 422, 503))
