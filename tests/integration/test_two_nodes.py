@@ -134,13 +134,11 @@ def test_the_cluster_walkthrough_runs_on_two_nodes_sharing_only_the_store(cluste
             "--set", "serve.feedback_replicas=2")
     url = f"http://127.0.0.1:{port}"
     headers = {"x-api-key": API_KEY}
-    users = [u for u in (run / "raw").files() if u.name.endswith(".csv")]
-    assert users, "prepare keeps the raw log in the run"
     import io
 
     import pandas as pd
 
-    raw = pd.read_csv(io.BytesIO((run / "raw" / users[0].name).read_bytes()), dtype=str)
+    raw = pd.read_csv(io.BytesIO((run / "raw" / "impressions.csv").read_bytes()), dtype=str)  # kept by prepare
     uids = raw["user_id"].drop_duplicates().head(8).tolist()
     with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
         for _ in range(5):
