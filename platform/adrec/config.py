@@ -81,6 +81,10 @@ class FeatureConfig(_Strict):
     # Vocabulary entries seen fewer times than this map to the unknown code.
     min_count: int = Field(1, ge=1)
     batch_size: int = Field(65536, ge=64)
+    # "in_process": the tables are read whole in the driver (pandas) and encoded on Ray Data.
+    # "streaming": read, parse, split and encode block by block on Ray Data, written as Parquet shards
+    # (features/train|valid|test); a table may then be a folder of CSV or Parquet shards, a glob or a URI.
+    pipeline: Literal["in_process", "streaming"] = "in_process"
 
 
 class CandidateConfig(_Strict):

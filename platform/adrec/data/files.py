@@ -15,6 +15,8 @@ from adrec.errors import DataError
 
 _GLOB = set("*?[")
 PARQUET_EXT = (".parquet", ".pq")
+#: Where a streamed row came from: its file's number in :class:`TableFiles` and its row in that file.
+POSITION = ["_file", "_row"]
 
 
 @dataclass(frozen=True)

@@ -298,22 +298,31 @@ def read_dataset(schema: DatasetSchema, root: Path, key: bytes, max_bad_rows: in
     counts.update({f"bad_rows_skipped.{k}": v for k, v in bad.count.items()})
     # Repeated rows are kept (an ad shown twice at the same second is two impressions to some logs and a
     # double write to others: only the data owner knows), but counted and warned about.
-    dup = int(inter.duplicated().sum())
-    counts["duplicate_interactions"] = dup
-    if dup:
-        log.warning("%d interaction row(s) repeat an earlier row exactly (same user, item, time, label and "
-                    "context); kept", dup)
+    counts["duplicate_interactions"] = int(inter.duplicated().sum())
     counts.update(empties.count)
     if items is not None:
-        missing = ~inter["item"].isin(items["item"])
-        counts["interactions_with_unknown_item"] = int(missing.sum())
-        if missing.any():
-            log.warning("%d interaction(s) name items missing from the items table; kept with empty item features", int(missing.sum()))
+        counts["interactions_with_unknown_item"] = int((~inter["item"].isin(items["item"])).sum())
     if users is not None:
-        missing = ~inter["user"].isin(users["user"])
-        counts["interactions_with_unknown_user"] = int(missing.sum())
-        if missing.any():
-            log.warning("%d interaction(s) name users missing from the users table; kept with empty user features", int(missing.sum()))
+        counts["interactions_with_unknown_user"] = int((~inter["user"].isin(users["user"])).sum())
+    warn_counts(counts)
+    return RawData(inter, items, users, counts, table_columns(schema))
+
+
+def warn_counts(counts: dict) -> None:
+    """The warnings a read owes its user about rows it kept (either pipeline's counts)."""
+    if counts.get("duplicate_interactions"):
+        log.warning("%d interaction row(s) repeat an earlier row exactly (same user, item, time, label and "
+                    "context); kept", counts["duplicate_interactions"])
+    if counts.get("interactions_with_unknown_item"):
+        log.warning("%d interaction(s) name items missing from the items table; kept with empty item features",
+                    counts["interactions_with_unknown_item"])
+    if counts.get("interactions_with_unknown_user"):
+        log.warning("%d interaction(s) name users missing from the users table; kept with empty user features",
+                    counts["interactions_with_unknown_user"])
+
+
+def table_columns(schema: DatasetSchema) -> dict[str, list[str]]:
+    """Which canonical columns are of which kind (``RawData.columns``)."""
     columns = {"context": [f"ctx.{c}" for c in schema.interactions.context]}
     for kind, spec in (("item", schema.items), ("user", schema.users)):
         if spec is None:
@@ -321,4 +330,4 @@ def read_dataset(schema: DatasetSchema, root: Path, key: bytes, max_bad_rows: in
         columns[f"{kind}.categorical"] = [f"{kind}.{c}" for c in spec.categorical]
         columns[f"{kind}.multi_valued"] = [f"{kind}.{c}" for c in spec.multi_valued]
         columns[f"{kind}.numeric"] = [f"{kind}.{c}" for c in spec.numeric]
-    return RawData(inter, items, users, counts, columns)
+    return columns

@@ -30,9 +30,6 @@ from adrec.errors import DataError
 
 log = logging.getLogger(__name__)
 
-POSITION = ["_file", "_row"]  # where a row came from; carried to the feature shards
-
-
 def _as_text(table: pa.Table) -> pa.Table:
     """Every column as text, a missing value as "" (what the in-process CSV read gives)."""
     import pyarrow.compute as pc

@@ -12,20 +12,23 @@ Outputs under ``<run>/features``:
 from __future__ import annotations
 
 import logging
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from adrec.config import AdrecConfig
 from adrec.data import load_schema, read_dataset
+from adrec.data.files import POSITION
 from adrec.data.privacy import resolve_key
 from adrec.keys import key_fingerprint
 from adrec.data.sources import resolve_schema
-from adrec.features.rows import (_entity_frame, _index, build_spec, context_counts, entity_codes,  # noqa: F401
-                                 history_lists)
+from adrec.features.rows import (ROW_KEYS, _entity_frame, _index, build_spec, context_counts,  # noqa: F401
+                                 encode_block, entity_codes, history_lists)
 from adrec.features.spec import FeatureSpec
-from adrec.features.split import TEST, temporal_split
+from adrec.features.split import SPLITS, TEST, temporal_split
 from adrec.run import RunDir, fingerprint
 from adrec.runtime import init_ray
 
@@ -44,14 +47,47 @@ def latest_history(features: pd.DataFrame, n_users: int, length: int) -> list[np
 
 def prepare(cfg: AdrecConfig, run: RunDir) -> dict:
     """Run the whole prepare stage; returns the counts written to the manifest."""
-    import ray
-
     t0 = time.perf_counter()
     run.raw.mkdir(parents=True, exist_ok=True)
     source = resolve_schema(cfg.data, run.raw)
     schema, root = load_schema(source.path, source.data_root)
     log.info("schema %s; its paths resolve against %s (%s)", source.path, root, source.root_from)
     key = resolve_key(cfg.data.pseudonym_key, run.path)
+    _clear_rows(run.features)
+    if cfg.features.pipeline == "streaming":
+        # Deferred for its cost: the streaming pipeline imports Ray Data at the top.
+        from adrec.features.streaming import prepare_streaming
+
+        init_ray(cfg.ray)
+        counts, data_fingerprint = prepare_streaming(cfg, run, schema, root, key)
+    else:
+        counts, data_fingerprint = _prepare_in_process(cfg, run, schema, root, key)
+    run.update_manifest("prepare", {
+        "config": cfg.to_dict(),
+        "schema": str(source.path),
+        "data_root": str(root),
+        "data_root_from": source.root_from,
+        "data_fingerprint": data_fingerprint,
+        "pseudonym_key_fingerprint": key_fingerprint(key),  # the model version records it (Serve checks it)
+        "counts": counts,
+        "seconds": round(time.perf_counter() - t0, 2),
+    })
+    log.info("prepare done in %.1fs: %s", time.perf_counter() - t0,
+             {k: v for k, v in counts.items() if k.startswith("rows.")})
+    return counts
+
+
+def _clear_rows(folder: Path) -> None:
+    """Removes the feature rows of an earlier prepare (either layout), so a rerun leaves one."""
+    (folder / "interactions.parquet").unlink(missing_ok=True)
+    for split in SPLITS:
+        shutil.rmtree(folder / split, ignore_errors=True)
+
+
+def _prepare_in_process(cfg: AdrecConfig, run: RunDir, schema, root, key: bytes) -> tuple[dict, str]:
+    """The tables read whole in the driver, encoded on Ray Data; returns (counts, data fingerprint)."""
+    import ray
+
     raw = read_dataset(schema, root, key, cfg.data.max_bad_rows)
     inter = raw.interactions
     log.info("read %d interactions, %d users, %d items", len(inter), raw.counts["users"], raw.counts["items"])
@@ -77,8 +113,7 @@ def prepare(cfg: AdrecConfig, run: RunDir) -> dict:
     base = inter[["user_idx", "item_idx", "ts", "label", "split", *spec.context]].reset_index(drop=True)
 
     def encode(batch: pd.DataFrame) -> pd.DataFrame:
-        codes = spec.encode_rows(batch, user_codes, item_codes)
-        return pd.concat([batch[["user_idx", "item_idx", "ts", "label", "split"]], codes], axis=1)
+        return encode_block(batch, spec, user_codes, item_codes)
 
     ds = ray.data.from_pandas(base).map_batches(encode, batch_format="pandas", batch_size=cfg.features.batch_size)
     feats = ds.to_pandas()
@@ -97,18 +132,7 @@ def prepare(cfg: AdrecConfig, run: RunDir) -> dict:
               "catalog_items": n_catalog, "indexed_items": len(item_ids), "indexed_users": len(user_ids),
               "fields": len(spec.fields), "crosses": [c["name"] for c in spec.crosses]}
     data_files = [p for p in {root / t.path for t in (schema.interactions, schema.items, schema.users) if t}]
-    run.update_manifest("prepare", {
-        "config": cfg.to_dict(),
-        "schema": str(source.path),
-        "data_root": str(root),
-        "data_root_from": source.root_from,
-        "data_fingerprint": fingerprint([p.resolve() for p in data_files]),
-        "pseudonym_key_fingerprint": key_fingerprint(key),  # the model version records it (Serve checks it)
-        "counts": counts,
-        "seconds": round(time.perf_counter() - t0, 2),
-    })
-    log.info("prepare done in %.1fs: %s", time.perf_counter() - t0, split_counts)
-    return counts
+    return counts, fingerprint([p.resolve() for p in data_files])
 
 
 class Features:
@@ -117,7 +141,9 @@ class Features:
     def __init__(self, run: RunDir):
         folder = run.require(run.features, "prepare")
         self.spec = FeatureSpec.load(folder / "spec.json")
-        self.interactions = pd.read_parquet(folder / "interactions.parquet")
+        # One file from the in-process pipeline, Parquet shards per split from the streaming one.
+        whole = folder / "interactions.parquet"
+        self.interactions = pd.read_parquet(whole) if whole.is_file() else read_shards(folder)
         self.items = pd.read_parquet(folder / "items.parquet")
         self.users = pd.read_parquet(folder / "users.parquet")
 
@@ -126,3 +152,15 @@ class Features:
 
     def field_columns(self) -> list[str]:
         return [f"f:{f}" for f in self.spec.fields]
+
+
+def read_shards(folder: Path) -> pd.DataFrame:
+    """The streaming pipeline's shards (``folder/train|valid|test``) as one frame, in the in-process
+    pipeline's row order and columns, for the stages that hold the interactions in memory."""
+    parts = [pd.read_parquet(folder / s).assign(split=s) for s in SPLITS
+             if (folder / s).is_dir() and any((folder / s).glob("*.parquet"))]
+    if not parts:
+        raise FileNotFoundError(f"{folder} holds neither interactions.parquet nor train/valid/test shards")
+    inter = pd.concat(parts, ignore_index=True)
+    inter = inter.sort_values(["user_idx", "ts", "item_idx", *POSITION], kind="stable").reset_index(drop=True)
+    return inter[[*ROW_KEYS, *(c for c in inter.columns if c.startswith("f:")), "hist"]]

@@ -145,3 +145,13 @@ def entity_codes(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[cols].rename(columns=lambda c: c[2:])
 
 
+
+
+ROW_KEYS = ["user_idx", "item_idx", "ts", "label", "split"]
+
+
+def encode_block(batch: pd.DataFrame, spec: FeatureSpec, user_codes: pd.DataFrame, item_codes: pd.DataFrame,
+                 carry: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One block of indexed, split rows -> the feature rows (keys, ``f:*`` codes, then ``carry`` columns)."""
+    codes = spec.encode_rows(batch, user_codes, item_codes)
+    return pd.concat([batch[ROW_KEYS], codes, batch[list(carry)]], axis=1)
