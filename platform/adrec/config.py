@@ -37,6 +37,9 @@ class SyntheticConfig(_Strict):
     # Preferences shift at this fraction of the timeline (0 disables drift).
     drift_at: float = Field(0.0, ge=0, lt=1)
     seed: int = 0
+    # None: one impressions.csv. A number: the log is written as Parquet shards of that many impressions,
+    # one shard in memory at a time (for logs larger than memory; read with features.pipeline: streaming).
+    shard_rows: int | None = Field(None, ge=100)
 
 
 class DataConfig(_Strict):

@@ -138,6 +138,8 @@ class Tally:
         self.bad = _BadRows(max_bad_rows)
         self.empties = _EmptyFields()
         self.error: str | None = None
+        self.ids: dict[str, set] = {"user": set(), "item": set()}
+        self.counts: list[pd.DataFrame] = []
 
     def record(self, recorder: Recorder) -> str | None:
         """Counts one block's findings; returns the error once ``max_bad_rows`` is exceeded."""
@@ -148,9 +150,22 @@ class Tally:
                 self.error = str(err)
         return self.error
 
+    def add_ids(self, users: np.ndarray, items: np.ndarray) -> None:
+        """The distinct ids of one block (the driver indexes their union)."""
+        self.ids["user"].update(users.tolist())
+        self.ids["item"].update(items.tolist())
+
+    def add_counts(self, counts: pd.DataFrame) -> None:
+        """Counts of one shuffle partition (``column``, ``value``, ``n``), summed in :meth:`result`."""
+        self.counts.append(counts)
+
     def result(self) -> dict:
+        counts = pd.concat(self.counts, ignore_index=True) if self.counts else None
+        if counts is not None:
+            counts = counts.groupby(["column", "value"], as_index=False)["n"].sum()
         return {"total": self.bad.total, "per_file": dict(self.bad.count), "empty": dict(self.empties.count),
-                "error": self.error}
+                "error": self.error, "users": sorted(self.ids["user"]), "items": sorted(self.ids["item"]),
+                "counts": counts}
 
 
 def _per_file(batch: pd.DataFrame):
@@ -174,7 +189,9 @@ def read_interactions(schema: DatasetSchema, root: Path, key: bytes, tally, bloc
         error = ray.get(tally.record.remote(rec))
         if error:
             raise DataError(error)
-        return pd.concat(outs, ignore_index=True)
+        out = pd.concat(outs, ignore_index=True)
+        ray.get(tally.add_ids.remote(pd.unique(out["user"]), pd.unique(out["item"])))
+        return out
 
     ds = read_rows(files, spec, block_rows).map_batches(parse, batch_format="pandas", batch_size=block_rows)
     return files, ds

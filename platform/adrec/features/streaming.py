@@ -21,6 +21,7 @@ import hashlib
 import logging
 import math
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,15 +71,9 @@ def _materialize(ds, tally, what: str):
         raise RuntimeError(f"{what} failed: {err}") from err
 
 
-def _unique_ids(batch: pd.DataFrame) -> pd.DataFrame:
-    users, items = pd.unique(batch["user"]), pd.unique(batch["item"])
-    return pd.DataFrame({"kind": ["user"] * len(users) + ["item"] * len(items),
-                         "id": np.concatenate([users, items]).astype(str)})
-
-
 def split_and_history(group: pd.DataFrame, context: list[str], history_len: int) -> pd.DataFrame:
-    """Whole users' rows -> the same rows with ``split``, ``hist`` and ``_dup`` (repeats an earlier row),
-    sorted by (user, time, item) as the in-process pipeline sorts them."""
+    """Whole users' rows -> the same rows with ``split``, ``hist`` and ``_dup`` (repeats an earlier row
+    of the user), sorted by (user, time, item) as the in-process pipeline sorts them."""
     g = group.sort_values(POSITION, kind="stable").reset_index(drop=True)  # source order: ties as in-process
     dup = g.duplicated(subset=["user_idx", "item_idx", "ts", "label", *context]).to_numpy()
     u, it, ts = g["user_idx"].to_numpy(), g["item_idx"].to_numpy(), g["ts"].to_numpy()
@@ -154,6 +149,7 @@ def prepare_streaming(cfg: AdrecConfig, run: RunDir, schema: DatasetSchema, root
     block = cfg.features.batch_size
     tally = Tally.remote(cfg.data.max_bad_rows)
     files, ds = read_interactions(schema, root, key, tally, block)
+    t0 = time.perf_counter()
     parsed = _materialize(ds, tally, "reading the interactions")
     result = ray.get(tally.result.remote())
     bad, empties = _BadRows(cfg.data.max_bad_rows), _EmptyFields()
@@ -166,11 +162,9 @@ def prepare_streaming(cfg: AdrecConfig, run: RunDir, schema: DatasetSchema, root
             listed.append(list_table(spec, root, kind))
     raw = RawData(pd.DataFrame(), side.get("items"), side.get("users"), {}, table_columns(schema))
     n_rows = parsed.count()
-    log.info("read %d interactions from %d file(s)", n_rows, len(files.paths))
+    log.info("read %d interactions from %d file(s) in %.1fs", n_rows, len(files.paths), time.perf_counter() - t0)
 
-    ids = parsed.map_batches(_unique_ids, batch_format="pandas").to_pandas()
-    seen_items = pd.unique(ids.loc[ids["kind"] == "item", "id"])
-    seen_users = pd.unique(ids.loc[ids["kind"] == "user", "id"])
+    seen_items, seen_users = result["items"], result["users"]
     item_ids = _index(pd.Series(seen_items), raw.items["item"] if raw.items is not None else None)
     user_ids = _index(pd.Series(seen_users), raw.users["user"] if raw.users is not None else None)
     item_index, user_index = pd.Index(item_ids), pd.Index(user_ids)
@@ -184,15 +178,23 @@ def prepare_streaming(cfg: AdrecConfig, run: RunDir, schema: DatasetSchema, root
 
     context = list(raw.columns.get("context", []))
     history_len = cfg.features.history_len
+    known_item, known_user = _known(item_ids, raw.items, "item"), _known(user_ids, raw.users, "user")
+
+    def split_and_count(group: pd.DataFrame) -> pd.DataFrame:
+        out = split_and_history(group, context, history_len)
+        ray.get(tally.add_counts.remote(_stats(out, context, known_item, known_user)))
+        return out.drop(columns=["_dup"])
+
+    # One call per bucket of users (few, large): the counts go to the tally, not through another pass.
     grouped = parsed.map_batches(index, batch_format="pandas").groupby("_bucket", num_partitions=buckets).map_groups(
-        lambda g: split_and_history(g, context, history_len), batch_format="pandas")
+        split_and_count, batch_format="pandas")
     grouped = _materialize(grouped, tally, "splitting the interactions by user")
+    log.info("indexed and split by user in %.1fs", time.perf_counter() - t0)
     del parsed
 
-    known_item, known_user = _known(item_ids, raw.items, "item"), _known(user_ids, raw.users, "user")
-    counted = grouped.map_batches(lambda b: _stats(b, context, known_item, known_user),
-                                  batch_format="pandas").to_pandas()
+    counted = ray.get(tally.result.remote())["counts"]
     totals = counted[counted["column"] == _STAT].groupby("value")["n"].sum()
+    log.info("counted in %.1fs", time.perf_counter() - t0)
     spec = build_spec(cfg, raw, counted[counted["column"] != _STAT], len(user_ids), len(item_ids), len(seen_items))
     items = _entity_frame("item", item_ids, raw.items, "item", spec)
     users = _entity_frame("user", user_ids, raw.users, "user", spec)
@@ -202,6 +204,7 @@ def prepare_streaming(cfg: AdrecConfig, run: RunDir, schema: DatasetSchema, root
     encoded = grouped.map_batches(lambda b: _encode(b, spec, user_codes, item_codes),
                                   batch_format="pandas", batch_size=block)
     _write_splits(encoded, run.features)
+    log.info("encoded and written in %.1fs", time.perf_counter() - t0)
     items.to_parquet(run.features / "items.parquet", index=False)
     users.to_parquet(run.features / "users.parquet", index=False)
     spec.save(run.features / "spec.json")
