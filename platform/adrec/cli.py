@@ -10,15 +10,22 @@ import time
 from pathlib import Path
 
 import adrec
-from adrec.errors import ConfigError, DataError, LearnerFailedError, RunError, UnsafeFileError
+from adrec.errors import (
+    ConfigError,
+    DataError,
+    LearnerFailedError,
+    RunError,
+    UnsafeFileError,
+)
 from adrec.run import RunDir, resolve_config
 
 log = logging.getLogger("adrec.cli")
 
 
 def _common(p: argparse.ArgumentParser, run_required: bool = True) -> None:
-    p.add_argument("--run", required=run_required, metavar="DIR",
-                   help="run folder: prepare creates it, every later stage reads and writes it")
+    p.add_argument("--run", required=run_required, metavar="DIR_OR_URI",
+                   help="the run: a folder or an object-store URI (s3://bucket/runs/r1, gs://...); prepare "
+                        "creates it, every later stage reads and writes it")
     p.add_argument("--config", metavar="FILE",
                    help="YAML config (default: the run's config.yaml, else the built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -72,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flush", action="store_true",
                    help="with --once: label the impressions still inside their attribution window before exiting")
 
+    p = sub.add_parser("versions", help="the run's model versions: list, show one, roll back, prune")
+    _common(p)
+    p.add_argument("action", choices=("list", "show", "rollback", "prune"))
+    p.add_argument("number", nargs="?", type=int, help="show: the version (default: the live one)")
+    p.add_argument("--to", type=int, metavar="N", help="rollback: the version to make live (default: the previous one)")
+    p.add_argument("--keep", type=int, default=5, metavar="N",
+                   help="prune: keep the newest N (the live version and the one before it are always kept)")
+
     p = sub.add_parser("demo", help="the whole flow on a local Ray, then real HTTP requests")
     _common(p, run_required=False)
     p.add_argument("--dataset", default="synthetic", metavar="NAME_OR_YAML",
@@ -120,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_demo(args.run, args.config, _overrides(args), users=args.users, verbose=args.verbose)
         run = RunDir(args.run)
+        if args.command == "versions":
+            print(versions_command(run, args))
+            return 0
         cfg = resolve_config(run, args.config, _overrides(args), fresh=args.command == "prepare")
         t0 = time.perf_counter()
         if args.command == "prepare":
@@ -158,10 +176,36 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def versions_command(run: RunDir, args) -> str:
+    """``adrec versions``: the text it prints (a table, one version's manifest, or what changed)."""
+    from adrec.model_version import registry_of
+
+    reg = registry_of(run.location)
+    if args.action == "rollback":
+        rec = reg.rollback(args.to)
+        return f"live: version {rec['number']} ({rec['version']}); previous: {rec['previous']}"
+    if args.action == "prune":
+        removed = reg.prune(args.keep)
+        return f"removed {len(removed)} version(s): {removed}" if removed else "nothing to remove"
+    if args.action == "show":
+        entry = reg.entry(args.number) if args.number else reg.live()
+        return json.dumps({"number": entry.number, "uri": entry.uri, **entry.manifest}, indent=2)
+    live = reg.live_record() or {}
+    rows = ["| number | version | created | files | MB | |", "|---:|---|---|---:|---:|---|"]
+    for e in reg.entries():
+        mark = "live" if e.number == live.get("number") else ("previous" if e.number == live.get("previous") else "")
+        rows.append(f"| {e.number} | {e.version} | {e.manifest.get('created') or ''} | {len(e.manifest['files'])} "
+                    f"| {e.manifest['bytes'] / 1e6:.1f} | {mark} |")
+    if len(rows) == 2:
+        return f"{reg.location.uri}: no committed versions yet (run `adrec train --run {run.uri}`)"
+    return "\n".join([f"versions of {run.uri}", ""] + rows)
+
+
 def flow_metrics_text(metrics: dict, run: RunDir) -> str:
     from adrec.evaluation.stage import metrics_table
 
-    return f"{metrics_table(metrics)}\n\nreport: {run.report / 'report.md'}"
+    where = run.store('report/report.md').uri if run.remote else run.report / 'report.md'
+    return f"{metrics_table(metrics)}\n\nreport: {where}"
 
 
 if __name__ == "__main__":

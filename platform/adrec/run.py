@@ -1,25 +1,82 @@
-"""A run folder: where each stage reads and writes, and the manifest that describes the run."""
+"""A run: where each stage reads and writes, and the manifest that describes the run.
+
+A run lives at a location (:mod:`adrec.storage`): a local folder, or a prefix on an object store
+(``s3://bucket/runs/r1``) that every node of a cluster reaches. Stages compute on local files: for a local
+run they are the run folder itself; for a remote one they are a local cache of it (``path``), which a stage
+fills with what it reads (:meth:`RunDir.pull`) and whose outputs it uploads when it finishes
+(:meth:`RunDir.push`). The manifest and the model versions are read from and written to the store itself.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import shutil
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import adrec
+from adrec import storage
 from adrec.config import AdrecConfig, load_config
 from adrec.errors import RunError
 
+log = logging.getLogger(__name__)
+
 #: The run's configuration, written by prepare (and by train and tune), read by every later stage.
 CONFIG_NAME = "config.yaml"
+MANIFEST_NAME = "manifest.json"
 
 
 class RunDir:
-    def __init__(self, path: str | Path):
-        self.path = Path(path).expanduser().resolve()
+    """A run at ``location`` (a local path or URI): ``path`` is the local folder stages compute in."""
+
+    def __init__(self, location: str | Path):
+        self.location = storage.resolve(location)
+        self.uri = self.location.uri
+        self.remote = not self.location.is_local
+        self.path = storage.cache_dir("runs", self.location) if self.remote else self.location.local_path
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.uri!r})"
+
+    @property
+    def name(self) -> str:
+        return self.location.name
+
+    def store(self, name: str) -> storage.Location:
+        """Where ``name`` (a stage folder or file of the run) lives on the run's own storage."""
+        return self.location / name
+
+    def pull(self, *names: str) -> None:
+        """Bring the named folders and files of a remote run into the local cache (replacing stale copies);
+        absent ones are skipped (the stage's own checks name what is missing). A local run: nothing to do."""
+        if not self.remote:
+            return
+        for name in names:
+            src, dest = self.store(name), self.path / name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            elif dest.exists():
+                dest.unlink()
+            if src.is_file() or src.is_dir():
+                src.download(dest)
+
+    def push(self, *names: str) -> None:
+        """Upload the named folders and files of the local cache to a remote run, each replacing the old one
+        (absent ones are skipped). A local run: nothing to do."""
+        if not self.remote:
+            return
+        for name in names:
+            src = self.path / name
+            if not src.exists():
+                continue
+            dest = self.store(name)
+            dest.delete()
+            dest.upload(src)
+            log.info("uploaded %s to %s", name, dest.uri)
 
     # Stage folders, in flow order.
     @property
@@ -39,11 +96,6 @@ class RunDir:
         return self.path / "ranker"
 
     @property
-    def model(self) -> Path:
-        """The model version Serve loads (ranker + features + candidates, self-contained)."""
-        return self.path / "model"
-
-    @property
     def report(self) -> Path:
         return self.path / "report"
 
@@ -61,26 +113,26 @@ class RunDir:
 
     @property
     def manifest_path(self) -> Path:
-        return self.path / "manifest.json"
+        return self.path / MANIFEST_NAME
 
     def require(self, folder: Path, stage: str) -> Path:
         if not folder.exists():
-            raise RunError(f"{folder} is missing: run `adrec {stage} --run {self.path}` first")
+            where = f"{self.uri}/{folder.relative_to(self.path)}" if self.remote else str(folder)
+            raise RunError(f"{where} is missing: run `adrec {stage} --run {self.uri}` first")
         return folder
 
     def manifest(self) -> dict[str, Any]:
-        if self.manifest_path.exists():
-            return json.loads(self.manifest_path.read_text())
-        return {}
+        loc = self.store(MANIFEST_NAME)
+        return loc.read_json() if loc.is_file() else {}
 
     def update_manifest(self, stage: str, info: dict[str, Any]) -> None:
         m = self.manifest()
         m.setdefault("code_version", code_version())
         m.setdefault("stages", {})[stage] = {**info, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(m, indent=2, default=str))
-        tmp.replace(self.manifest_path)
+        data = json.dumps(m, indent=2, default=str).encode()
+        self.store(MANIFEST_NAME).write_bytes(data)
+        if self.remote:
+            storage.atomic_write(self.manifest_path, data)
 
 
 def resolve_config(run: RunDir, config: str | Path | None = None, overrides: list[str] | None = None,
@@ -91,6 +143,8 @@ def resolve_config(run: RunDir, config: str | Path | None = None, overrides: lis
     """
     if config is not None:
         return load_config(config, overrides)
+    if not fresh:
+        run.pull(CONFIG_NAME)
     if run.config_path.exists() and not fresh:
         return load_config(run.config_path, overrides)
     return load_config(None, overrides)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
+import shutil
+from pathlib import Path
 
+import pytest
 from adrec.config import RayConfig, build_config
 from adrec.run import RunDir
 
@@ -23,7 +25,6 @@ TINY_OVERRIDES = [
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
-
     from adrec.runtime import init_ray
 
     init_ray(RayConfig(num_cpus=2))
@@ -42,13 +43,23 @@ def tiny_cfg():
     return build_config(overrides=TINY_OVERRIDES)
 
 
+class SharedRun(RunDir):
+    """The session's run, with ``model``: a loose copy of its first version (outside the run's registry), so
+    learners started on it publish into their own state folder and never move the shared run's live version."""
+
+    model: Path
+
+
 @pytest.fixture(scope="session")
-def tiny_run(ray_session, tiny_cfg, tmp_path_factory) -> RunDir:
+def tiny_run(ray_session, tiny_cfg, tmp_path_factory) -> SharedRun:
     """prepare -> candidates -> train -> publish on the tiny synthetic log (shared, read-only for tests)."""
     from adrec import flow
+    from adrec.model_version import live_dir
 
-    run = RunDir(tmp_path_factory.mktemp("tiny-run"))
+    run = SharedRun(tmp_path_factory.mktemp("tiny-run"))
     flow.prepare(tiny_cfg, run)
     flow.candidates(tiny_cfg, run, show_progress=False)
     flow.train(tiny_cfg, run)
+    run.model = tmp_path_factory.mktemp("tiny-model") / "model"
+    shutil.copytree(live_dir(run), run.model)
     return run

@@ -13,11 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from adrec import flow
 from adrec.config import build_config
 from adrec.keys import key_fingerprint
-from adrec.model_version import publish, read_version
+from adrec.model_version import live_dir, publish, read_version
 from adrec.run import RunDir, resolve_config
 from adrec.runtime import free_port
 from adrec.tuning import tune
@@ -33,9 +32,8 @@ def _needles(key: str) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def secret_run(ray_session, tiny_cfg, tmp_path_factory):
     """The tiny run with both keys literal in the config (as a YAML or --set gives them), served by `adrec serve`'s path."""
-    from ray import serve
-
     from adrec.serving.deploy import serve_run
+    from ray import serve
 
     pk, ak = "pk-" + secrets.token_hex(12), "ak-" + secrets.token_hex(12)
     cfg = build_config(tiny_cfg.to_dict(), [f"data.pseudonym_key={pk}", f"serve.api_key={ak}"])
@@ -68,7 +66,7 @@ def test_healthz_says_only_ok_and_the_key_guards_the_rest(secret_run):
     assert httpx.get(url + "/version", timeout=30).status_code == 401
     assert httpx.get(url + "/version", headers={"x-api-key": "wrong"}, timeout=30).status_code == 403
     v = httpx.get(url + "/version", headers={"x-api-key": ak}, timeout=30)
-    assert v.status_code == 200 and v.json()["version"] == read_version(secret_run["run"].model)["version"]
+    assert v.status_code == 200 and v.json()["version"] == read_version(live_dir(secret_run["run"]))["version"]
 
 
 def test_the_keys_are_nowhere_in_the_run_folder_but_the_secrets_files(secret_run):
@@ -105,7 +103,7 @@ def test_the_keys_are_nowhere_in_the_run_folder_but_the_secrets_files(secret_run
     assert searched > 20 and not found, found
     assert (run.tune / "als" / "adrec_search.json").is_file()  # Tune's files were among those searched
     fp = key_fingerprint(pk)
-    assert read_version(run.model)["pseudonym_key_fingerprint"] == fp
+    assert read_version(live_dir(run))["pseudonym_key_fingerprint"] == fp
     text = run.config_path.read_text()
     assert fp in text and key_fingerprint(ak) in text
 
@@ -115,10 +113,10 @@ def test_a_version_of_another_key_is_refused_by_the_replica_and_the_live_one_ser
     from adrec.serving.deploy import preflight, rollout
 
     run, url, ak = secret_run["run"], secret_run["url"], secret_run["ak"]
-    live = read_version(run.model)["version"]
-    other = publish(run, target=tmp_path / "model_other",
-                    extra={"pseudonym_key_fingerprint": key_fingerprint("a-different-key")})
-    args = AppArgs.from_config(secret_run["served_cfg"], run.path)  # the running app's args: a rollout, no restart
+    live = read_version(live_dir(run))["version"]
+    other = publish(run, make_live=False,
+                    extra={"pseudonym_key_fingerprint": key_fingerprint("a-different-key")}).location.local_path
+    args = AppArgs.from_config(secret_run["served_cfg"], run)  # the running app's args: a rollout, no restart
     with pytest.raises(Exception, match="keys differ"):
         preflight(args.model_copy(update={"model_dir": str(other)}))
     # Past the start-up check (a rollout, or a Serve config pointing at it): the replica refuses to load it.

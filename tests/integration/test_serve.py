@@ -17,12 +17,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from adrec.model_version import publish, read_version
 from adrec.runtime import free_port
 from adrec.serving.args import AppArgs
 from adrec.serving.deploy import deploy, rollout, wait_healthy
 from adrec.serving.feedback import read_events
+
 from benchmarks.loadtest import raw_user_ids
 
 pytestmark = pytest.mark.ray
@@ -44,7 +44,7 @@ def served(request, ray_session, tiny_run, tiny_cfg, tmp_path_factory):
 
     topology = request.param
     tmp = tmp_path_factory.mktemp(f"serve-{topology}")
-    v2 = publish(tiny_run, target=tmp / "model_v2")  # a second version of the same model, for the rollout
+    v2 = publish(tiny_run, make_live=False).location.local_path  # a second version, for the rollout
     args = AppArgs(model_dir=str(tiny_run.model), pseudonym_key=tiny_cfg.data.pseudonym_key, api_key=API_KEY,
                    feedback_log=str(tmp / "feedback" / "events.jsonl"), port=free_port(), app_name=APP,
                    ranker_replicas=2, num_cpus_per_replica=0.1, max_body_bytes=8192, max_k=50, topology=topology)
@@ -366,8 +366,7 @@ def test_a_version_that_fails_to_load_is_reported_and_the_live_one_keeps_serving
     import shutil
 
     live = read_version(served["v2"])["version"]  # the rollout test left the app on v2
-    broken = tmp_path / "broken"
-    publish(served["run"], target=broken)
+    broken = publish(served["run"], make_live=False).location.local_path
     (broken / "ranker" / "model.pt").write_bytes(b"not a torch file")
     (broken / "features" / "items.parquet").write_bytes(b"not parquet either")  # the feedback writer reads it
     with pytest.raises(RuntimeError, match="could not load version"):
@@ -419,8 +418,9 @@ def test_encoder_per_request_ranker_scores_like_the_cached_one(served, tiny_cfg)
     if served["topology"] != "graph":
         pytest.skip("in-process only: checked once, with the graph app")
 
-    from benchmarks.serving import EncoderPerRequestRanker
     from adrec.serving.recommender import Recommender
+
+    from benchmarks.serving import EncoderPerRequestRanker
 
     rec = Recommender(served["run"].model, tiny_cfg.data.pseudonym_key.encode())
     slow = EncoderPerRequestRanker(rec.ranker)
@@ -435,7 +435,6 @@ def test_encoder_per_request_ranker_scores_like_the_cached_one(served, tiny_cfg)
 def test_batched_scoring_equals_scoring_each_request(served):
     """A ranking batch (users, candidate lists and contexts mixed) scores each request as rank() alone does."""
     import numpy as np
-
     from adrec.serving.recommender import Recommender
     from adrec.serving.scoring import score_requests
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from ray import tune as ray_tune
-
 from adrec.config import load_config
+from adrec.model_version import live_dir
 from adrec.run import RunDir
 from adrec.tuning import SearchInterrupted, tune
+from ray import tune as ray_tune
 
 pytestmark = pytest.mark.ray
 
@@ -110,8 +110,8 @@ def test_ranker_search_promotes_a_model_that_serves(tiny_run, tiny_cfg, tmp_path
     assert saved["ranker"]["lr"] == pytest.approx(best["params"]["ranker.lr"])
     assert saved["ranker"]["embed_dim"] == best["params"]["ranker.embed_dim"]
     assert load_ranker(run.ranker).info["tune"]["trial_id"] == best["trial_id"]
-    assert json.loads((run.model / "version.json").read_text())["tune"]["trial_id"] == best["trial_id"]
-    rec = Recommender(run.model, pseudonym_key=b"test-key")
+    assert json.loads((live_dir(run) / "version.json").read_text())["tune"]["trial_id"] == best["trial_id"]
+    rec = Recommender(live_dir(run), pseudonym_key=b"test-key")
     assert rec.ranker.cfg.embed_dim == best["params"]["ranker.embed_dim"]
     raw_user = str(pd.read_csv(run.raw / "impressions.csv")["user_id"].iloc[0])
     top = rec.recommend(raw_user, 5)

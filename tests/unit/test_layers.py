@@ -17,7 +17,7 @@ PKG = Path(__file__).resolve().parents[2] / "platform" / "adrec"
 #: Lowest first. A unit may import units of lower layers and, without a cycle, of its own layer.
 LAYERS: list[set[str]] = [
     {"adrec", "errors", "keys", "config", "metrics"},
-    {"run", "runtime", "torchfile"},
+    {"run", "runtime", "torchfile", "storage"},
     {"data"},
     {"features"},
     {"candidates", "ranking"},

@@ -168,16 +168,6 @@ def test_new_users_are_bounded_per_version():
     assert OnlineConfig().max_new_users_per_version == 10_000
 
 
-def test_pruning_keeps_the_live_version_and_its_predecessor(tmp_path):
-    from adrec.online.publish import prune_versions
-
-    for v in ("v1", "v2", "v3", "v4", "v5"):
-        (tmp_path / v).mkdir()
-    (tmp_path / ".v6.tmp").mkdir()
-    removed = prune_versions(tmp_path, {"v4", "v5"} | {"v1", "v2"})  # newest two | live and the one before it
-    assert sorted(removed) == [".v6.tmp", "v3"] and sorted(p.name for p in tmp_path.iterdir()) == ["v1", "v2", "v4", "v5"]
-
-
 def test_status_records_are_appended_once(tmp_path):
     from adrec.online.publish import StatusLog
 

@@ -21,17 +21,17 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from adrec.config import AdrecConfig
-from adrec.data.ingest import _read_table
 from adrec.data.ids import normalize_ids
+from adrec.data.ingest import _read_table
 from adrec.data.privacy import pseudonym_map, resolve_key
 from adrec.data.schema import load_schema
-from adrec.metrics import ctr_metrics, rank_candidates, topk_metrics
 from adrec.evaluation.fairness import fairness
 from adrec.evaluation.plots import plot_calibration, plot_robustness, plot_roc
 from adrec.evaluation.report import markdown_table, write_report
 from adrec.features.pipeline import Features
 from adrec.features.split import TEST, TRAIN
-from adrec.model_version import ModelVersion, load_version
+from adrec.metrics import ctr_metrics, rank_candidates, topk_metrics
+from adrec.model_version import ModelVersion, live_dir, load_version
 from adrec.run import RunDir
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
     t0 = time.perf_counter()
     feats = Features(run)
     spec = feats.spec
-    rec = load_version(run.require(run.model, "train"))
+    rec = load_version(live_dir(run))
     k = cfg.eval.k
     report = run.report
     report.mkdir(parents=True, exist_ok=True)

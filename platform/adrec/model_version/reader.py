@@ -16,13 +16,14 @@ from adrec.features.pipeline import entity_codes
 from adrec.features.spec import FeatureSpec
 from adrec.model_version.layout import VersionPaths
 from adrec.model_version.lists import TwoStageLists
+from adrec.model_version.registry import materialize
 
 log = logging.getLogger(__name__)
 
 
 def read_version(model_dir: str | Path) -> dict:
-    """The ``version.json`` of a version folder (id, creation time, sizes, where it came from)."""
-    path = VersionPaths(model_dir).info
+    """The ``version.json`` of a version folder or URI (id, creation time, sizes, where it came from)."""
+    path = VersionPaths(materialize(model_dir)).info
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir} is not a model version (no version.json): run `adrec train` first")
     return json.loads(path.read_text())
@@ -33,7 +34,9 @@ def load_two_stage(model_dir: str | Path):
     paths = VersionPaths(model_dir)
     if not paths.topk.is_dir():
         return None
-    from adrec.topk import TwoStageRecommender  # (cost: the top-K package pulls in its sources, ~1 s)
+    from adrec.topk import (
+        TwoStageRecommender,  # (cost: the top-K package pulls in its sources, ~1 s)
+    )
 
     return TwoStageRecommender.load(paths.topk)
 
@@ -53,7 +56,7 @@ class ModelVersion:
     def __init__(self, model_dir: str | Path, load_ranker: bool = True, load_topk: bool = True):
         from adrec.ranking.base import load_ranker as _load_ranker  # (cost: torch)
 
-        self.paths = VersionPaths(Path(model_dir))
+        self.paths = VersionPaths(materialize(model_dir))
         self.path = self.paths.root
         self.info = read_version(self.path)
         self.spec = FeatureSpec.load(self.paths.spec)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from adrec.config import ServeConfig
 from adrec.model_version.layout import FEATURE_FILES, VersionPaths
 from adrec.model_version.lists import TwoStageLists, stored_length
 from adrec.model_version.reader import load_two_stage
+from adrec.storage import fsync_path, fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -34,23 +34,6 @@ PSEUDONYM_KEY_FINGERPRINT = "pseudonym_key_fingerprint"
 
 # Files a candidates stage folder holds that are not part of a version's sources (seen.npz has its own place).
 _NOT_SOURCES = ("seen.npz", "recall.json")
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder: the names in it) by its path."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and folder below ``root`` (and ``root``): their data and their names are on disk."""
-    for dirpath, dirs, files in os.walk(root, topdown=False):
-        for name in files:
-            fsync_path(Path(dirpath) / name)
-        fsync_path(Path(dirpath))
 
 
 def _put(part: Any, dest: Path) -> None:

@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from adrec.run import RunDir
+
 log = logging.getLogger(__name__)
 
 DEFAULT_NAME = "adrec-online-learner"
@@ -68,7 +70,7 @@ class Rollouts:
     def __init__(self, app_args):
         self.args = app_args
         self._cv = threading.Condition()
-        self._wanted: tuple[Path, str] | None = None
+        self._wanted: tuple[str, str] | None = None
         self.history: list[dict] = []
         self.live: str | None = None
         self.previous: str | None = None  # the version live before ``live`` (requests in flight may use it)
@@ -76,9 +78,10 @@ class Rollouts:
         self._thread = threading.Thread(target=self._run, name="adrec-rollouts", daemon=True)
         self._thread.start()
 
-    def submit(self, path: Path, record: dict) -> None:
+    def submit(self, path: str, record: dict) -> None:
+        """Roll the version at ``path`` (a folder or URI) out next (replacing one not yet started)."""
         with self._cv:
-            self._wanted = (Path(path), str(record.get("version")))
+            self._wanted = (str(path), str(record.get("version")))
             self._cv.notify()
 
     def _run(self) -> None:
@@ -153,7 +156,7 @@ class LearnerActor:
         if self.rollouts is not None and self.learner.published:
             # Restarted after a crash: make sure Serve holds the version the checkpoint says it does.
             last = self.learner.published[-1]
-            self.rollouts.submit(Path(last["path"]), last)
+            self.rollouts.submit(last["path"], last)
         if autostart:
             self.start()
 
@@ -268,6 +271,6 @@ def serve_with_learner(cfg, args, state_dir: str | Path | None = None, name: str
 
     resolved = args.resolved()
     url = deploy(resolved)
-    state = Path(state_dir or cfg.state_dir or Path(resolved.model_dir).parent / "online")
+    state = Path(state_dir or cfg.state_dir or RunDir(resolved.run_dir).path / "online")
     handle = start_learner(cfg, resolved.model_dir, resolved.feedback_log, state, app_args=resolved, name=name)
     return url, handle

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from adrec import torchfile
-from adrec.model_version.writer import fsync_path
+from adrec.storage import fsync_path
 
 log = logging.getLogger(__name__)
 

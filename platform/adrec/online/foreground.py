@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 from adrec.config import AdrecConfig
+from adrec.model_version import live_dir
 from adrec.run import RunDir
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def run_learner(cfg: AdrecConfig, run: RunDir, rollout: bool = False, once: bool
     from adrec.online.supervise import Supervised
 
     oc = cfg.online
-    base = run.require(run.model, "train")
+    base = live_dir(run)
     feedback = Path(cfg.serve.feedback_log) if cfg.serve.feedback_log else run.feedback / "events.jsonl"
     state = Path(oc.state_dir) if oc.state_dir else run.path / "online"
     on_publish = None
@@ -42,7 +43,7 @@ def run_learner(cfg: AdrecConfig, run: RunDir, rollout: bool = False, once: bool
         from adrec.serving.deploy import rollout as roll_out
 
         init_ray(cfg.ray)
-        args = AppArgs.from_config(cfg, run.path).resolved()
+        args = AppArgs.from_config(cfg, run).resolved()
 
         def on_publish(path, record):
             roll_out(args, path)

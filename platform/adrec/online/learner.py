@@ -3,15 +3,15 @@
 One :class:`OnlineLearner` owns a state folder (default ``<run>/online``)::
 
     checkpoint.pt     offset + model + optimizer + joiner + queue + catalog + metrics (one atomic file)
-    versions/<id>/    published model versions (the newest ``keep_versions``)
     status.json       the latest status summary
     status.jsonl      one record per publication decision (published / refused), restart and flush
 
 A decision is checkpointed first and then appended to ``status.jsonl``, once: a learner that replays
 events after a crash reaches the same decision and finds its record there (or, restarting between the
-two writes, appends the checkpointed decision it does not find). Pruning keeps the newest
-``keep_versions`` published versions and whatever ``live_versions()`` names (the actor: the version
-Serve serves and its predecessor), even when the learner has published newer ones since.
+two writes, appends the checkpointed decision it does not find). Published versions are committed to the
+base version's registry (the run's ``versions/``, :class:`adrec.model_version.VersionRegistry`) and made
+live once rolled out. Pruning keeps the newest ``keep_versions`` versions, the live one and its
+predecessor, and whatever ``live_versions()`` names (the actor: a version being rolled out).
 
 Per log record, in log order: the event goes through the :class:`AttributionJoiner`; labelled
 impressions queue up; every full mini-batch is scored by the learner's model (before it learns from
@@ -43,15 +43,17 @@ import torch.nn.functional as F
 
 from adrec.candidates.merge import MultiSource
 from adrec.config import OnlineConfig
-from adrec.model_version import load_version
+from adrec.model_version import VersionRegistry, load_version, materialize
+from adrec.model_version.registry import VERSIONS_DIR
 from adrec.online.attribution import AttributionJoiner, Example
 from adrec.online.catalog import OnlineCatalog
 from adrec.online.checkpoint import load_checkpoint, save_checkpoint
 from adrec.online.events import CLICK, IMPRESSION, Event, FeedbackReader
 from adrec.online.metrics import EPS, RayGauges, ScoreBoard
 from adrec.online.optim import make_optimizer, select_parameters
+from adrec.online.publish import StatusLog, publish_version, version_id
 from adrec.online.rows import RowEncoder
-from adrec.online.publish import StatusLog, prune_versions, publish_version, version_id
+from adrec.storage import resolve
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ class OnlineLearner:
     """Learns from the feedback log of a served model version; see the module documentation."""
 
     def __init__(self, cfg: OnlineConfig, base_model_dir: str | Path, feedback_log: str | Path,
-                 state_dir: str | Path, on_publish: Callable[[Path, dict], None] | None = None,
+                 state_dir: str | Path, on_publish: Callable[[str, dict], None] | None = None,
                  name: str = "default", export_metrics: bool = True,
                  live_versions: Callable[[], set[str]] | None = None):
         from adrec.ranking.base import load_ranker
@@ -75,10 +77,13 @@ class OnlineLearner:
         torch.set_num_threads(cfg.torch_threads)
         self.cfg = cfg
         self.name = name
-        self.base_dir = Path(base_model_dir).expanduser().resolve()
+        base_loc = resolve(base_model_dir)
+        self.base_dir = materialize(base_loc.uri)
         self.state_dir = Path(state_dir).expanduser().resolve()
-        self.versions_dir = self.state_dir / "versions"
-        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        # The learner's versions go where the base version's came from (the run's registry, on its store);
+        # a loose base folder (not in a registry) gets one in the learner's state.
+        parent = resolve(base_loc.uri.rsplit("/", 1)[0])
+        self.registry = VersionRegistry(parent if parent.name == VERSIONS_DIR else self.state_dir / VERSIONS_DIR)
         self.reader = FeedbackReader(feedback_log)
         self.status_log = StatusLog(self.state_dir)
         self.on_publish = on_publish
@@ -353,15 +358,17 @@ class OnlineLearner:
             info = {"examples_learned": self.examples_learned, "records": self.records, "guard": g,
                     "parent_serving": self.serving_version, "learner": self.name}
             self.ranker.info = {**dict(self.ranker.info or {}), "online": info}
-            path, meta = publish_version(self.base_dir, self.versions_dir / vid, self.ranker, self.catalog,
-                                         self._sources() if self.cfg.fold_in else None, self.cfg.fold_in, info)
+            entry, meta = publish_version(self.base_dir, self.registry, vid, self.ranker, self.catalog,
+                                          self._sources() if self.cfg.fold_in else None, self.cfg.fold_in, info)
+            path = entry.uri
             self._load_trainable(self.serving.model, self._trainable(self.model))
             self.serving_version = vid
             self.published.append({"version": vid, "path": str(path), "examples_learned": self.examples_learned,
                                    "records": self.records})
             self.catalog.published()
             keep = {p["version"] for p in self.published[-self.cfg.keep_versions:]}
-            prune_versions(self.versions_dir, keep | (self.live_versions() if self.live_versions else set()))
+            self.registry.prune(self.cfg.keep_versions,
+                                also_keep=keep | (self.live_versions() if self.live_versions else set()))
             record.update(event="published", path=str(path), fold_in=meta.get("online", {}).get("fold_in"))
             log.info("online learner %s published %s (progressive logloss %.5f vs serving %.5f over %d events)",
                      self.name, vid, g["online_logloss"], g["serving_logloss"], g["events"])
@@ -371,9 +378,11 @@ class OnlineLearner:
         self.last_decision = record
         self.checkpoint()  # the decision and the state it was made in are durable together
         self.status_log.append_once(record)
-        if record["event"] == "published" and self.on_publish is not None:
+        if record["event"] == "published":
             try:
-                self.on_publish(Path(record["path"]), record)
+                if self.on_publish is not None:
+                    self.on_publish(record["path"], record)
+                self.registry.set_live(entry.number)  # served now (or, without a Serve app, what one would load)
             except Exception as err:  # a failed rollout must not stop learning; it is in the status
                 log.error("rollout of %s failed: %s", vid, err)
                 self.status_log.append({"event": "rollout_failed", "version": vid, "error": repr(err)})
@@ -383,8 +392,9 @@ class OnlineLearner:
         return MultiSource.load(self.base.paths.candidates)  # a fresh copy: fold-in is applied from the base
 
     @property
-    def latest_version_dir(self) -> Path:
-        return Path(self.published[-1]["path"]) if self.published else self.base_dir
+    def latest_version_dir(self) -> str:
+        """The newest published version's location (a path or URI), else the base version's folder."""
+        return self.published[-1]["path"] if self.published else str(self.base_dir)
 
     # ---- reporting ------------------------------------------------------------------------------------
     def counts(self) -> dict:

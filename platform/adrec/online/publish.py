@@ -6,10 +6,11 @@ the user table, updated histories and seen items, the candidate sources with the
 clicks folded in, and the ranker with the learner's weights (:meth:`FusionRanker.save`). The item text
 cache stays valid (the encoder is not updated online), so loading a version never runs the encoder.
 
-Versions are written by the one writer of :mod:`adrec.model_version` (a temporary sibling, fsync-ed,
-renamed into place; the known users' two-stage lists stored once). Their ids are deterministic
-(base version + learned-impression count), so a learner that replays events after a crash and
-reaches the same decision finds the version it had already written and reuses it.
+Versions are written by the one writer of :mod:`adrec.model_version` and committed to the base version's
+registry (the run's ``versions/``, on whatever store the run lives: numbered, checksummed, never
+rewritten). Their ids are deterministic (base version + learned-impression count), so a learner that
+replays events after a crash and reaches the same decision finds the version it had already committed
+and reuses it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +25,15 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from adrec.model_version import VersionPaths, read_version, write_version
+from adrec.errors import RunError
+from adrec.model_version import (
+    VersionEntry,
+    VersionPaths,
+    VersionRegistry,
+    read_version,
+    write_version,
+)
+from adrec.model_version.registry import staging_dir
 from adrec.online.catalog import fold_in_sources
 
 log = logging.getLogger(__name__)
@@ -59,14 +67,16 @@ def _append_users(users: pd.DataFrame, new_users: dict[str, int]) -> pd.DataFram
     return pd.concat([users, pd.DataFrame(extra)], ignore_index=True)
 
 
-def publish_version(base_dir: Path, target: Path, ranker, catalog, sources=None, fold_in: bool = True,
-                    info: dict | None = None) -> tuple[Path, dict]:
-    """Write the version folder ``target`` (through :func:`adrec.model_version.write_version`: atomic,
-    fsync-ed); reuse it when it is already complete."""
-    target = Path(target)
-    if VersionPaths(target).info.is_file():
-        log.info("version %s already written (replay after a restart): reusing it", target.name)
-        return target, read_version(target)
+def publish_version(base_dir: Path, registry: VersionRegistry, vid: str, ranker, catalog, sources=None,
+                    fold_in: bool = True, info: dict | None = None) -> tuple[VersionEntry, dict]:
+    """Commit the learner's version ``vid`` to ``registry`` (not live yet: the caller makes it live once it
+    is rolled out); a version with that id already committed (a replay after a restart) is reused."""
+    try:
+        entry = registry.find(vid)
+        log.info("version %s already committed as %s (replay after a restart): reusing it", vid, entry.uri)
+        return entry, read_version(entry.uri)
+    except RunError:
+        pass
     base_paths = VersionPaths(base_dir)
     base = read_version(base_dir)
     base_seen = sp.load_npz(base_paths.seen).tocsr()
@@ -81,33 +91,17 @@ def publish_version(base_dir: Path, target: Path, ranker, catalog, sources=None,
         candidates = base_paths.candidates
         seen = seen[: base_seen.shape[0]]
     meta = {k: v for k, v in base.items() if k not in ("version", "created", "online")}
-    meta.update(version=target.name, parent=base.get("version"), n_users=int(catalog.n_users),
+    meta.update(version=vid, parent=base.get("version"), n_users=int(catalog.n_users),
                 online={**(info or {}), "new_users": len(catalog.new_users), "fold_in": fold})
     users = _append_users(pd.read_parquet(base_paths.users), catalog.new_users)
     # The two-stage top-K recommender is not updated online: it keeps ordering the base users' lists
     # (their online impressions excluded through seen.npz); new users take the fold-in path.
-    path, meta = write_version(target, meta, features=base_paths.features, users=users, history=catalog.histories(),
-                               seen=seen, candidates=candidates, ranker=ranker, topk=base_paths.topk)
-    log.info("published version %s (%d users, %d new)", target.name, catalog.n_users, len(catalog.new_users))
-    return path, meta
-
-
-def prune_versions(versions_dir: Path, keep) -> list[str]:
-    """Delete published version folders not named in ``keep`` (and stale temporary folders).
-
-    ``keep`` must name the live version and its predecessor besides the newest ones: a rollout may
-    still be on its way to a newer version, or have failed, while Serve serves an older one."""
-    removed = []
-    if not versions_dir.is_dir():
-        return removed
-    keep_set = set(keep)
-    for p in sorted(versions_dir.iterdir()):
-        if p.name in keep_set:
-            continue
-        if p.name.startswith(".") and p.name.endswith(".tmp") or p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p.name)
-    return removed
+    path, meta = write_version(staging_dir(registry, vid), meta, features=base_paths.features, users=users,
+                               history=catalog.histories(), seen=seen, candidates=candidates, ranker=ranker,
+                               topk=base_paths.topk)
+    entry = registry.commit(path, make_live=False)
+    log.info("published version %s as %s (%d users, %d new)", vid, entry.uri, catalog.n_users, len(catalog.new_users))
+    return entry, meta
 
 
 class StatusLog:

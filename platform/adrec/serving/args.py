@@ -5,17 +5,40 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator
-
+from adrec import storage
 from adrec.config import CandidateConfig, ServeConfig
 from adrec.data.privacy import KEY_ENV
 from adrec.errors import ConfigError
-from adrec.keys import (API_KEY_FILE, PSEUDONYM_KEY_FILE, SECRETS_DIR, check_not_empty, env_secret, is_fingerprint,
-                        key_fingerprint, read_secret, store_secret)
+from adrec.keys import (
+    API_KEY_FILE,
+    PSEUDONYM_KEY_FILE,
+    SECRETS_DIR,
+    check_not_empty,
+    env_secret,
+    is_fingerprint,
+    key_fingerprint,
+    read_secret,
+    store_secret,
+)
+from adrec.model_version.registry import VERSIONS_DIR, live_entry
 from adrec.model_version.writer import PSEUDONYM_KEY_FINGERPRINT
+from adrec.run import RunDir
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 
 APP_NAME = "adrec"
 API_KEY_ENV = "ADREC_API_KEY"
+
+
+def run_of_version(model_dir: str) -> str:
+    """The run a version location belongs to: above ``versions/<n>``, else the folder above the version."""
+    parent = model_dir.rstrip("/").rsplit("/", 1)[0]
+    head, _, last = parent.rpartition("/")
+    return head if last == VERSIONS_DIR and head else parent
+
+
+def default_feedback_log(run_uri: str) -> str:
+    """A run's feedback log: a JSON-lines file for a local run, a folder of segments on an object store."""
+    return f"{run_uri}/feedback" if storage.is_remote(run_uri) else f"{run_uri}/feedback/events.jsonl"
 
 
 class AppArgs(ServeConfig):
@@ -28,19 +51,24 @@ class AppArgs(ServeConfig):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    # The model version to serve: a version folder or URI (``RUN/versions/<n>``; replicas on any node copy
+    # a remote one into their cache, see adrec.model_version.materialize).
     model_dir: str = Field(min_length=1)
+    # The run the version belongs to (path or URI): where the default feedback log and the secrets folder
+    # are. Default: the folder above ``versions/`` (or, for a loose version folder, the one above it).
+    run_dir: str | None = None
     # How many candidates a request ranks: the candidates stage's count (``candidates.n_candidates`` of the
     # run config, see from_config), so that serving ranks what the candidates stage measured.
     n_candidates: int = Field(default_factory=lambda: CandidateConfig().n_candidates, ge=1)
     # ``topology`` (a ServeConfig field, see adrec.serving.builder): the `deployments` of a Serve config
     # must name that topology's deployments (Serve rejects overrides of deployments the app does not have).
     # The key that pseudonymized the data set's user ids: literal, else this file, else $pseudonym_key_env,
-    # else <model_dir>/../secrets/pseudonym.key (where `adrec prepare` keeps it).
+    # else <run>/secrets/pseudonym.key (where `adrec prepare` keeps it).
     pseudonym_key: SecretStr | None = None
     pseudonym_key_file: str | None = None
     pseudonym_key_env: str = KEY_ENV
     # The API key (`x-api-key` header): api_key, else api_key_file, else $api_key_env, else
-    # <model_dir>/../secrets/api.key; none -> no authentication (loopback only, see adrec.serving.deploy).
+    # <run>/secrets/api.key; none -> no authentication (loopback only, see adrec.serving.deploy).
     api_key: SecretStr | None = None
     api_key_env: str = API_KEY_ENV
     app_name: str = APP_NAME
@@ -64,23 +92,24 @@ class AppArgs(ServeConfig):
         return v
 
     @classmethod
-    def from_config(cls, cfg, run_dir: str | Path, **overrides: Any) -> "AppArgs":
-        """Args for a run folder (``<run>/model``) from an :class:`AdrecConfig`.
+    def from_config(cls, cfg, run_dir: str | Path | RunDir, **overrides: Any) -> "AppArgs":
+        """Args for a run's live model version from an :class:`AdrecConfig`.
 
         A literal key in ``cfg`` is kept in the run's secrets folder (mode 0600) and the args name that
         file, so the key is in no Serve config; a fingerprint in ``cfg`` (a saved config's) must match the
         key found (a :class:`ConfigError` otherwise).
         """
-        run = Path(run_dir).expanduser().resolve()
+        rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        run = rd.path  # local: the run folder; remote: its cache (the secrets folder never leaves the node)
         fields = cfg.serve.model_dump()
-        fields.update(model_dir=str(run / "model"), n_candidates=cfg.candidates.n_candidates)
+        fields.update(model_dir=live_entry(rd).uri, run_dir=rd.uri, n_candidates=cfg.candidates.n_candidates)
         expected = {"pseudonym_key": cfg.data.pseudonym_key, "api_key": cfg.serve.api_key}
         fields["api_key"] = None
         for name, filename in cfg.literal_secrets().items():
             field = "pseudonym_key" if filename == PSEUDONYM_KEY_FILE else "api_key"
             fields[f"{field}_file"] = str(store_secret(run / SECRETS_DIR / filename, expected[field]))
         if fields.get("feedback_log") is None:
-            fields["feedback_log"] = str(run / "feedback" / "events.jsonl")
+            fields["feedback_log"] = default_feedback_log(rd.uri)
         fields.update(overrides)
         args = cls.model_validate(fields)
         found = args.resolved()
@@ -98,14 +127,17 @@ class AppArgs(ServeConfig):
         home = Path(os.environ.get("ADREC_HOME", os.getcwd()))
 
         def absolute(p: str) -> str:
-            q = Path(os.path.expandvars(p)).expanduser()
+            p = os.path.expandvars(p)
+            if storage.is_remote(p):
+                return storage.normalize(p)
+            q = Path(p).expanduser()
             return str(q if q.is_absolute() else (home / q).resolve())
 
         model_dir = absolute(self.model_dir)
-        upd: dict[str, Any] = {"model_dir": model_dir}
-        secrets = Path(model_dir).parent / SECRETS_DIR
-        upd["feedback_log"] = (absolute(self.feedback_log) if self.feedback_log
-                               else str(Path(model_dir).parent / "feedback" / "events.jsonl"))
+        run_dir = absolute(self.run_dir) if self.run_dir else run_of_version(model_dir)
+        upd: dict[str, Any] = {"model_dir": model_dir, "run_dir": run_dir}
+        secrets = RunDir(run_dir).path / SECRETS_DIR
+        upd["feedback_log"] = absolute(self.feedback_log) if self.feedback_log else default_feedback_log(run_dir)
         from_env = dict(self._from_env)
         for field, env, filename in (("pseudonym_key", self.pseudonym_key_env, PSEUDONYM_KEY_FILE),
                                      ("api_key", self.api_key_env, API_KEY_FILE)):
@@ -170,7 +202,7 @@ class AppArgs(ServeConfig):
 
     def fingerprint(self) -> str:
         """Changes with any setting (secrets included, as their fingerprints) and with this package's serving code."""
-        h = hashlib.sha256(self.model_dump_json(exclude={"model_dir"}).encode())
+        h = hashlib.sha256(self.model_dump_json(exclude={"model_dir", "run_dir"}).encode())
         for secret in (self.pseudonym_key, self.api_key):
             h.update((key_fingerprint(secret.get_secret_value()) if secret is not None else "").encode())
         for src in sorted(Path(__file__).parent.glob("*.py")):

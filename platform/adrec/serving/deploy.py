@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from adrec import storage
 from adrec.config import AdrecConfig
 from adrec.errors import ConfigError
 from adrec.run import RunDir
@@ -93,9 +94,8 @@ def preflight(args: AppArgs) -> AppArgs:
 
 def deploy(args: AppArgs, timeout_s: float = 120.0) -> str:
     """Deploy (or update) the app and wait until it answers; returns its base URL."""
-    from ray import serve
-
     from adrec.model_version import read_version
+    from ray import serve
 
     preflight(args)
     start(args.host, args.port)
@@ -120,11 +120,10 @@ def rollout(args: AppArgs, model_dir: str | Path, timeout_s: float = 600.0) -> s
     answered throughout. Returns the new version id once every replica serves it (raises if one could
     not load it: that replica goes on serving the old version).
     """
+    from adrec.model_version import read_version
     from ray import serve
 
-    from adrec.model_version import read_version
-
-    new = Path(model_dir).expanduser().resolve()
+    new = storage.normalize(model_dir)  # a folder or a URI; every replica copies a remote one to its cache
     vid = str(read_version(new)["version"])
     base = args.resolved()  # pin the feedback log and key file of the running app
     t = time.perf_counter()
@@ -190,20 +189,18 @@ async def _wait_version(args: AppArgs, version: str, timeout_s: float) -> None:
 
 
 def serve_run(cfg: AdrecConfig, run_dir: str | Path | RunDir, blocking: bool = True) -> str:
-    """Serve ``<run>/model`` on ``cfg.serve.host:port``; returns the base URL (blocks until Ctrl-C if asked)."""
+    """Serve the run's live version on ``cfg.serve.host:port``; returns the base URL (blocks until Ctrl-C if asked)."""
+    from adrec.runtime import init_ray
     from ray import serve
 
-    from adrec.runtime import init_ray
-
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    run.require(run.model, "train")
-    args = AppArgs.from_config(cfg, run.path)
+    args = AppArgs.from_config(cfg, run)
     preflight(args)  # before Ray starts: a refusal costs nothing
     init_ray(cfg.ray)
     url = deploy(args)
     if not blocking:
         return url
-    print(f"adrec serving {run.model} at {url}  (POST /recommend, POST /feedback, GET /healthz, GET /version); "
+    print(f"adrec serving {args.model_dir} at {url}  (POST /recommend, POST /feedback, GET /healthz, GET /version); "
           "Ctrl-C stops", flush=True)
     try:
         while True:

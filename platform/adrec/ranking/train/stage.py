@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-
 from adrec.config import AdrecConfig, RankerConfig
 from adrec.features.split import TRAIN, VALID
 from adrec.ranking.fusion import FusionRanker
@@ -25,6 +22,10 @@ from adrec.ranking.train.loop import fit
 from adrec.ranking.train.session import LocalSession, load_state
 from adrec.ranking.train.trainer import data_fingerprint, make_trainer, resume_key
 from adrec.run import RunDir
+from adrec.storage import require_shared, resolve
+
+#: Ray Train's storage in the run (checkpoints of every epoch), unless ranker.storage_path names another.
+TRAIN_STORAGE = "ranker_train"
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +56,19 @@ def train_ranker(cfg: AdrecConfig, run: RunDir, features=None,
         log.warning("use_gpu is set but this process sees no CUDA device; the workers must (Ray places them)")
     data = prepare_data(rc, features)
     init_ray(cfg.ray)
-    storage = Path(rc.storage_path) if rc.storage_path else run.path / "ranker_train"
+    # Ray Train's storage (its checkpoints) is a location like any other: on the run's store by default, so
+    # the workers of every node write their checkpoints where the driver (and a restarted run) finds them.
+    storage = resolve(rc.storage_path) if rc.storage_path else run.store(TRAIN_STORAGE)
+    if rc.num_workers > 1:
+        require_shared(storage, "ranker.storage_path (Ray Train's checkpoints)")
     name = resume_key(rc, data_fingerprint(run, features))
-    if not rc.resume and (storage / name).exists():
-        shutil.rmtree(storage / name)
-    storage.mkdir(parents=True, exist_ok=True)
+    if not rc.resume:
+        (storage / name).delete()
+    if storage.is_local:
+        storage.local_path.mkdir(parents=True, exist_ok=True)
     log.info("training the fusion ranker on %d workers (%s): %d train / %d valid rows, storage %s/%s",
              rc.num_workers, "GPU" if rc.use_gpu else "CPU", len(data[TRAIN]["label"]), len(data[VALID]["label"]),
-             storage, name)
+             storage.uri, name)
     result = make_trainer(rc, data, name=name, storage_path=storage, train_loop=train_loop).fit()
     if result.error is not None:
         raise RuntimeError(f"ranker training failed: {result.error}") from result.error

@@ -17,12 +17,13 @@ from pathlib import Path
 from adrec.config import RankerConfig
 from adrec.ranking.train.loop import train_loop_per_worker
 from adrec.run import RunDir
+from adrec.storage import Location, resolve
 
 # Fields that do not change what is trained: they do not enter the resume key.
 _NOT_IN_KEY = {"max_failures", "resume", "storage_path", "num_workers", "use_gpu", "torch_threads"}
 
 
-def make_trainer(rc: RankerConfig, data: dict, *, name: str, storage_path: str | Path,
+def make_trainer(rc: RankerConfig, data: dict, *, name: str, storage_path: str | Path | Location,
                  train_loop: Callable[[dict], None] | None = None, loop_config: dict | None = None,
                  use_gpu: bool | None = None, resources_per_worker: dict | None = None,
                  num_to_keep: int = 2, callbacks: list | None = None):
@@ -31,13 +32,14 @@ def make_trainer(rc: RankerConfig, data: dict, *, name: str, storage_path: str |
     ``data`` goes once into the object store; ``loop_config`` adds keys to the worker's config (a
     wrapper loop reads them). ``use_gpu`` defaults to ``rc.use_gpu``; ``resources_per_worker``,
     ``num_to_keep`` (checkpoints kept) and ``callbacks`` (Ray Train callbacks) go to Ray Train as
-    they are. The run is ``storage_path/name``: an existing one is resumed from its latest checkpoint.
+    they are. The run is ``storage_path/name`` (a local path or a URI): an existing one is resumed from its latest checkpoint.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     gpu = rc.use_gpu if use_gpu is None else use_gpu
+    store = resolve(storage_path)
     return TorchTrainer(
         train_loop or train_loop_per_worker,
         train_loop_config={"ranker": json.loads(rc.model_dump_json()), "data": ray.put(data), **(loop_config or {})},
@@ -45,7 +47,10 @@ def make_trainer(rc: RankerConfig, data: dict, *, name: str, storage_path: str |
         scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=gpu, resources_per_worker=resources_per_worker),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage_path),
+            # A remote location goes with its pyarrow filesystem: the one adrec resolved (endpoint and
+            # credentials from the environment), so Ray Train writes exactly where adrec reads.
+            storage_path=store.uri if store.is_local else store.path,
+            storage_filesystem=None if store.is_local else store.fs,
             failure_config=FailureConfig(max_failures=rc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
             callbacks=callbacks,
