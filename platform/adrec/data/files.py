@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adrec.data.schema import _Table
-from adrec.errors import DataError
+from adrec.errors import ConfigError, DataError
+from adrec.storage import resolve
 
 _GLOB = set("*?[")
 PARQUET_EXT = (".parquet", ".pq")
@@ -35,18 +36,6 @@ class TableFiles:
         return scheme + self.paths[i]
 
 
-def _filesystem(location: str):
-    """(filesystem, path on it) for a URI or a local path."""
-    from pyarrow import fs as pafs
-
-    if "://" in location:
-        try:
-            return pafs.FileSystem.from_uri(location)
-        except Exception as err:  # pyarrow raises several types for an unknown scheme or bucket
-            raise DataError(f"cannot open {location}: {err}") from None
-    return pafs.LocalFileSystem(), location
-
-
 def _visible(path: str) -> bool:
     """Writers leave markers beside their shards (_SUCCESS, .crc, _metadata): those are not data."""
     return not any(part.startswith(("_", ".")) for part in path.split("/")[-1:])
@@ -57,7 +46,11 @@ def list_table(table: _Table, root: Path, what: str) -> TableFiles:
     from pyarrow import fs as pafs
 
     where = table.path if "://" in table.path else str((root / table.path).expanduser())
-    fs, base = _filesystem(where)
+    try:
+        loc = resolve(where)
+    except ConfigError as err:
+        raise DataError(f"{what}: {err}") from None
+    fs, base = loc.fs, loc.path
     base_dir = None
     if any(c in base for c in _GLOB):
         parts = base.split("/")

@@ -67,7 +67,7 @@ class _NumberedRows(FileBasedDatasource):
         number = self._file_number(path)
         where = self._files.display(number)
         if self._files.format == "parquet":
-            batches, start = self._parquet(f, where), 1
+            batches, start = self._parquet(path, where), 1
         else:
             batches, start = self._csv(f, path, where), (2 if self._table.header else 1)
         for batch in batches:
@@ -77,11 +77,11 @@ class _NumberedRows(FileBasedDatasource):
             start += n
             yield batch
 
-    def _parquet(self, f, where: str) -> Iterator[pa.Table]:
+    def _parquet(self, path: str, where: str) -> Iterator[pa.Table]:
         import pyarrow.parquet as pq
 
-        try:
-            pf = pq.ParquetFile(f)
+        try:  # Parquet needs random access (its footer first): the stream Ray opened cannot seek
+            pf = pq.ParquetFile(self._files.fs.open_input_file(path))
         except pa.ArrowInvalid as err:
             raise DataError(f"{where}: not a Parquet file ({err})") from None
         for batch in pf.iter_batches(batch_size=self._block_rows):
@@ -169,9 +169,14 @@ class Tally:
 
 
 def _per_file(batch: pd.DataFrame):
-    """(file number, rows of that file, their row numbers) of a batch, in file order."""
+    """(file number, text cells of that file's rows, their row numbers) of a batch, in file order.
+
+    The cells are cast to pandas' ``str`` dtype, what the in-process read gives: Ray hands Arrow-backed
+    columns, where a number parsed from text keeps NaN apart from missing and the parsers would let a
+    bad value through."""
     for number, part in batch.groupby("_file", sort=True):
-        yield int(number), part, part["_row"].to_numpy()
+        cells = part.drop(columns=["_file", "_row"]).astype(str).reset_index(drop=True)
+        yield int(number), cells, part["_row"].to_numpy()
 
 
 def read_interactions(schema: DatasetSchema, root: Path, key: bytes, tally, block_rows: int):
@@ -182,7 +187,7 @@ def read_interactions(schema: DatasetSchema, root: Path, key: bytes, tally, bloc
     def parse(batch: pd.DataFrame) -> pd.DataFrame:
         rec, outs = Recorder(), []
         for number, part, rows in _per_file(batch):
-            out, keep = parse_interactions(part.reset_index(drop=True), rows, files.display(number), spec, rec, rec, key)
+            out, keep = parse_interactions(part, rows, files.display(number), spec, rec, rec, key)
             out["_file"] = np.int32(number)
             out["_row"] = rows[keep]
             outs.append(out)
@@ -204,7 +209,7 @@ def read_entity(spec: EntitySchema, root: Path, bad: _BadRows, empties: _EmptyFi
     rows = read_rows(files, spec, block_rows).to_pandas()
     outs, where = [], []
     for number, part, lines in _per_file(rows):
-        out = parse_entity(part.reset_index(drop=True), lines, files.display(number), spec, bad, empties, kind, key)
+        out = parse_entity(part, lines, files.display(number), spec, bad, empties, kind, key)
         outs.append(out)
         where.append(np.full(len(out), number))
     idcol = "user" if kind == "users" else "item"
