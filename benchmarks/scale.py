@@ -54,17 +54,35 @@ def _single_csv(folder: Path) -> Path:
     return schema
 
 
+def _start_ray(ray_cfg, attempts: int = 6) -> None:
+    """Ray's local start, retried: on a machine loaded by other work its raylet may miss Ray's fixed 30 s
+    registration wait (seen here at load averages of 40-70). Not part of the measured time."""
+    import ray
+
+    from adrec.runtime import init_ray
+
+    for attempt in range(attempts):
+        try:
+            init_ray(ray_cfg)
+            return
+        except Exception as err:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(err) or attempt == attempts - 1:
+                raise
+            log.warning("Ray did not start (%s); again in 10 s", err)
+            ray.shutdown()
+            time.sleep(10)
+
+
 def _child(args) -> int:
     """One prepare in this process; prints a JSON line with its figures."""
     from adrec.config import build_config
     from adrec.features.pipeline import prepare
     from adrec.run import RunDir
-    from adrec.runtime import init_ray
 
     cfg = build_config(overrides=[f"data.dataset={args.schema}", "data.pseudonym_key=bench-key",
                                   f"features.pipeline={args.pipeline}", f"ray.num_cpus={args.cpus}",
                                   f"features.history_len={args.history_len}"])
-    init_ray(cfg.ray)
+    _start_ray(cfg.ray)
     t0 = time.perf_counter()
     counts = prepare(cfg, RunDir(args.run))
     seconds = time.perf_counter() - t0
