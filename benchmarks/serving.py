@@ -359,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from adrec.model_version import live_dir
     from adrec.run import RunDir, resolve_config
     from adrec.runtime import haproxy_threads, init_ray
 
@@ -367,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     run = RunDir(args.run)
-    run.require(run.model, "train")
+    model_dir = live_dir(run)  # the run's live version (a clear error when it has none)
     overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
     cfg = resolve_config(run, args.config, overrides)
     topologies = [t.strip() for t in args.topologies.split(",") if t.strip()]
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             targets, app = _deploy_round(mode_cfg, run, args, topologies, "" if mode is None else f"@{mode}")
             if bench is None:
-                bench = Benchmark(run.model, app.resolved().key_bytes(), raw_user_ids(run), requests=args.requests,
+                bench = Benchmark(model_dir, app.resolved().key_bytes(), raw_user_ids(run), requests=args.requests,
                                   concurrency=tuple(int(c) for c in args.concurrency.split(",")),
                                   encoder_requests=args.encoder_requests, k=args.k,
                                   api_key=app.api_key.get_secret_value() if app.api_key else None,

@@ -5,6 +5,7 @@ All logic lives in the library; this only forwards the arguments.
 
 import sys
 
+import _checkout  # noqa: F401  (this checkout's adrec first: a job runs the code it was submitted with)
 from adrec.cli import main
 
 if __name__ == "__main__":

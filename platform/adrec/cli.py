@@ -5,27 +5,39 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
 import time
-from pathlib import Path
 
 import adrec
-from adrec.errors import (
-    ConfigError,
-    DataError,
-    LearnerFailedError,
-    RunError,
-    UnsafeFileError,
-)
+from adrec import storage
+from adrec.errors import ConfigError, DataError, LearnerFailedError, RunError, UnsafeFileError
 from adrec.run import RunDir, resolve_config
 
 log = logging.getLogger("adrec.cli")
 
 
+def env_expanded(value: str) -> str:
+    """``$VAR`` / ``${VAR}`` in a location (``--run``, ``--data-dir``) expanded from this process's environment;
+    an unset one is an error.
+
+    So a job names the bucket the cluster's nodes were given: ``ray job submit ... --run '$ADREC_STORE/runs/r1'``
+    (single quotes: `ray job submit` passes the argument on as typed, and the job expands it on the cluster).
+    """
+    out = os.path.expandvars(value)
+    left = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", out)
+    if left:
+        raise argparse.ArgumentTypeError(f"{value!r} names ${left[0]}, which is not set here (cluster.yaml exports "
+                                         f"ADREC_STORE on every node; elsewhere export it first)")
+    return out
+
+
 def _common(p: argparse.ArgumentParser, run_required: bool = True) -> None:
-    p.add_argument("--run", required=run_required, metavar="DIR_OR_URI",
+    p.add_argument("--run", required=run_required, metavar="DIR_OR_URI", type=env_expanded,
                    help="the run: a folder or an object-store URI (s3://bucket/runs/r1, gs://...); prepare "
-                        "creates it, every later stage reads and writes it")
+                        "creates it, every later stage reads and writes it ($VARS are expanded, e.g. "
+                        "'$ADREC_STORE/runs/r1')")
     p.add_argument("--config", metavar="FILE",
                    help="YAML config (default: the run's config.yaml, else the built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -44,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--dataset", metavar="NAME_OR_YAML",
                    help="synthetic (the built-in ad log), movielens-100k, or a schema YAML of your own data")
-    p.add_argument("--data-dir", metavar="DIR",
+    p.add_argument("--data-dir", metavar="DIR", type=env_expanded,
                    help="folder of the data set's files: where a schema YAML's paths resolve (else the YAML's "
                         "folder); movielens-100k: the unpacked ml-100k folder")
 
@@ -70,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--port", type=int, metavar="PORT", help="HTTP port (default: serve.port, 8000)")
     p.add_argument("--host", metavar="HOST", help="HTTP host to listen on (default: serve.host, 127.0.0.1)")
+    p.add_argument("--detach", action="store_true",
+                   help="deploy and return: the app keeps running on the cluster (for `ray job submit`)")
 
     p = sub.add_parser("online", help="the online learner on the run's feedback log, in the foreground")
     _common(p)
@@ -99,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, run_required=False)
     p.add_argument("--dataset", default="synthetic", metavar="NAME_OR_YAML",
                    help="synthetic (default), movielens-100k, or a schema YAML")
-    p.add_argument("--data-dir", metavar="DIR", help="folder of the data set's files (a schema YAML's paths resolve there; movielens-100k)")
+    p.add_argument("--data-dir", metavar="DIR", type=env_expanded, help="folder of the data set's files (a schema YAML's paths resolve there; movielens-100k)")
     p.add_argument("--port", type=int, default=8000, metavar="PORT", help="HTTP port of the demo's Serve app")
     p.add_argument("--users", type=int, default=3, metavar="N", help="known users to request recommendations for")
     return ap
@@ -117,7 +131,7 @@ def _overrides(args) -> list[str]:
     if getattr(args, "dataset", None):
         o.append(f"data.dataset={args.dataset}")
     if getattr(args, "data_dir", None):
-        o.append(f"data.data_dir={Path(args.data_dir).expanduser().resolve()}")
+        o.append(f"data.data_dir={storage.normalize(args.data_dir)}")
     if getattr(args, "address", None):
         o.append(f"ray.address={args.address}")
     if getattr(args, "num_workers", None):
@@ -164,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             from adrec.serving.deploy import serve_run
 
-            out = serve_run(cfg, run, blocking=True)
+            out = serve_run(cfg, run, blocking=not args.detach)
         elif args.command == "score":
             from adrec.serving.batch import score
 
@@ -174,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
 
             out = run_learner(cfg, run, rollout=args.rollout, once=args.once, flush=args.flush)
         log.info("%s finished in %.1fs", args.command, time.perf_counter() - t0)
+        if args.command == "serve" and args.detach:
+            print(f"adrec serving at {out} (detached: the app runs on until `serve shutdown`)", flush=True)
         if args.command not in ("evaluate", "serve") and isinstance(out, dict):
             print(json.dumps(out, indent=2, default=str))
         return 0

@@ -249,8 +249,12 @@ class RankerConfig(_Strict):
     # After selecting the epoch count on valid, retrain from the same initial weights on train + valid.
     refit: bool = True
     max_failures: int = Field(1, ge=0)  # Ray Train FailureConfig: worker-group restarts from the last checkpoint
-    # Ray Train storage (checkpoints); None: <run>/ranker_train. Must be shared by all nodes on a cluster.
+    # Ray Train storage (checkpoints): a path or URI; None: <run>/ranker_train (on the run's store).
+    # Must be shared by all nodes on a cluster (a local path there is refused before training starts).
     storage_path: str | None = None
+    # How Ray Train places the workers: PACK (fewest nodes), SPREAD (across nodes where it can),
+    # STRICT_SPREAD (one worker per node: each worker's share of the data on its own machine).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     # Re-running with the same configuration resumes from its latest checkpoint; False starts over.
     resume: bool = True
 
@@ -293,10 +297,19 @@ class ServeConfig(_Strict):
     candidate_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(64, ge=1)
     num_cpus_per_replica: float = Field(0.25, gt=0)
-    # Ingress replicas (stateless). The feedback writer is always a single replica.
+    # Ingress replicas (stateless).
     ingress_replicas: int = Field(1, ge=1)
+    # Writer replicas of /feedback: one for a file log (one writer per file); a segment log on a shared
+    # store (feedback_log=s3://...) takes several, on any nodes, each writing its own segments.
+    feedback_replicas: int = Field(1, ge=1)
     # > ranker_replicas turns on autoscaling of the ranker between the two.
     ranker_max_replicas: int | None = Field(None, ge=1)
+    # At most this many replicas of one deployment on one node (Serve's max_replicas_per_node): 1 spreads
+    # them over the cluster's nodes, so losing a node leaves replicas on the others. None: Serve decides.
+    max_replicas_per_node: int | None = Field(None, ge=1)
+    # Where Serve runs an HTTP ingress on a cluster: every node (Ray's default: a load balancer in front
+    # reaches any node) or the head only (one address; what nodes sharing one network address need).
+    proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     # (How many candidates a request ranks is candidates.n_candidates: one knob for both stages.)
     # Versions with at most this many known users get every user's two-stage list computed when they
     # load (seconds, a few bytes per item), so a request only looks it up; 0 = compute per request.

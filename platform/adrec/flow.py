@@ -40,13 +40,15 @@ def train(cfg: AdrecConfig, run: RunDir) -> dict:
     """Fine-tune the ranker on Ray Train, then publish the run's model version for Serve."""
     from adrec.model_version import publish
     from adrec.ranking.train import train_ranker
+    from adrec.ranking.train.stage import train_storage
     from adrec.runtime import init_ray
     from adrec.topk import TOPK_DIR
 
     run.pull("features", "candidates", TOPK_DIR)
+    init_ray(cfg.ray)
+    train_storage(cfg.ranker, run)  # a refusal (storage the nodes cannot share) before the run's config changes
     save_config(cfg, run.config_path)
     run.push(CONFIG_NAME)
-    init_ray(cfg.ray)
     result = train_ranker(cfg, run)
     run.push("ranker")
     result["version"] = publish(run).number

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 from adrec.config import RayConfig
 
@@ -104,24 +106,73 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def cluster_address(cfg: RayConfig) -> str | None:
+    """The Ray cluster to join: ``ray.address``, else ``$RAY_ADDRESS``; None: start a local Ray in-process.
+
+    Inside a Ray job, Ray sets ``$RAY_ADDRESS`` to the cluster the job runs on: the driver joins it there
+    (never as a local Ray on 127.0.0.1, which would register a multi-node cluster's driver at the wrong
+    address and skip shipping the code, see :func:`code_runtime_env`).
+    """
+    return cfg.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def code_runtime_env() -> dict:
+    """The runtime environment that makes every Ray worker import this process's ``adrec``.
+
+    A cluster's nodes carry their own install of the package (cluster.yaml's image, an editable copy):
+    without this, a job's workers would run that copy, not the code submitted. ``py_modules`` ships the
+    package folder this process imported (in a job: the submitted working dir's ``platform/adrec``, put
+    first on ``sys.path`` by ``pipelines/_checkout.py``) to every node, ahead of what is installed there.
+
+    A job's own runtime environment (``ray job submit --runtime-env-json``) stays as it is: Ray merges
+    ``ray.init``'s with it but refuses a field set in both, so ``py_modules`` the job already ships are
+    kept in the list here (see :func:`init_ray`).
+    """
+    package = Path(__file__).resolve().parent  # this module's package: the adrec this process runs
+    return {"py_modules": [*(job_runtime_env().get("py_modules") or []), str(package)]}
+
+
+# Where the job supervisor hands a job's driver its runtime environment (ray._private.runtime_env.constants).
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def job_runtime_env() -> dict:
+    """The runtime environment of the Ray job this process is the driver of ({} outside a job)."""
+    return json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}
+
+
+def ray_init_options(cfg: RayConfig, **kwargs) -> tuple[dict, dict[str, str]]:
+    """``ray.init``'s keyword arguments for ``cfg``, and the environment variables ``ray.init`` runs under
+    (a local Ray's processes inherit them)."""
+    address = cluster_address(cfg)
+    opts = dict(address=address, include_dashboard=cfg.include_dashboard, log_to_driver=True,
+                logging_level=logging.WARNING, configure_logging=True)
+    env: dict[str, str] = {}
+    if address is None:
+        opts["num_cpus"] = cfg.num_cpus
+        opts["_node_ip_address"] = "127.0.0.1"
+        env = serve_ingress_env(cfg.serve_ingress)
+    else:
+        opts["runtime_env"] = code_runtime_env()
+        if "py_modules" in job_runtime_env():
+            # Both name py_modules: without the override Ray refuses the merge; ours holds the job's too.
+            env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    opts.update(kwargs)
+    return opts, env
+
+
 def init_ray(cfg: RayConfig | None = None, **kwargs):
-    """Connect to ``cfg.address`` or start a local Ray in-process; a no-op when Ray is already up."""
+    """Join the cluster at :func:`cluster_address` (shipping this ``adrec`` to its workers) or start a local
+    Ray in-process; a no-op when Ray is already up."""
     import ray
 
     if ray.is_initialized():
         return ray
     ray_env_defaults()
     cfg = cfg or RayConfig()
-    opts = dict(address=cfg.address, include_dashboard=cfg.include_dashboard, log_to_driver=True,
-                logging_level=logging.WARNING, configure_logging=True)
-    env: dict[str, str] = {}
-    if cfg.address is None:
-        opts["num_cpus"] = cfg.num_cpus
-        opts["_node_ip_address"] = "127.0.0.1"
-        env = serve_ingress_env(cfg.serve_ingress)
-    opts.update(kwargs)
-    log.info("starting Ray (%s%s)", cfg.address or "local",
-             "" if cfg.address else f", Serve ingress: {cfg.serve_ingress}")
+    opts, env = ray_init_options(cfg, **kwargs)
+    log.info("starting Ray (%s%s)", opts["address"] or "local",
+             "" if opts["address"] else f", Serve ingress: {cfg.serve_ingress}")
     with _environ(env):
         ray.init(**opts)
     return ray

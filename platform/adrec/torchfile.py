@@ -50,7 +50,7 @@ def save(obj: Any, f: str | Path | IO[bytes]) -> None:
     torch.save(plain(obj), f)
 
 
-def load(path: str | Path, what: str, remedy: str) -> Any:
+def load(path: str | Path | IO[bytes], what: str, remedy: str) -> Any:
     """The plain state in the torch file ``path`` (on the CPU). A file that needs more than tensors and
     plain values to load is refused, its objects never built: :class:`UnsafeFileError` naming ``what``
     the file should be and ``remedy``, how to get a good one."""

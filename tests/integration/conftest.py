@@ -63,3 +63,25 @@ def tiny_run(ray_session, tiny_cfg, tmp_path_factory) -> SharedRun:
     run.model = tmp_path_factory.mktemp("tiny-model") / "model"
     shutil.copytree(live_dir(run), run.model)
     return run
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 (a child process, stopped by PID), shared by the session's tests."""
+    from tests.support.s3 import S3Server
+
+    srv = S3Server().start(log_dir=tmp_path_factory.mktemp("moto"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The S3 server's endpoint and credentials in os.environ (what a user sets), and no S3 client left
+    over from another endpoint: ``s3://<s3_server.bucket>/...`` resolves to it."""
+    from adrec import storage
+
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(storage, "_fs_cache", {})
+    return s3_server

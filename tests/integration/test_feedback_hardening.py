@@ -25,7 +25,7 @@ from adrec.online.publish import StatusLog
 from adrec.online.stream import feedback_events, write_feedback_log
 from adrec.online.supervise import Supervised
 from adrec.runtime import free_port
-from adrec.serving.feedback import read_events
+from adrec.feedback.filelog import read_events
 
 pytestmark = pytest.mark.ray
 
@@ -143,7 +143,7 @@ from adrec.online.learner import OnlineLearner
 from adrec.online.supervise import Supervised
 from adrec.serving.args import AppArgs
 from adrec.serving.deployments import FeedbackDeployment
-from adrec.serving.feedback import committed_size, read_events
+from adrec.feedback.filelog import committed_size, read_events
 
 model_dir, disk, state_dir, events_path, out_path = sys.argv[1:]
 log_path = os.path.join(disk, "events.jsonl")
@@ -165,8 +165,8 @@ def learn():
     while not stop.is_set():
         if sup.step() == 0:
             stop.wait(0.01)
-        if sup.learner is not None and sup.learner.offset > (committed_size(log_path) or 0):
-            seen_beyond_mark.append(sup.learner.offset)
+        if sup.learner is not None and sup.learner.position.offset > (committed_size(log_path) or 0):
+            seen_beyond_mark.append(sup.learner.position.offset)
 
 thread = threading.Thread(target=learn, daemon=True)
 thread.start()
@@ -203,7 +203,7 @@ os.remove(os.path.join(disk, "filler"))  # space is freed: the clients retry, th
 for b in failed + batches[8:]:
     assert post(b)["status"] == 200
 deadline = time.time() + 120
-while (sup.learner is None or sup.learner.offset < committed_size(log_path)) and time.time() < deadline:
+while (sup.learner is None or sup.learner.position.offset < committed_size(log_path)) and time.time() < deadline:
     time.sleep(0.05)
 time.sleep(0.3)
 alive = thread.is_alive()
@@ -213,7 +213,7 @@ c = sup.learner.counts()
 ids = Counter(e["event_id"] for e in read_events(log_path))
 json.dump({"statuses": statuses, "failed": len(failed), "details": full_details, "acked": sorted(acked),
            "log_ids": ids, "records": c["records"], "impressions": c["impressions"], "clicks": c["clicks"],
-           "unknown_items": c["unknown_items"], "bad_records": c["bad_records"], "offset": c["offset"],
+           "unknown_items": c["unknown_items"], "bad_records": c["bad_records"], "offset": c["position"],
            "log_size": os.path.getsize(log_path), "size_while_full": size_while_full, "mark_while_full": mark_while_full,
            "healthy": sup.healthy, "restarts": sup.health["restarts"], "alive": alive,
            "seen_beyond_mark": seen_beyond_mark}, open(out_path, "w"))
@@ -269,7 +269,7 @@ def test_a_failing_learner_restarts_from_its_checkpoint_or_reports_itself_unheal
     while sup.step() or sup.learner is None:
         pass
     assert sup.health["restarts"] == 1 and sup.health["failures"] == 0 and sup.healthy
-    for k in ("records", "offset", "examples_learned", "impressions", "clicks", "attributed_clicks", "steps"):
+    for k in ("records", "position", "examples_learned", "impressions", "clicks", "attributed_clicks", "steps"):
         assert sup.learner.counts()[k] == ref.counts()[k], k  # exactly once through the restart
     for name, t in ref.model_state().items():
         assert torch.equal(sup.learner.model_state()[name], t), name

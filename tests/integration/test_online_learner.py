@@ -19,7 +19,7 @@ from adrec.online.learner import OnlineLearner
 from adrec.online.publish import StatusLog
 from adrec.online.stream import feedback_events, post_feedback, write_feedback_log
 from adrec.runtime import free_port
-from adrec.serving.feedback import read_events
+from adrec.feedback.filelog import read_events
 
 pytestmark = pytest.mark.ray
 
@@ -76,7 +76,7 @@ def test_learner_scores_before_learning_publishes_and_folds_in(tiny_run, log_pat
     n_imp = sum(e["type"] == "impression" for e in stream)
     n_clk = sum(e["type"] == "click" for e in stream)
     assert c["records"] == len(read_events(log_path)) == len(stream)
-    assert c["offset"] == log_path.stat().st_size
+    assert c["position"] == log_path.stat().st_size
     assert c["impressions"] == c["examples"] == c["examples_learned"] == n_imp
     assert c["clicks"] == n_clk and c["attributed_clicks"] == c["positives"] > 0
     assert c["new_users"] == len(NEWCOMERS)
@@ -186,7 +186,7 @@ def test_exactly_once_when_the_learner_actor_is_killed(ray_session, tiny_run, lo
     resumed = [r for r in StatusLog(tmp_path / "killed").read() if r.get("event") == "resumed"]
     assert len(resumed) == 1 and 0 < resumed[0]["records"] < total  # restarted from a mid-stream checkpoint
     want = ref.counts()
-    for k in ("records", "offset", "examples_learned", "impressions", "clicks", "attributed_clicks", "positives",
+    for k in ("records", "position", "examples_learned", "impressions", "clicks", "attributed_clicks", "positives",
               "late_clicks", "published", "refused", "new_users", "steps"):
         assert status["counts"][k] == want[k], k
     assert status["serving_version"] == ref.serving_version
@@ -195,6 +195,75 @@ def test_exactly_once_when_the_learner_actor_is_killed(ray_session, tiny_run, lo
     for name, t in ref_state.items():
         assert torch.equal(state[name], t), name
     assert status["metrics"]["total"] == ref.board.summary()["total"]
+
+
+_LEARN_UNTIL_KILLED = """
+import json, os, sys, time
+from adrec.config import OnlineConfig
+from adrec.online.learner import OnlineLearner
+model, log, state, progress, cfg = sys.argv[1:]
+learner = OnlineLearner(OnlineConfig.model_validate_json(cfg), model, log, state, export_metrics=False)
+while True:
+    learner.step()
+    with open(progress + ".tmp", "w") as f:
+        f.write(str(learner.last_checkpoint_records))
+    os.replace(progress + ".tmp", progress)
+    time.sleep(0.1)
+"""
+
+
+def test_exactly_once_on_a_segment_log_when_the_learner_process_is_killed(tiny_run, stream, tmp_path, s3_env,
+                                                                          one_thread):
+    """Two writers' interleaved segments on the S3 server; the learner's process is SIGKILLed mid-stream
+    and a new one resumes from its checkpoint: the same records, counts and weights as one that never stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import uuid
+    from pathlib import Path
+
+    from adrec.feedback import open_log
+
+    part = stream[:1000]
+    uri = f"s3://{s3_env.bucket}/online-{uuid.uuid4().hex[:8]}/feedback"
+    writers = [threading.Thread(target=write_feedback_log, args=(uri, half, KEY), kwargs={"batch": 40})
+               for half in (part[0::2], part[1::2])]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join()
+    segments = open_log(uri).reader()._list()
+    assert len({s.writer for s in segments}) == 2 and len(segments) >= 20
+    cfg = _cfg(publish_every_events=None, track_frozen=False, checkpoint_every_events=150, read_batch_events=100)
+    ref = OnlineLearner(cfg, tiny_run.model, uri, tmp_path / "reference", export_metrics=False)
+    ref.run_until_caught_up()
+    assert ref.records == len(part)
+
+    repo = Path(__file__).resolve().parents[2]
+    progress = tmp_path / "progress"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "platform"), str(repo)])}
+    child = subprocess.Popen([sys.executable, "-c", _LEARN_UNTIL_KILLED, str(tiny_run.model), uri,
+                              str(tmp_path / "killed"), str(progress), cfg.model_dump_json()], env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not (progress.is_file() and int(progress.read_text() or 0) >= len(part) // 3):
+            assert child.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    resumed = OnlineLearner(cfg, tiny_run.model, uri, tmp_path / "killed", export_metrics=False)
+    assert resumed.restored and 0 < resumed.records < len(part)  # from a mid-stream checkpoint
+    resumed.run_until_caught_up()
+    want, got = ref.counts(), resumed.counts()
+    for k in ("records", "position", "examples_learned", "impressions", "clicks", "attributed_clicks", "positives",
+              "late_clicks", "new_users", "steps", "bad_records"):
+        assert got[k] == want[k], k
+    assert got["position"] == {"writers": {w: [max(s.seq for s in segments if s.writer == w) + 1, 0]
+                                           for w in {s.writer for s in segments}}}
+    for name, t in ref.model_state().items():
+        assert torch.equal(resumed.model_state()[name], t), name
 
 
 def test_serve_app_learns_from_http_feedback_and_rolls_out_without_drops(ray_session, tiny_run, tiny_cfg, stream,

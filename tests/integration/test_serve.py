@@ -21,8 +21,7 @@ from adrec.model_version import publish, read_version
 from adrec.runtime import free_port
 from adrec.serving.args import AppArgs
 from adrec.serving.deploy import deploy, rollout, wait_healthy
-from adrec.serving.feedback import read_events
-
+from adrec.feedback.filelog import read_events
 from benchmarks.loadtest import raw_user_ids
 
 pytestmark = pytest.mark.ray

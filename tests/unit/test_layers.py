@@ -18,7 +18,7 @@ PKG = Path(__file__).resolve().parents[2] / "platform" / "adrec"
 LAYERS: list[set[str]] = [
     {"adrec", "errors", "keys", "config", "metrics"},
     {"run", "runtime", "torchfile", "storage"},
-    {"data"},
+    {"data", "feedback"},
     {"features"},
     {"candidates", "ranking"},
     {"topk"},

@@ -20,7 +20,7 @@ from adrec.online.attribution import AttributionJoiner
 from adrec.online.catalog import OnlineCatalog, fold_in_sources
 from adrec.online.checkpoint import load_checkpoint, save_checkpoint
 from adrec.errors import LogShrankError
-from adrec.online.events import FeedbackReader
+from adrec.feedback.filelog import FilePosition, FileReader
 from adrec.online.metrics import Progressive, ScoreBoard
 from adrec.online.optim import FTRLProximal, parameter_groups, select_parameters
 from adrec.online.rows import RowEncoder
@@ -100,37 +100,37 @@ def test_reader_consumes_complete_lines_only(tmp_path):
     path = tmp_path / "events.jsonl"
     lines = [json.dumps(_rec(i)) + "\n" for i in range(5)]
     path.write_text("".join(lines) + "not json\n" + json.dumps(_rec(9))[:20])  # a bad line, then a torn tail
-    r = FeedbackReader(path)
-    res = r.read(0, 3)
+    r = FileReader(path)
+    res = r.read(FilePosition(0), 3)
     assert [e.event_id for e in res.events] == ["e0", "e1", "e2"]
-    assert res.end_offset == sum(len(x) for x in lines[:3])
-    res2 = r.read(res.end_offset, 100)
+    assert res.end.offset == sum(len(x) for x in lines[:3])
+    res2 = r.read(res.end, 100)
     assert [e.event_id for e in res2.events] == ["e3", "e4"] and res2.bad_lines == 1
-    assert res2.end_offset == sum(len(x) for x in lines) + len("not json\n")  # the torn tail is left alone
+    assert res2.end.offset == sum(len(x) for x in lines) + len("not json\n")  # the torn tail is left alone
     with open(path, "a") as f:
         f.write(json.dumps(_rec(9))[20:] + "\n")  # the writer finishes the line
-    res3 = r.read(res2.end_offset, 100)
-    assert [e.event_id for e in res3.events] == ["e9"] and res3.end_offset == path.stat().st_size
+    res3 = r.read(res2.end, 100)
+    assert [e.event_id for e in res3.events] == ["e9"] and res3.end.offset == path.stat().st_size
     with pytest.raises(LogShrankError):
-        r.read(path.stat().st_size + 1, 1)
+        r.read(FilePosition(path.stat().st_size + 1), 1)
 
 
 def test_the_reader_never_reads_past_the_committed_mark(tmp_path):
-    from adrec.serving.feedback import FeedbackLog
+    from adrec.feedback.filelog import FileWriter
 
     path = tmp_path / "events.jsonl"
-    log = FeedbackLog(path)
+    log = FileWriter(path)
     log.append([_rec(0), _rec(1)])
     acked = path.stat().st_size
     with open(path, "ab") as f:  # complete lines the writer has not acknowledged (a batch still failing)
         f.write((json.dumps(_rec(2)) + "\n").encode())
-    r = FeedbackReader(path)
-    res = r.read(0, 100)
-    assert [e.event_id for e in res.events] == ["e0", "e1"] and res.end_offset == acked == r.size()
-    assert r.read(acked, 100).records == []
+    r = FileReader(path)
+    res = r.read(FilePosition(0), 100)
+    assert [e.event_id for e in res.events] == ["e0", "e1"] and res.end.offset == acked == r.size()
+    assert r.read(FilePosition(acked), 100).records == []
     log.append([_rec(3)])  # the writer cuts the unacknowledged bytes, then appends and moves the mark
-    res = r.read(acked, 100)
-    assert [e.event_id for e in res.events] == ["e3"] and res.end_offset == path.stat().st_size
+    res = r.read(FilePosition(acked), 100)
+    assert [e.event_id for e in res.events] == ["e3"] and res.end.offset == path.stat().st_size
     log.close()
 
 

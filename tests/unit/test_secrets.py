@@ -17,7 +17,8 @@ from adrec.data.privacy import key_and_source
 from adrec.errors import ConfigError
 from adrec.keys import is_fingerprint, key_fingerprint, read_secret, store_secret
 from adrec.serving.args import AppArgs, KeyMismatchError
-from adrec.serving.deploy import is_loopback, preflight
+from adrec.serving.deploy import preflight
+from adrec.serving.exposure import is_loopback
 
 PK, AK = "pk-secret-0123", "ak-secret-4567"
 
@@ -131,7 +132,7 @@ def test_no_key_beyond_loopback_refuses_unless_allowed(tmp_path, no_env, caplog)
     assert preflight(AppArgs(model_dir=str(model), host="127.0.0.1")).api_key_bytes() is None
     with pytest.raises(ConfigError, match=r"refusing to serve on 0.0.0.0:8000 without an API key.*allow_unauthenticated"):
         preflight(AppArgs(model_dir=str(model), host="0.0.0.0"))
-    with caplog.at_level(logging.WARNING, logger="adrec.serving.deploy"):
+    with caplog.at_level(logging.WARNING, logger="adrec.serving.exposure"):
         preflight(AppArgs(model_dir=str(model), host="0.0.0.0", allow_unauthenticated=True))
     assert "WITHOUT authentication" in caplog.text
     preflight(AppArgs(model_dir=str(model), host="0.0.0.0", api_key=AK))  # a key: any host
@@ -154,8 +155,13 @@ def test_a_version_built_with_another_key_is_refused(tmp_path, no_env):
 
 
 def _cli_run(tmp_path: Path, key: str | None) -> Path:
+    from adrec.model_version.registry import registry_of, staging_dir
+
     run = tmp_path / "run"
-    _version(run / "model", key)
+    reg = registry_of(run)
+    folder = staging_dir(reg, "v1")
+    _version(folder, key)
+    reg.commit(folder)
     return run
 
 
@@ -186,3 +192,18 @@ def test_ray_haproxy_still_has_no_bind_address_knob():
 
     text = Path(haproxy_templates.__file__).read_text()
     assert "bind *:{{ config.stats_port }}" in text and "bind :{{ config.metrics_port }}" in text
+
+
+def test_the_builder_refuses_beyond_loopback_without_a_key(tmp_path, no_env):
+    """`serve deploy` never runs preflight: the builder checks the same rule on where Serve listens (here no
+    Serve runs, so the app's host), before it reads the model version (there is none here)."""
+    from adrec.serving.builder import build_app
+    from adrec.serving.exposure import serve_http_address
+
+    assert serve_http_address("0.0.0.0", 8123) == ("0.0.0.0", 8123)  # no Ray up: nothing else listens
+    with pytest.raises(ConfigError, match=r"refusing to serve on 0.0.0.0:8123 without an API key"):
+        build_app(AppArgs(model_dir=str(tmp_path / "missing"), host="0.0.0.0", port=8123))
+    with pytest.raises(ConfigError, match="refusing"):
+        build_app({"model_dir": str(tmp_path / "missing"), "host": "10.1.2.3"})  # as `serve deploy` passes args
+    with pytest.raises(FileNotFoundError, match="not a model version"):  # a key: on to the (missing) version
+        build_app(AppArgs(model_dir=str(tmp_path / "missing"), host="0.0.0.0", api_key=AK))

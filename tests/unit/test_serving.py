@@ -9,8 +9,8 @@ import time
 import pytest
 
 from adrec.config import OnlineConfig, ServeConfig
-from adrec.serving.feedback import (FeedbackLog, LogLockedError, committed_path, committed_size,
-                                    read_events)
+from adrec.feedback import LogLockedError
+from adrec.feedback.filelog import FileWriter, committed_path, committed_size, read_events
 from adrec.errors import ApiError
 from adrec.serving.schemas import FeedbackRequest, RecommendRequest, decode_json, validate
 
@@ -129,7 +129,7 @@ def _rec(eid: str) -> dict:
 
 def test_feedback_log_appends_and_deduplicates(tmp_path):
     path = tmp_path / "fb" / "events.jsonl"
-    log = FeedbackLog(path)
+    log = FileWriter(path)
     res = log.append([_rec("a"), _rec("b"), _rec("a")])
     assert res.accepted == ["a", "b"] and res.duplicates == ["a"]
     res = log.append([_rec("b"), _rec("c")])
@@ -142,12 +142,12 @@ def test_feedback_log_appends_and_deduplicates(tmp_path):
 
 def test_feedback_log_rebuilds_its_index_and_cuts_a_torn_tail(tmp_path):
     path = tmp_path / "events.jsonl"
-    log = FeedbackLog(path)
+    log = FileWriter(path)
     log.append([_rec("a"), _rec("b")])
     log.close()
     with open(path, "ab") as f:  # a crash in the middle of a write: never acknowledged
         f.write(b'{"event_id": "c", "us')
-    log = FeedbackLog(path)
+    log = FileWriter(path)
     assert set(log.ids) == {"a", "b"} and len(log) == 2
     assert path.read_bytes().endswith(b"\n")
     assert log.append([_rec("a"), _rec("c")]).accepted == ["c"]
@@ -157,7 +157,7 @@ def test_feedback_log_rebuilds_its_index_and_cuts_a_torn_tail(tmp_path):
 
 
 def test_feedback_log_fsyncs_before_acknowledging(tmp_path, monkeypatch):
-    log = FeedbackLog(tmp_path / "events.jsonl")
+    log = FileWriter(tmp_path / "events.jsonl")
     calls = []
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
@@ -171,7 +171,7 @@ def test_feedback_log_fsyncs_before_acknowledging(tmp_path, monkeypatch):
 
 def test_the_committed_mark_follows_acknowledged_appends_only(tmp_path):
     path = tmp_path / "events.jsonl"
-    log = FeedbackLog(path)
+    log = FileWriter(path)
     assert committed_size(path) == 0
     log.append([_rec("a"), _rec("b")])
     assert committed_size(path) == path.stat().st_size > 0
@@ -184,16 +184,17 @@ def test_the_committed_mark_follows_acknowledged_appends_only(tmp_path):
     log.close()
     committed_path(path).write_bytes(b"00000000000000000017 deadbeef\n")  # a torn / corrupt mark reads as nothing
     assert committed_size(path, retries=2) == 0
-    FeedbackLog(path).close()  # reopening sets the mark from the log itself
+    FileWriter(path).close()  # reopening sets the mark from the log itself
     assert committed_size(path) == path.stat().st_size
     assert committed_size(tmp_path / "never-written.jsonl") is None  # no mark: an older writer's log
 
 
 _FILL = """
 import errno, json, os, resource, signal, sys
-from adrec.serving.feedback import FeedbackLog, FeedbackWriteError, committed_size
+from adrec.feedback import FeedbackWriteError
+from adrec.feedback.filelog import FileWriter, committed_size
 path = sys.argv[1]
-log = FeedbackLog(path)
+log = FileWriter(path)
 log.append([{"event_id": "ok-0", "user": "u", "item": "i", "type": "click", "ts": 1.0}])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + 100, resource.RLIM_INFINITY))
@@ -232,22 +233,22 @@ def test_one_writer_per_log(tmp_path):
     import sys
 
     path = tmp_path / "events.jsonl"
-    first = FeedbackLog(path)
+    first = FileWriter(path)
     first.append([_rec("a")])
     with pytest.raises(LogLockedError, match=rf"feedback log {path} is already open for writing .*pid {os.getpid()}"):
-        FeedbackLog(path)  # a second writer in this process (another open file description)
-    code = ("import sys\nfrom adrec.serving.feedback import FeedbackLog, LogLockedError\n"
-            "try:\n    FeedbackLog(sys.argv[1])\nexcept LogLockedError as e:\n    print(e); sys.exit(3)\n")
+        FileWriter(path)  # a second writer in this process (another open file description)
+    code = ("import sys\nfrom adrec.feedback.filelog import FileWriter, LogLockedError\n"
+            "try:\n    FileWriter(sys.argv[1])\nexcept LogLockedError as e:\n    print(e); sys.exit(3)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     other = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=60)
     assert other.returncode == 3 and f"pid {os.getpid()}" in other.stdout and str(path) in other.stdout
     first.append([_rec("b")])  # the holder goes on; nothing it acknowledged is lost
     t = time.monotonic()
     with pytest.raises(LogLockedError):
-        FeedbackLog(path, lock_wait_s=0.3)  # a writer that waits for a handover gives up after its wait
+        FileWriter(path, lock_wait_s=0.3)  # a writer that waits for a handover gives up after its wait
     assert time.monotonic() - t >= 0.3
     first.close()
-    second = FeedbackLog(path)  # released with the first writer
+    second = FileWriter(path)  # released with the first writer
     assert second.append([_rec("b"), _rec("c")]).accepted == ["c"]
     second.close()
     assert [e["event_id"] for e in read_events(path)] == ["a", "b", "c"]
@@ -255,21 +256,21 @@ def test_one_writer_per_log(tmp_path):
 
 def test_the_dedup_index_is_bounded_and_survives_a_restart(tmp_path):
     path = tmp_path / "events.jsonl"
-    log = FeedbackLog(path, dedup_max_ids=3, dedup_window_s=None)
+    log = FileWriter(path, dedup_max_ids=3, dedup_window_s=None)
     log.append([_rec(x) for x in "abcde"])
     assert list(log.ids) == ["c", "d", "e"] and log.forgotten == 2
     assert log.append([_rec("e"), _rec("a")]).accepted == ["a"]  # "a" left the window: logged again
     log.close()
-    again = FeedbackLog(path, dedup_max_ids=3, dedup_window_s=None)  # rebuilt within the same bounds
+    again = FileWriter(path, dedup_max_ids=3, dedup_window_s=None)  # rebuilt within the same bounds
     assert list(again.ids) == ["d", "e", "a"] and len(again) == 6
     again.close()
     # by age: ids received longer ago than the window are forgotten (received_at of the records)
     old = tmp_path / "old.jsonl"
-    log = FeedbackLog(old, dedup_window_s=3600)
+    log = FileWriter(old, dedup_window_s=3600)
     log.append([{**_rec("old"), "received_at": 1.0}, {**_rec("new"), "received_at": 4e9}])
     assert list(log.ids) == ["new"]
     log.close()
-    log = FeedbackLog(old, dedup_window_s=3600)
+    log = FileWriter(old, dedup_window_s=3600)
     assert list(log.ids) == ["new"] and log.append([_rec("old")]).accepted == ["old"]
     log.close()
     assert ServeConfig().feedback_dedup_max_ids == 1_000_000 and ServeConfig().feedback_dedup_window_s == 7 * 86400

@@ -12,6 +12,7 @@ import scipy.sparse as sp
 
 from adrec.candidates.merge import MultiSource
 from adrec.candidates.popularity import PopularitySource
+from adrec.errors import RunError
 from adrec.features.pipeline import entity_codes
 from adrec.features.spec import FeatureSpec
 from adrec.model_version.layout import VersionPaths
@@ -25,7 +26,7 @@ def read_version(model_dir: str | Path) -> dict:
     """The ``version.json`` of a version folder or URI (id, creation time, sizes, where it came from)."""
     path = VersionPaths(materialize(model_dir)).info
     if not path.is_file():
-        raise FileNotFoundError(f"{model_dir} is not a model version (no version.json): run `adrec train` first")
+        raise RunError(f"{model_dir} is not a model version (no version.json): run `adrec train` first")
     return json.loads(path.read_text())
 
 

@@ -215,7 +215,7 @@ class LearnerActor:
     def caught_up(self) -> bool:
         """Everything in the log now has been read (impressions may still wait for their window)."""
         with self._lock:
-            return self.learner.offset >= self.learner.reader.size()
+            return self.learner.reader.caught_up(self.learner.position)
 
     def status(self) -> dict:
         with self._lock:
@@ -271,6 +271,6 @@ def serve_with_learner(cfg, args, state_dir: str | Path | None = None, name: str
 
     resolved = args.resolved()
     url = deploy(resolved)
-    state = Path(state_dir or cfg.state_dir or RunDir(resolved.run_dir).path / "online")
+    state = state_dir or cfg.state_dir or RunDir(resolved.run_dir).store("online").uri
     handle = start_learner(cfg, resolved.model_dir, resolved.feedback_log, state, app_args=resolved, name=name)
     return url, handle

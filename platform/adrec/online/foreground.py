@@ -1,10 +1,10 @@
 """The online learner in the foreground of one process (``adrec online --run RUN``).
 
 Learns from the run's feedback log (``serve.feedback_log``, default ``RUN/feedback/events.jsonl``) starting
-from the version in ``RUN/model``, keeps its state in ``online.state_dir`` (default ``RUN/online``) and
+from the run's live version, keeps its state in ``online.state_dir`` (default ``RUN/online``, on the run's store) and
 publishes versions there. With ``rollout`` every published version is also rolled out to the Serve app of
 this run on the Ray at ``ray.address`` (the app ``adrec serve`` deployed). SIGINT / SIGTERM checkpoint and
-return; a SIGKILL loses nothing either: the next start resumes from the last checkpoint (offset and model
+return; a SIGKILL loses nothing either: the next start resumes from the last checkpoint (log position and model
 together). A failing step restarts the learner from its checkpoint (:mod:`adrec.online.supervise`); past
 ``online.max_restarts`` failures in a row it raises :class:`~adrec.errors.LearnerFailedError` (the
 CLI exits non-zero) with ``healthy: false`` in the status file.
@@ -16,10 +16,10 @@ import logging
 import os
 import signal
 import threading
-from pathlib import Path
 
 from adrec.config import AdrecConfig
 from adrec.model_version import live_dir
+from adrec.serving.args import default_feedback_log
 from adrec.run import RunDir
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,8 @@ def run_learner(cfg: AdrecConfig, run: RunDir, rollout: bool = False, once: bool
 
     oc = cfg.online
     base = live_dir(run)
-    feedback = Path(cfg.serve.feedback_log) if cfg.serve.feedback_log else run.feedback / "events.jsonl"
-    state = Path(oc.state_dir) if oc.state_dir else run.path / "online"
+    feedback = cfg.serve.feedback_log or default_feedback_log(run.uri)
+    state = oc.state_dir or run.store("online").uri  # on the run's store: it outlives this node
     on_publish = None
     if rollout:
         from adrec.runtime import init_ray
@@ -51,7 +51,7 @@ def run_learner(cfg: AdrecConfig, run: RunDir, rollout: bool = False, once: bool
     lower_priority(oc, min(19, os.getpriority(os.PRIO_PROCESS, 0) + oc.nice))
     stop = threading.Event()
     sup = Supervised(lambda: OnlineLearner(oc, base, feedback, state, on_publish=on_publish,
-                                           name=f"process-{run.path.name}"), oc, state)
+                                           name=f"process-{run.name}"), oc, state)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     log.info("learning from %s (state in %s)%s", feedback, state, "; rolling versions out" if rollout else "")

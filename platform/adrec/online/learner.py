@@ -2,7 +2,8 @@
 
 One :class:`OnlineLearner` owns a state folder (default ``<run>/online``)::
 
-    checkpoint.pt     offset + model + optimizer + joiner + queue + catalog + metrics (one atomic file)
+    checkpoint.pt     log position + model + optimizer + joiner + queue + catalog + metrics (one atomic file)
+    versions/<id>/    published model versions (the newest ``keep_versions``)
     status.json       the latest status summary
     status.jsonl      one record per publication decision (published / refused), restart and flush
 
@@ -21,8 +22,11 @@ learner takes one optimizer step on it. Every ``publish_every_events`` learned i
 logloss on the events since the last decision and publishes a new version or refuses it.
 
 Exactly once: the state after a record depends only on the state before it and the record, and the
-offset is checkpointed with everything else, so a learner killed at any point and restarted from its
-checkpoint re-reads exactly the records after it and ends in the state an uninterrupted run reaches.
+reader's position in the log (:class:`adrec.feedback.Position`: a byte offset in a file log, per-writer
+segment numbers in a segment log) is checkpointed with everything else, so a learner killed at any
+point and restarted from its checkpoint re-reads exactly the records after it and, on a log that holds
+the same records in the same order, ends in the state an uninterrupted run reaches. The learner sees the
+log only through :mod:`adrec.feedback`'s interface (:func:`~adrec.feedback.open_log` picks the backend).
 (Time-based publication and ``on_refuse="revert"`` together make the weights depend on wall time.)
 """
 
@@ -43,15 +47,15 @@ import torch.nn.functional as F
 
 from adrec.candidates.merge import MultiSource
 from adrec.config import OnlineConfig
+from adrec.feedback import CLICK, IMPRESSION, Event, open_log
 from adrec.model_version import VersionRegistry, load_version, materialize
 from adrec.model_version.registry import VERSIONS_DIR
 from adrec.online.attribution import AttributionJoiner, Example
 from adrec.online.catalog import OnlineCatalog
-from adrec.online.checkpoint import load_checkpoint, save_checkpoint
-from adrec.online.events import CLICK, IMPRESSION, Event, FeedbackReader
+from adrec.online.checkpoint import load_checkpoint, local_state_dir, save_checkpoint
 from adrec.online.metrics import EPS, RayGauges, ScoreBoard
 from adrec.online.optim import make_optimizer, select_parameters
-from adrec.online.publish import StatusLog, publish_version, version_id
+from adrec.online.publish import STATUS_CURRENT, STATUS_RECORDS, StatusLog, publish_version, version_id
 from adrec.online.rows import RowEncoder
 from adrec.storage import resolve
 
@@ -79,12 +83,19 @@ class OnlineLearner:
         self.name = name
         base_loc = resolve(base_model_dir)
         self.base_dir = materialize(base_loc.uri)
-        self.state_dir = Path(state_dir).expanduser().resolve()
+        # The state may live on an object store (it then outlives the node): the checkpoint goes there
+        # directly, the status files are kept in a local cache and copied there with every checkpoint.
+        self.state_loc = resolve(state_dir)
+        self.state_dir = local_state_dir(self.state_loc)
+        if not self.state_loc.is_local:
+            for name in (STATUS_RECORDS, STATUS_CURRENT):
+                if (self.state_loc / name).is_file():
+                    (self.state_loc / name).download(self.state_dir / name)
         # The learner's versions go where the base version's came from (the run's registry, on its store);
         # a loose base folder (not in a registry) gets one in the learner's state.
         parent = resolve(base_loc.uri.rsplit("/", 1)[0])
-        self.registry = VersionRegistry(parent if parent.name == VERSIONS_DIR else self.state_dir / VERSIONS_DIR)
-        self.reader = FeedbackReader(feedback_log)
+        self.registry = VersionRegistry(parent if parent.name == VERSIONS_DIR else self.state_loc / VERSIONS_DIR)
+        self.reader = open_log(feedback_log).reader()
         self.status_log = StatusLog(self.state_dir)
         self.on_publish = on_publish
         self.live_versions = live_versions
@@ -120,7 +131,7 @@ class OnlineLearner:
         scorers = [ONLINE, SERVING] + ([FROZEN] if cfg.track_frozen else [])
         self.board = ScoreBoard(scorers, list(cfg.segments_ts), cfg.recent_window)
         self.ready: deque[Example] = deque()
-        self.offset = 0
+        self.position = self.reader.start()
         self.records = 0  # log records consumed (exactly once)
         self.counters = {"unknown_items": 0, "bad_records": 0, "steps": 0, "skipped_steps": 0, "nonfinite_scores": 0}
         self.examples_learned = 0
@@ -151,7 +162,7 @@ class OnlineLearner:
                 params[n].copy_(t)
 
     def state_dict(self) -> dict:
-        return {"base_version": self.base_version, "offset": self.offset, "records": self.records,
+        return {"base_version": self.base_version, "position": self.position.state(), "records": self.records,
                 "counters": dict(self.counters), "examples_learned": self.examples_learned,
                 "model": self._trainable(self.model), "optimizer": self.opt.state_dict(),
                 "optimizer_kind": self.cfg.optimizer, "train_layers": list(self.cfg.train_layers),
@@ -163,18 +174,24 @@ class OnlineLearner:
                 "learn_seconds": self.learn_seconds}
 
     def checkpoint(self) -> None:
-        save_checkpoint(self.state_dir, self.state_dict())
+        save_checkpoint(self.state_loc, self.state_dict())
         self.last_checkpoint_records = self.records
         self.status_log.write(self.status())
+        if not self.state_loc.is_local:
+            for name in (STATUS_RECORDS, STATUS_CURRENT):
+                if (self.state_dir / name).is_file():
+                    (self.state_loc / name).upload(self.state_dir / name)
 
     def _restore(self) -> bool:
-        st = load_checkpoint(self.state_dir)
+        st = load_checkpoint(self.state_loc)
         if st is None:
             return False
         if st["base_version"] != self.base_version:
             raise ValueError(f"{self.state_dir} holds the online state of base version {st['base_version']}, "
                              f"not of {self.base_version} ({self.base_dir}): use another state folder")
-        self.offset, self.records = int(st["offset"]), int(st["records"])
+        # "offset": a checkpoint from before positions (a file log's byte offset)
+        self.position = self.reader.position(st["position"] if "position" in st else st["offset"])
+        self.records = int(st["records"])
         self.counters.update(st["counters"])
         self.examples_learned = int(st["examples_learned"])
         self._load_trainable(self.model, st["model"])
@@ -199,9 +216,9 @@ class OnlineLearner:
         self.last_decision = st.get("last_decision")
         self.learn_seconds = float(st.get("learn_seconds", 0.0))
         self.last_checkpoint_records = self.records
-        log.info("online learner %s resumed at record %d (byte %d): %d impressions learned, serving %s",
-                 self.name, self.records, self.offset, self.examples_learned, self.serving_version)
-        self.status_log.append({"event": "resumed", "records": self.records, "offset": self.offset,
+        log.info("online learner %s resumed at record %d (position %s): %d impressions learned, serving %s",
+                 self.name, self.records, self.position.state(), self.examples_learned, self.serving_version)
+        self.status_log.append({"event": "resumed", "records": self.records, "position": self.position.state(),
                                 "examples_learned": self.examples_learned, "serving_version": self.serving_version})
         if self.last_decision is not None:  # stopped between the checkpoint and the record of its decision
             self.status_log.append_once(self.last_decision)
@@ -284,16 +301,16 @@ class OnlineLearner:
     def step(self, max_records: int | None = None) -> int:
         """Consume up to ``max_records`` new log records (what is there now); returns how many."""
         self._drain()  # a queue restored from a checkpoint is learned before anything new is read
-        res = self.reader.read(self.offset, max_records or self.cfg.read_batch_events)
-        for ev, end in res.records:
+        res = self.reader.read(self.position, max_records or self.cfg.read_batch_events)
+        for ev, after in res.records:
             if ev is None:
                 self.counters["bad_records"] += 1
             else:
                 self._consume(ev)
-            self.offset = end
+            self.position = after
             self.records += 1
             self._drain()
-        self.offset = res.end_offset
+        self.position = res.end
         if self.cfg.publish_every_s and time.monotonic() - self.last_publish_time >= self.cfg.publish_every_s:
             self.decide(reason="time")
         if self.records - self.last_checkpoint_records >= self.cfg.checkpoint_every_events:
@@ -340,7 +357,7 @@ class OnlineLearner:
                 or (g["events"] < self.cfg.guard_min_events and not force):
             return None
         vid = version_id(self.base_version, self.examples_learned)
-        record = {"version": vid, "reason": reason, "records": self.records, "offset": self.offset,
+        record = {"version": vid, "reason": reason, "records": self.records, "position": self.position.state(),
                   "examples_learned": self.examples_learned, "serving_version": self.serving_version,
                   "guard": g, "margin": self.cfg.guard_margin}
         if not (g["online_logloss"] <= g["limit"]):
@@ -398,7 +415,7 @@ class OnlineLearner:
 
     # ---- reporting ------------------------------------------------------------------------------------
     def counts(self) -> dict:
-        return {"records": self.records, "offset": self.offset, "examples_learned": self.examples_learned,
+        return {"records": self.records, "position": self.position.state(), "examples_learned": self.examples_learned,
                 "pending": self.joiner.n_pending, "queued": len(self.ready), "published": len(self.published),
                 "refused": self.refused, "new_users": len(self.catalog.new_users),
                 "refused_new_users": self.catalog.refused_users, "refused_new_user_events": self.catalog.refused_events,

@@ -26,13 +26,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from adrec.errors import RunError
-from adrec.model_version import (
-    VersionEntry,
-    VersionPaths,
-    VersionRegistry,
-    read_version,
-    write_version,
-)
+from adrec.model_version import VersionEntry, VersionPaths, VersionRegistry, read_version, write_version
 from adrec.model_version.registry import staging_dir
 from adrec.online.catalog import fold_in_sources
 
@@ -104,13 +98,16 @@ def publish_version(base_dir: Path, registry: VersionRegistry, vid: str, ranker,
     return entry, meta
 
 
+STATUS_RECORDS, STATUS_CURRENT = "status.jsonl", "status.json"
+
+
 class StatusLog:
     """``status.jsonl`` (one record per decision, appended) and ``status.json`` (the latest summary)."""
 
     def __init__(self, state_dir: Path):
         self.dir = Path(state_dir)
-        self.records = self.dir / "status.jsonl"
-        self.current = self.dir / "status.json"
+        self.records = self.dir / STATUS_RECORDS
+        self.current = self.dir / STATUS_CURRENT
 
     def append(self, record: dict) -> None:
         line = json.dumps({"time": time.time(), **record}, default=_json_default) + "\n"

@@ -46,20 +46,22 @@ def feedback_events(impressions: pd.DataFrame, *, user: str = "user_id", item: s
     return out
 
 
-def write_feedback_log(path: str | Path, events: list[dict], key: bytes, version: str | None = None) -> int:
-    """Append ``events`` to the feedback log at ``path`` as the app's feedback writer does; returns how many."""
+def write_feedback_log(path: str | Path, events: list[dict], key: bytes, version: str | None = None,
+                       batch: int | None = None) -> int:
+    """Append ``events`` to the feedback log at ``path`` (a file or a URI: :func:`adrec.feedback.open_log`) as
+    the app's feedback writer does, ``batch`` events per request (default: one request); returns how many."""
     from adrec.data.ids import normalize_id
     from adrec.data.privacy import pseudonymize
-    from adrec.serving.feedback import FeedbackLog
+    from adrec.feedback import open_log
 
-    fl = FeedbackLog(path)
+    fl = open_log(path).writer()
     try:
         now = time.time()
         records = [{"event_id": e["event_id"], "user": pseudonymize(normalize_id(e["user_id"]), key), "item": normalize_id(e["item"]),
                     "type": e["type"], "ts": e["ts"], "context": dict(e.get("context") or {}), "received_at": now,
                     "version": version} for e in events]
-        res = fl.append(records)
-        return len(res.accepted)
+        step = batch or max(1, len(records))
+        return sum(len(fl.append(records[i:i + step]).accepted) for i in range(0, len(records), step))
     finally:
         fl.close()
 

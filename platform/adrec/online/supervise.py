@@ -3,7 +3,7 @@
 :class:`Supervised` steps an :class:`~adrec.online.learner.OnlineLearner`. A step that raises (a log
 that shrank, a full disk under the state folder, a bug) drops the learner and builds a new one from
 its checkpoint after a backoff (``online.restart_backoff_s``, doubling), so exactly once holds across
-the restart (offset and state come back together). After ``online.max_restarts`` failures in a row
+the restart (log position and state come back together). After ``online.max_restarts`` failures in a row
 the learner is unhealthy: ``status.json`` says ``healthy: false`` with the error, a ``failed`` record
 is appended to ``status.jsonl``, and :meth:`Supervised.step` raises :class:`LearnerFailedError`
 (the actor's ``check`` raises, ``adrec online`` exits non-zero). It never idles silently.
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from adrec.errors import LearnerFailedError
+from adrec.online.checkpoint import local_state_dir
 from adrec.online.publish import StatusLog
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 class Supervised:
     def __init__(self, make: Callable[[], object], cfg, state_dir: str | Path):
         self.make, self.cfg = make, cfg
-        self.status_log = StatusLog(Path(state_dir))
+        self.status_log = StatusLog(local_state_dir(state_dir))
         self.health = {"healthy": True, "error": None, "failures": 0, "restarts": 0}
         self.retry_at = 0.0  # monotonic time of the next restart (the backoff is waited out by the caller's loop)
         self.learner = make()  # a learner that cannot even start fails the caller at once

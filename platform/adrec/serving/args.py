@@ -5,25 +5,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator
+
 from adrec import storage
 from adrec.config import CandidateConfig, ServeConfig
 from adrec.data.privacy import KEY_ENV
 from adrec.errors import ConfigError
-from adrec.keys import (
-    API_KEY_FILE,
-    PSEUDONYM_KEY_FILE,
-    SECRETS_DIR,
-    check_not_empty,
-    env_secret,
-    is_fingerprint,
-    key_fingerprint,
-    read_secret,
-    store_secret,
-)
-from adrec.model_version.registry import VERSIONS_DIR, live_entry
+from adrec.keys import (API_KEY_FILE, PSEUDONYM_KEY_FILE, SECRETS_DIR, check_not_empty, env_secret, is_fingerprint,
+                        key_fingerprint, read_secret, store_secret)
+from adrec.model_version.registry import VERSIONS_DIR, registry_of
 from adrec.model_version.writer import PSEUDONYM_KEY_FINGERPRINT
 from adrec.run import RunDir
-from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 
 APP_NAME = "adrec"
 API_KEY_ENV = "ADREC_API_KEY"
@@ -52,7 +44,7 @@ class AppArgs(ServeConfig):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # The model version to serve: a version folder or URI (``RUN/versions/<n>``; replicas on any node copy
-    # a remote one into their cache, see adrec.model_version.materialize).
+    # a remote one into their cache, see adrec.model_version.materialize), or a run: its live version.
     model_dir: str = Field(min_length=1)
     # The run the version belongs to (path or URI): where the default feedback log and the secrets folder
     # are. Default: the folder above ``versions/`` (or, for a loose version folder, the one above it).
@@ -102,7 +94,11 @@ class AppArgs(ServeConfig):
         rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         run = rd.path  # local: the run folder; remote: its cache (the secrets folder never leaves the node)
         fields = cfg.serve.model_dump()
-        fields.update(model_dir=live_entry(rd).uri, run_dir=rd.uri, n_candidates=cfg.candidates.n_candidates)
+        registry = registry_of(rd.location)
+        # The live version; a run not trained yet gets its versions folder, which every reader refuses
+        # with "not a model version: run `adrec train` first".
+        model_dir = registry.live().uri if registry.live_record() else registry.location.uri
+        fields.update(model_dir=model_dir, run_dir=rd.uri, n_candidates=cfg.candidates.n_candidates)
         expected = {"pseudonym_key": cfg.data.pseudonym_key, "api_key": cfg.serve.api_key}
         fields["api_key"] = None
         for name, filename in cfg.literal_secrets().items():
@@ -134,6 +130,11 @@ class AppArgs(ServeConfig):
             return str(q if q.is_absolute() else (home / q).resolve())
 
         model_dir = absolute(self.model_dir)
+        if self.model_dir != "(user_config)":
+            # A run instead of a version: its live version (what `adrec serve --run` serves).
+            reg = registry_of(model_dir)
+            if not (storage.resolve(model_dir) / "version.json").is_file() and reg.live_record():
+                model_dir = reg.live().uri
         run_dir = absolute(self.run_dir) if self.run_dir else run_of_version(model_dir)
         upd: dict[str, Any] = {"model_dir": model_dir, "run_dir": run_dir}
         secrets = RunDir(run_dir).path / SECRETS_DIR

@@ -6,7 +6,7 @@ Two topologies (``AppArgs.topology``), the same answers and the same HTTP API:
 
     HTTP -> Ingress (FastAPI: auth, body limits, strict validation, pseudonymization)
               |-- /recommend -> CandidateDeployment --rank/explain--> RankerDeployment (@serve.batch)
-              |-- /feedback  -> FeedbackDeployment (one writer: durable JSONL log, idempotent by event_id)
+              |-- /feedback  -> FeedbackDeployment (durable log, idempotent by event_id: adrec.feedback)
               |-- /version   -> CandidateDeployment
               `-- /healthz
 
@@ -36,15 +36,20 @@ the same way in both: scale the Ingress to scale a fused app.
 
 from ray import serve
 
+from adrec.errors import ConfigError
 from adrec.serving.args import AppArgs
 from adrec.serving.deployments import CandidateDeployment, FeedbackDeployment, RankerDeployment
+from adrec.serving.exposure import require_api_key, serve_http_address
 from adrec.serving.holder import model_config
 from adrec.serving.ingress import Ingress
+from adrec.storage import is_remote
 
 
 def _options(deployment, settings: AppArgs, version: str, user_config: dict | None, **extra):
     opts = dict(max_ongoing_requests=settings.max_ongoing_requests, ray_actor_options={"num_cpus": settings.num_cpus_per_replica},
                 user_config=user_config, logging_config={"enable_access_log": settings.access_log}, **extra)
+    if settings.max_replicas_per_node:
+        opts["max_replicas_per_node"] = settings.max_replicas_per_node
     try:  # a stable code version: a changed user_config is then a reconfigure in place, not new replicas
         return deployment.options(version=version, _internal=True, **opts)
     except TypeError:  # a Ray without the internal flag: rollouts restart replicas (rolling, still no drops)
@@ -56,6 +61,12 @@ def build_app(args: AppArgs) -> serve.Application:
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args)
     args = args.resolved()
+    # Before anything is read or placed: Serve's http_options.host decides who can reach the app.
+    require_api_key(args, *serve_http_address(args.host, args.port))
+    if args.feedback_replicas > 1 and not is_remote(args.feedback_log):
+        raise ConfigError(f"serve.feedback_replicas={args.feedback_replicas}, but the feedback log {args.feedback_log} "
+                          "is a local file, which has one writer: use 1, or put the log on a shared store "
+                          "(serve.feedback_log=s3://bucket/prefix/feedback), where every replica writes its own segments")
     user_config = model_config(args.model_dir)
     # The deployments get every setting except the model folder: that is the user_config, so pointing
     # the app at a new version changes nothing else, and Serve reconfigures the replicas in place.
@@ -66,7 +77,7 @@ def build_app(args: AppArgs) -> serve.Application:
                                         "target_ongoing_requests": max(2, args.max_batch_size)}}
     else:
         scale = {"num_replicas": args.ranker_replicas}
-    feedback = _options(FeedbackDeployment, args, version, user_config, num_replicas=1).bind(settings)
+    feedback = _options(FeedbackDeployment, args, version, user_config, num_replicas=args.feedback_replicas).bind(settings)
     if args.topology == "fused":
         # The ingress holds the model: it takes the ranker's scaling (and the model version as user_config).
         if "num_replicas" in scale:

@@ -15,7 +15,6 @@ The same app deploys declaratively with ``serve run serve_apps/config.yaml`` or
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import threading
 import time
@@ -23,10 +22,10 @@ from pathlib import Path
 
 from adrec import storage
 from adrec.config import AdrecConfig
-from adrec.errors import ConfigError
 from adrec.run import RunDir
 from adrec.serving.args import AppArgs
 from adrec.serving.builder import build_app
+from adrec.serving.exposure import require_api_key
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +35,12 @@ def base_url(args: AppArgs) -> str:
     return f"http://{host}:{args.port}{args.route_prefix.rstrip('/')}"
 
 
-def start(host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Start Serve (its HTTP ingress, HAProxy or the proxy actor, on ``host:port``) unless it already runs here."""
+def start(host: str = "127.0.0.1", port: int = 8000, proxy_location: str = "EveryNode") -> None:
+    """Start Serve (its HTTP ingress, HAProxy or the proxy actor, on ``host:port`` of every node or of the head
+    only) unless it already runs on this cluster."""
     from ray import serve
 
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
 
 
 def wait_healthy(url: str, timeout_s: float = 60.0, headers: dict | None = None) -> dict:
@@ -60,34 +60,21 @@ def wait_healthy(url: str, timeout_s: float = 60.0, headers: dict | None = None)
     raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout_s:.0f}s (last: {last})")
 
 
-def is_loopback(host: str) -> bool:
-    """Only this machine can reach ``host`` (127.0.0.0/8, ::1, localhost); "" and 0.0.0.0 are every interface."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:  # a host name other than localhost: may resolve to anything
-        return False
-
-
 def preflight(args: AppArgs) -> AppArgs:
     """The start-up checks of :func:`deploy`; returns the args resolved. :class:`ConfigError` when
 
     - the app has no API key and listens beyond loopback, unless ``allow_unauthenticated`` (a warning then);
     - the model version was built with another pseudonymization key than the app's (every user would be a
-      cold start).
+      cold start);
+    - the version or the feedback log is a local path while the Ray cluster has several nodes (replicas
+      placed on the others could not read the version, and acknowledged events would live on one disk).
     """
     from adrec.model_version import read_version
 
     r = args.resolved()
-    api_key, _ = r.api_key_source()
-    if api_key is None and not is_loopback(r.host):
-        if not r.allow_unauthenticated:
-            raise ConfigError(f"refusing to serve on {r.host or '(every interface)'}:{r.port} without an API key: "
-                              f"anyone who reaches it could call the API. Set ${r.api_key_env} (or serve.api_key_file), "
-                              "listen on 127.0.0.1, or set serve.allow_unauthenticated=true to accept it")
-        log.warning("serving on %s:%d WITHOUT authentication (serve.allow_unauthenticated): anyone who reaches "
-                    "this port can call the API", r.host or "(every interface)", r.port)
+    require_api_key(r, r.host, r.port)
+    storage.require_shared(r.model_dir, "the model version Serve loads (serve.model_dir / --run)")
+    storage.require_shared(r.feedback_log, "the feedback log (serve.feedback_log)")
     r.check_version_key(read_version(r.model_dir), r.model_dir)
     return r
 
@@ -98,7 +85,7 @@ def deploy(args: AppArgs, timeout_s: float = 120.0) -> str:
     from ray import serve
 
     preflight(args)
-    start(args.host, args.port)
+    start(args.host, args.port, args.proxy_location)
     t = time.perf_counter()
     serve.run(build_app(args), name=args.app_name, route_prefix=args.route_prefix, blocking=False)
     url = base_url(args)

@@ -5,7 +5,7 @@
   one), so the two halves never mix versions while a rollout is half done.
 - :class:`CandidateDeployment` runs the request algorithm (:class:`~adrec.serving.request.Recommendation`),
   the click probabilities and explanations coming from the ranker.
-- :class:`FeedbackDeployment` is the single writer of the feedback log.
+- :class:`FeedbackDeployment` writes the feedback log (:mod:`adrec.feedback`).
 """
 
 import asyncio
@@ -18,9 +18,9 @@ import pandas as pd
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from adrec.feedback import FeedbackWriteError, open_log
 from adrec.model_version import VersionPaths, read_version
 from adrec.serving.args import AppArgs
-from adrec.serving.feedback import FeedbackLog, FeedbackWriteError
 from adrec.serving.holder import VersionHolder, load_state, settle_heap
 from adrec.serving.recommender import Recommender
 from adrec.serving.replica import call, single_threaded
@@ -183,8 +183,9 @@ class CandidateDeployment:
 
 @serve.deployment(name="FeedbackDeployment", num_replicas=1)
 class FeedbackDeployment:
-    """The single writer of the feedback log (one replica: one append order, one index of event ids;
-    the log's lock refuses a second one, see :class:`~adrec.serving.feedback.FeedbackLog`).
+    """A writer of the feedback log: for a file log the single one (one replica: one append order, one
+    index of event ids; the log's lock refuses a second one, see :mod:`adrec.feedback.filelog`); for a
+    segment log on a shared store one of several (each its own segments, see :mod:`adrec.feedback.segments`).
 
     ``/feedback`` does not depend on the model version: the version's item ids (which events may
     name) are read before the replica answers the first time, later in the background; a version
@@ -193,8 +194,9 @@ class FeedbackDeployment:
     """
 
     def __init__(self, settings: AppArgs):
-        self.log = FeedbackLog(settings.feedback_log, dedup_max_ids=settings.feedback_dedup_max_ids,
-                               dedup_window_s=settings.feedback_dedup_window_s, lock_wait_s=WRITER_HANDOVER_S)
+        self.log = open_log(settings.feedback_log).writer(dedup_max_ids=settings.feedback_dedup_max_ids,
+                                                           dedup_window_s=settings.feedback_dedup_window_s,
+                                                           handover_s=WRITER_HANDOVER_S)
         self.items: set[str] | None = None
         self.previous_items: set[str] = set()
         self.version: str | None = None
@@ -232,14 +234,14 @@ class FeedbackDeployment:
     async def append(self, events: list[dict]) -> dict:
         if self.items is not None:
             bad = [i for i, e in enumerate(events) if e["item"] not in self.items
-                   and e["item"] not in self.previous_items and e["event_id"] not in self.log.ids]
+                   and e["item"] not in self.previous_items and not self.log.seen(e["event_id"])]
             if bad:
                 shown = ", ".join(f"events.{i}.item" for i in bad[:10]) + (" ..." if len(bad) > 10 else "")
                 return {"status": 422, "detail": f"unknown item in {len(bad)} event(s): {shown}; nothing was written"}
         now = time.time()
         records = [{**e, "received_at": now, "version": self.version} for e in events]
         try:
-            res = await asyncio.to_thread(self.log.append, records)
+            res = await self.log.append_async(records)
         except FeedbackWriteError as err:
             return {"status": 503, "detail": f"{err.strerror}: nothing of this batch was stored, retry later"}
         return {"status": 200, "accepted": len(res.accepted), "duplicates": len(res.duplicates),

@@ -6,7 +6,7 @@ every log line see pseudonyms only. Client errors are :class:`ApiError` (4xx wit
 failures inside the app answer 503. In the fused topology the Ingress replica holds the model version
 itself (a :class:`~adrec.serving.holder.VersionHolder`) and runs the request algorithm here, ranking
 batched across its concurrent requests with ``@serve.batch``; in the graph it forwards to the
-CandidateDeployment. ``/feedback`` always goes to the single FeedbackDeployment.
+CandidateDeployment. ``/feedback`` goes to the FeedbackDeployment (one replica; several on a segment log).
 """
 
 import asyncio

@@ -92,7 +92,20 @@ def tune(cfg: AdrecConfig, run: RunDir, space_path: str | Path, *, num_samples: 
 
 def tune_from_cli(cfg: AdrecConfig, run: RunDir, space_path: str | Path, num_samples: int | None = None,
                   max_concurrent: int | None = None) -> dict:
-    """``adrec tune``: search ``space_path`` on ``run``, resuming it when an identical one was interrupted."""
+    """``adrec tune``: search ``space_path`` on ``run``, resuming it when an identical one was interrupted.
+
+    A run on an object store is searched in its local cache (pulled first, results pushed after): the
+    trials read the run's features from this node's disk, so on a cluster of several nodes the search
+    needs the run on a path every node mounts (checked before it starts).
+    """
+    from adrec.run import CONFIG_NAME
+    from adrec.storage import require_shared
+    from adrec.topk import TOPK_DIR
+
+    run.pull("features", "candidates", TOPK_DIR, "ranker", "tune")
+    require_shared(run.path, "the tune stage's working copy of the run")
     run.require(run.features, "prepare")
     run.require(run.candidates, "candidates")
-    return tune(cfg, run, space_path, num_samples=num_samples, max_concurrent=max_concurrent)
+    out = tune(cfg, run, space_path, num_samples=num_samples, max_concurrent=max_concurrent)
+    run.push(CONFIG_NAME, "tune", "ranker", "candidates", TOPK_DIR, "report")
+    return out

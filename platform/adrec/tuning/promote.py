@@ -66,7 +66,7 @@ def promote(run: RunDir, outcome: SearchOutcome) -> dict:
     save_config(cfg, run.config_path)
     out["config"] = str(run.config_path)
     if (run.ranker / "ranker.json").is_file():
-        out["model"] = str(publish(run, extra={"tune": tune_info}))
+        out["model"] = publish(run, extra={"tune": tune_info}).uri
     else:
         log.warning("the run has no ranker yet: run `adrec train --run %s` to publish a model version", run.path)
         out["model"] = None

@@ -125,13 +125,13 @@ def run_search(cfg: AdrecConfig, run: RunDir, spec: TuneSpec, base: dict, *, num
     from ray.tune.logger import TBXLoggerCallback
     from ray.tune.search import BasicVariantGenerator
 
-    from adrec.runtime import init_ray
+    from adrec.runtime import cluster_address, init_ray
 
     updates = {k: v for k, v in (("num_samples", num_samples), ("max_concurrent", max_concurrent)) if v}
     if updates:
         spec = spec.model_copy(update=updates)
     init_ray(cfg.ray)
-    fits = check_resources(spec, base, local=cfg.ray.address is None)
+    fits = check_resources(spec, base, local=cluster_address(cfg.ray) is None)
     concurrent = spec.max_concurrent or fits
     run.tune.mkdir(parents=True, exist_ok=True)
     exp = run.tune / spec.name

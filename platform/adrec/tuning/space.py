@@ -57,7 +57,7 @@ TRAINABLES: dict[str, dict[str, Any]] = {
         # Set by the search itself: trials skip the refit, resources come from resources_per_trial,
         # checkpoints live in the trial's folder.
         "fixed": ("ranker.refit", "ranker.use_gpu", "ranker.storage_path", "ranker.resume",
-                  "ranker.max_failures"),
+                  "ranker.max_failures", "ranker.placement_strategy"),
     },
     "als": {
         "metrics": ("valid_recall@100", "valid_ndcg@10", "valid_recall@10", "valid_precision@10",

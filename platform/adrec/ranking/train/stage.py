@@ -22,12 +22,22 @@ from adrec.ranking.train.loop import fit
 from adrec.ranking.train.session import LocalSession, load_state
 from adrec.ranking.train.trainer import data_fingerprint, make_trainer, resume_key
 from adrec.run import RunDir
-from adrec.storage import require_shared, resolve
+from adrec.storage import Location, require_shared, resolve
 
 #: Ray Train's storage in the run (checkpoints of every epoch), unless ranker.storage_path names another.
 TRAIN_STORAGE = "ranker_train"
 
 log = logging.getLogger(__name__)
+
+
+def train_storage(rc: RankerConfig, run: RunDir) -> Location:
+    """Where Ray Train keeps the checkpoints: on the run's store by default, so the workers of every node
+    write where the driver (and a restarted run) finds them. Several workers on a cluster of several nodes
+    need it shared: a local path is refused here (call it before anything is written)."""
+    storage = resolve(rc.storage_path) if rc.storage_path else run.store(TRAIN_STORAGE)
+    if rc.num_workers > 1:
+        require_shared(storage, "ranker.storage_path (Ray Train's checkpoints)")
+    return storage
 
 
 def fit_local(cfg: RankerConfig, features, checkpoint: dict | None = None) -> tuple[FusionRanker, list[dict]]:
@@ -56,11 +66,7 @@ def train_ranker(cfg: AdrecConfig, run: RunDir, features=None,
         log.warning("use_gpu is set but this process sees no CUDA device; the workers must (Ray places them)")
     data = prepare_data(rc, features)
     init_ray(cfg.ray)
-    # Ray Train's storage (its checkpoints) is a location like any other: on the run's store by default, so
-    # the workers of every node write their checkpoints where the driver (and a restarted run) finds them.
-    storage = resolve(rc.storage_path) if rc.storage_path else run.store(TRAIN_STORAGE)
-    if rc.num_workers > 1:
-        require_shared(storage, "ranker.storage_path (Ray Train's checkpoints)")
+    storage = train_storage(rc, run)
     name = resume_key(rc, data_fingerprint(run, features))
     if not rc.resume:
         (storage / name).delete()
@@ -86,8 +92,10 @@ def train_ranker(cfg: AdrecConfig, run: RunDir, features=None,
         "epochs_run": [int(h["epoch"]) for h in state["history"]],
         "start_epochs": [int(h["start_epoch"]) for h in state["history"]],
         "history": state["history"],
+        "num_workers": rc.num_workers,
+        "worker_nodes": max(int(h.get("worker_nodes", 1)) for h in state["history"]),
         "calibration": list(ranker.calibration),
-        "ray_run": str(storage / name),
+        "ray_run": (storage / name).uri,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     run.update_manifest("train", {k: v for k, v in summary.items() if k != "history"} | {

@@ -20,7 +20,8 @@ from adrec.run import RunDir
 from adrec.storage import Location, resolve
 
 # Fields that do not change what is trained: they do not enter the resume key.
-_NOT_IN_KEY = {"max_failures", "resume", "storage_path", "num_workers", "use_gpu", "torch_threads"}
+_NOT_IN_KEY = {"max_failures", "resume", "storage_path", "num_workers", "use_gpu", "torch_threads",
+               "placement_strategy"}
 
 
 def make_trainer(rc: RankerConfig, data: dict, *, name: str, storage_path: str | Path | Location,
@@ -44,7 +45,8 @@ def make_trainer(rc: RankerConfig, data: dict, *, name: str, storage_path: str |
         train_loop or train_loop_per_worker,
         train_loop_config={"ranker": json.loads(rc.model_dump_json()), "data": ray.put(data), **(loop_config or {})},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=gpu, resources_per_worker=resources_per_worker),
+        scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=gpu, resources_per_worker=resources_per_worker,
+                                     placement_strategy=rc.placement_strategy),
         run_config=RunConfig(
             name=name,
             # A remote location goes with its pyarrow filesystem: the one adrec resolved (endpoint and

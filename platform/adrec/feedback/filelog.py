@@ -1,7 +1,9 @@
-"""The durable, append-only feedback log (JSON lines) behind ``POST /feedback``.
+"""The local file backend of the feedback log: one durable, append-only JSON-lines file per log.
+
+The embedded default (a local path as ``serve.feedback_log``); one machine's disk, so one writer.
 
 - One JSON object per line; lines are only ever appended (``O_APPEND``), never rewritten.
-- :meth:`FeedbackLog.append` returns only after the new lines are written and ``fsync``-ed, so an
+- :meth:`FileWriter.append` returns only after the new lines are written and ``fsync``-ed, so an
   acknowledged event survives a crash of the replica, of Serve or of the machine.
 - **Committed mark**: after each successful write + fsync the writer records the log's acknowledged
   length in ``<log>.committed`` (see :func:`committed_size`); readers (the online learner) never read
@@ -13,14 +15,17 @@
   time written into it); a second writer, another replica or another app on the same file, is
   refused with :class:`LogLockedError` naming the log and the holder (after ``lock_wait_s``: a
   replica that replaces one still shutting down waits for it to let go).
-- ``event_id`` is the idempotency key: an id already in the log (or twice in one batch) is accepted
-  and reported as a duplicate, never written twice. The index of seen ids is **bounded**: it keeps
-  the newest ``dedup_max_ids`` ids, and none older than ``dedup_window_s`` (by the time the writer
-  received them). An event re-sent after it left the window is written again. The index is rebuilt
-  from the log (within the same bounds) when the log is opened.
+- ``event_id`` is the idempotency key (:class:`~adrec.feedback.dedup.DedupIndex`, bounded); the index
+  is rebuilt from the log (within the same bounds) when the log is opened.
 - A torn last line (a crash in the middle of a write, which was therefore never acknowledged) is cut
   off when the log is opened, so the next append starts on a fresh line.
 - Records carry pseudonymized user ids only; raw ids never reach the file.
+
+**Reading** (:class:`FileReader`): a position is the byte offset just past the last *complete* line
+consumed (:class:`FilePosition`), so a reader reads only what the writer acknowledged (never past the
+committed mark; a log without a mark, from an older writer, is read up to its end), never consumes a
+line still being written, and the only bytes the writer ever removes (a torn tail, a failed batch) lie
+past every offset a reader can hold.
 """
 
 from __future__ import annotations
@@ -34,29 +39,17 @@ import socket
 import threading
 import time
 import zlib
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from adrec.errors import ConfigError, LogShrankError
+from adrec.feedback.base import (DEDUP_MAX_IDS, DEDUP_WINDOW_S, AppendResult, FeedbackLog, FeedbackWriteError,
+                                 LogLockedError, LogReader, LogWriter, Position, ReadResult)
+from adrec.feedback.dedup import DedupIndex, received_at
+from adrec.feedback.records import Event, decode_lines, encode, parse_line
 
 log = logging.getLogger(__name__)
-
-# Defaults of the dedup window (ServeConfig.feedback_dedup_max_ids / feedback_dedup_window_s).
-DEDUP_MAX_IDS = 1_000_000
-DEDUP_WINDOW_S = 7 * 86400.0
-
-
-class LogLockedError(RuntimeError):
-    """Another writer holds the feedback log (one writer per log)."""
-
-
-class FeedbackWriteError(OSError):
-    """A batch could not be written durably; nothing of it is in the log (or visible to readers)."""
-
-
-@dataclass
-class AppendResult:
-    accepted: list[str] = field(default_factory=list)
-    duplicates: list[str] = field(default_factory=list)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -105,12 +98,11 @@ def committed_size(path: str | Path, retries: int = 5) -> int | None:
 
 
 # ---- the writer -------------------------------------------------------------------------------------------
-class FeedbackLog:
+class FileWriter(LogWriter):
     def __init__(self, path: str | Path, dedup_max_ids: int = DEDUP_MAX_IDS,
                  dedup_window_s: float | None = DEDUP_WINDOW_S, lock_wait_s: float = 0.0):
         self.path = Path(path)
-        self.dedup_max_ids = int(dedup_max_ids)
-        self.dedup_window_s = dedup_window_s
+        self.index = DedupIndex(dedup_max_ids, dedup_window_s)
         self._lock = threading.Lock()
         new_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,16 +117,25 @@ class FeedbackLog:
             if created:
                 os.fsync(self._fd)
                 _fsync_dir(self.path.parent)
-            # event_id -> received_at (seconds), oldest first: the bounded dedup index
-            self.ids: OrderedDict[str, float] = OrderedDict()
             self.n_records = 0
-            self.forgotten = 0  # ids that left the dedup window
             self.committed = self._load()
             self._mark_fd = os.open(committed_path(self.path), os.O_RDWR | os.O_CREAT, 0o600)
             self._write_mark(self.committed)
         except BaseException:
             self.close()
             raise
+
+    @property
+    def ids(self):
+        """event_id -> received_at (seconds), oldest first: the bounded dedup index."""
+        return self.index.ids
+
+    @property
+    def forgotten(self) -> int:
+        return self.index.forgotten
+
+    def seen(self, event_id: str) -> bool:
+        return event_id in self.index
 
     # ---- one writer ----------------------------------------------------------------------------------
     @property
@@ -154,7 +155,8 @@ class FeedbackLog:
                     raise LogLockedError(f"feedback log {self.path} is already open for writing by another writer "
                                          f"({self._holder()}; lock {self.lock_path}): one writer per log. Run one "
                                          "feedback replica per log (FeedbackDeployment num_replicas=1) and give every "
-                                         "app its own serve.feedback_log") from None
+                                         "app its own serve.feedback_log, or put the log on a shared store "
+                                         "(s3://...), where every writer has its own segments") from None
             time.sleep(0.1)
         try:  # who holds it, for the message above (best effort: a full disk must not stop the writer)
             os.ftruncate(fd, 0)
@@ -170,17 +172,6 @@ class FeedbackLog:
             return "holder unknown"
 
     # ---- recovery -----------------------------------------------------------------------------------
-    def _remember(self, eid: str, at: float) -> None:
-        self.ids[eid] = at
-        self.ids.move_to_end(eid)
-
-    def _forget_old(self, now: float) -> None:
-        horizon = now - self.dedup_window_s if self.dedup_window_s is not None else None
-        while self.ids and (len(self.ids) > self.dedup_max_ids
-                            or (horizon is not None and next(iter(self.ids.values())) < horizon)):
-            self.ids.popitem(last=False)
-            self.forgotten += 1
-
     def _load(self) -> int:
         good = 0  # byte offset just past the last complete line
         bad = 0
@@ -197,12 +188,9 @@ class FeedbackLog:
                     bad += 1
                     continue
                 self.n_records += 1
-                at = rec.get("received_at") if isinstance(rec, dict) else None
-                self._remember(eid, float(at) if isinstance(at, (int, float)) else now)
-                if len(self.ids) > self.dedup_max_ids:
-                    self.ids.popitem(last=False)
-        self._forget_old(now)
-        self.forgotten = 0
+                self.index.add(eid, received_at(rec, now))
+        self.index.forget_old(now)
+        self.index.forgotten = 0
         size = self.path.stat().st_size
         if size > good:
             log.warning("feedback log %s: cutting a torn last line (%d bytes, never acknowledged)", self.path, size - good)
@@ -210,7 +198,7 @@ class FeedbackLog:
             os.fsync(self._fd)
         if bad:
             log.warning("feedback log %s: %d unreadable lines kept as they are", self.path, bad)
-        log.info("feedback log %s: %d events (%d ids in the dedup window)", self.path, self.n_records, len(self.ids))
+        log.info("feedback log %s: %d events (%d ids in the dedup window)", self.path, self.n_records, len(self.index))
         return good
 
     # ---- writing ------------------------------------------------------------------------------------
@@ -223,26 +211,11 @@ class FeedbackLog:
             if self._fd < 0:
                 raise FeedbackWriteError(errno.EBADF, f"feedback log {self.path} is closed")
             res = AppendResult()
-            lines = []
-            batch_ids: set[str] = set()
-            for rec in records:
-                eid = str(rec["event_id"])
-                if eid in self.ids or eid in batch_ids:
-                    res.duplicates.append(eid)
-                    continue
-                batch_ids.add(eid)
-                lines.append(json.dumps(rec, separators=(",", ":"), ensure_ascii=True, allow_nan=False) + "\n")
-                res.accepted.append(eid)
-            if lines:
-                self._write_durably("".join(lines).encode("utf-8"))
-                now = time.time()
-                for rec in records:
-                    eid = str(rec["event_id"])
-                    if eid in batch_ids:
-                        at = rec.get("received_at")
-                        self._remember(eid, float(at) if isinstance(at, (int, float)) else now)
-                self._forget_old(now)
-                self.n_records += len(lines)
+            new = self.index.split(records, set(), res)
+            if new:
+                self._write_durably("".join(encode(rec) for rec in new).encode("utf-8"))
+                self.index.remember(new)
+                self.n_records += len(new)
             return res
 
     def _write_durably(self, data: bytes) -> None:
@@ -287,16 +260,99 @@ class FeedbackLog:
 
 
 def read_events(path: str | Path) -> list[dict]:
-    """Every complete record of a feedback log (for tests, the online learner and audits)."""
-    out = []
+    """Every complete record of a feedback log file (for tests, audits)."""
     p = Path(path)
-    if not p.exists():
-        return out
-    with open(p, "rb") as f:
-        for raw in f:
-            if raw.endswith(b"\n"):
-                try:
-                    out.append(json.loads(raw))
-                except ValueError:
-                    pass
-    return out
+    return decode_lines(p.read_bytes()) if p.exists() else []
+
+
+# ---- the reader -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FilePosition(Position):
+    offset: int  # just past the last complete line consumed
+
+    def state(self) -> int:
+        return self.offset
+
+
+class FileReader(LogReader):
+    """Reads complete records of a feedback log file from a byte offset, at most ``max_records`` at a time."""
+
+    def __init__(self, path: str | Path, chunk_bytes: int = 1 << 20):
+        self.path = Path(path)
+        self.chunk_bytes = int(chunk_bytes)
+
+    def start(self) -> FilePosition:
+        return FilePosition(0)
+
+    def position(self, state: Any) -> FilePosition:
+        if isinstance(state, int) and not isinstance(state, bool) and state >= 0:
+            return FilePosition(state)
+        raise ConfigError(f"the checkpointed position {state!r} is not a byte offset of a feedback log file: "
+                          f"it was made reading another kind of log than {self.path}; use another state folder")
+
+    def file_size(self) -> int:
+        try:
+            return os.stat(self.path).st_size
+        except FileNotFoundError:
+            return 0
+
+    def size(self) -> int:
+        """How many bytes of the log may be read: the committed mark (capped by the file's length)."""
+        size = self.file_size()
+        mark = committed_size(self.path)
+        return size if mark is None else min(mark, size)
+
+    def caught_up(self, position: Position) -> bool:
+        return position.offset >= self.size()
+
+    def read(self, position: Position, max_records: int) -> ReadResult:
+        offset = position.offset
+        end = self.file_size()
+        if end < offset:
+            raise LogShrankError(f"feedback log {self.path} has {end} bytes, but {offset} were already consumed: "
+                                 "it was replaced or rewritten; the learner refuses to guess where to continue")
+        size = self.size()
+        records: list[tuple[Event | None, Position]] = []
+        pos = offset
+        if size <= offset or max_records <= 0:
+            return ReadResult(records, position)
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            buf = b""
+            while len(records) < max_records and f.tell() < size:
+                chunk = f.read(min(self.chunk_bytes, size - f.tell()))
+                if not chunk:
+                    break
+                buf += chunk
+                start = 0
+                while len(records) < max_records:
+                    nl = buf.find(b"\n", start)
+                    if nl < 0:
+                        break
+                    line = buf[start:nl + 1]
+                    start = nl + 1
+                    pos += len(line)
+                    ev = parse_line(line)
+                    if ev is None:
+                        log.warning("feedback log %s: unreadable record ending at byte %d skipped", self.path, pos)
+                    records.append((ev, FilePosition(pos)))
+                buf = buf[start:]
+        return ReadResult(records, FilePosition(pos))
+
+
+class FileLog(FeedbackLog):
+    """The feedback log as one local file (see the module documentation)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.uri = str(self.path)
+
+    def writer(self, *, dedup_max_ids: int = DEDUP_MAX_IDS, dedup_window_s: float | None = DEDUP_WINDOW_S,
+               handover_s: float = 0.0) -> FileWriter:
+        return FileWriter(self.path, dedup_max_ids, dedup_window_s, lock_wait_s=handover_s)
+
+    def reader(self) -> FileReader:
+        return FileReader(self.path)
+
+    def records(self) -> list[dict]:
+        return read_events(self.path)
