@@ -6,11 +6,9 @@ All logic lives in benchmarks.scale; this only forwards the arguments.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, home of `benchmarks`
-
-from benchmarks.scale import main  # noqa: E402
+import _checkout  # noqa: F401  (this checkout's adrec and benchmarks first, see _checkout.py)
+from benchmarks.scale import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
