@@ -111,7 +111,7 @@ def markdown(report: dict) -> str:
     rows.append(["store / local", r["deploy_s"], r["rollout_s"], r["recommend_p50_ms"], r["recommend_p99_ms"],
                  r["feedback_p50_ms"], r["feedback_p99_ms"], ""])
     st = report["settings"]
-    lines = [f"# Storage: the run on the local disk vs on an S3 store (moto on 127.0.0.1)", "",
+    lines = ["# Storage: the run on the local disk vs on an S3 store (moto on 127.0.0.1)", "",
              f"Medians of {st['repeats']} rounds (local and store in turns); concurrency {st['concurrency']}, "
              f"{st['requests']} requests per measurement, {st['events']} events per /feedback request, "
              f"{st['replicas']} replicas. Load average before/after: {report['load_before']} / {report['load_after']}.",

@@ -4,7 +4,9 @@
 adrec's fusion ranker beside constant CTR, logistic regression (with and without hashed crosses),
 LightGBM, DeepFM (deepctr-torch) and frozen-encoder embeddings + logistic regression, on MovieLens-100k
 and the synthetic ad log, same split; test AUC / logloss / calibration / wall time, medians over seeds,
-as JSON and a markdown table under --out (`--quick` for a tiny run).
+as JSON and a markdown table under --out (`--quick` for a tiny run), with the test AUC on cold / warm
+items, few-shot users and (strict protocol, `--new-items 0.2`) new items; `--ablation` adds adrec's
+text-tower variants.
 All logic lives in benchmarks.ranker; this only forwards the arguments.
 """
 

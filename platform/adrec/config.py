@@ -88,6 +88,10 @@ class FeatureConfig(_Strict):
     # "streaming": read, parse, split and encode block by block on Ray Data, written as Parquet shards
     # (features/train|valid|test); a table may then be a folder of CSV or Parquet shards, a glob or a URI.
     pipeline: Literal["in_process", "streaming"] = "in_process"
+    # The strict item cold-start protocol (issue 14): this seeded fraction of the catalog loses every train
+    # and valid interaction and is scored only in test (``ctr.auc.new_items``). 0: the standard protocol.
+    new_items: float = Field(0.0, ge=0, lt=1)
+    new_items_seed: int = 0
 
 
 class CandidateConfig(_Strict):
@@ -189,6 +193,10 @@ class TopKConfig(_Strict):
     rank_depth: int = Field(500, ge=1)
     batch_users: int = Field(512, ge=1)
     seed: int = 0
+    # Exposure-aware re-ranking of every served list (adrec.topk.exposure): the weight w of the provider's
+    # exposure so far in the list against the scaled relevance; 0 = off (the re-ranker's order).
+    exposure_weight: float = Field(0.0, ge=0, le=1)
+    exposure_pool: int = Field(100, ge=1)  # the best candidates by re-ranker score it re-ranks
 
     def recommender_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`adrec.topk.TwoStageRecommender` (whose defaults they are)."""
@@ -198,7 +206,36 @@ class TopKConfig(_Strict):
             "windows_days": list(self.windows_days), "transition_span": self.transition_span,
             "next_candidates": self.next_candidates, "rank_depth": self.rank_depth, "ranker": self.ranker,
             "ranker_params": dict(self.ranker_params), "batch_users": self.batch_users, "seed": self.seed,
+            "exposure_weight": self.exposure_weight, "exposure_pool": self.exposure_pool,
         }
+
+
+class DPConfig(_Strict):
+    """DP-SGD for the ranker (adrec.ranking.train.privacy): per-example clipping to ``max_grad_norm``,
+    Gaussian noise calibrated by Opacus' accountant so that the whole planned training spends at most
+    ``target_epsilon`` at ``delta``, batches drawn by Poisson sampling (each row with probability
+    batch_size / rows)."""
+
+    target_epsilon: float = Field(gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    # Rows whose per-example gradients are computed at once (memory, not privacy: a logical batch is
+    # still one noisy step).
+    physical_batch: int = Field(32, ge=1)
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
+class LoraSettings(_Strict):
+    """LoRA of the encoder (``ranker.finetune=lora``, Hugging Face peft): low-rank updates of the target
+    projections, trained with their own learning rate and merged into the encoder when the ranker is saved."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # Module names peft matches (BERT/MiniLM self-attention: query, key, value; the FFN: intermediate.dense ...).
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
+    # Low-rank factors start at zero (B) and want a larger step than full fine-tuning's encoder_lr.
+    lr: float = Field(5e-4, gt=0)
 
 
 class RankerConfig(_Strict):
@@ -207,8 +244,15 @@ class RankerConfig(_Strict):
     tiny_encoder: bool = False
     # frozen: the CPU-friendly default (on MovieLens-100k as good on valid as last_n, at a fraction of the
     # cost; docs/benchmarks.md, "Ranker variants"); last_n / full fine-tune the encoder with its own lr (encoder_lr), for GPUs.
-    finetune: Literal["frozen", "last_n", "full"] = "frozen"
+    # lora: low-rank adapters on the attention projections (ranker.lora), merged for serving (issue 14).
+    finetune: Literal["frozen", "last_n", "full", "lora"] = "frozen"
     finetune_last_n: int = Field(1, ge=1)
+    lora: LoraSettings = LoraSettings()
+    # False: no item text tower (the ablation's "no text" row): the encoder never runs, item text adds nothing.
+    text_tower: bool = True
+    # Candidate sources whose (user, item) scores join the cross tower, fitted leakage-free on earlier rows
+    # (adrec.ranking.collab): any of "ease", "als", "itemitem". Empty: none (issue 14, opt-in).
+    collab: list[Literal["ease", "als", "itemitem"]] = Field(default_factory=list)
     max_text_len: int = Field(32, ge=8)
     embed_dim: int = Field(32, ge=4)
     hidden: list[int] = Field(default_factory=lambda: [256, 128])
@@ -257,12 +301,25 @@ class RankerConfig(_Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     # Re-running with the same configuration resumes from its latest checkpoint; False starts over.
     resume: bool = True
+    # DP-SGD (adrec.ranking.train.privacy): None = off. Needs finetune "frozen" (the encoder gets no noise).
+    dp: DPConfig | None = None
+
+    @model_validator(mode="after")
+    def _dp_needs_what_it_covers(self) -> "RankerConfig":
+        if self.dp is not None and (self.finetune != "frozen" or self.fgsm_epsilon > 0 or self.ensemble_bagging):
+            raise ValueError("ranker.dp needs finetune: frozen, fgsm_epsilon: 0 and ensemble_bagging: false "
+                             "(a trainable encoder, FGSM and bagging weights are not in its per-example clipping)")
+        return self
 
 
 class EvalConfig(_Strict):
     k: int = Field(10, ge=1)
     # (The candidates evaluated per user are candidates.n_candidates: what a served request ranks.)
     fgsm_epsilons: list[float] = Field(default_factory=lambda: [0.0, 0.01, 0.05, 0.1])
+    # topk.exposure_weight values of the report's trade-off curve (NDCG@K vs provider Gini); [] = none.
+    exposure_weights: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5, 0.8])
+    # Users whose served lists the report's explanation-faithfulness check attributes (Integrated Gradients); 0 = off.
+    explain_users: int = Field(50, ge=0)
 
 
 class ServeConfig(_Strict):
@@ -321,6 +378,10 @@ class ServeConfig(_Strict):
     request_timeout_s: float = Field(10.0, gt=0)
     # Serve's per-request access log lines (path, status, latency; never bodies): off for throughput.
     access_log: bool = False
+    # explain=true (adrec.serving.explanations): the first this many items get the ranker's explanations, and
+    # Integrated Gradients runs while this budget lasts (then the answer degrades to sources + history).
+    explain_max_items: int = Field(10, ge=0)
+    explain_budget_ms: float = Field(500.0, ge=0)
 
     @field_validator("api_key")
     @classmethod

@@ -138,6 +138,12 @@ def _demo(cfg, run: RunDir, users: int) -> int:
                               f"{_title(run, rec['item'])}")
                 else:
                     print(f"          {resp.text}")
+            if known:
+                body = {"user_id": known[0], "k": 1, "context": context, "explain": True}
+                resp = client.post("/recommend", json=body)
+                print(f"      POST /recommend {json.dumps(body)} -> {resp.status_code}")
+                if resp.status_code == 200:
+                    _print_explained(run, resp.json())
             bad = client.post("/recommend", json={"user_id": known[0] if known else "x", "k": 0})
             print(f"      POST /recommend with k=0 -> {bad.status_code} {bad.json().get('detail', '')!s:.120}")
         timings["total"] = time.perf_counter() - t0
@@ -150,6 +156,21 @@ def _demo(cfg, run: RunDir, users: int) -> int:
             except Exception:  # Serve never started: nothing to shut down
                 pass
             ray.shutdown()
+
+
+def _print_explained(run: RunDir, answer: dict) -> None:
+    """One explained recommendation, as a person reads it: sources, "because you liked", top attributions."""
+    for rec in answer["items"]:
+        print(f"          {rec['rank']}. {rec['item']:>8}  click_prob {rec['click_prob']:.3f}  {_title(run, rec['item'])}")
+        print(f"             proposed by: {', '.join(rec.get('sources') or []) or '-'}")
+        for liked in rec.get("because_you_liked") or []:
+            print(f"             because you liked {liked['item']:>8} ({liked['method']} {liked['weight']:.3f})  "
+                  f"{_title(run, liked['item'])[:50]}")
+        for f in rec.get("features") or []:
+            value = f" = {f['value']}" if f.get("value") else ""
+            print(f"             {f['sign']} {f['feature']}{value} ({f['kind']}, {f['share']:.0%} of the attribution)")
+        if rec.get("features") is None:
+            print("             (feature attributions skipped: the explanation time budget ran out)")
 
 
 def _example_context(run: RunDir) -> dict:

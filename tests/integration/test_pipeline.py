@@ -75,6 +75,28 @@ def test_evaluate_writes_every_metric_and_predictions(tiny_run, tiny_cfg):
     assert any(k.startswith("fairness.calibration.gender.") for k in on_disk)
     assert any(k.startswith("fairness.calibration.age.") for k in on_disk)
     assert "fairness_exposure.png" in report and "advertiser" in report
+    # The exposure trade-off: w = 0 is the served lists; more weight, more even provider exposure.
+    ws = sorted({float(k.split("=")[1].split(".ndcg")[0]) for k in on_disk if k.endswith(".ndcg@10")
+                 and k.startswith("exposure_tradeoff.w=")})
+    assert ws == sorted(tiny_cfg.eval.exposure_weights)
+    assert on_disk["exposure_tradeoff.w=0.ndcg@10"] == pytest.approx(on_disk["topk.ndcg@10"])
+    assert on_disk["exposure_tradeoff.w=0.gini.providers"] == pytest.approx(on_disk["fairness.gini.providers"])
+    assert on_disk[f"exposure_tradeoff.w={max(ws):g}.gini.providers"] < on_disk["exposure_tradeoff.w=0.gini.providers"]
+    assert "exposure_tradeoff.png" in report
+    # Explanations: the faithfulness check ran over the sampled users' served items; no DP, no privacy keys.
+    assert on_disk["explain.faithfulness.items"] > 0
+    assert 0 <= on_disk["explain.faithfulness.top_beats_random"] <= 1
+    assert "Explanations: faithfulness" in report and not any(k.startswith("privacy.") for k in on_disk)
+    assert "without differential privacy" in report
+    # The issue-14 slices, recomputed here from the features and the exported predictions.
+    known = pd.read_parquet(tiny_run.features / "interactions.parquet").query("split != 'test'")
+    per_item = known.groupby("item_idx").size()
+    n_item = test_rows["item_idx"].map(per_item).fillna(0).to_numpy()
+    assert on_disk["ctr.rows.cold_items"] == (n_item <= 5).sum() and on_disk["ctr.rows.warm_items"] == (n_item > 5).sum()
+    assert on_disk["ctr.rows.new_items"] == (n_item == 0).sum()
+    assert on_disk["ctr.rows.cold_items"] + on_disk["ctr.rows.warm_items"] == len(test_rows)
+    assert 0.5 < on_disk["ctr.auc.warm_items"] <= 1.0 and "ctr.auc.few_shot_users" in on_disk
+    assert "Slices where text matters" in report
 
 
 def test_candidates_stage_fits_the_two_stage_recommender_into_the_version(tiny_run):

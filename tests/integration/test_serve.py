@@ -46,7 +46,9 @@ def served(request, ray_session, tiny_run, tiny_cfg, tmp_path_factory):
     v2 = publish(tiny_run, make_live=False).location.local_path  # a second version, for the rollout
     args = AppArgs(model_dir=str(tiny_run.model), pseudonym_key=tiny_cfg.data.pseudonym_key, api_key=API_KEY,
                    feedback_log=str(tmp / "feedback" / "events.jsonl"), port=free_port(), app_name=APP,
-                   ranker_replicas=2, num_cpus_per_replica=0.1, max_body_bytes=8192, max_k=50, topology=topology)
+                   ranker_replicas=2, num_cpus_per_replica=0.1, max_body_bytes=8192, max_k=50, topology=topology,
+                   # the shared 2-core machine: an explanation budget and a timeout that never cut a test short
+                   explain_budget_ms=60_000, request_timeout_s=120)
     url = deploy(args)
     client = httpx.Client(base_url=url, headers={"x-api-key": API_KEY}, timeout=30)
     users = raw_user_ids(tiny_run)
@@ -99,14 +101,26 @@ def test_recommend_known_and_unknown_users(served):
     assert all(item["sources"] == ["popularity"] for item in r.json()["items"])
 
 
-def test_explain_returns_sources_and_top_features(served):
+def test_explain_returns_sources_because_and_attributions(served):
     r = _rec(served["client"], served["users"][0], k=3, explain=True, context={"slot": 2, "device": "mobile"})
     assert r.status_code == 200, r.text
+    assert r.json()["explain_complete"] is True
     for item in r.json()["items"]:
-        # the two-stage recommender's sources (ease among them) for a known user
+        # (a) the two-stage recommender's sources (ease among them) for a known user
         assert item["sources"] and set(item["sources"]) <= {"als", "itemitem", "popularity", "text", "ease", "catalog"}
-        assert 1 <= len(item["features"]) <= 3
-        assert all({"feature", "contribution"} <= set(f) for f in item["features"])
+        # (b) history items by the ranker's attention (and by ALS where ALS proposed the item)
+        liked = item["because_you_liked"]
+        assert liked and {x["method"] for x in liked} <= {"attention", "als"}
+        attention = [x["weight"] for x in liked if x["method"] == "attention"]
+        assert attention == sorted(attention, reverse=True) and 0 < sum(attention) <= 1 + 1e-6
+        assert ("als" in item["sources"]) == any(x["method"] == "als" for x in liked)
+        # (c) Integrated Gradients by field: top 5 by |attribution|, with sign and share
+        feats = item["features"]
+        assert len(feats) == 5
+        assert all({"feature", "kind", "attribution", "sign", "share"} <= set(f) for f in feats)
+        assert all(f["sign"] == ("+" if f["attribution"] >= 0 else "-") for f in feats)
+        assert [abs(f["attribution"]) for f in feats] == sorted((abs(f["attribution"]) for f in feats), reverse=True)
+        assert 0 < sum(f["share"] for f in feats) <= 1 + 1e-6
 
 
 def test_served_top10_is_the_in_process_two_stage_top10(served, tiny_cfg):
@@ -122,6 +136,25 @@ def test_served_top10_is_the_in_process_two_stage_top10(served, tiny_cfg):
         assert [x["relevance"] for x in r.json()["items"]] == pytest.approx([x["relevance"] for x in local], rel=1e-5)
         # the order is the re-ranker's; the CTR ranker's click probability comes with it
         assert [x["click_prob"] for x in r.json()["items"]] == pytest.approx([x["click_prob"] for x in local], rel=1e-4)
+
+
+def test_explain_degrades_to_sources_and_history_when_the_budget_is_spent(served, tiny_cfg):
+    """In-process, the request code Serve runs: a zero budget leaves (a) and (b), without attributions."""
+    from adrec.serving.recommender import Recommender
+    from adrec.serving.request import Recommendation
+
+    rec = Recommender(served["run"].model, tiny_cfg.data.pseudonym_key.encode())
+    u = rec.user_index(served["users"][1])
+    for budget, complete in ((0.0, False), (60_000.0, True)):
+        req = Recommendation(rec, u, 4, {"slot": 1}, 100, explain=True)
+        answer = req.run(lambda items: rec.rank(u, items, {"slot": 1}),
+                         lambda items: rec.explain(u, items, {"slot": 1}, budget_ms=budget))
+        assert answer["explain_complete"] is complete
+        assert all(item["sources"] and item["because_you_liked"] for item in answer["items"])
+        assert all((item["features"] is None) == (not complete) for item in answer["items"])
+    # without explain, nothing of it is computed or answered
+    plain = rec.recommend(served["users"][1], 4)
+    assert all("features" not in item and "because_you_liked" not in item for item in plain)
 
 
 def test_openapi_lists_every_endpoint_with_its_response_schema(served):

@@ -64,6 +64,29 @@ def test_train_one_epoch_gives_a_valid_auc(small_run):
     assert small_run.manifest()["stages"]["train"]["valid_auc"] == pytest.approx(out["valid_auc"])
 
 
+def test_lora_through_ray_train_saves_the_adapter_and_serves_merged(small_run, tmp_path):
+    import shutil
+
+    from adrec.features.pipeline import Features
+    from adrec.ranking.fusion import FusionRanker
+    from adrec.ranking.lora import is_lora
+    from adrec.ranking.train import train_ranker
+
+    run = RunDir(tmp_path / "lora")  # its own run folder: the module's other tests train into small_run's
+    shutil.copytree(small_run.features, run.features)
+    run.update_manifest("prepare", small_run.manifest()["stages"]["prepare"])
+    cfg = build_config(overrides=SMALL + ["ranker.finetune=lora", "ranker.epochs=1", "ranker.refit=false"])
+    out = train_ranker(cfg, run)
+    assert 0.0 < out["valid_auc"] <= 1.0
+    assert (run.ranker / "adapter" / "adapter_config.json").is_file()
+    assert (run.ranker / "adapter" / "adapter_model.safetensors").is_file()
+    ranker = FusionRanker.load(run.ranker)
+    assert not is_lora(ranker.model.text.encoder)  # merged: serving runs a plain encoder
+    test = Features(run).rows("test")
+    p = ranker.predict(test)
+    assert p.shape == (len(test),) and np.all((p > 0) & (p < 1))
+
+
 def test_resumes_after_a_worker_failure_without_redoing_epochs(small_run):
     """The worker raises once after epoch 1's checkpoint; FailureConfig restarts it from that checkpoint."""
     from adrec.ranking.train import train_ranker
@@ -105,3 +128,20 @@ def test_rerun_with_the_same_config_resumes_from_the_finished_run(small_run):
     again = train_ranker(cfg, small_run)
     assert again["epochs_run"] == first["epochs_run"] == [1]
     assert again["valid_auc"] == pytest.approx(first["valid_auc"])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_dp_sgd_under_ray_train_reports_the_spent_epsilon(small_run, workers):
+    """ranker.dp on Ray Train with one and two workers (noise added once, the workers' clipped sums reduced)."""
+    from adrec.ranking.base import load_ranker
+    from adrec.ranking.train import train_ranker
+
+    cfg = build_config(overrides=SMALL + [
+        "ranker.finetune=frozen", "ranker.epochs=1", "ranker.refit=false", "ranker.max_steps_per_epoch=3",
+        f"ranker.num_workers={workers}", "ranker.resume=false",  # the worker count is not in the resume key
+        "ranker.dp={target_epsilon: 8.0, physical_batch: 64}"])
+    out = train_ranker(cfg, small_run)
+    privacy = load_ranker(small_run.ranker).info["privacy"]
+    assert privacy["steps"] == 3 and 0.0 < privacy["epsilon"] <= 8.0 and privacy["delta"] == 1e-5
+    assert out["privacy"] == privacy == small_run.manifest()["stages"]["train"]["privacy"]
+    assert 0.0 < out["valid_auc"] <= 1.0

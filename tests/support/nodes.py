@@ -66,7 +66,21 @@ class Node:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def start(self, log_dir: Path, timeout_s: float = 120.0) -> "Node":
+    def start(self, log_dir: Path, timeout_s: float = 180.0, attempts: int = 3) -> "Node":
+        """Start the node; ``ray start`` gives a node 30 s (hard-coded in Ray 2.60) to register, which a loaded
+        2-core machine can miss: a failed start is retried on fresh ports."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start(log_dir, timeout_s)
+            except RuntimeError:
+                self.kill()
+                if attempt == attempts:
+                    raise
+                self.gcs_port = self.dashboard_port = 0
+                time.sleep(5)
+        return self
+
+    def _start(self, log_dir: Path, timeout_s: float) -> "Node":
         bin_dir = Path(sys.executable).parent
         # Every port of its own: two nodes on one address would otherwise both take Ray's fixed defaults
         # (the dashboard agent's 52365, for one). Worker ports above Serve's direct-ingress range.

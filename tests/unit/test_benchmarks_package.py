@@ -55,7 +55,9 @@ def test_each_forwarder_is_thin_and_runs_from_anywhere(tmp_path):
     """``python pipelines/benchmark_X.py --help`` from another folder, with the repository root on no path:
     the forwarder finds the benchmarks package itself, and the bench extra is not needed to start."""
     assert {p.stem for p in FORWARDERS} >= {"benchmark_online", "benchmark_ranker", "benchmark_scale",
-                                             "benchmark_serving", "benchmark_storage", "benchmark_topk"}
+                                             "benchmark_serving",
+                                             "benchmark_storage", "benchmark_topk", "benchmark_exposure",
+                                             "benchmark_explain", "benchmark_privacy"}
     for p in FORWARDERS:
         tree = ast.parse(p.read_text())
         code = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]

@@ -331,6 +331,20 @@ def test_als_fold_in_uses_implicit_least_squares(blocks):
     np.testing.assert_allclose(src.fold_in([np.array([0, 1, 2])]), uf @ src.item_factors.T, rtol=1e-5, atol=1e-6)
 
 
+def test_als_explain_splits_the_fold_in_score_over_the_liked_items(blocks):
+    src = ALSSource(factors=8, iterations=15, seed=0, use_gpu=False, alpha=2.0).fit(blocks)
+    liked = np.array([0, 1, 2, 5])
+    row = sp.csr_matrix((np.ones(len(liked), np.float32), (np.zeros(len(liked), int), liked)), shape=(1, src.n_items))
+    items = [3, 7]
+    top, every = src.explain(row, items, n=2), src.explain(row, items, n=len(liked))
+    scores = src.fold_in([liked])[0]
+    for item, two, full in zip(items, top, every):
+        assert {i for i, _ in full} == set(liked.tolist())  # only liked items explain
+        # implicit's explanation is exact: the liked items' contributions add up to the least-squares score
+        assert sum(c for _, c in full) == pytest.approx(float(scores[item]), rel=1e-3, abs=1e-5)
+        assert two == sorted(full, key=lambda x: -x[1])[:2]
+
+
 def test_text_source_recommends_cold_items(blocks):
     warm_only = make_blocks(n_cols=N_WARM)  # the training matrix does not even have the cold columns
     text = TextNeighbourSource(make_embeddings()).fit(warm_only)

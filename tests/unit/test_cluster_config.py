@@ -151,7 +151,7 @@ def test_the_clusters_serve_config_is_reachable_and_needs_a_key(monkeypatch, tmp
     conf = yaml.safe_load(path.read_text())
     ServeDeploySchema.model_validate(conf)
     args = config_args(path)
-    assert args.topology == "fused" and args.model_dir == "$ADREC_STORE/runs/r1/model"
+    assert args.topology == "fused" and args.model_dir == "$ADREC_STORE/runs/r1"
     assert {d["name"] for d in conf["applications"][0]["deployments"]} == {"Ingress", "FeedbackDeployment"}
     host, port = conf["http_options"]["host"], conf["http_options"]["port"]
     monkeypatch.delenv("ADREC_API_KEY", raising=False)

@@ -143,7 +143,7 @@ def test_last_n_training_step_updates_only_the_top_layer(toy):
 
 # ---- FGSM -------------------------------------------------------------------------------------------------
 @needs_minilm
-@pytest.mark.parametrize("mode", ["frozen", "last_n", "full"])
+@pytest.mark.parametrize("mode", ["frozen", "last_n", "full", "lora"])
 def test_fgsm_step_bounded_and_increases_loss(toy, mode):
     import torch.nn.functional as F
 

@@ -229,6 +229,52 @@ def test_rank_lists_orders_by_the_reranker_and_applies_exclusions(fitted_two_sta
     np.testing.assert_array_equal(ids_ex[1], ids[0])  # other users untouched
 
 
+def test_rank_lists_with_exposure_weight_is_the_rerank_of_the_score_pool(fitted_two_stage, synth):
+    from adrec.metrics import gini, item_exposure
+    from adrec.topk.exposure import exposure_rerank
+
+    rec = fitted_two_stage
+    users = np.arange(40)
+    provider = np.arange(synth.n_items) % 4
+    old = rec.item_provider, rec.exposure_pool
+    rec.item_provider, rec.exposure_pool = provider, 30
+    try:
+        pool, pool_sc, _ = rec.rank_lists(users, 30, exposure_weight=0.0)
+        ids, sc, src = rec.rank_lists(users, 10, exposure_weight=0.6, with_sources=True)
+    finally:
+        rec.item_provider, rec.exposure_pool = old
+    pos = exposure_rerank(pool, pool_sc, provider, 0.6, 10)
+    np.testing.assert_array_equal(ids, np.take_along_axis(pool, pos, 1))
+    np.testing.assert_allclose(sc, np.take_along_axis(pool_sc, pos, 1))
+    assert [len(r) for r in src] == [int((r >= 0).sum()) for r in ids]
+    # the same items per list are never repeated, and provider exposure is more even than by score
+    assert all(len(set(r[r >= 0].tolist())) == int((r >= 0).sum()) for r in ids)
+    def by_provider(top):
+        return gini(np.bincount(provider, weights=item_exposure(top, synth.n_items), minlength=4))
+
+    assert by_provider(ids) < by_provider(pool[:, :10])
+
+
+def test_the_reports_exposure_tradeoff_curve(fitted_two_stage, synth, tmp_path):
+    from adrec.evaluation.tradeoff import exposure_tradeoff
+
+    rec = fitted_two_stage
+    stage = make_stage(synth.interactions, synth.n_users, synth.n_items, synth.n_catalog, "test")
+    old = rec.item_provider
+    rec.item_provider = np.arange(synth.n_items) % 4
+    try:
+        metrics, body, img = exposure_tradeoff(rec, stage.users, stage.truth, None, synth.n_catalog, 10,
+                                               [0.0, 0.5, 1.0], tmp_path)
+        served = rec.rank_lists(stage.users, 10)[0]
+    finally:
+        rec.item_provider = old
+    # w = 0 is the served lists (the recommender's own weight is 0)
+    ndcg0 = topk_metrics(served, stage.truth, synth.n_catalog, 10)["topk.ndcg@10"]
+    assert abs(metrics["exposure_tradeoff.w=0.ndcg@10"] - ndcg0) < 1e-12
+    assert metrics["exposure_tradeoff.w=1.gini.providers"] < metrics["exposure_tradeoff.w=0.gini.providers"]
+    assert img.is_file() and "w = 0" in body
+
+
 def test_config_topk_source_params_match_the_constructors():
     import inspect
 

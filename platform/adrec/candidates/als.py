@@ -160,6 +160,20 @@ class ALSSource(_FactorSource):
             uf = model.recalculate_user(np.arange(rows.shape[0]), rows)
         return np.asarray(uf, dtype=np.float32).reshape(rows.shape[0], -1)
 
+    def explain(self, liked: sp.csr_matrix, items: Sequence[int], n: int = 3) -> list[list[tuple[int, float]]]:
+        """implicit's ``explain()`` for one user: per item of ``items``, the ``n`` liked items that contribute
+        most to its ALS score, as (item index, contribution). ``liked``: the user's row (1 x items) of the
+        matrix the source was fitted on."""
+        self._check_fitted()
+        row = as_user_items(liked, "liked")
+        model = self._cpu()
+        weights, out = None, []
+        with threadpool_limits(1, "blas"):
+            for item in items:  # the user's factorisation (weights) is computed once and reused
+                _, top, weights = model.explain(0, row, int(item), user_weights=weights, N=n)
+                out.append([(int(i), float(c)) for i, c in top])
+        return out
+
     def fold_in(self, item_lists: Sequence[np.ndarray], weights: Sequence[np.ndarray] | None = None) -> np.ndarray:
         rows = lists_to_csr(item_lists, self.n_items, weights)
         scores = self.fold_in_factors(item_lists, weights) @ self.item_factors.T

@@ -6,7 +6,11 @@ Clicks are drawn from hidden structure a good model can find:
 - the hour of day shifts the appetite for some categories (hour x category cross);
 - each ad has a quality, and advertisers differ in how well their slots convert;
 - the slot (position) multiplies the click probability by a decaying position bias;
-- ad titles are built from category-specific words, so text carries the category signal;
+- ad titles carry signal the way real ad titles do (issue 14, :func:`ad_texts`): category words (the
+  category signal), a style word for each of the two strongest dimensions of the ad's own part of its
+  latent vector (the part its category does not tell, which the users' tastes score), and a quality word
+  for clearly good or poor ads; each of those words is replaced by a random one with probability 0.25
+  (noise). So reading the title tells a model more than the category field does;
 - with ``drift_at > 0`` the age/gender x category affinities are redrawn at that point of the timeline.
 """
 
@@ -32,6 +36,11 @@ CATEGORIES = {
     "auto": ["suv", "electric car", "tyres", "car insurance", "test drive", "hybrid", "motorbike"],
     "fashion": ["sneakers", "jacket", "dress", "denim", "handbag", "sunglasses", "boots"],
 }
+# One pair of words per latent dimension (d = 8): the word for a positive and for a negative value.
+STYLE_WORDS = [("luxury", "budget"), ("family", "solo"), ("classic", "trendy"), ("outdoor", "indoor"),
+               ("bold", "calm"), ("local", "global"), ("quick", "slow"), ("playful", "serious")]
+QUALITY_WORDS = ("award-winning", "top-rated", "bargain-bin", "no-frills")  # two good, two poor
+TEXT_NOISE = 0.25  # chance that a signal word of a title is replaced by a random word of its kind
 ADJECTIVES = ["premium", "new", "best", "limited", "smart", "easy", "top", "exclusive", "fast", "eco"]
 HOOKS = ["deal", "sale", "offer", "today", "now", "for less", "free delivery", "50% off", "trial", "launch"]
 REGIONS = ["north", "south", "east", "west", "central"]
@@ -63,6 +72,32 @@ def _write_shards(folder: Path, cfg: SyntheticConfig, ad_pop: np.ndarray, draw, 
                        folder / f"part-{k:05d}.parquet")
 
 
+def ad_texts(rng, text_rng, cats: list[str], ad_cat: np.ndarray, ad_adv: np.ndarray, own_vec: np.ndarray,
+             quality: np.ndarray) -> tuple[list[str], list[str]]:
+    """Each ad's title and tags. ``rng`` draws what the titles always had (so the log's other draws, and
+    its clicks, stay as they were); ``text_rng`` draws the signal words: the style words of the two
+    strongest dimensions of ``own_vec`` (the ad's latent vector minus its category's) and a quality word
+    for ``|quality| > 0.3``, each replaced by a random word of its kind with probability ``TEXT_NOISE``."""
+    titles, tags = [], []
+    for a in range(len(ad_cat)):
+        words = CATEGORIES[cats[ad_cat[a]]]
+        w = rng.choice(words, 2, replace=False)
+        title = f"{rng.choice(ADJECTIVES)} {w[0]} {rng.choice(HOOKS)} from brand{ad_adv[a]}"
+        style = []
+        for dim in np.argsort(-np.abs(own_vec[a]))[:2]:
+            if text_rng.random() < TEXT_NOISE:
+                dim, sign = text_rng.integers(len(STYLE_WORDS)), text_rng.integers(2)
+            else:
+                sign = int(own_vec[a, dim] < 0)
+            style.append(STYLE_WORDS[dim][sign])
+        if abs(quality[a]) > 0.3:
+            good = quality[a] > 0 if text_rng.random() >= TEXT_NOISE else text_rng.random() < 0.5
+            style.append(QUALITY_WORDS[text_rng.integers(2) + (0 if good else 2)])
+        titles.append(f"{title}, {' '.join(style)}")
+        tags.append("|".join(sorted(set(w))))
+    return titles, tags
+
+
 def generate(cfg: SyntheticConfig, out_dir: str | Path) -> Path:
     """Write the impressions (impressions.csv, or Parquet shards in impressions/ with ``shard_rows``),
     ads.csv, users.csv and schema.yaml into ``out_dir``; returns the schema path."""
@@ -91,12 +126,8 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path) -> Path:
     quality = rng.normal(0, 0.4, cfg.n_ads)
     adv_quality = rng.normal(0, 0.3, cfg.n_advertisers)
     price = np.round(rng.lognormal(3.5, 0.8, cfg.n_ads), 2)
-    titles, tags = [], []
-    for a in range(cfg.n_ads):
-        words = CATEGORIES[cats[ad_cat[a]]]
-        w = rng.choice(words, 2, replace=False)
-        titles.append(f"{rng.choice(ADJECTIVES)} {w[0]} {rng.choice(HOOKS)} from brand{ad_adv[a]}")
-        tags.append("|".join(sorted(set(w))))
+    titles, tags = ad_texts(rng, np.random.default_rng([cfg.seed, 14]), cats, ad_cat, ad_adv,
+                            ad_vec - cat_vec[ad_cat], quality)
 
     def affinity(seed_shift: int):
         r = np.random.default_rng(cfg.seed + 1000 + seed_shift)

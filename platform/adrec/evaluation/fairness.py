@@ -18,23 +18,13 @@ import pandas as pd
 
 from adrec.evaluation.plots import plot_metric_bars
 from adrec.metrics import calibration_by_group, exposure_to_merit, gini, item_exposure, long_tail_share
+from adrec.topk.exposure import provider_column
 
 log = logging.getLogger(__name__)
 
 HEAD_SHARE = 0.8  # the head: the most popular items that make up 80% of train positives
 AGE_EDGES = [18, 25, 35, 45, 55]  # buckets <18, 18-24, 25-34, 35-44, 45-54, 55+
 _PLOT_PROVIDERS = 15  # bars for the providers with the most test positives; the table lists all
-
-
-def provider_column(items: pd.DataFrame) -> tuple[pd.Series | None, str]:
-    """(provider label per item row, what it is) -- the advertiser, or the primary genre as a stand-in."""
-    if "item.advertiser" in items:
-        return items["item.advertiser"].fillna("").astype(str), "the item's advertiser (`item.advertiser`)"
-    if "item.genre" in items:
-        primary = items["item.genre"].fillna("").astype(str).str.split("|").str[0]
-        return primary, ("a stand-in: the data has no advertisers, so the item's primary genre (the first "
-                         "value of `item.genre`) plays the provider")
-    return None, "none (the items have neither `item.advertiser` nor `item.genre`)"
 
 
 def age_bucket(age: pd.Series) -> pd.Series:

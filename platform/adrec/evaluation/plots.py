@@ -1,4 +1,4 @@
-"""Report figures: ROC, reliability diagram, metric bars, robustness curves.
+"""Report figures: ROC, reliability diagram, metric bars, robustness and other curves.
 
 matplotlib is imported inside each function, never at import of the package. If no
 backend has been selected yet in the process, Agg is selected (headless workers,
@@ -25,7 +25,7 @@ from adrec.metrics import auc, calibration, calibration_bins, roc_points
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["plot_roc", "plot_calibration", "plot_metric_bars", "plot_robustness"]
+__all__ = ["plot_roc", "plot_calibration", "plot_curves", "plot_metric_bars", "plot_robustness"]
 
 _DPI = 120
 
@@ -192,15 +192,30 @@ def plot_robustness(
     title: str = "Robustness to input perturbation",
 ) -> Path:
     """AUC (or ``metric``) against perturbation size epsilon, one line per model."""
+    return plot_curves(table, path, xlabel="Perturbation ε (FGSM)", ylabel=metric, title=title)
+
+
+def plot_curves(
+    table: Mapping[str, Mapping[float, float]],
+    path: str | os.PathLike,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    labels: Mapping[str, Mapping[float, str]] | None = None,
+) -> Path:
+    """One line per series (``{name: {x: y}}``, drawn in x order); ``labels[name][x]`` annotates a point."""
     if not table:
-        raise ValueError("plot_robustness needs at least one series")
+        raise ValueError("plot_curves needs at least one series")
     fig, ax = _figure(6.0, 4.5)
-    for name, by_eps in table.items():
-        if not by_eps:
+    for name, by_x in table.items():
+        if not by_x:
             continue
-        pts = sorted((float(e), _as_float(v)) for e, v in by_eps.items())
+        pts = sorted((float(e), _as_float(v)) for e, v in by_x.items())
         ax.plot([e for e, _ in pts], [v for _, v in pts], marker="o", lw=1.8, label=name)
-    ax.set(xlabel="Perturbation ε (FGSM)", ylabel=metric, title=title)
+        for x, text in ((labels or {}).get(name) or {}).items():
+            ax.annotate(text, (float(x), _as_float(by_x[x])), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return _save(fig, path)

@@ -26,10 +26,13 @@ from adrec.data.ingest import _read_table
 from adrec.data.privacy import pseudonym_map, resolve_key
 from adrec.data.schema import load_schema
 from adrec.evaluation.fairness import fairness
+from adrec.evaluation.faithfulness import faithfulness
+from adrec.evaluation.slices import COLD_MAX, SLICES, slice_masks, slice_metrics
 from adrec.evaluation.plots import plot_calibration, plot_robustness, plot_roc
 from adrec.evaluation.report import markdown_table, write_report
+from adrec.evaluation.tradeoff import exposure_tradeoff
 from adrec.features.pipeline import Features
-from adrec.features.split import TEST, TRAIN
+from adrec.features.split import TEST, TRAIN, VALID
 from adrec.metrics import ctr_metrics, rank_candidates, topk_metrics
 from adrec.model_version import ModelVersion, live_dir, load_version
 from adrec.run import RunDir
@@ -113,6 +116,9 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
     probs = np.asarray(rec.ranker.predict(test), dtype=np.float64)
     y = test["label"].to_numpy()
     metrics = ctr_metrics(y, probs)
+    known = feats.rows(TRAIN, VALID)
+    metrics.update(slice_metrics(y, probs, slice_masks(known["user_idx"].to_numpy(), known["item_idx"].to_numpy(),
+                                                       test["user_idx"].to_numpy(), test["item_idx"].to_numpy())))
     pd.DataFrame({"user": user_raw[test["user_idx"]], "item": item_raw[test["item_idx"]], "prob": probs}) \
         .to_csv(report / "ctr_preds.csv", index=False)
 
@@ -151,6 +157,18 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
     tables = {}
     if fair_table is not None:
         tables["Exposure to merit by provider"] = fair_table
+    if two_stage:
+        trade_metrics, trade_body, trade_img = exposure_tradeoff(
+            rec.two_stage, users, truth, rec.seen, spec.n_catalog, k, cfg.eval.exposure_weights, report)
+        metrics.update(trade_metrics)
+        fair_body += "\n\n### Exposure-aware re-ranking: the trade-off\n\n" + trade_body
+        if trade_img is not None:
+            images["Fairness: NDCG vs provider Gini (exposure re-ranking)"] = trade_img
+    privacy = (getattr(rec.ranker, "info", None) or {}).get("privacy")
+    if privacy:
+        metrics.update({"privacy.epsilon": float(privacy["epsilon"]), "privacy.delta": float(privacy["delta"])})
+    faith_metrics, faith_body = faithfulness(rec, users, top, cfg.eval.explain_users, seed=cfg.ranker.seed)
+    metrics.update(faith_metrics)
     recall_path = run.candidates / "recall.json"
     if recall_path.exists():
         rec_json = json.loads(recall_path.read_text())
@@ -167,13 +185,42 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
                f"candidates ({cfg.candidates.n_candidates} per user, train items excluded) ranked by the ranker")
             + f", ties to the lower item index. Model version {rec.version_id}."
         ),
+        "Slices where text matters": slices_section(
+            metrics, int(run.manifest()["stages"]["prepare"]["counts"].get("new_items_held_out", 0))),
         "Robustness (FGSM)": rob_body,
         "Fairness of exposure": fair_body,
+        "Explanations: faithfulness": faith_body,
+        "Privacy": privacy_section(privacy),
     }
     write_report(report, metrics, sections=sections, images=images, tables=tables, title=f"adrec report: {run.path.name}")
     run.update_manifest("evaluate", {"metrics": metrics, "seconds": round(time.perf_counter() - t0, 2)})
     log.info("evaluate: %s", {k_: round(v, 4) for k_, v in metrics.items()})
     return metrics
+
+
+def privacy_section(privacy: dict | None) -> str:
+    """The report's privacy paragraph: what DP-SGD spent and what the guarantee covers (docs/design.md)."""
+    if not privacy:
+        return "The ranker was trained without differential privacy (`ranker.dp` is off)."
+    return (f"The ranker was trained with DP-SGD (Opacus' {privacy['accountant'].upper()} accountant): "
+            f"epsilon = {privacy['epsilon']:.3f} at delta = {privacy['delta']:g} (target {privacy['target_epsilon']:g}) "
+            f"over {privacy['steps']} noisy steps (noise multiplier {privacy['noise_multiplier']:.3f}, per-example "
+            f"clipping to {privacy['max_grad_norm']:g}). The guarantee is example-level: one training row of the log, "
+            f"for the ranker's weights. It does not cover the valid labels used for early stopping and "
+            f"calibration, a user's rows together (user-level), the candidate sources and the two-stage re-ranker, "
+            f"nor the online learner (docs/design.md, \"Differential privacy\").")
+
+
+def slices_section(metrics: dict[str, float], held_out: int) -> str:
+    """The report's slice table (adrec.evaluation.slices defines the slices)."""
+    rows = [{"slice": name, "test AUC": metrics[f"ctr.auc.{name}"], "rows": int(metrics[f"ctr.rows.{name}"])}
+            for name in SLICES]
+    protocol = (f"the strict item cold-start protocol: {held_out} items (features.new_items, seeded) had every "
+                f"train and valid interaction removed" if held_out else
+                "the standard protocol (no items held out; `features.new_items=0.2` runs the strict one)")
+    return (f"Test AUC on impressions of items with at most {COLD_MAX} train+valid interactions (cold) or more "
+            f"(warm), of items with none (new; this run used {protocol}), and of users with at most {COLD_MAX} "
+            f"(few-shot).\n\n{markdown_table(rows)}")
 
 
 def metrics_table(metrics: dict[str, float]) -> str:

@@ -28,7 +28,7 @@ from adrec.data.sources import resolve_schema
 from adrec.features.rows import (ROW_KEYS, _entity_frame, _index, build_spec, context_counts,  # noqa: F401
                                  encode_block, entity_codes, history_lists)
 from adrec.features.spec import FeatureSpec
-from adrec.features.split import SPLITS, TEST, temporal_split
+from adrec.features.split import SPLITS, TEST, new_item_holdout, temporal_split
 from adrec.run import RunDir, fingerprint
 from adrec.runtime import init_ray
 
@@ -100,6 +100,12 @@ def _prepare_in_process(cfg: AdrecConfig, run: RunDir, schema, root, key: bytes)
     inter = inter.assign(user_idx=inter["user"].map(user_pos).astype("int64"),
                          item_idx=inter["item"].map(item_pos).astype("int64"))
     inter["split"] = temporal_split(inter["user_idx"].to_numpy(), inter["ts"].to_numpy(), inter["item_idx"].to_numpy())
+    held_out = new_item_holdout(inter["item_idx"].to_numpy(), cfg.features.new_items, cfg.features.new_items_seed)
+    if len(held_out):
+        drop = inter["item_idx"].isin(held_out).to_numpy() & (inter["split"] != TEST).to_numpy()
+        log.info("strict new-item protocol: %d items (%.0f%%) held out, %d train/valid rows removed",
+                 len(held_out), 100 * cfg.features.new_items, int(drop.sum()))
+        inter = inter[~drop].reset_index(drop=True)
 
     spec = build_spec(cfg, raw, context_counts(inter, list(raw.columns.get("context", []))),
                       len(user_ids), len(item_ids), n_catalog)
@@ -130,7 +136,8 @@ def _prepare_in_process(cfg: AdrecConfig, run: RunDir, schema, root, key: bytes)
     split_counts = feats["split"].value_counts().to_dict()
     counts = {**raw.counts, **{f"rows.{k}": int(v) for k, v in split_counts.items()},
               "catalog_items": n_catalog, "indexed_items": len(item_ids), "indexed_users": len(user_ids),
-              "fields": len(spec.fields), "crosses": [c["name"] for c in spec.crosses]}
+              "fields": len(spec.fields), "crosses": [c["name"] for c in spec.crosses],
+              "new_items_held_out": int(len(held_out))}
     data_files = [p for p in {root / t.path for t in (schema.interactions, schema.items, schema.users) if t}]
     return counts, fingerprint([p.resolve() for p in data_files])
 

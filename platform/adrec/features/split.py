@@ -35,3 +35,17 @@ def temporal_split(users: np.ndarray, ts: np.ndarray, items: np.ndarray) -> np.n
     out[order] = label
     return out
 
+
+
+def new_item_holdout(catalog_items: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The strict item cold-start protocol's held-out items: a seeded ``fraction`` of the catalog.
+
+    Their train and valid interactions are removed (the prepare stage drops them), so they are scored
+    only in test, as items no model saw a row of. The temporal split is taken before the removal, so the
+    test rows are the standard protocol's. Returns the sorted held-out item indices.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"new-item fraction must be in [0, 1), got {fraction}")
+    items = np.unique(np.asarray(catalog_items, dtype=np.int64))
+    n = int(round(fraction * len(items)))
+    return np.sort(np.random.default_rng(seed).choice(items, size=n, replace=False)) if n else items[:0]

@@ -33,7 +33,7 @@ from adrec.data.files import POSITION, list_table
 from adrec.data.ingest import RawData, _BadRows, _EmptyFields, table_columns, warn_counts
 from adrec.data.schema import DatasetSchema
 from adrec.data.stream import Tally, read_entity, read_interactions
-from adrec.errors import DataError
+from adrec.errors import ConfigError, DataError
 from adrec.features.rows import (_entity_frame, _index, build_spec, context_counts, encode_block,
                                  entity_codes, history_lists)
 from adrec.features.split import SPLITS, temporal_split
@@ -146,6 +146,9 @@ def _write_splits(ds, folder: Path) -> None:
 def prepare_streaming(cfg: AdrecConfig, run: RunDir, schema: DatasetSchema, root: Path,
                       key: bytes) -> tuple[dict, str]:
     """The prepare stage's rows on Ray Data; writes the features and returns (counts, data fingerprint)."""
+    if cfg.features.new_items:
+        raise ConfigError("features.new_items (the strict new-item protocol) is not built into the streaming "
+                          "pipeline yet: use features.pipeline=in_process for it")
     block = cfg.features.batch_size
     tally = Tally.remote(cfg.data.max_bad_rows)
     files, ds = read_interactions(schema, root, key, tally, block)
@@ -219,5 +222,6 @@ def prepare_streaming(cfg: AdrecConfig, run: RunDir, schema: DatasetSchema, root
     warn_counts(counts)
     counts.update({f"rows.{s}": int(totals[f"rows.{s}"]) for s in SPLITS if totals.get(f"rows.{s}", 0)})
     counts.update({"catalog_items": len(seen_items), "indexed_items": len(item_ids), "indexed_users": len(user_ids),
-                   "fields": len(spec.fields), "crosses": [c["name"] for c in spec.crosses]})
+                   "fields": len(spec.fields), "crosses": [c["name"] for c in spec.crosses],
+                   "new_items_held_out": 0})
     return counts, _fingerprint(listed)

@@ -25,6 +25,8 @@ def publish(run: RunDir, ranker_dir: Path | None = None, extra: dict | None = No
     info = {"version": time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6], "run": run.name,
             "n_users": feats.spec.n_users, "n_items": feats.spec.n_items,
             "context_field": cand_info.get("context_field"), "topk": topk.is_dir(),
+            # DP-SGD's spent epsilon and delta (ranker.dp), None without it.
+            "privacy": stages.get("train", {}).get("privacy"),
             # Which key pseudonymized the users (a fingerprint): Serve refuses to serve it with another.
             PSEUDONYM_KEY_FINGERPRINT: stages.get("prepare", {}).get(PSEUDONYM_KEY_FINGERPRINT), **(extra or {})}
     hist = latest_history(feats.interactions, feats.spec.n_users, feats.spec.history_len)

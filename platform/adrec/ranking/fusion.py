@@ -4,7 +4,9 @@ A saved fusion ranker is a self-describing folder::
 
     ranker.json      class, ranker config, architecture sizes, feature spec copy, calibration, training info
     model.pt         state dict of everything but the encoder
-    encoder/         the (fine-tuned) encoder and its tokenizer, via save_pretrained
+    encoder/         the (fine-tuned) encoder and its tokenizer, via save_pretrained (LoRA merged in)
+    adapter/         finetune=lora only: the LoRA adapter, peft's save_pretrained (adrec.ranking.lora)
+    collab/          ranker.collab only: the candidate sources behind its collaborative features
     items.parquet    the item table the model needs (index, id, text, item code columns)
     users.parquet    user multi-valued codes (only when the spec has user multi-valued fields)
     item_text.npy    cache of the pooled item text embeddings for this model version
@@ -35,12 +37,16 @@ from adrec.features.spec import FeatureSpec
 from adrec.ranking.base import RANKER_JSON, Ranker
 from adrec.ranking.data import EntityTables, architecture, rows_to_arrays
 from adrec.features.encoder import load_encoder, load_saved_encoder, tokenize
+from adrec.ranking.collab import COLLAB_DIR, CollabScorer, feature_names
+from adrec.ranking.lora import read_adapter, save_encoder
 from adrec.ranking.model import FusionModel
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 _EPS = 1e-7
+# State-dict prefixes of the encoder (``text.layers`` is the same blocks again): encoder/ holds those weights.
+_ENCODER_KEYS = ("text.encoder.", "text.layers.")
 
 
 def model_arch(cfg: RankerConfig, spec: FeatureSpec) -> dict:
@@ -50,7 +56,8 @@ def model_arch(cfg: RankerConfig, spec: FeatureSpec) -> dict:
                 cross_rank=cfg.cross_rank, dropout=cfg.dropout, embed_dropout=cfg.embed_dropout,
                 att_hidden=cfg.att_hidden, fm=cfg.fm, members=cfg.ensemble, mixed_members=cfg.ensemble_mixed,
                 finetune=cfg.finetune, finetune_last_n=cfg.finetune_last_n,
-                max_text_len=cfg.max_text_len)
+                max_text_len=cfg.max_text_len, text_tower=cfg.text_tower,
+                dense=feature_names(cfg.collab) if cfg.collab else [])
     return arch
 
 
@@ -85,6 +92,8 @@ class FusionRanker(Ranker):
         self.tokenizer = tokenizer
         self.calibration = (float(calibration[0]), float(calibration[1]))
         self.info = dict(info or {})
+        self.adapter_files: dict[str, bytes] = {}  # a LoRA ranker loaded merged: its adapter, saved again as is
+        self.collab: CollabScorer | None = None  # ranker.collab: the sources fitted on train + valid
         self.model.eval()
 
     # ---- construction -------------------------------------------------------------------------
@@ -103,13 +112,19 @@ class FusionRanker(Ranker):
             encoder, tokenizer = load_encoder(cfg)
         arch = model_arch(cfg, spec)
         tables = EntityTables.from_frames(items, users, arch)
-        model = _make_model(arch, cfg, tables, encoder, tokenizer, refresh=refresh)
+        lora = cfg.lora.model_dump() if cfg.finetune == "lora" else None
+        model = _make_model(arch, cfg, tables, encoder, tokenizer, refresh=refresh, lora=lora)
         return cls(model, cfg, asdict(spec), tables, tokenizer)
 
     # ---- inference --------------------------------------------------------------------------------
     def batch(self, rows: pd.DataFrame) -> dict[str, torch.Tensor]:
         """Model input tensors for ranker input rows."""
         arrays = rows_to_arrays(rows, self.arch)
+        if self.arch.get("dense"):  # the collaborative features: one implementation for every caller
+            if self.collab is None:
+                raise ValueError("this ranker reads collaborative features but carries no fitted sources")
+            hist = rows["hist"].to_numpy() if "hist" in rows.columns else [None] * len(rows)
+            arrays["dense"] = self.collab.features(hist, rows["item_idx"].to_numpy())
         device = self.model.device
         return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
 
@@ -145,13 +160,15 @@ class FusionRanker(Ranker):
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        state = {k: v for k, v in self.model.state_dict().items() if not k.startswith("text.encoder.")}
+        state = {k: v for k, v in self.model.state_dict().items() if not k.startswith(_ENCODER_KEYS)}
         torch.save(state, tmp / "model.pt")
-        self.model.text.encoder.save_pretrained(tmp / "encoder")
+        save_encoder(self.model.text.encoder, tmp, self.adapter_files)
         self.tokenizer.save_pretrained(tmp / "encoder")
         self.tables.items.to_parquet(tmp / "items.parquet", index=False)
         if self.tables.users is not None:
             self.tables.users.to_parquet(tmp / "users.parquet", index=False)
+        if self.collab is not None:
+            self.collab.save(tmp / COLLAB_DIR)
         meta = {
             "class": "FusionRanker",
             "name": self.name,
@@ -188,11 +205,14 @@ class FusionRanker(Ranker):
         state = torchfile.load(folder / "model.pt", "a ranker's weights",
                                "train the ranker again (`adrec train --run R`)")
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("text.encoder.")]
+        missing = [k for k in missing if not k.startswith(_ENCODER_KEYS)]
         if missing or unexpected:
             raise ValueError(f"{folder}/model.pt does not fit its ranker.json: missing {missing}, unexpected {unexpected}")
         cal = meta.get("calibration", {})
         ranker = cls(model, cfg, meta["spec"], tables, tok, (cal.get("a", 1.0), cal.get("b", 0.0)), meta.get("info"))
+        ranker.adapter_files = read_adapter(folder)
+        if (folder / COLLAB_DIR).is_dir():
+            ranker.collab = CollabScorer.load(folder / COLLAB_DIR)
         ranker._load_text_cache(folder)
         return ranker
 
@@ -218,9 +238,11 @@ class FusionRanker(Ranker):
             log.warning("could not write the item text cache to %s: %s", folder, err)
 
 
-def _make_model(arch: dict, cfg: RankerConfig, tables: EntityTables, encoder, tokenizer, refresh: bool = True) -> FusionModel:
+def _make_model(arch: dict, cfg: RankerConfig, tables: EntityTables, encoder, tokenizer, refresh: bool = True,
+                lora: dict | None = None) -> FusionModel:
+    """``lora``: the LoRA settings to wrap a base encoder with (training); None for a saved, merged one."""
     ids, mask = tokenize(tokenizer, tables.text, cfg.max_text_len)
-    model = FusionModel(arch, encoder, ids, mask, tables.item_attr, tables.multi)
+    model = FusionModel(arch, encoder, ids, mask, tables.item_attr, tables.multi, lora=lora)
     if refresh:
         model.text.refresh()
     return model

@@ -6,7 +6,8 @@
   ``frozen`` never runs it after the first pass; ``last_n`` computes the hidden states below the
   trainable top layers once, then runs only those top layers on (a sample of) the batch's unique
   candidate items, with the cache refreshed once per epoch for the rest; ``full`` runs the whole
-  encoder on those items (a GPU setting).
+  encoder on those items (a GPU setting); ``lora`` runs it too, with only peft's low-rank factors
+  training (:mod:`adrec.ranking.lora`). ``text_tower`` off (the ablation): the cache stays zero.
 - Item representation (candidate and history alike): [id embedding, attribute embeddings (the
   item's categorical and multi-valued codes), projected text].
 - User tower: DIN-style target attention of the candidate over the user's recent positives
@@ -40,8 +41,14 @@ EMBED_KEYS = ("fields", "multi", "item_id", "item_attr", "item_text", "tokens")
 class TextTower(nn.Module):
     """An HF encoder, its item tokens and the cache of pooled item texts (row 0 = unknown item)."""
 
-    def __init__(self, encoder: nn.Module, finetune: str, last_n: int, tok_ids: np.ndarray, tok_mask: np.ndarray):
+    def __init__(self, encoder: nn.Module, finetune: str, last_n: int, tok_ids: np.ndarray, tok_mask: np.ndarray,
+                 lora: dict | None = None, enabled: bool = True):
         super().__init__()
+        # A LoRA ranker loaded from its folder has the adapter merged into the encoder (lora None): nothing
+        # trains in the encoder any more; without the text tower the encoder never runs at all.
+        if not enabled or (finetune == "lora" and lora is None):
+            finetune = "frozen"
+        self.enabled = enabled
         self.encoder = encoder
         self.layers = encoder_layers(encoder)
         if finetune == "last_n" and self.layers is None:
@@ -53,6 +60,10 @@ class TextTower(nn.Module):
         self.n_top = min(last_n, n_layers) if finetune == "last_n" else 0
         for p in encoder.parameters():
             p.requires_grad_(finetune == "full")
+        if finetune == "lora":  # after the freeze: peft marks its own factors trainable
+            from adrec.ranking.lora import apply_lora
+
+            encoder = self.encoder = apply_lora(encoder, lora)
         pooler = getattr(encoder, "pooler", None)
         if pooler is not None:  # the model mean-pools the last hidden states; the pooler never runs
             for p in pooler.parameters():
@@ -84,6 +95,10 @@ class TextTower(nn.Module):
     @torch.no_grad()
     def refresh(self, batch_size: int = 128) -> None:
         """Recompute the pooled text of every item with the current encoder weights (no grad)."""
+        if not self.enabled:  # no text tower: every item's text is the zero vector
+            self.pooled.zero_()
+            self.fresh_cache = True
+            return
         was = self.encoder.training
         self.encoder.eval()
         idx = self._order(torch.arange(1, self.tok_ids.shape[0], device=self.tok_ids.device))
@@ -197,12 +212,18 @@ class FusionHead(nn.Module):
         self.att = nn.Sequential(nn.Linear(4 * d_item, att), nn.ReLU(), nn.Linear(att, 1))
         self.hist_n = nn.Embedding(self.hist_len + 1, k)
         nn.init.normal_(self.hist_n.weight, std=0.05)
-        d0 = (n_fields + n_multi) * k + k + 4 * d_item + k
+        n_dense = len(arch.get("dense", []))  # collaborative scores (adrec.ranking.collab): into the cross tower
+        d0 = (n_fields + n_multi) * k + k + 4 * d_item + k + (k if n_dense else 0)
         self.cross = CrossNetV2(d0, int(arch["cross_layers"]), int(arch.get("cross_rank", 64)))
         hidden = list(arch["hidden"])
         self.deep = mlp([d0, *hidden], float(arch["dropout"]))
         self.out = nn.Linear(hidden[-1] if hidden else d0, 1)
         self.emb_dropout = nn.Dropout(float(arch.get("embed_dropout", 0.0)))
+        self.dense_proj = nn.Linear(n_dense, k) if n_dense else None
+        self.dense_wide = nn.Linear(n_dense, 1) if n_dense else None
+        if self.dense_wide is not None:
+            nn.init.zeros_(self.dense_wide.weight)
+            nn.init.zeros_(self.dense_wide.bias)
         self.fm = bool(arch.get("fm", False))
         self.use_hist = True
 
@@ -212,7 +233,7 @@ class FusionModel(nn.Module):
     shared text tower. ``arch``: see :func:`adrec.ranking.data.architecture` plus the sizes."""
 
     def __init__(self, arch: dict, encoder: nn.Module, tok_ids: np.ndarray, tok_mask: np.ndarray,
-                 item_attr: np.ndarray, multi: dict[str, np.ndarray]):
+                 item_attr: np.ndarray, multi: dict[str, np.ndarray], lora: dict | None = None):
         super().__init__()
         self.arch = arch
         self.k = int(arch["embed_dim"])
@@ -233,7 +254,8 @@ class FusionModel(nn.Module):
             self.register_buffer(self._mbuf(name), torch.as_tensor(table, dtype=torch.long), persistent=False)
         self.item_multi = [i for i, kind in enumerate(self.multi_kind) if kind == "item"]
 
-        self.text = TextTower(encoder, arch["finetune"], int(arch["finetune_last_n"]), tok_ids, tok_mask)
+        self.text = TextTower(encoder, arch["finetune"], int(arch["finetune_last_n"]), tok_ids, tok_mask,
+                              lora=lora, enabled=bool(arch.get("text_tower", True)))
         n_members = max(1, int(arch.get("members", 1)))
         self.members = nn.ModuleList(FusionHead(arch, self.text.hidden_size, int(sum(cards)))
                                      for _ in range(n_members))
@@ -378,8 +400,12 @@ class FusionModel(nn.Module):
         if key("multi") in e:
             parts.append(e[key("multi")].flatten(1))
         parts += [t_c, cand, interest, interest * cand, hmean, n_hist]
+        if h.dense_proj is not None:
+            parts.append(h.dense_proj(b["dense"]))
         x = h.deep(h.cross(torch.cat(parts, dim=-1)))
         wide = h.lin(b["fields"] + self.field_off).sum(dim=(1, 2))
+        if h.dense_wide is not None:
+            wide = wide + h.dense_wide(b["dense"]).squeeze(-1)
         logit = h.out(x).squeeze(-1) + wide + h.bias
         if h.fm:
             v = torch.cat([fields, e[key("multi")]], dim=1) if key("multi") in e else fields

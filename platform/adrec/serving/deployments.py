@@ -125,9 +125,10 @@ class RankerDeployment:
             return {"scores": np.empty(0, np.float32)}
         return await self._rank_batch(version, model_dir, int(user_idx), items, context)
 
-    async def explain(self, version: str, model_dir: str, user_idx: int, items: np.ndarray, context: dict) -> list:
+    async def explain(self, version: str, model_dir: str, user_idx: int, items: np.ndarray, context: dict) -> dict:
         rec = await self._get(version, model_dir)
-        return await asyncio.to_thread(rec.explain, int(user_idx), np.asarray(items, np.int64), context)
+        return await asyncio.to_thread(rec.explain, int(user_idx), np.asarray(items, np.int64), context,
+                                       self.settings.explain_budget_ms, self.settings.explain_max_items)
 
     def versions(self) -> dict:
         return {"current": self.current, "loaded": list(self._models)}
@@ -167,7 +168,7 @@ class CandidateDeployment:
                 raise RuntimeError(ranked["error"])
             return ranked["scores"]
 
-        async def explain_fn(items: np.ndarray) -> list:
+        async def explain_fn(items: np.ndarray) -> dict:
             return await call(self.ranker.explain, rec.version_id, model_dir, u, items, context)
 
         req = Recommendation(rec, u, k, context, self.settings.n_candidates, explain)

@@ -142,8 +142,9 @@ class Ingress:
                 raise RuntimeError(ranked["error"])
             return ranked["scores"]
 
-        async def explain_fn(items: np.ndarray) -> list:
-            return await asyncio.to_thread(rec.explain, u, np.asarray(items, np.int64), context)
+        async def explain_fn(items: np.ndarray) -> dict:
+            return await asyncio.to_thread(rec.explain, u, np.asarray(items, np.int64), context,
+                                           self.settings.explain_budget_ms, self.settings.explain_max_items)
 
         req = Recommendation(rec, u, k, context, self.settings.n_candidates, explain)
         return await req.run_async(rank, explain_fn)

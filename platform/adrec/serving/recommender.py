@@ -3,7 +3,7 @@
 For a user the version's two-stage top-K recommender knows (``topk/``, fitted by the candidates
 stage), :meth:`Recommender.candidates` returns its candidate union already ordered by the learned
 re-ranker (``Candidates.final``), and that order is the final one; the CTR ranker's click
-probability is reported next to it and drives ``explain``'s features. Users it does not know (new,
+probability is reported next to it and ``explain`` explains it (:mod:`adrec.serving.explanations`). Users it does not know (new,
 or added online by fold-in) take the merged sources, ordered by the CTR ranker.
 
 The Serve deployments run the request algorithm (:class:`~adrec.serving.request.Recommendation`)
@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from adrec.config import CandidateConfig
+from adrec.config import CandidateConfig, ServeConfig
 from adrec.data.ids import normalize_id
 from adrec.data.privacy import pseudonymize
 from adrec.model_version import ModelVersion, TwoStageLists, load_version
+from adrec.serving.explanations import explain_items
 from adrec.serving.request import Recommendation
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class Recommender:
     def recommend(self, raw_user_id: str, k: int, context: dict | None = None, n_candidates: int | None = None,
                   explain: bool = False) -> list[dict]:
         """The items ``/recommend`` answers for a raw user id (``n_candidates``: the candidates stage's count
-        by default)."""
+        by default; the explanations' bounds: :class:`~adrec.config.ServeConfig`'s defaults)."""
         return self.recommend_index(self.user_index(raw_user_id), k, context, n_candidates, explain)
 
     def recommend_index(self, u: int, k: int, context: dict | None = None, n_candidates: int | None = None,
@@ -134,49 +135,39 @@ class Recommender:
         answer = req.run(lambda items: self.rank(u, items, context), lambda items: self.explain(u, items, context))
         return answer["items"]
 
-    def explain(self, user_idx: int, item_idx: np.ndarray, context: dict | None = None, top_n: int = 3) -> list[list[dict]]:
-        """Per item, the ``top_n`` features that raise its score most (occlusion).
+    def explain(self, user_idx: int, item_idx: np.ndarray, context: dict | None = None,
+                budget_ms: float | None = None, max_items: int | None = None) -> dict:
+        """The ranker's explanations of ``item_idx`` for one user: attention over the history and the top
+        attributions by field, within ``budget_ms`` (:func:`adrec.serving.explanations.explain_items`)."""
+        d = ServeConfig()
+        return explain_items(self, user_idx, item_idx, context,
+                             (d.explain_budget_ms if budget_ms is None else budget_ms) / 1e3,
+                             d.explain_max_items if max_items is None else max_items)
 
-        Each feature field (and the user's history) is replaced in turn by "unknown" and the item
-        re-scored; a feature's contribution is the drop in the click probability. One ``predict`` call
-        covers every variant, so this costs (fields + 2) x len(item_idx) rows of the cached ranker.
-        """
-        item_idx = np.asarray(item_idx, dtype=np.int64)
-        n = len(item_idx)
-        if n == 0:
-            return []
-        base = self.version.rows(np.full(n, user_idx, dtype=np.int64), item_idx, context)
-        fcols = [c for c in base.columns if c.startswith("f:")]
-        variants = [base]
-        names = []
-        for c in fcols:
-            variants.append(base.assign(**{c: 0}))
-            names.append(c[2:])
-        no_hist = base.copy()
-        no_hist["hist"] = [np.empty(0, np.int64)] * n
-        variants.append(no_hist)
-        names.append("history")
-        probs = np.asarray(self.ranker.predict(pd.concat(variants, ignore_index=True)), dtype=np.float64).reshape(-1, n)
-        delta = probs[0][None, :] - probs[1:]  # (variants, items)
-        out = []
-        for j in range(n):
-            order = np.argsort(-delta[:, j], kind="stable")[:top_n]
-            feats = []
-            for v in order:
-                rec = {"feature": names[v], "contribution": round(float(delta[v, j]), 6)}
-                value = self._feature_value(names[v], base, j)
-                if value is not None:
-                    rec["value"] = value
-                feats.append(rec)
-            out.append(feats)
+    def als_because(self, user_idx: int, item_idx: np.ndarray, sources: list[list[str]], top_n: int = 3) -> list[list[dict]]:
+        """Per item the ALS source proposed: the user's liked items that contribute most to its ALS score
+        (implicit's ``explain()``); [] for other items and for users the two-stage model does not know."""
+        ts = self.version.two_stage
+        als = None if ts is None else ts.sources.get("als")
+        out: list[list[dict]] = [[] for _ in item_idx]
+        if als is None or not 0 <= user_idx < ts.n_users or not hasattr(als, "explain"):
+            return out
+        liked = ts.index.positives[user_idx]
+        todo = [j for j, src in enumerate(sources) if "als" in src]
+        if not todo or liked.nnz == 0:
+            return out
+        for j, contrib in zip(todo, als.explain(liked, [int(item_idx[j]) for j in todo], top_n)):
+            names = self.item_ids(np.array([i for i, _ in contrib], np.int64)) if contrib else []
+            out[j] = [{"item": nm, "weight": round(float(w), 6), "method": "als"} for nm, (_, w) in zip(names, contrib)]
         return out
 
-    def _feature_value(self, name: str, rows: pd.DataFrame, j: int) -> str | None:
-        """The readable value behind a field code (item and context vocabularies only: no user data)."""
+    def feature_value(self, name: str, row: pd.DataFrame) -> str | None:
+        """The readable value behind a field code of a one-row frame (item and context vocabularies only:
+        no user data)."""
         vocabs = self.version.spec.vocabs
-        if not (name.startswith("item.") or name.startswith("ctx.")) or name not in vocabs:
+        if not (name.startswith("item.") or name.startswith("ctx.")) or name not in vocabs or f"f:{name}" not in row:
             return None
-        code = int(rows[f"f:{name}"].iloc[j])
+        code = int(row[f"f:{name}"].iloc[0])
         if code == 0:
             return None
         rev = self._reverse_vocabs.get(name)

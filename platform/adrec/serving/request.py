@@ -8,8 +8,8 @@ computed (in this process, or on a ranker replica behind a handle)::
     answer = req.run(rank, explain_fn)               # in-process: plain calls
     answer = await req.run_async(rank, explain_fn)   # Serve: awaited calls (batched, or on another replica)
 
-``rank(items)`` returns the CTR ranker's click probabilities of ``items``, ``explain_fn(items)`` their
-top features. For a user the two-stage recommender knows, its re-ranker's order is final: click
+``rank(items)`` returns the CTR ranker's click probabilities of ``items``, ``explain_fn(items)`` the
+ranker's explanations of them (:func:`adrec.serving.explanations.explain_items`). For a user the two-stage recommender knows, its re-ranker's order is final: click
 probabilities are computed for the top ``k`` only (a tenth of the ranker rows at k=10 of 100
 candidates). For other users the click probability orders the candidates.
 """
@@ -37,8 +37,9 @@ class Recommendation:
         self.cand = rec.candidates(user_idx, max(n_candidates, k), context)
         self.ranked_by = CLICK_PROB if self.cand.final is None else TWO_STAGE
         self.click_probs = np.full(len(self.cand.items), np.nan, np.float32)
-        # Positions of the chosen items, best first: known now when the re-ranker's order is final.
-        self.order = None if self.cand.final is None else top_order(self.cand.items, self.cand.final, k)
+        # Positions of the chosen items, best first: known now when the two-stage order is final. That order
+        # is the list's own (by re-ranker score, or its exposure-aware re-ranking: adrec.topk.exposure).
+        self.order = None if self.cand.final is None else np.arange(min(k, len(self.cand.items)))
 
     @property
     def to_score(self) -> np.ndarray:
@@ -59,27 +60,39 @@ class Recommendation:
         return self.cand.items[self.order] if self.order is not None else np.empty(0, np.int64)
 
     def run(self, rank: Callable[[np.ndarray], np.ndarray],
-            explain_fn: Callable[[np.ndarray], list] | None = None) -> dict:
+            explain_fn: Callable[[np.ndarray], dict] | None = None) -> dict:
         if len(self.to_score):
             self.set_click_probs(rank(self.to_score))
         return self.answer(explain_fn(self.chosen) if self.explain and len(self.chosen) else None)
 
     async def run_async(self, rank: Callable[[np.ndarray], Awaitable[np.ndarray]],
-                        explain_fn: Callable[[np.ndarray], Awaitable[list]] | None = None) -> dict:
+                        explain_fn: Callable[[np.ndarray], Awaitable[dict]] | None = None) -> dict:
         if len(self.to_score):
             self.set_click_probs(await rank(self.to_score))
         return self.answer(await explain_fn(self.chosen) if self.explain and len(self.chosen) else None)
 
-    def answer(self, features: list[list[dict]] | None = None) -> dict:
-        """``{"version", "ranked_by", "items"}``, the items as :class:`~adrec.serving.responses.RecommendedItem`."""
+    def answer(self, explained: dict | None = None) -> dict:
+        """``{"version", "ranked_by", "items"}`` (and ``explain_complete`` with explain), the items as
+        :class:`~adrec.serving.responses.RecommendedItem`. ``explained``: the ranker's explanations of the
+        chosen items (:func:`adrec.serving.explanations.explain_items`); the sources and the ALS part of
+        "because you liked" come from this side, which holds the candidates."""
         items = []
+        out = {"version": self.rec.version_id, "ranked_by": self.ranked_by}
         if self.order is not None:
             cand = self.cand
+            sources = [cand.sources[j] if cand.sources else [] for j in self.order]
+            per_item = (explained or {}).get("items") or [{} for _ in self.order]
+            als = self.rec.als_because(self.user_idx, cand.items[self.order], sources) if self.explain else None
             for rank, (j, item) in enumerate(zip(self.order, self.rec.item_ids(cand.items[self.order])), start=1):
                 rec = {"item": item, "rank": rank, "click_prob": float(self.click_probs[j]),
                        "relevance": None if cand.final is None else float(cand.final[j])}
                 if self.explain:
-                    rec["sources"] = cand.sources[j] if cand.sources else []
-                    rec["features"] = features[rank - 1] if features else []
+                    ex = per_item[rank - 1]
+                    rec["sources"] = sources[rank - 1]
+                    rec["because_you_liked"] = list(ex.get("because_you_liked") or []) + als[rank - 1]
+                    rec["features"] = ex.get("features")
                 items.append(rec)
-        return {"version": self.rec.version_id, "ranked_by": self.ranked_by, "items": items}
+            if self.explain:
+                out["explain_complete"] = bool((explained or {}).get("complete", False))
+        out["items"] = items
+        return out

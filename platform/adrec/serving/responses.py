@@ -11,13 +11,30 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 
-class FeatureContribution(BaseModel):
-    feature: str = Field(description="A feature field of the ranker's input (e.g. item.genre, ctx.slot) or "
-                                     "'history' (the user's recent positives).")
-    contribution: float = Field(description="How much the item's click probability drops when this feature is "
-                                            "replaced by 'unknown' (occlusion): larger raises the item more.")
+class FeatureAttribution(BaseModel):
+    feature: str = Field(description="An input group of the ranker: a feature field (e.g. item.genre, ctx.slot, "
+                                     "user.age, a cross x:a*b, the id fields user and item), a pooled multi-valued "
+                                     "field, or a part of the item's representation: item.id, item.attributes, "
+                                     "item.text, or history (the embeddings of the user's recent positives).")
+    kind: Literal["user", "item", "context", "cross", "text", "history", "other"] = Field(
+        description="What the group is, for a reader.")
+    attribution: float = Field(description="Integrated Gradients of the ranker's logit over the group's input "
+                                           "embeddings, from an all-zero baseline (the group removed): how much "
+                                           "the group moves the item's logit. The groups sum to logit(input) - "
+                                           "logit(baseline), up to the integral's error.")
+    sign: Literal["+", "-"] = Field(description="'+' when the group raises the item's score, '-' when it lowers it.")
+    share: float = Field(ge=0, le=1, description="|attribution| over the sum of |attribution| of every group of "
+                                                 "the item (all groups, not only the ones listed).")
     value: str | None = Field(None, description="The feature's readable value, for item and context "
                                                 "vocabularies only (never user data); absent otherwise.")
+
+
+class LikedItem(BaseModel):
+    item: str = Field(description="An item of the user's history (their earlier positives), by its id.")
+    weight: float = Field(description="method 'attention': the ranker's target-attention weight of this history "
+                                      "item for the recommended one (the weights of a list sum to at most 1); "
+                                      "method 'als': its contribution to the ALS score (implicit's explain()).")
+    method: Literal["attention", "als"] = Field(description="Where the weight comes from (see weight).")
 
 
 class RecommendedItem(BaseModel):
@@ -29,9 +46,16 @@ class RecommendedItem(BaseModel):
                                                 "not a probability) when it ordered the list (ranked_by "
                                                 "'two_stage'); null when the click probability did.")
     sources: list[str] | None = Field(None, description="With explain: the candidate sources that proposed the "
-                                                        "item (e.g. ease, als, popularity).")
-    features: list[FeatureContribution] | None = Field(None, description="With explain: the features that raise "
-                                                                         "the item's click probability most.")
+                                                        "item (e.g. ease, als, popularity; 'catalog' when it "
+                                                        "filled a short candidate union).")
+    because_you_liked: list[LikedItem] | None = Field(
+        None, description="With explain: the user's history items that contributed most, by the ranker's "
+                          "attention (top 3) and, for an item the ALS source proposed, by ALS (top 3).")
+    features: list[FeatureAttribution] | None = Field(
+        None, description="With explain: the ranker's top 5 input groups by |attribution| (Integrated "
+                          "Gradients). null when the request's explanation budget (serve.explain_budget_ms) "
+                          "ran out before this item, beyond serve.explain_max_items, or for a ranker "
+                          "without input embeddings.")
 
 
 class RecommendResponse(BaseModel):
@@ -42,6 +66,10 @@ class RecommendResponse(BaseModel):
                     "each item's relevance is its score) or 'click_prob' (the CTR ranker's click probability, "
                     "for users it does not know).")
     items: list[RecommendedItem] = Field(description="At most k items, best first.")
+    explain_complete: bool | None = Field(
+        None, description="With explain: true when every item got its feature attributions; false when the "
+                          "time budget or serve.explain_max_items cut them short (sources and "
+                          "because_you_liked are always there).")
 
 
 class FeedbackResponse(BaseModel):

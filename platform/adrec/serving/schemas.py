@@ -36,7 +36,10 @@ class RecommendRequest(_Strict):
     k: int = Field(ge=1, description="How many items to answer (at most the app's max_k).")
     context: Context = Field(default_factory=dict, description="The request's context fields (e.g. slot, device), "
                                                                "strings or integers.")
-    explain: bool = Field(False, description="Add each item's candidate sources and top features.")
+    explain: bool = Field(False, description="Explain each item: the candidate sources that proposed it, the "
+                                             "history items that contributed most ('because you liked') and "
+                                             "the ranker's top feature attributions (Integrated Gradients), "
+                                             "within the app's time budget (see RecommendedItem).")
 
     @field_validator("k")
     @classmethod

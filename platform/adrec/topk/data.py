@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .exposure import provider_codes
+
 __all__ = ["TopKData", "item_tag_matrix"]
 
 
@@ -54,10 +56,12 @@ class TopKData:
     n_items: int
     n_catalog: int
     item_tags: sp.csr_matrix | None = None
+    # Per item index its provider's code (adrec.topk.exposure.provider_codes), for exposure-aware re-ranking.
+    item_provider: np.ndarray | None = None
 
     @classmethod
     def from_features(cls, features: Any) -> TopKData:
         """From :class:`adrec.features.pipeline.Features` (the prepare stage's outputs)."""
         spec = features.spec
         return cls(features.interactions, int(spec.n_users), int(spec.n_items), int(spec.n_catalog),
-                   item_tag_matrix(features.items, int(spec.n_items)))
+                   item_tag_matrix(features.items, int(spec.n_items)), provider_codes(features.items, int(spec.n_items)))

@@ -28,6 +28,7 @@ from adrec.candidates.base import CandidateSource, load_source, pack_csr, unpack
 from adrec.config import TopKConfig, TopKSourceConfig
 
 from .data import TopKData
+from .exposure import exposure_rerank
 from .features import ExtraScore, candidate_features
 from .gbdt import load_ranker, predict, resolve_ranker, save_ranker, train_ranker
 from .known import KnownIndex
@@ -87,6 +88,10 @@ class TwoStageRecommender:
       valid split's labels, or the re-ranker learns to trust a leaked feature. Not saved: pass
       them again to :meth:`load`.
 
+    - ``exposure_weight``: w of the exposure-aware re-ranking of every list (:mod:`.exposure`; 0 = off),
+      over the best ``exposure_pool`` candidates by re-ranker score; needs item providers (the data's
+      ``item.advertiser``, else primary ``item.genre``), without them the lists are not re-ranked.
+
     Serving: :meth:`save` writes a self-contained folder; :meth:`load` + :meth:`recommend` answer
     for users known at fit time (index ``0..n_users-1``).
     """
@@ -105,10 +110,13 @@ class TwoStageRecommender:
         extra_scores: Mapping[str, ExtraScore] | None = None,
         batch_users: int | None = None,
         seed: int | None = None,
+        exposure_weight: float | None = None,
+        exposure_pool: int | None = None,
     ) -> None:
         given = {"sources": sources, "train_stages": train_stages, "last_n": last_n, "windows_days": windows_days,
                  "transition_span": transition_span, "next_candidates": next_candidates, "rank_depth": rank_depth,
-                 "ranker": ranker, "ranker_params": ranker_params, "batch_users": batch_users, "seed": seed}
+                 "ranker": ranker, "ranker_params": ranker_params, "batch_users": batch_users, "seed": seed,
+                 "exposure_weight": exposure_weight, "exposure_pool": exposure_pool}
         p = {**default_params(), **{k: v for k, v in given.items() if v is not None}}
         self.source_specs = _source_specs(p["sources"])
         bad = [s for s in p["train_stages"] if s not in TRAIN_STAGES]
@@ -125,6 +133,11 @@ class TwoStageRecommender:
         self.extra_scores = dict(extra_scores or {})
         self.batch_users = int(p["batch_users"])
         self.seed = int(p["seed"])
+        self.exposure_weight = float(p["exposure_weight"])
+        self.exposure_pool = int(p["exposure_pool"])
+        if not 0.0 <= self.exposure_weight <= 1.0 or self.exposure_pool < 1:
+            raise ValueError(f"exposure_weight must be in [0, 1] and exposure_pool >= 1, got "
+                             f"{self.exposure_weight!r}, {self.exposure_pool!r}")
         # fitted state
         self.model: Any = None
         self.feature_names: list[str] | None = None
@@ -132,6 +145,7 @@ class TwoStageRecommender:
         self.index: KnownIndex | None = None
         self.known: pd.DataFrame | None = None
         self.item_tags: sp.csr_matrix | None = None
+        self.item_provider: np.ndarray | None = None  # per item index its provider's code (exposure re-ranking)
         self.n_users = self.n_items = self.n_catalog = None
         self.fit_info: dict[str, Any] = {}
 
@@ -144,6 +158,7 @@ class TwoStageRecommender:
         data = data if isinstance(data, TopKData) else TopKData.from_features(data)
         self.n_users, self.n_items, self.n_catalog = data.n_users, data.n_items, data.n_catalog
         self.item_tags = data.item_tags
+        self.item_provider = data.item_provider
         t0 = time.perf_counter()
         frames, labels, groups = [], [], []
         for name in self.train_stages:
@@ -221,8 +236,8 @@ class TwoStageRecommender:
         x = np.column_stack([np.asarray(columns[n], np.float64) for n in self.feature_names])
         return predict(self.model, self.ranker, x)
 
-    def rank_lists(self, user_idx: Any, n: int, exclude: sp.csr_matrix | None = None,
-                   with_sources: bool = False) -> tuple[np.ndarray, np.ndarray, list[list[list[str]]] | None]:
+    def rank_lists(self, user_idx: Any, n: int, exclude: sp.csr_matrix | None = None, with_sources: bool = False,
+                   exposure_weight: float | None = None) -> tuple[np.ndarray, np.ndarray, list[list[list[str]]] | None]:
         """Per user (in the order given, repeats allowed): the best ``n`` candidates by re-ranker
         score, ties to the lower item index.
 
@@ -233,7 +248,27 @@ class TwoStageRecommender:
         lists proposed it (``["catalog"]`` for an item added because the user's union was shorter than
         :data:`~adrec.topk.union.MIN_UNION` items).
         Vectorised: ``batch_users`` users share one feature frame and one ``predict`` call.
+
+        With an ``exposure_weight`` (None: the recommender's own) above 0 and item providers known, each
+        list is the exposure-aware re-ranking (:mod:`.exposure`) of the user's best ``exposure_pool``
+        candidates; the scores stay each item's re-ranker score, so they need not fall along the list.
         """
+        w = self.exposure_weight if exposure_weight is None else float(exposure_weight)
+        if w <= 0 or self.item_provider is None:
+            return self._rank_by_score(user_idx, n, exclude, with_sources)
+        n = int(n)
+        ids, sc, src = self._rank_by_score(user_idx, max(n, self.exposure_pool), exclude, with_sources)
+        pos = exposure_rerank(ids, sc, self.item_provider, w, n)
+        rows = np.arange(len(ids))[:, None]
+        got = pos >= 0
+        out_ids = np.where(got, ids[rows, np.maximum(pos, 0)], -1)
+        out_sc = np.where(got, sc[rows, np.maximum(pos, 0)], np.nan)
+        out_src = None if src is None else [[per[p] for p in row if p >= 0] for per, row in zip(src, pos)]
+        return out_ids, out_sc, out_src
+
+    def _rank_by_score(self, user_idx: Any, n: int, exclude: sp.csr_matrix | None,
+                       with_sources: bool) -> tuple[np.ndarray, np.ndarray, list[list[list[str]]] | None]:
+        """:meth:`rank_lists` without the exposure re-ranking: the best ``n`` by re-ranker score."""
         self._check_fitted()
         users = np.asarray(user_idx, dtype=np.int64).reshape(-1)
         if users.size and (users.min() < 0 or users.max() >= self.n_users):
@@ -296,6 +331,8 @@ class TwoStageRecommender:
         save_ranker(self.model, self.ranker, d)
         arrays = {c: self.known[c].to_numpy() for c in _KNOWN_COLUMNS}
         pack_csr("tags", self.item_tags, arrays)
+        if self.item_provider is not None:
+            arrays["item_provider"] = np.asarray(self.item_provider, np.int64)
         np.savez(d / "known.npz", **arrays)
         meta = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -304,7 +341,8 @@ class TwoStageRecommender:
                        "transition_span": self.transition_span, "next_candidates": self.next_candidates,
                        "rank_depth": self.rank_depth,
                        "ranker": self.ranker, "ranker_params": self.ranker_params,
-                       "batch_users": self.batch_users, "seed": self.seed},
+                       "batch_users": self.batch_users, "seed": self.seed,
+                       "exposure_weight": self.exposure_weight, "exposure_pool": self.exposure_pool},
             "n_users": self.n_users, "n_items": self.n_items, "n_catalog": self.n_catalog,
             "feature_names": self.feature_names, "extra_scores": sorted(self.extra_scores),
             "fit_info": self.fit_info,
@@ -331,5 +369,6 @@ class TwoStageRecommender:
             arrays = {k: z[k] for k in z.files}
         obj.known = pd.DataFrame({c: arrays[c] for c in _KNOWN_COLUMNS})
         obj.item_tags = unpack_csr("tags", arrays)
+        obj.item_provider = arrays.get("item_provider")  # absent in folders saved before exposure re-ranking
         obj.index = obj._known_index(obj.known)
         return obj

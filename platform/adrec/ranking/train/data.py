@@ -8,6 +8,7 @@ import torch
 
 from adrec.config import RankerConfig
 from adrec.features.split import TRAIN, VALID
+from adrec.ranking.collab import training_features
 from adrec.ranking.data import rows_to_arrays, take
 from adrec.ranking.fusion import FusionRanker
 
@@ -21,11 +22,16 @@ def prepare_data(cfg: RankerConfig, features) -> dict:
     inter = features.interactions
     arch = FusionRanker.build_arch(cfg, spec)
     out = {"spec": spec, "items": features.items, "users": features.users, "arch": arch}
+    dense = None
+    if cfg.collab:  # leakage-free per split; the ranker keeps the scorer fitted on train + valid
+        dense, out["collab"] = training_features(inter, spec.n_users, spec.n_items, cfg.collab, cfg.seed)
     for split in (TRAIN, VALID):
         rows = inter[inter["split"] == split]
         if len(rows) == 0:
             raise ValueError(f"no '{split}' rows in the features: the ranker trains on train and selects on valid")
         arrays = rows_to_arrays(rows, arch)
+        if dense is not None:
+            arrays["dense"] = dense[split]
         arrays["label"] = rows["label"].to_numpy(dtype=np.float32)
         arrays["ts"] = pd.to_numeric(rows["ts"], errors="coerce").to_numpy(dtype=np.float64) if "ts" in rows \
             else np.arange(len(rows), dtype=np.float64)

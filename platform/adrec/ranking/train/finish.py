@@ -7,6 +7,7 @@ import numpy as np
 from adrec.config import RankerConfig
 from adrec.features.split import VALID
 from adrec.ranking.fusion import FusionRanker
+from adrec.ranking.train.privacy import spent
 
 
 def fit_platt(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -30,6 +31,7 @@ def finish(cfg: RankerConfig, data: dict, state: dict, ranker: FusionRanker | No
     if ranker is None:
         ranker = FusionRanker.build(cfg, data["spec"], data["items"], data["users"], refresh=False)
     ranker.model.cpu()
+    ranker.collab = data.get("collab")
     refit = state.get("final_state") is not None
     weights = state["final_state"] if refit else state["best_state"]
     missing, unexpected = ranker.model.load_state_dict(weights, strict=False)
@@ -44,4 +46,6 @@ def finish(cfg: RankerConfig, data: dict, state: dict, ranker: FusionRanker | No
     hist = state["history"]
     ranker.info = {"valid_auc": state["best_auc"], "best_epoch": state["best_epoch"], "refit": refit,
                    "epochs_run": [h["epoch"] for h in hist], "history": hist}
+    if state.get("privacy") is not None:  # DP-SGD: the epsilon Opacus' accountant gives for the steps taken
+        ranker.info["privacy"] = spent(state["privacy"])
     return ranker

@@ -95,6 +95,7 @@ def train_ranker(cfg: AdrecConfig, run: RunDir, features=None,
         "num_workers": rc.num_workers,
         "worker_nodes": max(int(h.get("worker_nodes", 1)) for h in state["history"]),
         "calibration": list(ranker.calibration),
+        "privacy": ranker.info.get("privacy"),  # ranker.dp: the epsilon spent (adrec.ranking.train.privacy)
         "ray_run": (storage / name).uri,
         "seconds": round(time.perf_counter() - t0, 2),
     }

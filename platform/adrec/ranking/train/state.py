@@ -30,6 +30,7 @@ from adrec.ranking.fgsm import fgsm_loss
 from adrec.ranking.fusion import FusionRanker
 from adrec.ranking.train.average import WeightAverage
 from adrec.ranking.train.data import predict_logits, recency_weights, to_device
+from adrec.ranking.train.privacy import PrivateTraining
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Progress:
     best_logits: np.ndarray | None = None  # and their valid logits (the calibration fits on them)
     final_state: dict | None = None  # the averaged weights at the end of the refit
     final_pooled: torch.Tensor | None = None
+    privacy: dict | None = None  # with ranker.dp: the accountant's record of the noisy steps (train/privacy.py)
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -117,6 +119,8 @@ class TrainingState:
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if (self.device.type == "cuda" and cfg.bf16) \
             else nullcontext()
         self.progress = Progress()
+        # DP-SGD (ranker.dp): its own epoch, see adrec.ranking.train.privacy
+        self.private = PrivateTraining(cfg, data, self.world) if cfg.dp is not None else None
         self.start_epoch = 0  # the epoch this attempt started after (> 0 when it resumed)
 
     def _new_optimizer(self) -> None:
@@ -124,7 +128,7 @@ class TrainingState:
         groups = [{"params": model.head_parameters(), "lr": cfg.lr}]
         enc_params = model.encoder_parameters()
         if enc_params:
-            groups.append({"params": enc_params, "lr": cfg.encoder_lr})
+            groups.append({"params": enc_params, "lr": cfg.lora.lr if cfg.finetune == "lora" else cfg.encoder_lr})
         self.opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         self.average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
 
@@ -172,6 +176,8 @@ class TrainingState:
     # ---- training and evaluation -----------------------------------------------------------------------
     def run_epoch(self, epoch: int, arrays: dict) -> tuple[float, int, float]:
         """One pass over this worker's shard of ``arrays``; returns (mean loss, steps, seconds)."""
+        if self.private is not None:
+            return self.private.run_epoch(self, epoch, arrays)
         cfg, model, rank, world, device = self.cfg, self.model, self.rank, self.world, self.device
         t0 = time.perf_counter()
         y = arrays["label"]
