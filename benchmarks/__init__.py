@@ -11,6 +11,8 @@ are in the ``bench`` extra (``pip install -e '.[bench]'``).
 - :mod:`benchmarks.online`: frozen vs online model through a preference drift (``pipelines/benchmark_online.py``).
 - :mod:`benchmarks.topk`: the two-stage top-K path vs the classic peers (``pipelines/benchmark_topk.py``).
 - :mod:`benchmarks.ranker`: the CTR ranker vs its peers (``pipelines/benchmark_ranker.py``).
+- :mod:`benchmarks.scale`: the streaming prepare on synthetic logs of growing size beside the in-process one
+  (``pipelines/benchmark_scale.py``).
 - :mod:`benchmarks.ranker_peers`: the ranker's peer click models (logistic regression, LightGBM, DeepFM...).
 
 The ``*.json`` / ``*.md`` files beside the modules are the runs the README quotes.

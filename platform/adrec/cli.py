@@ -93,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flush", action="store_true",
                    help="with --once: label the impressions still inside their attribution window before exiting")
 
+    p = sub.add_parser("score", help="batch scoring: every user's top-K from the live version, as Parquet (Ray Data)")
+    _common(p)
+    p.add_argument("--users", default="all", metavar="FILE|all",
+                   help="all (every user the version knows, default) or a text file of raw user ids, one per line")
+    p.add_argument("--out", required=True, metavar="DIR_OR_URI", help="where the Parquet lists go (folder or URI)")
+    p.add_argument("--k", type=int, default=10, metavar="K", help="items per user (default 10)")
+    p.add_argument("--actors", type=int, default=1, metavar="N", help="actors holding the model (default 1)")
+
     p = sub.add_parser("versions", help="the run's model versions: list, show one, roll back, prune")
     _common(p)
     p.add_argument("action", choices=("list", "show", "rollback", "prune"))
@@ -171,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             from adrec.serving.deploy import serve_run
 
             out = serve_run(cfg, run, blocking=not args.detach)
+        elif args.command == "score":
+            from adrec.serving.batch import score
+
+            out = score(cfg, run, args.out, users=args.users, k=args.k, actors=args.actors)
         elif args.command == "online":
             from adrec.online.foreground import run_learner
 

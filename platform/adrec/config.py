@@ -37,6 +37,9 @@ class SyntheticConfig(_Strict):
     # Preferences shift at this fraction of the timeline (0 disables drift).
     drift_at: float = Field(0.0, ge=0, lt=1)
     seed: int = 0
+    # None: one impressions.csv. A number: the log is written as Parquet shards of that many impressions,
+    # one shard in memory at a time (for logs larger than memory; read with features.pipeline: streaming).
+    shard_rows: int | None = Field(None, ge=100)
 
 
 class DataConfig(_Strict):
@@ -81,6 +84,10 @@ class FeatureConfig(_Strict):
     # Vocabulary entries seen fewer times than this map to the unknown code.
     min_count: int = Field(1, ge=1)
     batch_size: int = Field(65536, ge=64)
+    # "in_process": the tables are read whole in the driver (pandas) and encoded on Ray Data.
+    # "streaming": read, parse, split and encode block by block on Ray Data, written as Parquet shards
+    # (features/train|valid|test); a table may then be a folder of CSV or Parquet shards, a glob or a URI.
+    pipeline: Literal["in_process", "streaming"] = "in_process"
     # The strict item cold-start protocol (issue 14): this seeded fraction of the catalog loses every train
     # and valid interaction and is scored only in test (``ctr.auc.new_items``). 0: the standard protocol.
     new_items: float = Field(0.0, ge=0, lt=1)

@@ -54,7 +54,8 @@ def test_importing_adrec_loads_no_benchmark_code():
 def test_each_forwarder_is_thin_and_runs_from_anywhere(tmp_path):
     """``python pipelines/benchmark_X.py --help`` from another folder, with the repository root on no path:
     the forwarder finds the benchmarks package itself, and the bench extra is not needed to start."""
-    assert {p.stem for p in FORWARDERS} >= {"benchmark_online", "benchmark_ranker", "benchmark_serving",
+    assert {p.stem for p in FORWARDERS} >= {"benchmark_online", "benchmark_ranker", "benchmark_scale",
+                                             "benchmark_serving",
                                              "benchmark_storage", "benchmark_topk", "benchmark_exposure",
                                              "benchmark_explain", "benchmark_privacy"}
     for p in FORWARDERS:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,7 @@ import pandas as pd
 from adrec.errors import DataError
 from adrec.data.ids import normalize_ids
 from adrec.data.privacy import pseudonymize_series
-from adrec.data.schema import DatasetSchema, EntitySchema, _Table, parse_label_rule
+from adrec.data.schema import DatasetSchema, EntitySchema, InteractionsSchema, _Table, parse_label_rule
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +40,26 @@ class RawData:
     columns: dict[str, list[str]] = field(default_factory=dict)
 
 
+def file_name(file: Path | str) -> str:
+    """The last part of a local path or a URI: what the per-file counts and warnings call a file."""
+    return PurePosixPath(str(file)).name
+
+
 class _BadRows:
-    """Collects bad rows across files and enforces ``max_bad_rows``."""
+    """Collects bad rows across files (and blocks) and enforces ``max_bad_rows``."""
 
     def __init__(self, max_bad: int):
         self.max_bad = max_bad
         self.count: dict[str, int] = {}
         self.total = 0
 
-    def add(self, file: Path, column: str, lines: np.ndarray, values: pd.Series, why: str) -> None:
+    def add(self, file: Path | str, column: str, lines: np.ndarray, values: pd.Series, why: str) -> None:
         n = len(lines)
         if n == 0:
             return
         self.total += n
-        self.count[file.name] = self.count.get(file.name, 0) + n
+        name = file_name(file)
+        self.count[name] = self.count.get(name, 0) + n
         if self.total > self.max_bad:
             line, val = int(lines[0]), values.iloc[0]
             raise DataError(
@@ -61,7 +67,7 @@ class _BadRows:
                 f"{n} such row(s) in this column. Fix the data, or allow skipping with "
                 f"data.max_bad_rows (now {self.max_bad})."
             )
-        log.warning("%s: skipping %d row(s) with bad '%s' (%s), first at row %d", file.name, n, column, why, int(lines[0]))
+        log.warning("%s: skipping %d row(s) with bad '%s' (%s), first at row %d", name, n, column, why, int(lines[0]))
 
 
 class _EmptyFields:
@@ -71,13 +77,37 @@ class _EmptyFields:
     def __init__(self):
         self.count: dict[str, int] = {}
 
-    def add(self, path: Path, table: str, column: str, empty: np.ndarray) -> None:
+    def add(self, path: Path | str, table: str, column: str, empty: np.ndarray) -> None:
         n = int(np.count_nonzero(empty))
         if n == 0:
             return
-        self.count[f"empty_fields.{table}.{column}"] = n
-        log.warning("%s: column '%s' is empty in %d row(s); kept, with an empty '%s' feature there",
-                    path.name, column, n, column)
+        key = f"empty_fields.{table}.{column}"
+        if key not in self.count:
+            log.warning("%s: column '%s' is empty in %d row(s); kept, with an empty '%s' feature there",
+                        file_name(path), column, n, column)
+        self.count[key] = self.count.get(key, 0) + n
+
+
+class Recorder:
+    """Stands in for :class:`_BadRows` and :class:`_EmptyFields` inside one block of a distributed read:
+    it keeps what the block found, in order, and :meth:`replay` hands it to the real ones (in the
+    driver or in the actor that counts across blocks), so both paths count and word it the same way."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def add(self, *args) -> None:
+        if len(args) == 5 and isinstance(args[4], str):  # _BadRows.add(file, column, lines, values, why)
+            file, column, lines, values, why = args
+            if len(lines):
+                self.calls.append(("bad", file, column, np.asarray(lines), values.iloc[:1], why))
+        else:  # _EmptyFields.add(path, table, column, empty)
+            if np.count_nonzero(args[3]):
+                self.calls.append(("empty", *args[:3], np.asarray(args[3], dtype=bool)))
+
+    def replay(self, bad: "_BadRows", empties: "_EmptyFields") -> None:
+        for kind, *args in self.calls:
+            (bad if kind == "bad" else empties).add(*args)
 
 
 def _read_table(table: _Table, root: Path, what: str) -> tuple[pd.DataFrame, Path, np.ndarray]:
@@ -144,10 +174,11 @@ def _parse_ts(s: pd.Series) -> pd.Series:
     return num.fillna(secs)
 
 
-def _read_interactions(schema: DatasetSchema, root: Path, bad: _BadRows, empties: _EmptyFields,
-                       key: bytes) -> pd.DataFrame:
-    spec = schema.interactions
-    df, path, lines = _read_table(spec, root, "interactions")
+def parse_interactions(df: pd.DataFrame, lines: np.ndarray, path: Path | str, spec: InteractionsSchema,
+                       bad, empties, key: bytes) -> tuple[pd.DataFrame, np.ndarray]:
+    """One block of the interactions table (text cells, ``lines`` its row numbers in ``path``) ->
+    canonical rows, and which input rows they are (a mask); bad rows go to ``bad`` and empty context cells to ``empties``. The one parser of
+    interactions: the in-process read calls it on a whole file, the Ray Data read on each block."""
     label_col, op, thr = parse_label_rule(spec.label)
     _require(df, path, [spec.user, spec.item, spec.timestamp, label_col, *spec.context])
     keep = np.ones(len(df), dtype=bool)
@@ -188,12 +219,24 @@ def _read_interactions(schema: DatasetSchema, root: Path, bad: _BadRows, empties
     for c in spec.context:
         out[f"ctx.{c}"] = df[c][keep].to_numpy()
         empties.add(path, "interactions", c, (out[f"ctx.{c}"] == "").to_numpy())
-    return out
+    return out, keep
+
+
+def _read_interactions(schema: DatasetSchema, root: Path, bad: _BadRows, empties: _EmptyFields,
+                       key: bytes) -> pd.DataFrame:
+    df, path, lines = _read_table(schema.interactions, root, "interactions")
+    return parse_interactions(df, lines, path, schema.interactions, bad, empties, key)[0]
 
 
 def _read_entity(spec: EntitySchema, root: Path, bad: _BadRows, empties: _EmptyFields, kind: str,
                  key: bytes | None) -> pd.DataFrame:
     df, path, lines = _read_table(spec, root, kind)
+    return parse_entity(df, lines, path, spec, bad, empties, kind, key)
+
+
+def parse_entity(df: pd.DataFrame, lines: np.ndarray, path: Path | str, spec: EntitySchema, bad, empties,
+                 kind: str, key: bytes | None) -> pd.DataFrame:
+    """A side table's text cells (one file; ``lines`` its row numbers) -> canonical rows, one per id."""
     _require(df, path, [spec.id, *spec.text, *spec.categorical, *spec.multi_valued, *spec.numeric])
     keep = np.ones(len(df), dtype=bool)
     all_ids = normalize_ids(df[spec.id])
@@ -255,22 +298,31 @@ def read_dataset(schema: DatasetSchema, root: Path, key: bytes, max_bad_rows: in
     counts.update({f"bad_rows_skipped.{k}": v for k, v in bad.count.items()})
     # Repeated rows are kept (an ad shown twice at the same second is two impressions to some logs and a
     # double write to others: only the data owner knows), but counted and warned about.
-    dup = int(inter.duplicated().sum())
-    counts["duplicate_interactions"] = dup
-    if dup:
-        log.warning("%d interaction row(s) repeat an earlier row exactly (same user, item, time, label and "
-                    "context); kept", dup)
+    counts["duplicate_interactions"] = int(inter.duplicated().sum())
     counts.update(empties.count)
     if items is not None:
-        missing = ~inter["item"].isin(items["item"])
-        counts["interactions_with_unknown_item"] = int(missing.sum())
-        if missing.any():
-            log.warning("%d interaction(s) name items missing from the items table; kept with empty item features", int(missing.sum()))
+        counts["interactions_with_unknown_item"] = int((~inter["item"].isin(items["item"])).sum())
     if users is not None:
-        missing = ~inter["user"].isin(users["user"])
-        counts["interactions_with_unknown_user"] = int(missing.sum())
-        if missing.any():
-            log.warning("%d interaction(s) name users missing from the users table; kept with empty user features", int(missing.sum()))
+        counts["interactions_with_unknown_user"] = int((~inter["user"].isin(users["user"])).sum())
+    warn_counts(counts)
+    return RawData(inter, items, users, counts, table_columns(schema))
+
+
+def warn_counts(counts: dict) -> None:
+    """The warnings a read owes its user about rows it kept (either pipeline's counts)."""
+    if counts.get("duplicate_interactions"):
+        log.warning("%d interaction row(s) repeat an earlier row exactly (same user, item, time, label and "
+                    "context); kept", counts["duplicate_interactions"])
+    if counts.get("interactions_with_unknown_item"):
+        log.warning("%d interaction(s) name items missing from the items table; kept with empty item features",
+                    counts["interactions_with_unknown_item"])
+    if counts.get("interactions_with_unknown_user"):
+        log.warning("%d interaction(s) name users missing from the users table; kept with empty user features",
+                    counts["interactions_with_unknown_user"])
+
+
+def table_columns(schema: DatasetSchema) -> dict[str, list[str]]:
+    """Which canonical columns are of which kind (``RawData.columns``)."""
     columns = {"context": [f"ctx.{c}" for c in schema.interactions.context]}
     for kind, spec in (("item", schema.items), ("user", schema.users)):
         if spec is None:
@@ -278,4 +330,4 @@ def read_dataset(schema: DatasetSchema, root: Path, key: bytes, max_bad_rows: in
         columns[f"{kind}.categorical"] = [f"{kind}.{c}" for c in spec.categorical]
         columns[f"{kind}.multi_valued"] = [f"{kind}.{c}" for c in spec.multi_valued]
         columns[f"{kind}.numeric"] = [f"{kind}.{c}" for c in spec.numeric]
-    return RawData(inter, items, users, counts, columns)
+    return columns

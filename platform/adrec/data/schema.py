@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,7 +19,11 @@ NAMED_SEPARATORS = {"\\t": "\t", "tab": "\t"}
 class _Table(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # A file, a folder (every file under it; partitioned Parquet included), a glob or a URI
+    # (s3://bucket/key/...). A folder, a glob or a URI needs features.pipeline: streaming.
     path: str
+    # csv or parquet; None: from the files' extension (.parquet / .pq, anything else is CSV).
+    format: Literal["csv", "parquet"] | None = None
     # One character (or a named escape: "\t", "tab"). pandas takes a longer separator as a regular
     # expression run by its slow Python engine, where a crafted line can backtrack for minutes.
     sep: str = ","

@@ -53,6 +53,25 @@ def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
+def _names(prefix: str, idx: np.ndarray, width: int) -> np.ndarray:
+    return np.char.add(prefix, np.char.zfill(idx.astype(str), width))
+
+
+def _write_shards(folder: Path, cfg: SyntheticConfig, ad_pop: np.ndarray, draw, t0: int, span: int) -> None:
+    """The log as Parquet shards of ``cfg.shard_rows`` impressions, each over its own slice of the
+    timeline, drawn and written one at a time: memory holds one shard, the disk holds the log."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n_shards = -(-cfg.n_impressions // cfg.shard_rows)
+    for k in range(n_shards):
+        n = min(cfg.shard_rows, cfg.n_impressions - k * cfg.shard_rows)
+        lo, hi = t0 + span * k // n_shards, t0 + span * (k + 1) // n_shards
+        pq.write_table(pa.Table.from_pandas(draw(k, n, lo, hi, ad_pop), preserve_index=False),
+                       folder / f"part-{k:05d}.parquet")
+
+
 def ad_texts(rng, text_rng, cats: list[str], ad_cat: np.ndarray, ad_adv: np.ndarray, own_vec: np.ndarray,
              quality: np.ndarray) -> tuple[list[str], list[str]]:
     """Each ad's title and tags. ``rng`` draws what the titles always had (so the log's other draws, and
@@ -80,7 +99,8 @@ def ad_texts(rng, text_rng, cats: list[str], ad_cat: np.ndarray, ad_adv: np.ndar
 
 
 def generate(cfg: SyntheticConfig, out_dir: str | Path) -> Path:
-    """Write impressions.csv, ads.csv, users.csv and schema.yaml into ``out_dir``; returns the schema path."""
+    """Write the impressions (impressions.csv, or Parquet shards in impressions/ with ``shard_rows``),
+    ads.csv, users.csv and schema.yaml into ``out_dir``; returns the schema path."""
     rng = np.random.default_rng(cfg.seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,43 +139,55 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path) -> Path:
     demo_aff2, hour_aff2 = affinity(1)
 
     # Impressions: active users see more ads; time spread over `days`.
-    n = cfg.n_impressions
     p_user = activity / activity.sum()
-    u = rng.choice(cfg.n_users, n, p=p_user)
-    ad_pop = rng.lognormal(0, 1.0, cfg.n_ads)
-    a = rng.choice(cfg.n_ads, n, p=ad_pop / ad_pop.sum())
     t0 = 1_700_000_000
-    ts = np.sort(rng.integers(t0, t0 + cfg.days * 86400, n))
-    hour = (ts // 3600) % 24
-    slot = rng.integers(1, N_SLOTS + 1, n)
-    device = rng.choice(DEVICES, n, p=[0.6, 0.3, 0.1])
+    span = cfg.days * 86400
 
-    drifted = np.zeros(n, dtype=bool)
-    if cfg.drift_at > 0:
-        drifted = np.arange(n) >= int(cfg.drift_at * n)
-    demo_term = np.where(drifted, demo_aff2[band[u], g_idx[u], ad_cat[a]], demo_aff[band[u], g_idx[u], ad_cat[a]])
-    hour_term = np.where(drifted, hour_aff2[hour, ad_cat[a]], hour_aff[hour, ad_cat[a]])
-    logit = (
-        np.log(cfg.base_ctr / (1 - cfg.base_ctr))
-        + 0.9 * demo_term
-        + hour_term
-        + 0.35 * (u_vec[u] * ad_vec[a]).sum(1) / np.sqrt(d)
-        + quality[a]
-        + adv_quality[ad_adv[a]]
-        + 0.2 * (device == "mobile")
-    )
-    p = _sigmoid(logit) * (1 - cfg.position_bias) ** (slot - 1)
-    clicked = (rng.random(n) < p).astype(int)
+    def impressions(r, n: int, t_lo: int, t_hi: int, ad_pop=None, by_time: bool = False) -> pd.DataFrame:
+        """``n`` impressions in [t_lo, t_hi), drawn with ``r``. The single-file log draws ``ad_pop`` here,
+        after the users (kept so its data does not change); the sharded log draws it once for all shards."""
+        u = r.choice(cfg.n_users, n, p=p_user)
+        if ad_pop is None:
+            ad_pop = r.lognormal(0, 1.0, cfg.n_ads)
+        a = r.choice(cfg.n_ads, n, p=ad_pop / ad_pop.sum())
+        ts = np.sort(r.integers(t_lo, t_hi, n))
+        hour = (ts // 3600) % 24
+        slot = r.integers(1, N_SLOTS + 1, n)
+        device = r.choice(DEVICES, n, p=[0.6, 0.3, 0.1])
+        drifted = np.zeros(n, dtype=bool)
+        if cfg.drift_at > 0:
+            drifted = ts >= t0 + cfg.drift_at * span if by_time else np.arange(n) >= int(cfg.drift_at * n)
+        demo_term = np.where(drifted, demo_aff2[band[u], g_idx[u], ad_cat[a]], demo_aff[band[u], g_idx[u], ad_cat[a]])
+        hour_term = np.where(drifted, hour_aff2[hour, ad_cat[a]], hour_aff[hour, ad_cat[a]])
+        logit = (
+            np.log(cfg.base_ctr / (1 - cfg.base_ctr))
+            + 0.9 * demo_term
+            + hour_term
+            + 0.35 * (u_vec[u] * ad_vec[a]).sum(1) / np.sqrt(d)
+            + quality[a]
+            + adv_quality[ad_adv[a]]
+            + 0.2 * (device == "mobile")
+        )
+        p = _sigmoid(logit) * (1 - cfg.position_bias) ** (slot - 1)
+        clicked = (r.random(n) < p).astype(int)
+        return pd.DataFrame({
+            "user_id": _names("user", u, 5),
+            "ad_id": _names("ad", a, 4),
+            "ts": ts,
+            "slot": slot,
+            "hour": hour,
+            "device": device,
+            "clicked": clicked,
+        })
 
-    pd.DataFrame({
-        "user_id": [f"user{i:05d}" for i in u],
-        "ad_id": [f"ad{i:04d}" for i in a],
-        "ts": ts,
-        "slot": slot,
-        "hour": hour,
-        "device": device,
-        "clicked": clicked,
-    }).to_csv(out / "impressions.csv", index=False)
+    if cfg.shard_rows is None:
+        impressions(rng, cfg.n_impressions, t0, t0 + span).to_csv(out / "impressions.csv", index=False)
+        imp_table = {"path": "impressions.csv"}
+    else:
+        imp_table = {"path": "impressions", "format": "parquet"}
+        _write_shards(out / "impressions", cfg, rng.lognormal(0, 1.0, cfg.n_ads),
+                      lambda k, n, lo, hi, pop: impressions(np.random.default_rng([cfg.seed, 1, k]), n, lo, hi, pop, True),
+                      t0, span)
     pd.DataFrame({
         "ad_id": [f"ad{i:04d}" for i in range(cfg.n_ads)],
         "title": titles,
@@ -172,7 +204,7 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path) -> Path:
     }).to_csv(out / "users.csv", index=False)
 
     schema = DatasetSchema.model_validate({
-        "interactions": {"path": "impressions.csv", "user": "user_id", "item": "ad_id", "timestamp": "ts",
+        "interactions": {**imp_table, "user": "user_id", "item": "ad_id", "timestamp": "ts",
                          "label": "clicked", "context": ["slot", "hour", "device"]},
         "items": {"path": "ads.csv", "id": "ad_id", "text": ["title", "category"],
                   "categorical": ["advertiser", "category"], "multi_valued": {"tags": "|"}, "numeric": ["price"]},

@@ -156,14 +156,24 @@ class FeatureSpec:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def build_vocab(values: pd.Series, min_count: int = 1, sep: str | None = None) -> dict[str, int]:
+def value_counts(values: pd.Series, sep: str | None = None) -> pd.Series:
+    """How often each non-empty value occurs (each listed value of a multi-valued field, with ``sep``).
+    Counts of several blocks add up (``pd.concat(...).groupby(level=0).sum()``) to the whole table's."""
     s = as_text(values)
     if sep is not None:
         s = s.str.split(sep, regex=False).explode()
     s = s[s != ""]
-    counts = s.value_counts()
+    return s.value_counts()
+
+
+def vocab_from_counts(counts: pd.Series, min_count: int = 1) -> dict[str, int]:
+    """The vocabulary of the values counted at least ``min_count`` times, codes 1.. in sorted order."""
     kept = sorted(counts[counts >= min_count].index.tolist())
     return {v: i + 1 for i, v in enumerate(kept)}
+
+
+def build_vocab(values: pd.Series, min_count: int = 1, sep: str | None = None) -> dict[str, int]:
+    return vocab_from_counts(value_counts(values, sep), min_count)
 
 
 def multi_width(values: pd.Series) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 TRAIN, VALID, TEST = "train", "valid", "test"
+SPLITS = (TRAIN, VALID, TEST)
 
 
 def _tail_counts(n: np.ndarray) -> np.ndarray:

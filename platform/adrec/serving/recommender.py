@@ -125,7 +125,11 @@ class Recommender:
                   explain: bool = False) -> list[dict]:
         """The items ``/recommend`` answers for a raw user id (``n_candidates``: the candidates stage's count
         by default; the explanations' bounds: :class:`~adrec.config.ServeConfig`'s defaults)."""
-        u = self.user_index(raw_user_id)
+        return self.recommend_index(self.user_index(raw_user_id), k, context, n_candidates, explain)
+
+    def recommend_index(self, u: int, k: int, context: dict | None = None, n_candidates: int | None = None,
+                        explain: bool = False) -> list[dict]:
+        """:meth:`recommend` for a user index (-1: a user the version does not know)."""
         n = CandidateConfig().n_candidates if n_candidates is None else n_candidates
         req = Recommendation(self, u, k, context, n, explain)
         answer = req.run(lambda items: self.rank(u, items, context), lambda items: self.explain(u, items, context))
