@@ -29,7 +29,9 @@ def local_state_dir(state_dir: Path | Location | str) -> Path:
     """The local folder of a learner's state: the folder itself, or for a state on an object store the
     node's cache of it (where its status files are kept between checkpoints)."""
     loc = resolve(state_dir)
-    return loc.local_path if loc.is_local else cache_dir("online", loc)
+    folder = loc.local_path if loc.is_local else cache_dir("online", loc)
+    folder.mkdir(parents=True, exist_ok=True)  # a node that resumes a state it never held has no cache yet
+    return folder
 
 
 def save_checkpoint(state_dir: Path | Location | str, state: dict) -> str:

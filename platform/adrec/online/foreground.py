@@ -18,7 +18,7 @@ import signal
 import threading
 
 from adrec.config import AdrecConfig
-from adrec.model_version import live_dir
+from adrec.model_version import live_entry
 from adrec.serving.args import default_feedback_log
 from adrec.run import RunDir
 
@@ -33,7 +33,7 @@ def run_learner(cfg: AdrecConfig, run: RunDir, rollout: bool = False, once: bool
     from adrec.online.supervise import Supervised
 
     oc = cfg.online
-    base = live_dir(run)
+    base = live_entry(run).uri  # the version's own location: the learner publishes beside it
     feedback = cfg.serve.feedback_log or default_feedback_log(run.uri)
     state = oc.state_dir or run.store("online").uri  # on the run's store: it outlives this node
     on_publish = None

@@ -49,7 +49,7 @@ from adrec.candidates.merge import MultiSource
 from adrec.config import OnlineConfig
 from adrec.feedback import CLICK, IMPRESSION, Event, open_log
 from adrec.model_version import VersionRegistry, load_version, materialize
-from adrec.model_version.registry import VERSIONS_DIR
+from adrec.model_version.registry import LIVE, VERSIONS_DIR
 from adrec.online.attribution import AttributionJoiner, Example
 from adrec.online.catalog import OnlineCatalog
 from adrec.online.checkpoint import load_checkpoint, local_state_dir, save_checkpoint
@@ -94,7 +94,8 @@ class OnlineLearner:
         # The learner's versions go where the base version's came from (the run's registry, on its store);
         # a loose base folder (not in a registry) gets one in the learner's state.
         parent = resolve(base_loc.uri.rsplit("/", 1)[0])
-        self.registry = VersionRegistry(parent if parent.name == VERSIONS_DIR else self.state_loc / VERSIONS_DIR)
+        in_registry = parent.name == VERSIONS_DIR and (parent / LIVE).is_file()
+        self.registry = VersionRegistry(parent if in_registry else self.state_loc / VERSIONS_DIR)
         self.reader = open_log(feedback_log).reader()
         self.status_log = StatusLog(self.state_dir)
         self.on_publish = on_publish
