@@ -81,7 +81,10 @@ class TcpProxy:
                     break
                 if upstream and data[:8].split(b" ", 1)[0] in (b"GET", b"HEAD", b"PUT", b"POST", b"DELETE"):
                     state["last"] = data.split(b"\r\n", 1)[0]
-                if not upstream and self.mode == "lose-reply" and _completes_upload(state["last"]):
+                # An interim "100 Continue" (a single PUT sends its body after it) is passed on: only the final
+                # reply of a completed upload is lost.
+                if (not upstream and self.mode == "lose-reply" and _completes_upload(state["last"])
+                        and not data.startswith(b"HTTP/1.1 100")):
                     self.lost_replies += 1
                     break
                 if upstream and self.mode == "cut":
