@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from adrec.config import OnlineConfig
+from adrec.model_version import registry_of
 from adrec.online.learner import OnlineLearner
 from adrec.online.publish import StatusLog
 from adrec.online.stream import feedback_events, post_feedback, write_feedback_log
@@ -92,7 +94,7 @@ def test_learner_scores_before_learning_publishes_and_folds_in(tiny_run, log_pat
     assert [r["version"] for r in records if r.get("event") == "published"] == [p["version"] for p in learner.published]
     latest, rec = published[-1]
     assert rec["guard"]["online_logloss"] <= rec["guard"]["limit"]
-    ranker = load_ranker(latest / "ranker")
+    ranker = load_ranker(Path(latest) / "ranker")  # the version's location (a loose base: the learner's own registry)
     served = dict(ranker.model.named_parameters())
     for name, value in learner.serving.model.named_parameters():
         assert torch.equal(served[name].detach(), value.detach()), name  # the version holds what serving scored with
@@ -143,7 +145,7 @@ def test_guard_refuses_a_worse_version_and_says_so(tiny_run, log_path, tmp_path,
             assert after["serving_version"] == before["serving_version"]
     assert learner.serving_version == (learner.published[-1]["version"] if learner.published else learner.base_version)
     assert "refused version" in caplog.text
-    assert len(list((tmp_path / "online" / "versions").iterdir())) == len(learner.published)
+    assert len(registry_of(tmp_path / "online").numbers()) == len(learner.published)
     status = json.loads((tmp_path / "online" / "status.json").read_text())
     assert status["counts"]["refused"] == len(refused)
 
