@@ -398,9 +398,18 @@ def test_a_version_that_fails_to_load_is_reported_and_the_live_one_keeps_serving
     import shutil
 
     live = read_version(served["v2"])["version"]  # the rollout test left the app on v2
+    from adrec.model_version.registry import MANIFEST, VersionIntegrityError, _manifest_of
+
     broken = publish(served["run"], make_live=False).location.local_path
     (broken / "ranker" / "model.pt").write_bytes(b"not a torch file")
     (broken / "features" / "items.parquet").write_bytes(b"not parquet either")  # the feedback writer reads it
+    # Damaged after its commit: its checksums no longer hold, and the rollout refuses it before any replica.
+    with pytest.raises(VersionIntegrityError, match="does not match its checksum"):
+        rollout(served["args"], broken, timeout_s=120)
+    # Committed as it is (the manifest matches the bad files): the replicas try it, fail, and keep serving.
+    manifest = json.loads((broken / MANIFEST).read_text())
+    (broken / MANIFEST).write_text(json.dumps(_manifest_of(broken, json.loads((broken / "version.json").read_text()),
+                                                           manifest["writer"])))
     with pytest.raises(RuntimeError, match="could not load version"):
         rollout(served["args"], broken, timeout_s=120)
     r = _rec(served["client"], served["users"][0])
