@@ -65,7 +65,9 @@ def test_two_node_ddp_training(tmp_path):
     import tempfile
 
     ray_tmp = tempfile.mkdtemp(prefix="rt2n-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
+    # Both nodes of ray.cluster_utils.Cluster run on this machine and share its disk: say so, or the run's
+    # local checkpoint folder is refused for a cluster of two nodes (adrec.storage.require_shared).
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1", ADREC_LOCAL_IS_SHARED="1")
     try:
             proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "run")], capture_output=True,
                               text=True, timeout=600, env=env)
