@@ -93,8 +93,9 @@ def test_learner_scores_before_learning_publishes_and_folds_in(tiny_run, log_pat
     records = StatusLog(tmp_path / "online").read()
     assert [r["version"] for r in records if r.get("event") == "published"] == [p["version"] for p in learner.published]
     latest, rec = published[-1]
+    latest = Path(latest)  # a local registry here: the location is a folder
     assert rec["guard"]["online_logloss"] <= rec["guard"]["limit"]
-    ranker = load_ranker(Path(latest) / "ranker")  # the version's location (a loose base: the learner's own registry)
+    ranker = load_ranker(latest / "ranker")
     served = dict(ranker.model.named_parameters())
     for name, value in learner.serving.model.named_parameters():
         assert torch.equal(served[name].detach(), value.detach()), name  # the version holds what serving scored with
