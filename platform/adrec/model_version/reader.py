@@ -18,13 +18,18 @@ from adrec.features.spec import FeatureSpec
 from adrec.model_version.layout import VersionPaths
 from adrec.model_version.lists import TwoStageLists
 from adrec.model_version.registry import materialize
+from adrec.storage import is_remote
 
 log = logging.getLogger(__name__)
 
 
 def read_version(model_dir: str | Path) -> dict:
-    """The ``version.json`` of a version folder or URI (id, creation time, sizes, where it came from)."""
-    path = VersionPaths(materialize(model_dir)).info
+    """The ``version.json`` of a version folder or URI (id, creation time, sizes, where it came from).
+
+    A local folder's other files are not hashed here (this is read several times per deploy and rollout):
+    loading the version (:class:`ModelVersion`) verifies them, and so do the deploy and rollout checks."""
+    folder = materialize(model_dir) if is_remote(model_dir) else Path(model_dir)
+    path = VersionPaths(folder).info
     if not path.is_file():
         raise RunError(f"{model_dir} is not a model version (no version.json): run `adrec train` first")
     return json.loads(path.read_text())

@@ -69,12 +69,13 @@ def preflight(args: AppArgs) -> AppArgs:
     - the version or the feedback log is a local path while the Ray cluster has several nodes (replicas
       placed on the others could not read the version, and acknowledged events would live on one disk).
     """
-    from adrec.model_version import read_version
+    from adrec.model_version import materialize, read_version
 
     r = args.resolved()
     require_api_key(r, r.host, r.port)
     storage.require_shared(r.model_dir, "the model version Serve loads (serve.model_dir / --run)")
     storage.require_shared(r.feedback_log, "the feedback log (serve.feedback_log)")
+    materialize(r.model_dir)  # committed and intact (every checksum), before any replica tries it
     r.check_version_key(read_version(r.model_dir), r.model_dir)
     return r
 
@@ -107,10 +108,11 @@ def rollout(args: AppArgs, model_dir: str | Path, timeout_s: float = 600.0) -> s
     answered throughout. Returns the new version id once every replica serves it (raises if one could
     not load it: that replica goes on serving the old version).
     """
-    from adrec.model_version import read_version
+    from adrec.model_version import materialize, read_version
     from ray import serve
 
     new = storage.normalize(model_dir)  # a folder or a URI; every replica copies a remote one to its cache
+    materialize(new)  # a damaged version is refused here, before any replica tries it
     vid = str(read_version(new)["version"])
     base = args.resolved()  # pin the feedback log and key file of the running app
     t = time.perf_counter()
