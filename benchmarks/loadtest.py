@@ -125,7 +125,7 @@ def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], n: int
 
 # ---- HTTP load ---------------------------------------------------------------------------------------
 async def _closed_loop(url: str, bodies: list[dict], concurrency: int, n_requests: int, headers: dict[str, str],
-                       timeout_s: float) -> tuple[list[float], dict[str, int], float]:
+                       timeout_s: float, starts: list[float] | None) -> tuple[list[float], dict[str, int], float]:
     import httpx
 
     latencies: list[float] = []
@@ -137,13 +137,15 @@ async def _closed_loop(url: str, bodies: list[dict], concurrency: int, n_request
         async def worker() -> None:
             for i in counter:
                 body = bodies[i % len(bodies)]
-                t = time.perf_counter()
+                t, wall = time.perf_counter(), time.time()
                 try:
                     r = await client.post(url, json=body)
                     code = str(r.status_code)
                 except httpx.HTTPError as err:
                     code = type(err).__name__
                 latencies.append(time.perf_counter() - t)
+                if starts is not None:
+                    starts.append(wall)
                 statuses[code] = statuses.get(code, 0) + 1
 
         t0 = time.perf_counter()
@@ -153,11 +155,12 @@ async def _closed_loop(url: str, bodies: list[dict], concurrency: int, n_request
 
 
 def closed_loop(url: str, bodies: list[dict], concurrency: int, n_requests: int, headers: dict[str, str] | None = None,
-                timeout_s: float = 30.0) -> tuple[list[float], dict[str, int], float]:
+                timeout_s: float = 30.0, starts: list[float] | None = None) -> tuple[list[float], dict[str, int], float]:
     """``n_requests`` POSTs of ``bodies`` (cycled) to ``url`` from ``concurrency`` closed-loop clients:
     (every latency in seconds, count per HTTP status or client error, seconds from the first request to the
-    last answer)."""
-    return asyncio.run(_closed_loop(url, bodies, concurrency, n_requests, headers or {}, timeout_s))
+    last answer). ``starts``, when given, receives each request's wall-clock start (unix seconds), in the
+    order of the latencies: to line the tail up with what other processes did meanwhile."""
+    return asyncio.run(_closed_loop(url, bodies, concurrency, n_requests, headers or {}, timeout_s, starts))
 
 
 def http_load(url: str, bodies: list[dict], concurrency: int, n_requests: int, headers: dict[str, str] | None = None,

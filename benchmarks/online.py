@@ -132,11 +132,25 @@ def train_initial(cfg, run, local: bool = False) -> dict:
 
 
 # ---- 4. load ------------------------------------------------------------------------------------------------
-def recommend_load(url: str, bodies: list[dict], concurrency: int, n: int) -> tuple[list, dict, float]:
+def recommend_load(url: str, bodies: list[dict], concurrency: int, n: int,
+                   starts: list[float] | None = None) -> tuple[list, dict, float]:
     """Closed-loop ``POST /recommend`` load: (latencies, statuses, wall seconds of the whole call)."""
     t0 = time.perf_counter()
-    lat, st, _ = closed_loop(url.rstrip("/") + "/recommend", bodies, concurrency, n)
+    lat, st, _ = closed_loop(url.rstrip("/") + "/recommend", bodies, concurrency, n, starts=starts)
     return lat, st, time.perf_counter() - t0
+
+
+def split_by_windows(lat_s: list[float], starts: list[float], windows: list[tuple[float, float]]) -> dict:
+    """The requests that overlapped one of ``windows`` (wall-clock intervals: the rollouts) vs the others:
+    where the latency tail while learning comes from."""
+    inside: list[float] = []
+    outside: list[float] = []
+    for lat, t0 in zip(lat_s, starts):
+        hit = any(t0 < b and t0 + lat > a for a, b in windows)
+        (inside if hit else outside).append(lat)
+    return {"rollouts": len(windows), "rollout_seconds": round(sum(b - a for a, b in windows), 2),
+            "during_rollout": latency_stats(inside, {"200": len(inside)}),
+            "outside_rollout": latency_stats(outside, {"200": len(outside)})}
 
 
 def latency_stats(lat_s: list[float], statuses: dict, seconds: float | None = None) -> dict:
@@ -275,6 +289,7 @@ def run_benchmark(cfg, work: Path, s: Settings) -> dict:
     # 4. alternating phases, frozen first
     phases = []
     pooled = {"frozen": ([], {}), "learning": ([], {})}
+    learning_starts: list[float] = []  # wall-clock starts of the learning phases' requests (their order)
     for k in range(s.phases):
         mode = "frozen" if k % 2 == 0 else "learning"
         if mode == "learning":
@@ -282,7 +297,8 @@ def run_benchmark(cfg, work: Path, s: Settings) -> dict:
         t = time.perf_counter()
         sent0 = poster.sent
         poster.active.set()
-        lat, st, secs = recommend_load(url, bodies, s.concurrency, s.requests_per_phase)
+        starts = learning_starts if mode == "learning" else None
+        lat, st, secs = recommend_load(url, bodies, s.concurrency, s.requests_per_phase, starts)
         poster.active.clear()
         if mode == "learning":
             ray.get(learner.stop.remote())
@@ -297,6 +313,8 @@ def run_benchmark(cfg, work: Path, s: Settings) -> dict:
         for code, c in st.items():
             pooled[mode][1][code] = pooled[mode][1].get(code, 0) + c
         log.info("phase %d (%s): %s", k, mode, phases[-1])
+    rollout_windows = [(h["started"], h["started"] + h["seconds"])
+                       for h in ray.get(learner.status.remote()).get("rollouts", {}).get("history", [])]
 
     # 5. the rest of the stream, then the learner catches up and closes the last attribution windows
     t = time.perf_counter()
@@ -323,7 +341,8 @@ def run_benchmark(cfg, work: Path, s: Settings) -> dict:
         "initial_model": {k: v for k, v in trained.items() if k in ("valid_auc", "best_epoch", "epochs_run", "local")},
         "progressive": {"pre_drift": segments[0], "post_drift": segments[1], "total": final["metrics"]["total"]},
         "latency": {"frozen": latency_stats(*pooled["frozen"]), "learning": latency_stats(*pooled["learning"]),
-                    "phases": phases, "warmup": latency_stats(warm_lat, warm_st, warm_s)},
+                    "phases": phases, "warmup": latency_stats(warm_lat, warm_st, warm_s),
+                    "learning_by_rollout": split_by_windows(pooled["learning"][0], learning_starts, rollout_windows)},
         "feedback": {"events": len(events), "posted": poster.sent, "accepted": poster.accepted,
                      **latency_stats(poster.latencies, {"200": len(poster.latencies)})},
         "learner": {"counts": final["counts"], "published": final["published"], "last_decision": final["last_decision"],
@@ -420,6 +439,13 @@ def markdown(report: dict) -> str:
         x = lat[mode]
         lines.append(f"| learner {'paused' if mode == 'frozen' else 'learning'} | {x['requests']} | {x['ok']} | "
                      f"{x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} |")
+    split = lat.get("learning_by_rollout")
+    if split:  # where the tail while learning comes from: requests that overlapped a rollout, or not
+        for part in ("during_rollout", "outside_rollout"):
+            x = split[part]
+            lines.append(f"| learning, {part.replace('_', ' ')}s | {x['requests']} | {x['ok']} | "
+                         f"{x.get('p50_ms', '')} | {x.get('p95_ms', '')} | {x.get('p99_ms', '')} |")
+        lines.append(f"\n{split['rollouts']} rollouts took {split['rollout_seconds']} s of the learning phases.")
     lr = report["learner"]
     lines += ["",
               f"- post-drift AUC gain, online - frozen: **{s['post_drift_auc_gain']:+.4f}** (target >= +0.03: "

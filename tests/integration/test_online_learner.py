@@ -128,6 +128,31 @@ def test_learner_scores_before_learning_publishes_and_folds_in(tiny_run, log_pat
     assert pseudonymize(NEWCOMERS[0], KEY) in set(pd.read_parquet(latest / "features" / "users.parquet")["user"])
 
 
+def test_pruning_a_runs_registry_keeps_the_learners_base(tiny_run, log_path, tmp_path, one_thread):
+    """A learner on a run's live version publishes into that run's registry and prunes it: the base it
+    reads (fold-in, a restart) is kept however many versions follow (it was pruned once: every later
+    step of the learner failed, and so did its restart)."""
+    import shutil
+
+    from adrec.model_version import VersionRegistry, read_version
+
+    reg = VersionRegistry(tmp_path / "run" / "versions")
+    staged = tmp_path / "staged"
+    shutil.copytree(tiny_run.model, staged)
+    base = reg.commit(staged)
+    cfg = _cfg(publish_every_events=400, keep_versions=2, guard_margin=1.0)
+    # Each version goes live as it is published (what a rollout does), so the base is neither live nor previous.
+    learner = OnlineLearner(cfg, base.uri, log_path, tmp_path / "online",
+                            on_publish=lambda path, rec: reg.set_live(reg.find(rec["version"]).number))
+    learner.run_until_caught_up()
+    assert reg.live().number == reg.numbers()[-1] != base.number
+    assert len(learner.published) > cfg.keep_versions + 1  # enough versions for the base to fall out of "newest"
+    kept = reg.numbers()
+    assert base.number in kept and 2 not in kept  # the versions between the base and the newest went
+    assert read_version(base.uri)["version"] == learner.base_version
+    OnlineLearner(cfg, base.uri, log_path, tmp_path / "online").step()  # a restart resumes on its base
+
+
 def test_guard_refuses_a_worse_version_and_says_so(tiny_run, log_path, tmp_path, caplog, one_thread):
     # Plain SGD with a far too large step: finite, but worse than the served model.
     cfg = _cfg(optimizer="sgd", lr=1.0, publish_every_events=500, guard_margin=0.0, train_layers=["head"])

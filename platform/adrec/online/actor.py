@@ -124,7 +124,7 @@ class Rollouts:
         with self._cv:
             return {"live": self.live, "busy": self.busy, "pending": self._wanted[1] if self._wanted else None,
                     "done": len([h for h in self.history if h.get("ok")]),
-                    "failed": len([h for h in self.history if not h.get("ok")]), "history": list(self.history[-10:])}
+                    "failed": len([h for h in self.history if not h.get("ok")]), "history": list(self.history[-100:])}
 
 
 class LearnerActor:

@@ -384,7 +384,8 @@ class OnlineLearner:
             self.published.append({"version": vid, "path": str(path), "examples_learned": self.examples_learned,
                                    "records": self.records})
             self.catalog.published()
-            keep = {p["version"] for p in self.published[-self.cfg.keep_versions:]}
+            # The base version stays too: fold-in and a restart of this learner read it.
+            keep = {p["version"] for p in self.published[-self.cfg.keep_versions:]} | {self.base_version}
             self.registry.prune(self.cfg.keep_versions,
                                 also_keep=keep | (self.live_versions() if self.live_versions else set()))
             record.update(event="published", path=str(path), fold_in=meta.get("online", {}).get("fold_in"))
