@@ -22,6 +22,16 @@ TINY_OVERRIDES = [
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """``slow_on_graph``: the test runs on both topologies in ``make test-all`` and on the default one
+    (fused) in ``make test`` (the graph's run of it repeats what the fused one checks, at the suite's
+    heaviest cost per test)."""
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        if item.get_closest_marker("slow_on_graph") and spec is not None and spec.params.get("served") == "graph":
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

@@ -92,6 +92,8 @@ def _in_namespace(script: str, path: Path, timeout: int = 420) -> tuple[int, str
     return proc.returncode, proc.stdout + proc.stderr
 
 
+# make test-all: in make test every stage of the two-node acceptance test is such a job.
+@pytest.mark.slow
 def test_pipeline_step_runs_as_a_ray_job(tmp_path, request):
     step = ROOT / "pipelines" / "prepare.py"
     assert step.is_file(), "pipelines/prepare.py is the lead's entrypoint for `adrec prepare`"

@@ -424,6 +424,7 @@ def test_a_version_that_fails_to_load_is_reported_and_the_live_one_keeps_serving
     shutil.rmtree(broken)
 
 
+@pytest.mark.slow_on_graph
 def test_killed_ranker_replica_under_load(served):
     import ray
     from ray import serve
@@ -491,6 +492,7 @@ def test_batched_scoring_equals_scoring_each_request(served):
     assert len({tuple(np.round(g[:5], 6)) for g in got[:2]}) == 2  # different users, different scores
 
 
+@pytest.mark.slow_on_graph
 def test_benchmark_smoke(served, tiny_cfg, tmp_path):
     from benchmarks.serving import run_benchmark, write_report
 
@@ -514,6 +516,7 @@ def test_benchmark_smoke(served, tiny_cfg, tmp_path):
     assert f"| serve:{t} | 4 |" in md.read_text()
 
 
+@pytest.mark.slow_on_graph
 def test_acknowledged_feedback_survives_a_serve_restart(served):
     """Runs last: it shuts Serve down and deploys the app again."""
     from ray import serve

@@ -119,6 +119,8 @@ def test_resumes_after_a_worker_failure_without_redoing_epochs(small_run):
     assert phases == ["select", "select"] + ["refit"] * out["best_epoch"]
 
 
+# make test-all: resuming is also checked after a worker failure (below), in make test.
+@pytest.mark.slow
 def test_rerun_with_the_same_config_resumes_from_the_finished_run(small_run):
     """Same RunConfig name and storage: the second fit finds the final checkpoint and trains nothing more."""
     from adrec.ranking.train import train_ranker
@@ -130,7 +132,8 @@ def test_rerun_with_the_same_config_resumes_from_the_finished_run(small_run):
     assert again["valid_auc"] == pytest.approx(first["valid_auc"])
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+# Two workers in `make test-all`: the reduction of the clipped sums is the same code path as one worker's.
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_dp_sgd_under_ray_train_reports_the_spent_epsilon(small_run, workers):
     """ranker.dp on Ray Train with one and two workers (noise added once, the workers' clipped sums reduced)."""
     from adrec.ranking.base import load_ranker

@@ -60,6 +60,8 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+# make test-all: in make test the two-node acceptance test (test_two_nodes.py) trains with one worker per node.
+@pytest.mark.slow
 def test_two_node_ddp_training(tmp_path):
     import shutil
     import tempfile

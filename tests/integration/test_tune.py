@@ -75,6 +75,8 @@ class InterruptAfter(ray_tune.Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
+# make test-all (two minutes on 2 cores): make test runs the ALS search and its resumption.
+@pytest.mark.slow
 def test_ranker_search_promotes_a_model_that_serves(tiny_run, tiny_cfg, tmp_path):
     from adrec.ranking.base import load_ranker
     from adrec.serving.recommender import Recommender
