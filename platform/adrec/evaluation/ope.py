@@ -122,7 +122,7 @@ def bandit_sample(reward, pscore, action_prob=None, position=None, *, q_hat=None
     p = _vector("pscore", pscore, n)
     if np.any(p <= 0) or np.any(p > 1):
         i = int(np.flatnonzero((p <= 0) | (p > 1))[0])
-        raise SampleError(f"pscore[{i}] = {p[i]!r}: a logging propensity must lie in (0, 1] (0 means the logging "
+        raise SampleError(f"pscore[{i}] = {float(p[i])}: a logging propensity must lie in (0, 1] (0 means the logging "
                           "policy could not have shown that action there; above 1 is not a probability)")
     if position is None:
         pos = np.zeros(n, np.int64)
@@ -159,7 +159,7 @@ def bandit_sample(reward, pscore, action_prob=None, position=None, *, q_hat=None
     e = _vector("action_prob", action_prob, n)
     if np.any(e < 0) or np.any(e > 1 + 1e-12):
         i = int(np.flatnonzero((e < 0) | (e > 1 + 1e-12))[0])
-        raise SampleError(f"action_prob[{i}] = {e[i]!r}: an evaluation probability must lie in [0, 1]")
+        raise SampleError(f"action_prob[{i}] = {float(e[i])}: an evaluation probability must lie in [0, 1]")
     if (q_hat is None) != (q_pi is None):
         raise SampleError("the direct model needs both q_hat (at the logged action) and q_pi (expected under the "
                           "evaluation policy), or estimated_rewards with action_dist")
@@ -250,17 +250,20 @@ def _bootstrap_counts(s: BanditSample, n_boot: int, rng: np.random.Generator, ch
         done += b
 
 
-def estimate(sample: BanditSample, estimators=ESTIMATORS, *, n_boot: int = 1000, level: float = 0.95,
+def estimate(sample: BanditSample, estimators=None, *, n_boot: int = 1000, level: float = 0.95,
              seed: int = 0, chunk: int = 200) -> dict[str, Estimate]:
     """The estimators' values on ``sample``, each with a percentile bootstrap interval.
 
     Every estimator sees the same ``n_boot`` resamples (drawn from ``seed``), so their intervals are
-    comparable and a difference between two estimators can be read off their replicates.
+    comparable and a difference between two estimators can be read off their replicates. ``estimators``:
+    by default all of :data:`ESTIMATORS` (without DR for a sample without a direct model).
     """
     if n_boot < 1:
         raise SampleError(f"n_boot must be at least 1, got {n_boot}")
     if not 0 < level < 1:
         raise SampleError(f"level must lie strictly between 0 and 1 (e.g. 0.95), got {level}")
+    if estimators is None:
+        estimators = ESTIMATORS if sample.has_direct_model else ("ips", "snips")
     names = list(estimators)
     for nm in names:
         if nm not in ESTIMATORS and nm != "on_policy":

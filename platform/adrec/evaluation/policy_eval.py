@@ -31,9 +31,9 @@ import logging
 import math
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -334,16 +334,17 @@ def _write(out: storage.Location, report: dict, est: dict[str, ope.Estimate], lo
 
 def report_text(report: dict) -> str:
     """What ``adrec evaluate-policy`` prints: a table of the estimates."""
-    lines = [f"version {report['version']['number']} ({report['version']['version']}) on {report['log']}: "
-             f"{report['logged']['rounds']} impressions of {report['logged']['requests']} lists", "",
+    head = (f"version {report['version']['number']} ({report['version']['version']}) on {report['log']}: "
+            f"{report['logged']['rounds']} impressions of {report['logged']['requests']} lists")
+    lines = [head, "",
              "| estimator | CTR | interval |", "|---|--:|---|"]
     lc = report["logged_ctr"]
     rows = [("logged policy (on-policy)", lc)] + [(k.upper(), v) for k, v in report["estimates"].items()]
     for name, e in rows:
         lines.append(f"| {name} | {_f(e['value'])} | [{_f(e['low'])}, {_f(e['high'])}] |")
     d = report["diagnostics"]
-    lines += ["", f"non-zero weights: {d['nonzero_weight_share']:.1%}; effective sample size "
-                  f"{d['effective_sample_size']}; mean weight {d['mean_weight']}"]
+    lines += ["", (f"non-zero weights: {d['nonzero_weight_share']:.1%}; effective sample size "
+                   f"{d['effective_sample_size']}; mean weight {d['mean_weight']}")]
     if "warning" in report:
         lines += ["", f"warning: {report['warning']}"]
     lines += ["", f"report: {report['written']['json']}", f"plot: {report['written']['plot']}"]
