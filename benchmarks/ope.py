@@ -158,7 +158,7 @@ def run_campaign(campaign: str, seed: int, n_boot: int, level: float, n_sim: int
 
     t0 = time.perf_counter()
     feedback = {"n_rounds": n, "n_actions": n_actions, "action": action, "position": position, "reward": reward,
-                "pscore": pscore, "context": None, "action_context": None}
+                "pscore": pscore}
     values, intervals, reps = _obp_estimates(feedback, dist, est_rewards, n_boot, level, seed)
     t_obp = time.perf_counter() - t0
     rows = {}
@@ -254,6 +254,15 @@ def markdown(result: dict) -> str:
         lines.append(f"| {campaign} | {r['adrec_dr_error']:.3f} | {r['obp_dr_error']:.3f} | "
                      f"{'yes' if r['dr_within_obp'] else 'no'} | {r['best_estimator'].upper()} | {r['best_error']:.3f} | "
                      f"{'yes' if r['best_below_target'] else 'no'} |")
+    header = ("| campaign | rounds (random log) | clicks (random log) | CTR (random log) | clicks (BTS log) | "
+              "weights: mean | max | effective sample size |")
+    lines += ["", header, "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for campaign in s:
+        r = next(x for x in result["runs"] if x["campaign"] == campaign)
+        d = r["diagnostics"]
+        lines.append(f"| {campaign} | {r['rounds']} | {r['random_log_clicks']} | {r['random_log_ctr']:.4f} | "
+                     f"{r['bts_clicks']} | {d['mean_weight']:.3f} | {d['max_weight']:.1f} | "
+                     f"{d['effective_sample_size']:.0f} |")
     lines += ["", (f"Evaluation policy: {p['evaluation_policy']}. Direct model: {p['direct_model']}. "
                    f"obp {p['obp_version']}, scikit-learn {p['sklearn_version']}."), ""]
     return "\n".join(lines)
