@@ -141,8 +141,8 @@ def test_relative_error_pairs_the_replicates():
     truth = ope.Estimate("on_policy", 0.010, 0, 0, 0.95, 3, replicates=np.array([0.010, 0.010, 0.010]))
     r = ope.relative_error(est, truth)
     assert r["value"] == pytest.approx(0.2)
-    assert r["low"] == pytest.approx(0.1 + 0.05 * 0.1 * 0.5, abs=0.01)  # near the smallest paired error
-    assert r["high"] == pytest.approx(0.3, abs=0.01)
+    assert r["low"] == pytest.approx(0.105, abs=1e-6)  # the 2.5% quantile of the paired errors .1, .2, .3
+    assert r["high"] == pytest.approx(0.295, abs=1e-6)
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -338,6 +338,15 @@ def test_cli_names_a_missing_version(tmp_path, capsys):
     rc = cli.main(["evaluate-policy", "--run", str(tmp_path / "run"), "--version", "3", "--log", str(log_path)])
     assert rc == 2
     assert "no committed version 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [(["--epsilon", "1.5"], "--epsilon must lie in"),
+                                            (["--level", "95"], "--level strictly between")])
+def test_cli_checks_its_arguments_before_reading_the_log(tmp_path, capsys, extra, message):
+    rc = cli.main(["evaluate-policy", "--run", str(tmp_path / "run"), "--version", "1", "--log",
+                   str(tmp_path / "absent.jsonl")] + extra)
+    assert rc == 2
+    assert message in capsys.readouterr().err
 
 
 def test_cli_requires_the_version(tmp_path, capsys):

@@ -284,6 +284,11 @@ def evaluate_policy(cfg, run, version: str, log_uri: str | None = None, out_uri:
     from adrec.serving.args import default_feedback_log
     from adrec.serving.recommender import Recommender
 
+    # The arguments first: a typo should not cost a pass over the log.
+    if not 0.0 <= epsilon <= 1.0:
+        raise DataError(f"--epsilon must lie in [0, 1], got {epsilon}")
+    if n_boot < 1 or not 0.0 < level < 1.0:
+        raise DataError(f"--n-boot must be at least 1 and --level strictly between 0 and 1, got {n_boot} and {level}")
     log_uri = log_uri or cfg.serve.feedback_log or default_feedback_log(run.uri)
     feedback = open_log(log_uri)
     records = feedback.records()
