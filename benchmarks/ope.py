@@ -110,8 +110,10 @@ def reward_model(data: pd.DataFrame, n_actions: int, seed: int, n_folds: int = 3
 
 def _obp_estimates(feedback: dict, dist: np.ndarray, est: np.ndarray, n_boot: int, level: float,
                    seed: int) -> tuple[dict, dict, dict]:
-    """obp's estimates, its own bootstrap intervals, and its estimators' values on ``n_boot`` resamples of
-    the rounds (for the relative error's interval)."""
+    """obp's estimates (``OffPolicyEvaluation.estimate_policy_values``), its own bootstrap intervals
+    (``estimate_intervals``), and bootstrap replicates for the relative error's interval made the way obp
+    makes its intervals: the means of resampled per-round values of each estimator
+    (``_estimate_round_rewards``, what ``estimate_interval`` resamples)."""
     from obp.ope import DoublyRobust, InverseProbabilityWeighting, OffPolicyEvaluation
     from obp.ope import SelfNormalizedInverseProbabilityWeighting as SNIPW
 
@@ -122,19 +124,30 @@ def _obp_estimates(feedback: dict, dist: np.ndarray, est: np.ndarray, n_boot: in
                                       alpha=1 - level, n_bootstrap_samples=n_boot, random_state=seed)
     rng = np.random.default_rng(seed + 7919)
     n = feedback["n_rounds"]
-    reps = {e.estimator_name: [] for e in estimators}
-    for _ in range(n_boot):
-        i = rng.integers(0, n, n)
-        args = {"reward": feedback["reward"][i], "action": feedback["action"][i], "position": feedback["position"][i],
-                "pscore": feedback["pscore"][i], "action_dist": dist[i]}
-        for e in estimators:
-            extra = {"estimated_rewards_by_reg_model": est[i]} if e.estimator_name == "dr" else {}
-            reps[e.estimator_name].append(e.estimate_policy_value(**args, **extra))
-    return values, intervals, {k: np.asarray(v) for k, v in reps.items()}
+    idx = rng.integers(0, n, (n_boot, n))
+    args = {k: feedback[k] for k in ("reward", "action", "position", "pscore")}
+    reps = {}
+    for e in estimators:
+        extra = {"estimated_rewards_by_reg_model": est} if e.estimator_name == "dr" else {}
+        rounds = np.asarray(e._estimate_round_rewards(**args, action_dist=dist, **extra))
+        reps[e.estimator_name] = rounds[idx].mean(axis=1)
+    return values, intervals, reps
 
 
-def run_campaign(campaign: str, seed: int, n_boot: int, level: float, n_sim: int, folder: Path | None = None) -> dict:
-    """One campaign and seed: every estimator's estimate and relative error, adrec's and obp's."""
+def bts_logged_frequency(bts: pd.DataFrame, n_actions: int) -> np.ndarray:
+    """BTS's time-averaged probability of each (item, position) as it ran: the share of the BTS log's rounds
+    at each position that showed each item (its actions only, never its clicks)."""
+    f = np.zeros((n_actions, LEN_LIST))
+    np.add.at(f, (bts["item_id"].to_numpy(np.int64), bts["position"].to_numpy(np.int64)), 1.0)
+    return f / f.sum(axis=0, keepdims=True)
+
+
+def run_campaign(campaign: str, seed: int, n_boot: int, level: float, n_sim: int, folder: Path | None = None,
+                 bts_policy: str = "prior") -> dict:
+    """One campaign and seed: every estimator's estimate and relative error, adrec's and obp's.
+
+    ``bts_policy``: ``prior`` (obp's BernoulliTS with the ZOZOTOWN prior, the policy's definition) or
+    ``logged`` (:func:`bts_logged_frequency`, the policy as it ran during the week)."""
     rnd, items = read_obd("random", campaign, folder)
     bts, _ = read_obd("bts", campaign, folder)
     n_actions = len(items)
@@ -142,7 +155,14 @@ def run_campaign(campaign: str, seed: int, n_boot: int, level: float, n_sim: int
     truth = ope.on_policy(bts["click"].to_numpy(), bts["position"].to_numpy(), n_boot=n_boot, level=level,
                           seed=seed + 1)
     t0 = time.perf_counter()
-    dist = np.tile(bts_action_dist(campaign, n_actions, seed, n_sim)[None], (n, 1, 1))
+    one = bts_action_dist(campaign, n_actions, seed, n_sim) if bts_policy == "prior" else \
+        bts_logged_frequency(bts, n_actions)
+    dist = np.tile(one[None], (n, 1, 1))
+    # How well the distribution matches the propensities BTS logged for what it showed (a check, not an input).
+    at = one[bts["item_id"].to_numpy(np.int64), bts["position"].to_numpy(np.int64)]
+    lp = bts["propensity_score"].to_numpy(np.float64)
+    match = {"median_relative_difference": round(float(np.median(np.abs(at - lp) / lp)), 4),
+             "correlation": round(float(np.corrcoef(at, lp)[0, 1]), 4)}
     t_policy = time.perf_counter() - t0
     est_rewards = reward_model(rnd, n_actions, seed)
     action = rnd["item_id"].to_numpy(np.int64)
@@ -175,7 +195,7 @@ def run_campaign(campaign: str, seed: int, n_boot: int, level: float, n_sim: int
     return {"campaign": campaign, "seed": seed, "rounds": n, "actions": n_actions,
             "random_log_ctr": round(float(reward.mean()), 6), "random_log_clicks": int(reward.sum()),
             "on_policy": truth.to_dict(), "bts_clicks": int(bts["click"].sum()), "estimators": rows,
-            "diagnostics": ope.diagnostics(sample),
+            "diagnostics": ope.diagnostics(sample), "policy_vs_bts_logged_propensities": match,
             "seconds": {"bts_action_dist": round(t_policy, 2), "adrec": round(t_ours, 2), "obp": round(t_obp, 2)}}
 
 
@@ -282,7 +302,15 @@ def plot(result: dict, path: Path) -> Path:
                           xlabel="|estimate - on-policy| / on-policy (median over seeds, bootstrap intervals)")
 
 
-def run_benchmark(campaigns, seeds, n_boot: int, level: float, n_sim: int, out: Path) -> dict:
+POLICIES = {
+    "prior": "obp BernoulliTS(is_zozotown_prior=True, campaign, len_list=3).compute_batch_action_dist(n_sim={n_sim}, "
+             "random_state=seed)",
+    "logged": "the BTS log's share of rounds showing each item at each position (its actions, not its clicks): "
+              "BTS as it ran during the week",
+}
+
+
+def run_benchmark(campaigns, seeds, n_boot: int, level: float, n_sim: int, out: Path, bts_policy: str = "prior") -> dict:
     import obp
     import sklearn
 
@@ -291,27 +319,28 @@ def run_benchmark(campaigns, seeds, n_boot: int, level: float, n_sim: int, out: 
     for campaign in campaigns:
         for seed in seeds:
             log.info("campaign %s, seed %d", campaign, seed)
-            runs.append(run_campaign(campaign, seed, n_boot, level, n_sim))
+            runs.append(run_campaign(campaign, seed, n_boot, level, n_sim, bts_policy=bts_policy))
     summary = summarize(runs)
     result = {
         "dataset": "Open Bandit Dataset, the sample bundled in obp (obp/dataset/obd; Saito et al., arXiv:2008.07146)",
         "protocol": {"campaigns": list(campaigns), "seeds": list(seeds), "n_boot": n_boot, "level": level,
                      "n_sim": n_sim, "behavior_log": "random", "ground_truth": "mean click of the bts log",
-                     "evaluation_policy": f"obp BernoulliTS(is_zozotown_prior=True, campaign, len_list=3)."
-                                          f"compute_batch_action_dist(n_sim={n_sim}, random_state=seed)",
+                     "bts_policy": bts_policy, "evaluation_policy": POLICIES[bts_policy].format(n_sim=n_sim),
                      "direct_model": "logistic regression (item one-hot, position one-hot, user features one-hot, "
                                      "user-item affinity; C=1), cross-fitted over 3 folds on the random log",
-                     "bootstrap": "adrec: rounds resampled (multinomial counts); obp: its estimate_intervals for "
-                                  "the estimate, its estimators on resampled rounds for the relative error",
+                     "bootstrap": "adrec: rounds resampled (multinomial counts), every estimator recomputed per "
+                                  "resample; obp: its estimate_intervals for the estimate, and the same procedure "
+                                  "(means of resampled per-round values) for the relative error",
                      "snips": "adrec normalises per position, obp over all rounds",
                      "obp_version": obp.__version__, "sklearn_version": sklearn.__version__},
         "summary": summary, "targets": targets(summary), "runs": runs,
         "seconds": round(time.perf_counter() - t0, 1)}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ope_benchmark_obd.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = "ope_benchmark_obd" + ("" if bts_policy == "prior" else f"_{bts_policy}")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     body = markdown(result)
-    png = plot(result, out / "ope_benchmark_obd.png")
-    (out / "ope_benchmark_obd.md").write_text(body + f"\n![relative errors]({png.name})\n")
+    png = plot(result, out / f"{stem}.png")
+    (out / f"{stem}.md").write_text(body + f"\n![relative errors]({png.name})\n")
     return result
 
 
@@ -322,10 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples (each library, each estimate)")
     ap.add_argument("--level", type=float, default=0.95)
     ap.add_argument("--n-sim", type=int, default=100_000, help="Monte Carlo draws of BTS's action distribution")
+    ap.add_argument("--bts-policy", choices=sorted(POLICIES), default="prior",
+                    help="BTS's action distribution: prior (obp's policy definition, default) or logged (its log's "
+                         "action shares)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    res = run_benchmark(args.campaigns, args.seeds, args.n_boot, args.level, args.n_sim, args.out)
+    res = run_benchmark(args.campaigns, args.seeds, args.n_boot, args.level, args.n_sim, args.out, args.bts_policy)
     print(markdown(res))
     ok = all(r["dr_within_obp"] and r["best_below_target"] for r in res["targets"].values())
     return 0 if ok else 1
