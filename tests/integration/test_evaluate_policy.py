@@ -23,7 +23,7 @@ def _served_log(run, cfg, path) -> float:
     rec = Recommender(live_dir(run))
     ranking = VersionRanking(rec, cfg.candidates.n_candidates)
     rng = np.random.default_rng(0)
-    records, clicks = [], []
+    records, n_imp, n_click = [], 0, 0
     for u, user in enumerate(list(rec.version.user_pos)[:USERS]):
         order, q = ranking(user, {}, [])
         shown = []
@@ -36,12 +36,15 @@ def _served_log(run, cfg, path) -> float:
             records.append({"event_id": f"i{u}-{k}", "user": user, "item": item, "type": "impression", "ts": ts,
                             "context": {}, "request_id": f"r{u}", "position": k, "propensity": prop,
                             "policy": "epsilon_greedy", "arm": None})
+            n_imp += 1
+        for k, item in enumerate(shown):  # the list's clicks follow it in the log, as they do in time
             if rng.random() < min(1.0, 3 * q[item]):
-                clicks.append({"event_id": f"c{u}-{k}", "user": user, "item": item, "type": "click", "ts": ts + 5,
-                               "context": {}})
+                records.append({"event_id": f"c{u}-{k}", "user": user, "item": item, "type": "click",
+                                "ts": 1000.0 + 100 * u + 5, "context": {}})
+                n_click += 1
     with open_log(path).writer() as w:
-        w.append(records + clicks)
-    return len(clicks) / len(records)
+        w.append(records)
+    return n_click / n_imp
 
 
 def test_evaluate_policy_on_its_own_exploration_log(tiny_run, tiny_cfg, tmp_path, capsys):
