@@ -62,7 +62,7 @@ def test_evaluate_policy_on_its_own_exploration_log(tiny_run, tiny_cfg, tmp_path
     assert rep["diagnostics"]["max_weight"] == pytest.approx(1.0, abs=1e-9)
     assert rep["logged_ctr"]["value"] == pytest.approx(logged_ctr)
     for k in ("ips", "snips"):
-        assert rep["estimates"][k]["value"] == pytest.approx(logged_ctr, abs=1e-9)
+        assert rep["estimates"][k]["value"] == pytest.approx(logged_ctr, abs=1e-7)  # (the report keeps 8 decimals)
     assert rep["estimates"]["dr"]["low"] <= rep["estimates"]["dr"]["value"] <= rep["estimates"]["dr"]["high"]
     assert (tmp_path / "same" / "policy_eval.png").read_bytes()[:4] == b"\x89PNG"
     assert "| IPS |" in capsys.readouterr().out
