@@ -13,6 +13,8 @@ are in the ``bench`` extra (``pip install -e '.[bench]'``).
 - :mod:`benchmarks.ranker`: the CTR ranker vs its peers (``pipelines/benchmark_ranker.py``).
 - :mod:`benchmarks.scale`: the streaming prepare on synthetic logs of growing size beside the in-process one
   (``pipelines/benchmark_scale.py``).
+- :mod:`benchmarks.ope`: off-policy estimators on the Open Bandit Dataset sample in obp, adrec's beside obp's
+  (``pipelines/benchmark_ope.py``).
 - :mod:`benchmarks.ranker_peers`: the ranker's peer click models (logistic regression, LightGBM, DeepFM...).
 
 The ``*.json`` / ``*.md`` files beside the modules are the runs the README quotes.

@@ -101,6 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10, metavar="K", help="items per user (default 10)")
     p.add_argument("--actors", type=int, default=1, metavar="N", help="actors holding the model (default 1)")
 
+    p = sub.add_parser("evaluate-policy", help="off-policy evaluation: a version's CTR estimated on the logged feedback "
+                                               "(IPS, SNIPS, doubly robust, bootstrap intervals)")
+    _common(p)
+    p.add_argument("--version", dest="model_version", required=True, metavar="N_OR_ID",
+                   help="the candidate model version: its number (`adrec versions list`) or id")
+    p.add_argument("--log", metavar="PATH_OR_URI", type=env_expanded,
+                   help="the feedback log (default: serve.feedback_log, else the run's own)")
+    p.add_argument("--out", metavar="DIR_OR_URI", type=env_expanded,
+                   help="where policy_eval.json and policy_eval.png go (default: RUN/report/policy_eval/N)")
+    p.add_argument("--epsilon", type=float, default=0.0, metavar="E",
+                   help="smooth the version's top-K: any remaining item with probability E at each position (default 0)")
+    p.add_argument("--n-boot", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
+    p.add_argument("--level", type=float, default=0.95, metavar="L", help="interval level (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--skip-unlogged", action="store_true",
+                   help="leave out impressions logged without a propensity (exploration switched on part-way)")
+
     p = sub.add_parser("versions", help="the run's model versions: list, show one, roll back, prune")
     _common(p)
     p.add_argument("action", choices=("list", "show", "rollback", "prune"))
@@ -183,6 +200,13 @@ def main(argv: list[str] | None = None) -> int:
             from adrec.serving.batch import score
 
             out = score(cfg, run, args.out, users=args.users, k=args.k, actors=args.actors)
+        elif args.command == "evaluate-policy":
+            from adrec.evaluation.policy_eval import evaluate_policy, report_text
+
+            out = evaluate_policy(cfg, run, args.model_version, args.log, args.out, epsilon=args.epsilon,
+                                  n_boot=args.n_boot, level=args.level, seed=args.seed,
+                                  skip_unlogged=args.skip_unlogged)
+            print(report_text(out))
         elif args.command == "online":
             from adrec.online.foreground import run_learner
 
@@ -190,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s finished in %.1fs", args.command, time.perf_counter() - t0)
         if args.command == "serve" and args.detach:
             print(f"adrec serving at {out} (detached: the app runs on until `serve shutdown`)", flush=True)
-        if args.command not in ("evaluate", "serve") and isinstance(out, dict):
+        if args.command not in ("evaluate", "serve", "evaluate-policy") and isinstance(out, dict):
             print(json.dumps(out, indent=2, default=str))
         return 0
     except (ConfigError, DataError, RunError, UnsafeFileError) as err:

@@ -25,7 +25,7 @@ from adrec.metrics import auc, calibration, calibration_bins, roc_points
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["plot_roc", "plot_calibration", "plot_curves", "plot_metric_bars", "plot_robustness"]
+__all__ = ["plot_roc", "plot_calibration", "plot_curves", "plot_estimates", "plot_metric_bars", "plot_robustness"]
 
 _DPI = 120
 
@@ -218,6 +218,52 @@ def plot_curves(
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_estimates(
+    estimates: Mapping,
+    path: str | os.PathLike = "estimates.png",
+    *,
+    reference: tuple[str, float] | None = None,
+    title: str = "Estimates",
+    xlabel: str = "Value",
+) -> Path:
+    """Point estimates with their intervals, one row each: ``{row: (value, low, high)}``, or several series
+    side by side, ``{series: {row: (value, low, high)}}``; ``reference=(label, x)`` draws a vertical line
+    (the on-policy value the estimates aim at). Missing or nan bounds draw the point alone."""
+    if not estimates:
+        raise ValueError("plot_estimates needs at least one estimate")
+    first = next(iter(estimates.values()))
+    series = {"": estimates} if isinstance(first, (tuple, list)) else dict(estimates)
+    rows: list[str] = []
+    for by_row in series.values():
+        rows += [r for r in by_row if r not in rows]
+    fig, ax = _figure(7.0, max(2.5, 0.45 * len(rows) * max(1, len(series)) + 1.5))
+    height = 0.8 / len(series)
+    y0 = np.arange(len(rows))[::-1].astype(float)
+    for i, (name, by_row) in enumerate(series.items()):
+        ys, xs, lo, hi = [], [], [], []
+        for j, r in enumerate(rows):
+            if r not in by_row:
+                continue
+            v, low, high = (_as_float(x) for x in by_row[r])
+            if not np.isfinite(v):
+                continue
+            ys.append(y0[j] + 0.4 - height * (i + 0.5))
+            xs.append(v)
+            lo.append(v - low if np.isfinite(low) else 0.0)
+            hi.append(high - v if np.isfinite(high) else 0.0)
+        ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o", capsize=4, lw=1.6, label=name or None)
+        for x, y in zip(xs, ys):
+            ax.annotate(_fmt(x, 4), (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    if reference is not None:
+        ax.axvline(_as_float(reference[1]), color="0.3", ls="--", lw=1.2, label=f"{reference[0]}: {_fmt(reference[1], 4)}")
+    ax.set_yticks(y0, rows)
+    ax.set(xlabel=xlabel, title=title)
+    ax.grid(alpha=0.3, axis="x")
+    if len(series) > 1 or reference is not None:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
 
 
