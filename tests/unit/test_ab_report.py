@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-
 from adrec.config import build_config
 from adrec.evaluation.abtest import ab_report, ab_report_command, compare, wilson
 from adrec.feedback import open_log

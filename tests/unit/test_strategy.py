@@ -9,18 +9,28 @@ import textwrap
 from collections import Counter
 
 import numpy as np
+import pandas as pd
 import pytest
-from pydantic import ValidationError
-from scipy import integrate, stats
-
 from adrec.config import ABConfig, ExplorationConfig, build_config
 from adrec.data import DataError, load_schema, read_dataset
 from adrec.errors import ApiError
 from adrec.features.rows import fill_bids
 from adrec.serving.abtest import ArmAssigner, assigner, unit_hash
 from adrec.serving.schemas import FeedbackRequest, validate
-from adrec.serving.strategy import (EpsilonGreedy, Policy, Strategy, Thompson, beta_params, epsilon_propensities,
-                                    make_policy, objective_values, request_rng, thompson_alternatives)
+from adrec.serving.strategy import (
+    EpsilonGreedy,
+    Policy,
+    Strategy,
+    Thompson,
+    beta_params,
+    epsilon_propensities,
+    make_policy,
+    objective_values,
+    request_rng,
+    thompson_alternatives,
+)
+from pydantic import ValidationError
+from scipy import integrate, stats
 
 ITEMS = np.array([3, 1, 4, 0, 2])
 PROBS = np.array([0.30, 0.10, 0.20, 0.05, 0.15])
@@ -246,8 +256,6 @@ def test_a_missing_bid_is_an_error_naming_the_column_unless_a_default_is_stated(
     items = read_dataset(schema, root, b"k").items.set_index("item")["bid"]
     assert items["a2"] == 0.25
     # an item of the interactions that the items table lacks (a3): the default, or an error
-    import pandas as pd
-
     catalog = pd.DataFrame({"item": ["a1", "a2", "a3"], "bid": [0.5, 0.25, np.nan]})
     assert fill_bids(catalog.copy(), schema.items)["bid"].tolist() == [0.5, 0.25, 0.25]
     no_default = schema.items.model_copy(update={"bid_default": None})
