@@ -139,17 +139,18 @@ class Thompson(Policy):
         k = min(k, n)
         served = rng.beta(a, b, size=(k, n)) * w  # a fresh draw per position
         estimate = rng.beta(a, b, size=(self.draws, n)) * w
-        remaining = np.ones(n, dtype=bool)
-        # Ties between drawn values (zero bids) go to the lower item index, as in the greedy order.
+        # Columns in item order, so that ties between drawn values (zero bids) go to the lower item index,
+        # as in the greedy order; `by_item[c]` is the pool position of column c.
         by_item = np.argsort(items, kind="stable")
+        served, estimate = served[:, by_item], estimate[:, by_item]
+        remaining = np.ones(n, dtype=bool)  # by column
         order, props = [], []
         for j in range(k):
-            drawn = np.where(remaining, served[j], -np.inf)[by_item]
-            pick = int(by_item[int(np.argmax(drawn))])
-            share = thompson_alternatives(estimate[:, by_item], remaining[by_item])[np.argsort(by_item)]
-            props.append((share[pick] * self.draws + 1.0) / (self.draws + 1.0))
-            order.append(pick)
-            remaining[pick] = False
+            col = int(np.argmax(np.where(remaining, served[j], -np.inf)))
+            share = thompson_alternatives(estimate, remaining)[col]
+            props.append((share * self.draws + 1.0) / (self.draws + 1.0))
+            order.append(int(by_item[col]))
+            remaining[col] = False
         return Selection(np.asarray(order, np.int64), np.asarray(props))
 
 
