@@ -90,3 +90,16 @@ def test_the_command_reads_the_runs_log_and_writes_json(tmp_path):
     saved = json.loads((run.report / "ab_report.json").read_text())
     assert saved["arms"][1]["clicks"] == 2 and saved["comparisons"][0]["vs"] == "A"
     assert "| B " in text and "no significant CTR difference" in text
+
+
+def test_the_cli_prints_the_table(tmp_path, capsys):
+    from adrec.cli import main
+
+    log = tmp_path / "elsewhere.jsonl"
+    with open_log(log).writer() as w:
+        w.append(LOG)
+    assert main(["ab-report", "--run", str(tmp_path / "run"), "--log", str(log), "--alpha", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "| A " in out and "| B " in out and "at 0.1 (p = " in out and str(log) in out
+    saved = json.loads((tmp_path / "run" / "report" / "ab_report.json").read_text())
+    assert saved["alpha"] == 0.1 and saved["unassigned_impressions"] == 1
