@@ -362,7 +362,7 @@ class ABConfig(_Strict):
     salt: str = Field("adrec-ab", min_length=1)
 
     @model_validator(mode="after")
-    def _check_arms(self) -> "ABConfig":
+    def _check_arms(self) -> ABConfig:
         names = [a.name for a in self.arms]
         if len(set(names)) != len(names):
             raise ValueError(f"serve.ab.arms: arm names must be unique, got {names}")

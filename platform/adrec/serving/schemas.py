@@ -73,7 +73,7 @@ class FeedbackEvent(_Strict):
     request_id: Id | None = Field(None, description="The served list's id (the answer's request_id).")
 
     @model_validator(mode="after")
-    def _served_fields_on_impressions(self) -> "FeedbackEvent":
+    def _served_fields_on_impressions(self) -> FeedbackEvent:
         given = [f for f in ("position", "propensity", "policy") if getattr(self, f) is not None]
         if given and self.type != "impression":
             raise ValueError(f"{', '.join(given)}: only impressions carry them (this event is a {self.type})")
