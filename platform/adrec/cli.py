@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, default=5, metavar="N",
                    help="prune: keep the newest N (the live version and the one before it are always kept)")
 
+    p = sub.add_parser("ab-report", help="A/B arms of the feedback log: CTR (and CVR) with intervals and a verdict")
+    _common(p)
+    p.add_argument("--log", metavar="URI", type=env_expanded, help="the feedback log (default: the run's, serve.feedback_log)")
+    p.add_argument("--alpha", type=float, default=0.05, metavar="A", help="significance level (default 0.05)")
+
     p = sub.add_parser("demo", help="the whole flow on a local Ray, then real HTTP requests")
     _common(p, run_required=False)
     p.add_argument("--dataset", default="synthetic", metavar="NAME_OR_YAML",
@@ -207,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
                                   n_boot=args.n_boot, level=args.level, seed=args.seed,
                                   skip_unlogged=args.skip_unlogged)
             print(report_text(out))
+        elif args.command == "ab-report":
+            from adrec.evaluation.abtest import ab_report_command
+
+            out = ab_report_command(cfg, run, args.log, args.alpha)[1]  # the table (the JSON goes to the run's report)
+            print(out)
         elif args.command == "online":
             from adrec.online.foreground import run_learner
 

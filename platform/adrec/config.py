@@ -322,6 +322,56 @@ class EvalConfig(_Strict):
     explain_users: int = Field(50, ge=0)
 
 
+#: What orders a served list (``serve.objective``; see adrec.serving.strategy).
+OBJECTIVES = ("relevance", "expected_clicks", "expected_value")
+
+
+class ExplorationConfig(_Strict):
+    """How Serve explores (adrec.serving.strategy): every served list carries each item's position and
+    propensity (the probability that the policy put it there, given the items above), which /feedback
+    impressions log for off-policy evaluation."""
+
+    # off: the objective's order (propensity 1, policy "greedy"); epsilon_greedy: at each position the
+    # best remaining item with probability 1 - epsilon, else one of the remaining pool items uniformly;
+    # thompson: at each position the best remaining item by a click probability sampled from a Beta
+    # posterior per item, Beta(strength * pCTR, strength * (1 - pCTR)).
+    policy: Literal["off", "epsilon_greedy", "thompson"] = "off"
+    epsilon: float = Field(0.1, ge=0, le=1)
+    # Thompson: the posterior's pseudo-impressions (its concentration); smaller explores more.
+    thompson_strength: float = Field(20.0, gt=0)
+    # Thompson: the Monte-Carlo draws per request that estimate each position's propensity (the served
+    # draw is one of them, so a served item's estimate is never 0).
+    thompson_draws: int = Field(200, ge=1)
+
+
+class ABArm(_Strict):
+    """One arm of an A/B test: a model version and its share of the users."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    # A version folder or URI, or a run (its live version), as serve's model_dir; None: the app's own
+    # model_dir, the version rollouts move.
+    model_dir: str | None = None
+    share: float = Field(gt=0, le=1)
+
+
+class ABConfig(_Strict):
+    """Serve splits users between versions by a stable hash of the pseudonymized user id."""
+
+    arms: list[ABArm] = Field(min_length=2)
+    # Mixed into the hash: a new salt re-draws which users land in which arm (a new experiment).
+    salt: str = Field("adrec-ab", min_length=1)
+
+    @model_validator(mode="after")
+    def _check_arms(self) -> ABConfig:
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"serve.ab.arms: arm names must be unique, got {names}")
+        total = sum(a.share for a in self.arms)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"serve.ab.arms: the shares must sum to 1, they sum to {total:g}")
+        return self
+
+
 class ServeConfig(_Strict):
     # "fused": the whole model in the Ingress replicas (the fewest hops; the default on a few cores);
     # "graph": Ingress -> CandidateDeployment -> RankerDeployment, each stage scaled on its own.
@@ -382,6 +432,17 @@ class ServeConfig(_Strict):
     # Integrated Gradients runs while this budget lasts (then the answer degrades to sources + history).
     explain_max_items: int = Field(10, ge=0)
     explain_budget_ms: float = Field(500.0, ge=0)
+    # What orders a list (adrec.serving.strategy): "relevance" (the two-stage re-ranker for known users, the
+    # click probability for others: the order before objectives existed), "expected_clicks" (pCTR) or
+    # "expected_value" (bid x pCTR; bid x pCTCVR once the ranker exposes pCTCVR). The bid is the items
+    # table's `bid:` column of the schema YAML. Reported in every /recommend answer.
+    objective: Literal["relevance", "expected_clicks", "expected_value"] = "relevance"
+    # How many of a list's best candidates (in relevance order) an objective other than relevance, or an
+    # exploration policy, chooses from; each costs a ranker row per request.
+    pool: int = Field(50, ge=1)
+    exploration: ExplorationConfig = ExplorationConfig()
+    # A/B between model versions (None: every user gets the app's version).
+    ab: ABConfig | None = None
 
     @field_validator("api_key")
     @classmethod

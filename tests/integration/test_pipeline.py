@@ -97,6 +97,16 @@ def test_evaluate_writes_every_metric_and_predictions(tiny_run, tiny_cfg):
     assert on_disk["ctr.rows.cold_items"] + on_disk["ctr.rows.warm_items"] == len(test_rows)
     assert 0.5 < on_disk["ctr.auc.warm_items"] <= 1.0 and "ctr.auc.few_shot_users" in on_disk
     assert "Slices where text matters" in report
+    # Objectives: relevance served greedily is the served lists; bids (the synthetic ads carry them) give
+    # expected revenue, which the expected_value order maximises over the same pool.
+    assert on_disk["objective.relevance.greedy.ndcg@10"] == pytest.approx(on_disk["topk.ndcg@10"])
+    assert on_disk["objective.expected_value.greedy.expected_revenue"] >= \
+        on_disk["objective.relevance.greedy.expected_revenue"]
+    assert on_disk["objective.expected_clicks.greedy.expected_clicks"] >= \
+        on_disk["objective.relevance.epsilon_greedy.expected_clicks"]
+    assert {"objective.relevance.thompson.ndcg@10", "objective.relevance.epsilon_greedy.expected_revenue"} <= set(on_disk)
+    assert "Objectives and exploration" in report and "expected revenue per list" in report
+    assert pd.read_parquet(tiny_run.model / "features" / "items.parquet")["bid"].ge(0).all()
 
 
 def test_candidates_stage_fits_the_two_stage_recommender_into_the_version(tiny_run):

@@ -323,6 +323,115 @@ def test_feedback_is_logged_once_per_event_id(served):
     assert all(ids[f"dup-{i}"] == 1 for i in range(6))
 
 
+# ---- strategy: objectives, exploration with logged propensities, A/B -----------------------------------
+EXPLORE_APP = APP + "-explore"
+
+
+def test_exploration_and_ab_log_propensities_and_arms(served, tiny_cfg, tmp_path):
+    """A second app beside the first (same Serve, prefix /explore): expected value, exploration over a pool of
+    3 (graph: epsilon-greedy, fused: Thompson) and an A/B split between the served version and v2. The
+    propensities logged for a position's alternatives sum to one; every logged impression has its arm."""
+    import numpy as np
+    from adrec.config import ABConfig, ExplorationConfig
+    from adrec.data.ids import normalize_id
+    from adrec.data.privacy import pseudonymize
+    from adrec.evaluation.abtest import ab_report
+    from adrec.serving.abtest import ArmAssigner
+    from ray import serve
+
+    policy = "epsilon_greedy" if served["topology"] == "graph" else "thompson"
+    ab = ABConfig(arms=[{"name": "control", "share": 0.5}, {"name": "treatment", "share": 0.5,
+                                                             "model_dir": str(served["v2"])}], salt="it")
+    log = tmp_path / "explore" / "events.jsonl"
+    args = served["args"].model_copy(update={
+        "app_name": EXPLORE_APP, "route_prefix": "/explore", "feedback_log": str(log), "ranker_replicas": 1,
+        "objective": "expected_value", "pool": 3, "ab": ab,
+        "exploration": ExplorationConfig(policy=policy, epsilon=0.5, thompson_strength=5.0, thompson_draws=100)})
+    url = deploy(args)
+    versions = {"control": read_version(served["run"].model)["version"], "treatment": read_version(served["v2"])["version"]}
+    arm_of = ArmAssigner(ab)
+    key = tiny_cfg.data.pseudonym_key.encode()
+    by_arm: dict[str, str] = {}
+    for user in served["users"]:
+        by_arm.setdefault(arm_of(pseudonymize(normalize_id(user), key)), user)
+        if len(by_arm) == 2:
+            break
+    try:
+        with httpx.Client(base_url=url, headers={"x-api-key": API_KEY}, timeout=30) as c:
+            answers = {arm: [_rec(c, user, k=2).json() for _ in range(30)] for arm, user in by_arm.items()}
+            for arm, bodies in answers.items():
+                for b in bodies:
+                    assert (b["objective"], b["policy"], b["arm"], b["version"]) == \
+                        ("expected_value", policy, arm, versions[arm]), b
+                    assert b["ranked_by"] == "expected_value" and len(b["request_id"]) == 32
+                    assert [it["position"] for it in b["items"]] == [0, 1]
+                    assert all(0 < it["propensity"] <= 1 and it["bid"] is not None for it in b["items"])
+                assert len({b["request_id"] for b in bodies}) == len(bodies)
+                # Position 0 has the same 3 alternatives in every request of the user: each alternative's logged
+                # propensity (its mean, for Thompson's estimates) over the alternatives sums to one.
+                first: dict[str, list[float]] = {}
+                for b in bodies:
+                    first.setdefault(b["items"][0]["item"], []).append(b["items"][0]["propensity"])
+                assert 2 <= len(first) <= 3
+                if len(first) == 3:
+                    total = sum(float(np.mean(p)) for p in first.values())
+                    assert total == pytest.approx(1.0, abs=1e-9 if policy == "epsilon_greedy" else 0.1), first
+                if policy == "epsilon_greedy":  # exact: 1 - eps + eps/3 for the best, eps/3 for the others
+                    assert sorted({round(p, 9) for ps in first.values() for p in ps}) in \
+                        ([round(0.5 / 3, 9), round(0.5 + 0.5 / 3, 9)], [round(0.5 + 0.5 / 3, 9)])
+                    # and the second position: 2 alternatives left, 1 - eps + eps/2 or eps/2
+                    assert {round(b["items"][1]["propensity"], 9) for b in bodies} <= {0.25, 0.75}
+            # The client reports what it showed; the server adds the arm (a client's own arm is refused).
+            events = [{"event_id": f"x-{b['request_id']}-{it['position']}", "user_id": by_arm[arm], "item": it["item"],
+                       "type": "impression", "ts": time.time() - 60, "position": it["position"],
+                       "propensity": it["propensity"], "policy": b["policy"], "request_id": b["request_id"]}
+                      for arm, bodies in answers.items() for b in bodies[:5] for it in b["items"]]
+            ack = c.post("/feedback", json={"events": events})
+            assert ack.status_code == 200 and ack.json()["accepted"] == len(events), ack.text
+            click = {**events[0], "event_id": "x-click", "type": "click", "ts": time.time() - 30}
+            for f in ("position", "propensity", "policy"):
+                del click[f]
+            assert c.post("/feedback", json={"events": [click]}).status_code == 200
+            assert c.post("/feedback", json={"events": [{**events[0], "event_id": "x-arm", "arm": "treatment"}]}
+                          ).status_code == 422
+        logged = {e["event_id"]: e for e in read_events(log)}
+        for e in events:
+            rec = logged[e["event_id"]]
+            arm = next(a for a, u in by_arm.items() if u == e["user_id"])
+            assert (rec["arm"], rec["version"], rec["policy"], rec["request_id"]) == \
+                (arm, versions[arm], policy, e["request_id"])
+            assert rec["propensity"] == pytest.approx(e["propensity"]) and rec["position"] == e["position"]
+        assert "arm" not in logged["x-click"] and "propensity" not in logged["x-click"]
+        report = ab_report(read_events(log), arm_order=["control", "treatment"])
+        assert {a["arm"]: (a["impressions"], a["clicks"]) for a in report["arms"]} == \
+            {a: (10, int(a == next(x for x, u in by_arm.items() if u == events[0]["user_id"]))) for a in by_arm}
+    finally:
+        serve.delete(EXPLORE_APP)
+
+
+def test_objective_table_orders_value_where_it_should(served, tiny_cfg):
+    """In-process, the report's table on the tiny run: each greedy objective maximises its own quantity."""
+    import numpy as np
+    from adrec.config import ServeConfig
+    from adrec.evaluation.objectives import objective_table
+    from adrec.model_version import load_version
+
+    if served["topology"] != "graph":
+        pytest.skip("in-process only: checked once, with the graph app")
+    version = load_version(served["run"].model)
+    users = np.arange(40, dtype=np.int64)
+    truth = [{int(version.seen[u].indices[0])} for u in users]  # any non-empty sets: NDCG is only reported
+    metrics, body = objective_table(version, users, truth, len(version.items), 5, ServeConfig(pool=20), 100)
+    m = {k.removeprefix("objective."): v for k, v in metrics.items()}
+    assert m["expected_value.greedy.expected_revenue"] >= m["relevance.greedy.expected_revenue"] - 1e-9
+    assert m["expected_value.greedy.expected_revenue"] >= m["expected_clicks.greedy.expected_revenue"] - 1e-9
+    assert m["expected_clicks.greedy.expected_clicks"] >= m["relevance.greedy.expected_clicks"] - 1e-9
+    assert m["expected_clicks.greedy.expected_clicks"] >= m["relevance.epsilon_greedy.expected_clicks"] - 1e-9
+    assert m["expected_value.greedy.expected_revenue"] > m["relevance.greedy.expected_revenue"]  # bids matter
+    assert {"relevance.thompson.ndcg@5", "relevance.epsilon_greedy.ndcg@5"} <= set(m)
+    assert "expected revenue per list" in body
+
+
 # ---- load: rollout and a killed replica ----------------------------------------------------------------
 class _Load:
     """Closed-loop clients in threads, each sending requests until stopped; records every outcome."""

@@ -395,4 +395,10 @@ def test_openapi_documents_every_endpoint_and_field():
     for name in ("RecommendResponse", "RecommendedItem", "FeedbackResponse", "HealthResponse", "VersionResponse",
                  "RecommendRequest", "FeedbackRequest", "FeedbackEvent"):
         assert all(f.get("description") for f in schemas[name]["properties"].values()), name
-    assert schemas["RecommendResponse"]["properties"]["ranked_by"]["enum"] == ["two_stage", "click_prob"]
+    assert schemas["RecommendResponse"]["properties"]["ranked_by"]["enum"] == ["two_stage", "click_prob",
+                                                                                 "expected_value"]
+    props = schemas["RecommendResponse"]["properties"]
+    assert {"objective", "policy", "request_id", "arm"} <= set(props)
+    assert {"position", "propensity", "bid"} <= set(schemas["RecommendedItem"]["properties"])
+    assert {"position", "propensity", "policy", "request_id"} <= set(schemas["FeedbackEvent"]["properties"])
+    assert "arm" not in schemas["FeedbackEvent"]["properties"]  # the server decides it

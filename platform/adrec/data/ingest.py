@@ -28,6 +28,8 @@ from adrec.data.schema import DatasetSchema, EntitySchema, InteractionsSchema, _
 log = logging.getLogger(__name__)
 
 MV_SEP = "|"
+#: The items frame's (and every model version's item table's) bid column (schema ``items.bid``).
+BID = "bid"
 
 
 @dataclass
@@ -237,7 +239,8 @@ def _read_entity(spec: EntitySchema, root: Path, bad: _BadRows, empties: _EmptyF
 def parse_entity(df: pd.DataFrame, lines: np.ndarray, path: Path | str, spec: EntitySchema, bad, empties,
                  kind: str, key: bytes | None) -> pd.DataFrame:
     """A side table's text cells (one file; ``lines`` its row numbers) -> canonical rows, one per id."""
-    _require(df, path, [spec.id, *spec.text, *spec.categorical, *spec.multi_valued, *spec.numeric])
+    _require(df, path, [spec.id, *spec.text, *spec.categorical, *spec.multi_valued, *spec.numeric,
+                        *([spec.bid] if spec.bid else [])])
     keep = np.ones(len(df), dtype=bool)
     all_ids = normalize_ids(df[spec.id])
     empty = (all_ids == "").to_numpy()
@@ -252,6 +255,10 @@ def parse_entity(df: pd.DataFrame, lines: np.ndarray, path: Path | str, spec: En
         bad.add(path, c, lines[bad_num], df[c][bad_num], "not a number")
         keep &= ~bad_num
         nums[c] = v
+    bid = None
+    if spec.bid:
+        bid, wrong = parse_bids(df, lines, path, spec, bad, keep)
+        keep &= ~wrong
     ids = all_ids[keep]
     idcol = "user" if kind == "users" else "item"
     out = pd.DataFrame({idcol: pseudonymize_series(ids, key).to_numpy() if key is not None else ids.to_numpy()})
@@ -276,11 +283,32 @@ def parse_entity(df: pd.DataFrame, lines: np.ndarray, path: Path | str, spec: En
         out[f"{kind[:-1]}.{c}"] = vals.to_numpy()
     for c in spec.numeric:
         out[f"{kind[:-1]}.{c}"] = nums[c][keep].to_numpy(dtype="float64")
+    if bid is not None:
+        out[BID] = bid[keep].to_numpy(dtype="float64")
     for c in [*spec.categorical, *spec.multi_valued]:
         empties.add(path, kind, c, (out[f"{kind[:-1]}.{c}"] == "").to_numpy())
     for c in spec.numeric:
         empties.add(path, kind, c, out[f"{kind[:-1]}.{c}"].isna().to_numpy())
     return out
+
+
+def parse_bids(df: pd.DataFrame, lines: np.ndarray, path: Path | str, spec: EntitySchema, bad,
+               keep: np.ndarray) -> tuple[pd.Series, np.ndarray]:
+    """The items' bids (``spec.bid``) and the rows whose bid is bad (text, negative: counted as bad rows).
+    An empty cell of a kept row takes ``bid_default`` or is an error naming the column (a bid of 0 is a
+    statement, a missing one is not)."""
+    raw = df[spec.bid].str.strip()
+    v = pd.to_numeric(raw.replace("", np.nan), errors="coerce")
+    wrong = ((v.isna() & (raw != "")) | (v < 0) | ~np.isfinite(v.fillna(0))).to_numpy() & keep
+    bad.add(path, spec.bid, lines[wrong], df[spec.bid][wrong], "not a bid (a number >= 0)")
+    empty = (raw == "").to_numpy() & keep & ~wrong
+    if empty.any():
+        if spec.bid_default is None:
+            raise DataError(f"{path}: column '{spec.bid}' (items.bid), row {int(lines[empty][0])}: no bid "
+                            f"({int(empty.sum())} item(s) without one): give every item a bid, or set "
+                            "items.bid_default in the schema YAML")
+        v = v.fillna(spec.bid_default)
+    return v, wrong
 
 
 def read_dataset(schema: DatasetSchema, root: Path, key: bytes, max_bad_rows: int = 0) -> RawData:

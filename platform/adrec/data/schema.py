@@ -62,6 +62,12 @@ class EntitySchema(_Table):
     categorical: list[str] = Field(default_factory=list)
     multi_valued: dict[str, str] = Field(default_factory=dict)
     numeric: list[str] = Field(default_factory=list)
+    # Items only: the column with each item's bid (a number >= 0), what serve.objective=expected_value
+    # multiplies the click probability by. It travels into every model version's item table (``bid``).
+    # An item without a bid (an empty cell, or an item the table lacks) is an error naming the column,
+    # unless bid_default gives the value it then takes.
+    bid: str | None = None
+    bid_default: float | None = Field(None, ge=0)
 
 
 class DatasetSchema(BaseModel):
@@ -70,6 +76,12 @@ class DatasetSchema(BaseModel):
     interactions: InteractionsSchema
     items: EntitySchema | None = None
     users: EntitySchema | None = None
+
+    @model_validator(mode="after")
+    def _bids_are_items(self):
+        if self.users is not None and (self.users.bid is not None or self.users.bid_default is not None):
+            raise ValueError("users.bid: bids belong to the items table (items.bid)")
+        return self
 
 
 _RULE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(>=|<=|==|!=|>|<)\s*(-?\d+(?:\.\d+)?)\s*$")

@@ -98,6 +98,14 @@ def ad_texts(rng, text_rng, cats: list[str], ad_cat: np.ndarray, ad_adv: np.ndar
     return titles, tags
 
 
+def bids(cfg: SyntheticConfig, ad_adv: np.ndarray) -> np.ndarray:
+    """Each ad's bid (what a click is worth to its advertiser): an advertiser's level times a per-ad spread.
+    Drawn from a generator of their own, so every other draw of the log (and its clicks) stays as it was."""
+    r = np.random.default_rng([cfg.seed, 17])
+    level = r.lognormal(0.0, 0.6, cfg.n_advertisers)
+    return np.round(level[ad_adv] * r.lognormal(0.0, 0.25, len(ad_adv)), 2)
+
+
 def generate(cfg: SyntheticConfig, out_dir: str | Path) -> Path:
     """Write the impressions (impressions.csv, or Parquet shards in impressions/ with ``shard_rows``),
     ads.csv, users.csv and schema.yaml into ``out_dir``; returns the schema path."""
@@ -195,6 +203,7 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path) -> Path:
         "advertiser": [f"brand{i}" for i in ad_adv],
         "tags": tags,
         "price": price,
+        "bid": bids(cfg, ad_adv),
     }).to_csv(out / "ads.csv", index=False)
     pd.DataFrame({
         "user_id": [f"user{i:05d}" for i in range(cfg.n_users)],
@@ -207,7 +216,8 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path) -> Path:
         "interactions": {**imp_table, "user": "user_id", "item": "ad_id", "timestamp": "ts",
                          "label": "clicked", "context": ["slot", "hour", "device"]},
         "items": {"path": "ads.csv", "id": "ad_id", "text": ["title", "category"],
-                  "categorical": ["advertiser", "category"], "multi_valued": {"tags": "|"}, "numeric": ["price"]},
+                  "categorical": ["advertiser", "category"], "multi_valued": {"tags": "|"}, "numeric": ["price"],
+                  "bid": "bid"},
         "users": {"path": "users.csv", "id": "user_id", "categorical": ["gender", "region"], "numeric": ["age"]},
     })
     schema_path = out / "schema.yaml"

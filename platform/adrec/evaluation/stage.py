@@ -27,6 +27,7 @@ from adrec.data.privacy import pseudonym_map, resolve_key
 from adrec.data.schema import load_schema
 from adrec.evaluation.fairness import fairness
 from adrec.evaluation.faithfulness import faithfulness
+from adrec.evaluation.objectives import objective_table
 from adrec.evaluation.slices import COLD_MAX, SLICES, slice_masks, slice_metrics
 from adrec.evaluation.plots import plot_calibration, plot_robustness, plot_roc
 from adrec.evaluation.report import markdown_table, write_report
@@ -164,6 +165,9 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
         fair_body += "\n\n### Exposure-aware re-ranking: the trade-off\n\n" + trade_body
         if trade_img is not None:
             images["Fairness: NDCG vs provider Gini (exposure re-ranking)"] = trade_img
+    value_metrics, value_body = objective_table(rec, users, truth, spec.n_catalog, k, cfg.serve,
+                                                cfg.candidates.n_candidates)
+    metrics.update(value_metrics)
     privacy = (getattr(rec.ranker, "info", None) or {}).get("privacy")
     if privacy:
         metrics.update({"privacy.epsilon": float(privacy["epsilon"]), "privacy.delta": float(privacy["delta"])})
@@ -187,6 +191,7 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
         ),
         "Slices where text matters": slices_section(
             metrics, int(run.manifest()["stages"]["prepare"]["counts"].get("new_items_held_out", 0))),
+        "Objectives and exploration: NDCG and expected value": value_body,
         "Robustness (FGSM)": rob_body,
         "Fairness of exposure": fair_body,
         "Explanations: faithfulness": faith_body,

@@ -26,7 +26,7 @@ from adrec.data.privacy import resolve_key
 from adrec.keys import key_fingerprint
 from adrec.data.sources import resolve_schema
 from adrec.features.rows import (ROW_KEYS, _entity_frame, _index, build_spec, context_counts,  # noqa: F401
-                                 encode_block, entity_codes, history_lists)
+                                 encode_block, entity_codes, fill_bids, history_lists)
 from adrec.features.spec import FeatureSpec
 from adrec.features.split import SPLITS, TEST, new_item_holdout, temporal_split
 from adrec.run import RunDir, fingerprint
@@ -109,7 +109,7 @@ def _prepare_in_process(cfg: AdrecConfig, run: RunDir, schema, root, key: bytes)
 
     spec = build_spec(cfg, raw, context_counts(inter, list(raw.columns.get("context", []))),
                       len(user_ids), len(item_ids), n_catalog)
-    items = _entity_frame("item", item_ids, raw.items, "item", spec)
+    items = fill_bids(_entity_frame("item", item_ids, raw.items, "item", spec), schema.items)
     users = _entity_frame("user", user_ids, raw.users, "user", spec)
     item_codes, user_codes = entity_codes(items), entity_codes(users)
 

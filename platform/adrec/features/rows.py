@@ -12,7 +12,9 @@ import numpy as np
 import pandas as pd
 
 from adrec.config import AdrecConfig, CrossSpec
+from adrec.data.ingest import BID
 from adrec.data.sources import DEFAULT_CROSSES
+from adrec.errors import DataError
 from adrec.features.spec import FeatureSpec, build_buckets, build_vocab, multi_width, value_counts, vocab_from_counts
 from adrec.features.split import TEST, TRAIN
 
@@ -136,7 +138,25 @@ def _entity_frame(kind: str, ids: list[str], table: pd.DataFrame | None, idcol: 
     for c in frame.columns:
         if c.startswith(kind + "."):
             out[c] = frame[c].to_numpy()
+    if kind == "item" and BID in frame:  # the bid (schema items.bid): what value-aware serving multiplies by
+        out[BID] = frame[BID].to_numpy(dtype="float64")
     return out
+
+
+def fill_bids(items: pd.DataFrame, spec) -> pd.DataFrame:
+    """The catalog's bids complete: an item the items table lacks takes ``items.bid_default`` of the
+    schema (``spec``: its items table, or None), else it is an error naming the column."""
+    if spec is None or spec.bid is None or BID not in items:
+        return items
+    missing = items[BID].isna().to_numpy()
+    if missing.any():
+        if spec.bid_default is None:
+            first = items["item"].to_numpy()[missing][0]
+            raise DataError(f"column '{spec.bid}' (items.bid): {int(missing.sum())} item(s) of the interactions "
+                            f"have no row in the items table, so no bid (first: {first!r}): add them to "
+                            "the items table, or set items.bid_default in the schema YAML")
+        items[BID] = items[BID].fillna(spec.bid_default)
+    return items
 
 
 def entity_codes(frame: pd.DataFrame) -> pd.DataFrame:

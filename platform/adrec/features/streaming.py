@@ -34,7 +34,7 @@ from adrec.data.ingest import RawData, _BadRows, _EmptyFields, table_columns, wa
 from adrec.data.schema import DatasetSchema
 from adrec.data.stream import Tally, read_entity, read_interactions
 from adrec.errors import ConfigError, DataError
-from adrec.features.rows import (_entity_frame, _index, build_spec, context_counts, encode_block,
+from adrec.features.rows import (_entity_frame, _index, build_spec, context_counts, encode_block, fill_bids,
                                  entity_codes, history_lists)
 from adrec.features.split import SPLITS, temporal_split
 from adrec.run import RunDir, fingerprint
@@ -199,7 +199,7 @@ def prepare_streaming(cfg: AdrecConfig, run: RunDir, schema: DatasetSchema, root
     totals = counted[counted["column"] == _STAT].groupby("value")["n"].sum()
     log.info("counted in %.1fs", time.perf_counter() - t0)
     spec = build_spec(cfg, raw, counted[counted["column"] != _STAT], len(user_ids), len(item_ids), len(seen_items))
-    items = _entity_frame("item", item_ids, raw.items, "item", spec)
+    items = fill_bids(_entity_frame("item", item_ids, raw.items, "item", spec), schema.items)
     users = _entity_frame("user", user_ids, raw.users, "user", spec)
     item_codes, user_codes = entity_codes(items), entity_codes(users)
 

@@ -129,14 +129,21 @@ class AppArgs(ServeConfig):
             q = Path(p).expanduser()
             return str(q if q.is_absolute() else (home / q).resolve())
 
-        model_dir = absolute(self.model_dir)
-        if self.model_dir != "(user_config)":
+        def version_of(location: str) -> str:
             # A run instead of a version: its live version (what `adrec serve --run` serves).
-            reg = registry_of(model_dir)
-            if not (storage.resolve(model_dir) / "version.json").is_file() and reg.live_record():
-                model_dir = reg.live().uri
+            location = absolute(location)
+            reg = registry_of(location)
+            if not (storage.resolve(location) / "version.json").is_file() and reg.live_record():
+                return reg.live().uri
+            return location
+
+        model_dir = version_of(self.model_dir) if self.model_dir != "(user_config)" else absolute(self.model_dir)
         run_dir = absolute(self.run_dir) if self.run_dir else run_of_version(model_dir)
         upd: dict[str, Any] = {"model_dir": model_dir, "run_dir": run_dir}
+        if self.ab is not None:  # each arm's own version pinned now, as the app's (a run: its live version today)
+            upd["ab"] = self.ab.model_copy(update={"arms": [
+                a.model_copy(update={"model_dir": version_of(a.model_dir) if a.model_dir else None})
+                for a in self.ab.arms]})
         secrets = RunDir(run_dir).path / SECRETS_DIR
         upd["feedback_log"] = absolute(self.feedback_log) if self.feedback_log else default_feedback_log(run_dir)
         from_env = dict(self._from_env)

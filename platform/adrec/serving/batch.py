@@ -30,19 +30,26 @@ log = logging.getLogger(__name__)
 class TopK:
     """A Ray Data actor: one loaded model version, many users' lists."""
 
-    def __init__(self, model_dir: str, key: bytes, k: int, n_candidates: int, precompute_max_users: int):
+    def __init__(self, model_dir: str, key: bytes, k: int, n_candidates: int, precompute_max_users: int,
+                 objective: str = "relevance", pool: int = 50):
         from adrec.serving.holder import load_candidate_side
+        from adrec.serving.strategy import Strategy
+
+        # serve.objective as served, greedy: a batch list does not explore (nothing logs its propensities).
+        self.strategy = Strategy(objective, pool=pool)
 
         # What a Serve replica loads: the version with its known users' two-stage lists at hand.
         self.rec = load_candidate_side(model_dir, True, n_candidates, k, precompute_max_users)
         self.key, self.k, self.n = key, k, n_candidates
+        self.rec.check_objective(objective)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         if "user" not in batch:  # raw ids from a file
             batch = batch.assign(user=[pseudonymize(normalize_id(str(u)), self.key) for u in batch["user_id"]])
         items, probs = [], []
         for pseudonym in batch["user"]:
-            answer = self.rec.recommend_index(self.rec.pseudonym_index(pseudonym), self.k, None, self.n)
+            answer = self.rec.recommend_index(self.rec.pseudonym_index(pseudonym), self.k, None, self.n,
+                                              strategy=self.strategy)
             items.append([a["item"] for a in answer])
             probs.append(np.asarray([a["click_prob"] for a in answer], dtype=np.float32))
         return batch.assign(items=items, click_probs=probs, version=self.rec.version_id)
@@ -65,7 +72,8 @@ def score(cfg: AdrecConfig, run: RunDir, out: str, users: str = "all", k: int = 
         ds = ray.data.read_text(users).rename_columns({"text": "user_id"})
     target = resolve(out)
     scored = ds.map_batches(TopK, fn_constructor_args=(str(model_dir), key, k, cfg.candidates.n_candidates,
-                                                                  cfg.serve.precompute_max_users),
+                                                                  cfg.serve.precompute_max_users, cfg.serve.objective,
+                                                                  cfg.serve.pool),
                             batch_format="pandas", batch_size=batch_size, concurrency=actors, num_cpus=1)
     scored.write_parquet(target.path, filesystem=target.fs)
     written = ray.data.read_parquet(target.path, filesystem=target.fs).count()

@@ -22,10 +22,13 @@ from pathlib import Path
 
 from adrec import storage
 from adrec.config import AdrecConfig
+from adrec.data.ingest import BID
+from adrec.errors import ConfigError
 from adrec.run import RunDir
 from adrec.serving.args import AppArgs
 from adrec.serving.builder import build_app
 from adrec.serving.exposure import require_api_key
+from adrec.serving.strategy import EXPECTED_VALUE
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +76,27 @@ def preflight(args: AppArgs) -> AppArgs:
 
     r = args.resolved()
     require_api_key(r, r.host, r.port)
-    storage.require_shared(r.model_dir, "the model version Serve loads (serve.model_dir / --run)")
     storage.require_shared(r.feedback_log, "the feedback log (serve.feedback_log)")
-    materialize(r.model_dir)  # committed and intact (every checksum), before any replica tries it
-    r.check_version_key(read_version(r.model_dir), r.model_dir)
+    arms = [a.model_dir for a in r.ab.arms if a.model_dir] if r.ab is not None else []
+    for model_dir in [r.model_dir, *arms]:  # A/B arms' own versions: the same checks
+        storage.require_shared(model_dir, "the model version Serve loads (serve.model_dir / --run / serve.ab)")
+        folder = materialize(model_dir)  # committed and intact (every checksum), before any replica tries it
+        r.check_version_key(read_version(model_dir), model_dir)
+        if r.objective == EXPECTED_VALUE:
+            require_bids(folder, model_dir)
     return r
+
+
+def require_bids(folder, model_dir: str) -> None:
+    """A :class:`ConfigError` when the version in ``folder`` has no item bids (serve.objective=expected_value)."""
+    import pyarrow.parquet as pq
+
+    from adrec.model_version import VersionPaths
+
+    if BID not in pq.read_schema(VersionPaths(folder).items).names:
+        raise ConfigError(f"serve.objective=expected_value needs item bids, and the model version {model_dir} has "
+                          "none: name the bid column in the schema YAML's items table (bid: COLUMN), prepare and "
+                          "train again, or serve another objective")
 
 
 def deploy(args: AppArgs, timeout_s: float = 120.0) -> str:

@@ -21,12 +21,13 @@ from ray.serve.handle import DeploymentHandle
 from adrec.feedback import FeedbackWriteError, open_log
 from adrec.model_version import VersionPaths, read_version
 from adrec.serving.args import AppArgs
-from adrec.serving.holder import VersionHolder, load_state, settle_heap
+from adrec.serving.holder import VersionHolder, fixed_arms, load_state, settle_heap
 from adrec.serving.recommender import Recommender
 from adrec.serving.replica import call, single_threaded
 from adrec.serving.request import Recommendation
 from adrec.serving.responses import version_info
 from adrec.serving.scoring import rank_grouped
+from adrec.serving.strategy import Strategy
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class RankerDeployment:
         self.target: str | None = None  # a version being switched to
         self.loader: asyncio.Task | None = None
         self.load_error: str | None = None
+        self.pinned: set[str] = set()  # the versions of A/B arms with their own (serve.ab): never evicted
         self._rank_batch.set_max_batch_size(settings.max_batch_size)
         self._rank_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
@@ -58,6 +60,8 @@ class RankerDeployment:
         # (rank calls for a version still loading wait for that load, see _get).
         load = self._switch(str(config.get("version") or ""), str(config["model_dir"]))
         if self.current is None:
+            for arm in fixed_arms(self.settings):
+                self.pinned.add((await self._get("", arm.model_dir)).version_id)
             await load
         else:
             self.loader = asyncio.create_task(load)
@@ -101,8 +105,9 @@ class RankerDeployment:
             if rec.version_id != version:
                 raise LookupError(f"{model_dir} holds version {rec.version_id}, not the requested {version}")
             self._models[version] = rec
-            while len(self._models) > KEEP_VERSIONS:  # least recently used first, never the live one
-                self._models.pop(next(v for v in self._models if v != self.current))
+            while len(self._models) > KEEP_VERSIONS + len(self.pinned):  # least recently used first, never
+                # the live one nor an A/B arm's
+                self._models.pop(next(v for v in self._models if v != self.current and v not in self.pinned))
             settle_heap()
             fut.set_result(rec)
             return rec
@@ -147,6 +152,7 @@ class CandidateDeployment:
         self.settings = settings
         self.ranker = ranker
         self.holder = VersionHolder(settings, load_ranker=False, role="candidates", ready=self._ranker_ready)
+        self.strategy = Strategy.from_settings(settings)
 
     async def reconfigure(self, config: dict) -> None:
         await self.holder.reconfigure(config)
@@ -158,8 +164,8 @@ class CandidateDeployment:
     def loaded(self) -> dict:
         return self.holder.loaded()
 
-    async def recommend(self, user: str, k: int, context: dict, explain: bool) -> dict:
-        rec, model_dir = self.holder.rec, self.holder.model_dir  # one version for the whole request
+    async def recommend(self, user: str, k: int, context: dict, explain: bool, arm: str | None = None) -> dict:
+        rec, model_dir = self.holder.rec_for(arm)  # one version for the whole request (the arm's, with A/B)
         u = rec.pseudonym_index(user)
 
         async def rank(items: np.ndarray) -> np.ndarray:
@@ -171,7 +177,7 @@ class CandidateDeployment:
         async def explain_fn(items: np.ndarray) -> dict:
             return await call(self.ranker.explain, rec.version_id, model_dir, u, items, context)
 
-        req = Recommendation(rec, u, k, context, self.settings.n_candidates, explain)
+        req = Recommendation(rec, u, k, context, self.settings.n_candidates, explain, self.strategy, arm)
         return await req.run_async(rank, explain_fn)
 
     def version(self) -> dict:
@@ -201,6 +207,11 @@ class FeedbackDeployment:
         self.items: set[str] | None = None
         self.previous_items: set[str] = set()
         self.version: str | None = None
+        self.settings = settings
+        # A/B arms with a version of their own: arm -> version id (the `version` of their impressions), and
+        # the items those versions may show.
+        self.arm_versions: dict[str, str] = {}
+        self.arm_items: set[str] = set()
         self.wanted: str | None = None
         self.load_error: str | None = None
         self.loader: asyncio.Task | None = None
@@ -209,10 +220,20 @@ class FeedbackDeployment:
         # Serve holds requests back from a replica while reconfigure runs: never wait here for a version.
         self.wanted = str(config["model_dir"])
         if self.items is None and self.version is None and self.loader is None:
+            await self._load_arms()
             self.loader = asyncio.create_task(self._load_items())
             await self.loader  # the first ids before the first request (failures are caught there)
         elif self.loader is None or self.loader.done():
             self.loader = asyncio.create_task(self._load_items())
+
+    async def _load_arms(self) -> None:
+        for arm in fixed_arms(self.settings):
+            try:
+                self.arm_versions[arm.name] = str((await asyncio.to_thread(read_version, arm.model_dir))["version"])
+                items = await asyncio.to_thread(pd.read_parquet, VersionPaths(arm.model_dir).items, columns=["item"])
+                self.arm_items |= set(items["item"].astype(str))
+            except Exception as err:  # as for the live version: events are then checked against the others' items
+                log.error("feedback: could not read the version of A/B arm %s (%s): %s", arm.name, arm.model_dir, err)
 
     async def _load_items(self) -> None:
         while self.wanted is not None:
@@ -234,13 +255,15 @@ class FeedbackDeployment:
 
     async def append(self, events: list[dict]) -> dict:
         if self.items is not None:
-            bad = [i for i, e in enumerate(events) if e["item"] not in self.items
-                   and e["item"] not in self.previous_items and not self.log.seen(e["event_id"])]
+            bad = [i for i, e in enumerate(events) if e["item"] not in self.items and e["item"] not in self.previous_items
+                   and e["item"] not in self.arm_items and not self.log.seen(e["event_id"])]
             if bad:
                 shown = ", ".join(f"events.{i}.item" for i in bad[:10]) + (" ..." if len(bad) > 10 else "")
                 return {"status": 422, "detail": f"unknown item in {len(bad)} event(s): {shown}; nothing was written"}
         now = time.time()
-        records = [{**e, "received_at": now, "version": self.version} for e in events]
+        # An impression of an A/B arm with its own version names that version (it served the list).
+        records = [{**e, "received_at": now, "version": self.arm_versions.get(e.get("arm"), self.version)}
+                   for e in events]
         try:
             res = await self.log.append_async(records)
         except FeedbackWriteError as err:

@@ -29,6 +29,12 @@ def model_config(model_dir: str) -> dict:
     return {"model_dir": str(model_dir), "version": str(read_version(model_dir)["version"])}
 
 
+def fixed_arms(settings) -> list:
+    """The A/B arms (``serve.ab``) that name a version of their own (the others serve the app's version)."""
+    ab = getattr(settings, "ab", None)
+    return [a for a in ab.arms if a.model_dir] if ab is not None else []
+
+
 def load_state(version: str | None, loading: bool, error: str | None) -> dict:
     """What a replica's ``loaded()`` answers: this replica, the version it serves, and a load in progress or failed."""
     ctx = serve.get_replica_context()
@@ -76,6 +82,13 @@ class VersionHolder:
         self.target: tuple[str, str] | None = None  # (model_dir, version) being loaded
         self.loader: asyncio.Task | None = None
         self.load_error: str | None = None
+        # A/B arms with a version of their own (serve.ab: model_dir set): arm -> (Recommender, model_dir),
+        # loaded with the first version and kept (rollouts move the app's own version, which the other arms serve).
+        self.arms: dict[str, tuple[Recommender, str]] = {}
+
+    def rec_for(self, arm: str | None) -> tuple[Recommender, str]:
+        """The version (and its folder) that serves ``arm``: its own, or the live one."""
+        return self.arms.get(arm) or (self.rec, self.model_dir)
 
     async def reconfigure(self, config: dict) -> None:
         """Point the holder at a ``user_config``'s version."""
@@ -85,6 +98,12 @@ class VersionHolder:
             return
         self.target = target
         if self.rec is None:
+            for arm in fixed_arms(self.settings):
+                rec = await asyncio.to_thread(self._load, arm.model_dir)
+                if self.ready is not None:
+                    await self.ready(rec, arm.model_dir)
+                self.arms[arm.name] = (rec, arm.model_dir)
+                log.info("%s serving version %s for A/B arm %s", self.role, rec.version_id, arm.name)
             await self._load_targets(None, raise_errors=True)
         elif self.loader is None or self.loader.done():
             self.loader = asyncio.create_task(self._load_targets(self.ready))
@@ -93,7 +112,9 @@ class VersionHolder:
         s = self.settings
         # A version another key pseudonymized is refused before it loads (the live one keeps serving).
         s.check_version_key(read_version(model_dir), model_dir)
-        return load_candidate_side(model_dir, self.load_ranker, s.n_candidates, s.max_k, s.precompute_max_users)
+        rec = load_candidate_side(model_dir, self.load_ranker, s.n_candidates, s.max_k, s.precompute_max_users)
+        rec.check_objective(s.objective)  # expected_value on a version without bids: refused, like a bad key
+        return rec
 
     async def _load_targets(self, ready, raise_errors: bool = False) -> None:
         """Load ``self.target`` until none is pending (a newer target set meanwhile is loaded next)."""

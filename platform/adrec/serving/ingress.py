@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adrec import __version__
 from adrec.data.ids import normalize_id
 from adrec.data.privacy import pseudonymize
+from adrec.serving.abtest import assigner
 from adrec.serving.args import AppArgs
 from adrec.serving.holder import VersionHolder
 from adrec.serving.replica import call, single_threaded
@@ -35,8 +36,9 @@ from adrec.serving.request import Recommendation
 from adrec.serving.responses import (ErrorResponse, FeedbackResponse, HealthResponse, RecommendResponse,
                                      VersionResponse, version_info)
 from adrec.errors import ApiError
-from adrec.serving.schemas import FeedbackRequest, RecommendRequest, decode_json, read_body, validate
+from adrec.serving.schemas import SERVED_FIELDS, FeedbackRequest, RecommendRequest, decode_json, read_body, validate
 from adrec.serving.scoring import rank_grouped
+from adrec.serving.strategy import Strategy
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,24 @@ async def _unexpected(request: Request, err: Exception) -> JSONResponse:
     return JSONResponse({"detail": "internal error"}, status_code=500)
 
 
+# What /recommend answers beside user_id and items (the request algorithm's answer: adrec.serving.request).
+ANSWER_FIELDS = ("version", "ranked_by", "objective", "policy", "request_id", "arm")
+
+
+def logged_event(e, user: str, arm_of) -> dict:
+    """A validated /feedback event as the log holds it: the pseudonym for the raw id; an impression with its
+    serving fields (position, propensity, policy, request_id, as the client reports them from the answer)
+    and its A/B arm, decided here from the user (None without A/B): never taken from the client."""
+    out = {"event_id": e.event_id, "user": user, "item": normalize_id(e.item), "type": e.type, "ts": e.ts,
+           "context": {k: v for k, v in e.context.items()}}
+    for f in SERVED_FIELDS:
+        if getattr(e, f) is not None:
+            out[f] = getattr(e, f)
+    if e.type == "impression":
+        out["arm"] = arm_of(user)
+    return out
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
@@ -113,6 +133,8 @@ class Ingress:
         self.feedback = feedback
         # fused: the live Recommender (with its ranker) and its swaps
         self.holder = VersionHolder(settings, load_ranker=True, role="fused ingress")
+        self.strategy = Strategy.from_settings(settings)
+        self.arm_of = assigner(settings.ab)  # pseudonym -> A/B arm (None without A/B), the same in every replica
         if candidates is None:
             single_threaded()
             self._rank_batch.set_max_batch_size(settings.max_batch_size)
@@ -132,8 +154,8 @@ class Ingress:
 
         return await rank_grouped(recs, resolve, users, items, contexts)
 
-    async def _recommend_here(self, user: str, k: int, context: dict, explain: bool) -> dict:
-        rec = self.holder.rec  # one version for the whole request, even if a rollout swaps it meanwhile
+    async def _recommend_here(self, user: str, k: int, context: dict, explain: bool, arm: str | None) -> dict:
+        rec, _ = self.holder.rec_for(arm)  # one version for the whole request, even if a rollout swaps it meanwhile
         u = rec.pseudonym_index(user)
 
         async def rank(items: np.ndarray) -> np.ndarray:
@@ -146,7 +168,7 @@ class Ingress:
             return await asyncio.to_thread(rec.explain, u, np.asarray(items, np.int64), context,
                                            self.settings.explain_budget_ms, self.settings.explain_max_items)
 
-        req = Recommendation(rec, u, k, context, self.settings.n_candidates, explain)
+        req = Recommendation(rec, u, k, context, self.settings.n_candidates, explain, self.strategy, arm)
         return await req.run_async(rank, explain_fn)
 
     def check_health(self) -> None:
@@ -210,13 +232,14 @@ class Ingress:
         req: RecommendRequest = await self._body(request, RecommendRequest, max_k=self.settings.max_k)
         context = {k: str(v) for k, v in req.context.items()}
         user = pseudonymize(normalize_id(req.user_id), self.key)
+        arm = self.arm_of(user)
         if self.candidates is None:
-            out = await self._guarded("recommend", self._recommend_here(user, req.k, context, req.explain))
+            out = await self._guarded("recommend", self._recommend_here(user, req.k, context, req.explain, arm))
         else:
-            out = await self._graph(self.candidates.recommend, user, req.k, context, req.explain)
+            out = await self._graph(self.candidates.recommend, user, req.k, context, req.explain, arm)
         # A plain JSONResponse: the answer is already JSON types, and FastAPI's encoder walk of it cost
         # a measurable share of a request's CPU.
-        body = {"user_id": req.user_id, "version": out["version"], "ranked_by": out["ranked_by"], "items": out["items"]}
+        body = {"user_id": req.user_id, **{f: out[f] for f in ANSWER_FIELDS}, "items": out["items"]}
         if "explain_complete" in out:  # with explain: whether every item got its attributions
             body["explain_complete"] = out["explain_complete"]
         return JSONResponse(body)
@@ -227,8 +250,7 @@ class Ingress:
         s = self.settings
         req: FeedbackRequest = await self._body(request, FeedbackRequest, now=time.time(),
                                                 max_ahead_s=s.feedback_max_ahead_s, max_behind_s=s.feedback_max_behind_s)
-        events = [{"event_id": e.event_id, "user": pseudonymize(normalize_id(e.user_id), self.key), "item": normalize_id(e.item),
-                   "type": e.type, "ts": e.ts, "context": {k: v for k, v in e.context.items()}} for e in req.events]
+        events = [logged_event(e, pseudonymize(normalize_id(e.user_id), self.key), self.arm_of) for e in req.events]
         out = await self._graph(self.feedback.append, events)
         status = out.pop("status")
         if status != 200:

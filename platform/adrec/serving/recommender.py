@@ -21,11 +21,14 @@ import numpy as np
 import pandas as pd
 
 from adrec.config import CandidateConfig, ServeConfig
+from adrec.errors import ConfigError
 from adrec.data.ids import normalize_id
+from adrec.data.ingest import BID
 from adrec.data.privacy import pseudonymize
 from adrec.model_version import ModelVersion, TwoStageLists, load_version
 from adrec.serving.explanations import explain_items
 from adrec.serving.request import Recommendation
+from adrec.serving.strategy import EXPECTED_VALUE, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,9 @@ class Recommender:
         self.key = pseudonym_key
         self._reverse_vocabs: dict[str, dict[int, str]] = {}
         self.lists: TwoStageLists | None = None  # known users' two-stage lists at hand (precompute_lists)
+        # Per item index its bid (schema items.bid), or None when the version's items carry none.
+        items = self.version.items
+        self.bids = items[BID].to_numpy(np.float64) if BID in items else None
 
     def precompute_lists(self, n: int, max_users: int) -> bool:
         """Have the two-stage list (``n`` items) of every known user at hand, so that :meth:`candidates`
@@ -128,12 +134,24 @@ class Recommender:
         return self.recommend_index(self.user_index(raw_user_id), k, context, n_candidates, explain)
 
     def recommend_index(self, u: int, k: int, context: dict | None = None, n_candidates: int | None = None,
-                        explain: bool = False) -> list[dict]:
-        """:meth:`recommend` for a user index (-1: a user the version does not know)."""
+                        explain: bool = False, strategy: Strategy | None = None) -> list[dict]:
+        """:meth:`recommend` for a user index (-1: a user the version does not know); ``strategy``: the
+        objective and exploration policy (default: relevance, none)."""
+        return self.answer_index(u, k, context, n_candidates, explain, strategy)["items"]
+
+    def answer_index(self, u: int, k: int, context: dict | None = None, n_candidates: int | None = None,
+                     explain: bool = False, strategy: Strategy | None = None, request_id: str | None = None) -> dict:
+        """The whole answer of :meth:`recommend_index` (objective, policy, request_id and items)."""
         n = CandidateConfig().n_candidates if n_candidates is None else n_candidates
-        req = Recommendation(self, u, k, context, n, explain)
-        answer = req.run(lambda items: self.rank(u, items, context), lambda items: self.explain(u, items, context))
-        return answer["items"]
+        req = Recommendation(self, u, k, context, n, explain, strategy, request_id=request_id)
+        return req.run(lambda items: self.rank(u, items, context), lambda items: self.explain(u, items, context))
+
+    def check_objective(self, objective: str) -> None:
+        """A :class:`ConfigError` when ``objective`` needs what the version lacks (bids for expected_value)."""
+        if objective == EXPECTED_VALUE and self.bids is None:
+            raise ConfigError(f"serve.objective=expected_value needs item bids, and model version {self.version_id} "
+                              "has none: name the bid column in the schema YAML's items table (bid: COLUMN), "
+                              "prepare and train again, or serve another objective")
 
     def explain(self, user_idx: int, item_idx: np.ndarray, context: dict | None = None,
                 budget_ms: float | None = None, max_items: int | None = None) -> dict:

@@ -45,6 +45,15 @@ class RecommendedItem(BaseModel):
     relevance: float | None = Field(description="The two-stage re-ranker's score (unbounded, higher ranks first; "
                                                 "not a probability) when it ordered the list (ranked_by "
                                                 "'two_stage'); null when the click probability did.")
+    position: int = Field(ge=0, description="The item's 0-based position in the list (rank - 1): what a /feedback "
+                                            "impression of it reports as position.")
+    propensity: float = Field(gt=0, le=1, description="The probability that the serving policy put this item at "
+                                                      "this position, given the items above it: 1 without "
+                                                      "exploration; exact for epsilon_greedy; a Monte-Carlo "
+                                                      "estimate (serve.exploration.thompson_draws) for thompson. "
+                                                      "A /feedback impression of the item reports it.")
+    bid: float | None = Field(None, description="The item's bid (the schema's items.bid column), null when the "
+                                                "model version has no bids.")
     sources: list[str] | None = Field(None, description="With explain: the candidate sources that proposed the "
                                                         "item (e.g. ease, als, popularity; 'catalog' when it "
                                                         "filled a short candidate union).")
@@ -61,10 +70,21 @@ class RecommendedItem(BaseModel):
 class RecommendResponse(BaseModel):
     user_id: str = Field(description="The user id of the request, as sent.")
     version: str = Field(description="The model version that answered.")
-    ranked_by: Literal["two_stage", "click_prob"] = Field(
+    ranked_by: Literal["two_stage", "click_prob", "expected_value"] = Field(
         description="What ordered the list: 'two_stage' (the two-stage re-ranker, for users the model knows; "
-                    "each item's relevance is its score) or 'click_prob' (the CTR ranker's click probability, "
-                    "for users it does not know).")
+                    "each item's relevance is its score), 'click_prob' (the CTR ranker's click probability: "
+                    "for users it does not know, or every user under the expected_clicks objective) or "
+                    "'expected_value' (bid x click probability: the expected_value objective). With "
+                    "exploration on, the policy departs from that order at some positions (see propensity).")
+    objective: Literal["relevance", "expected_clicks", "expected_value"] = Field(
+        description="The app's ordering objective (serve.objective).")
+    policy: Literal["greedy", "epsilon_greedy", "thompson"] = Field(
+        description="The policy that filled the list: 'greedy' (exploration off: the objective's order) or the "
+                    "exploration policy (serve.exploration.policy). /feedback impressions report it.")
+    request_id: str = Field(description="The list's id (its random draws are seeded by it). /feedback "
+                                        "impressions report it.")
+    arm: str | None = Field(description="The A/B arm the user is in (serve.ab), whose model version answered; "
+                                        "null without A/B. The server logs it with the user's impressions.")
     items: list[RecommendedItem] = Field(description="At most k items, best first.")
     explain_complete: bool | None = Field(
         None, description="With explain: true when every item got its feature attributions; false when the "

@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from adrec.errors import ApiError
 
 MAX_CONTEXT_KEYS = 32
 MAX_EVENTS = 1000
+#: The optional serving fields of a /feedback impression, logged as top-level keys (with the server's ``arm``).
+SERVED_FIELDS = ("position", "propensity", "policy", "request_id")
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 ContextKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -58,6 +61,27 @@ class FeedbackEvent(_Strict):
     ts: float = Field(description="When, in unix seconds (an integer is accepted): at most serve.feedback_max_ahead_s "
                                   "ahead of the server's clock and at most serve.feedback_max_behind_s behind it.")
     context: Context = Field(default_factory=dict, description="The context the item was shown in.")
+    # What the /recommend answer said about the shown item (impressions only): logged as sent, for
+    # off-policy evaluation. The A/B arm is not among them: the server decides and logs it.
+    position: int | None = Field(None, ge=0, description="Impressions: the item's 0-based position in the served "
+                                                          "list (the answer's item.position).")
+    propensity: float | None = Field(None, gt=0, le=1, description="Impressions: the probability that the serving "
+                                                                   "policy put the item at that position, given "
+                                                                   "the items above (the answer's item.propensity).")
+    policy: Literal["greedy", "epsilon_greedy", "thompson"] | None = Field(
+        None, description="Impressions: the policy that served the list (the answer's policy).")
+    request_id: Id | None = Field(None, description="The served list's id (the answer's request_id).")
+
+    @model_validator(mode="after")
+    def _served_fields_on_impressions(self) -> FeedbackEvent:
+        given = [f for f in ("position", "propensity", "policy") if getattr(self, f) is not None]
+        if given and self.type != "impression":
+            raise ValueError(f"{', '.join(given)}: only impressions carry them (this event is a {self.type})")
+        if 0 < len(given) < 3:
+            missing = [f for f in ("position", "propensity", "policy") if getattr(self, f) is None]
+            raise ValueError(f"{', '.join(missing)} missing: an impression gives position, propensity and policy "
+                             "together (from the /recommend answer), or none of them")
+        return self
 
     @field_validator("ts")
     @classmethod

@@ -30,6 +30,8 @@ def score_requests(rec, users: list[int], items: list[np.ndarray], contexts: lis
         frames.append(rec.version.rows(u, it, contexts[idx[0]]))
         order += idx
     rows = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    # (The hook of serve.objective=expected_value with pCTCVR: a ranker that gives pCTCVR next to pCTR would
+    # return it here, per request, for Recommendation.set_click_probs(probs, ctcvr); none does yet.)
     probs = np.asarray(rec.ranker.predict(rows), dtype=np.float32)
     out: list[np.ndarray] = [np.empty(0, np.float32)] * len(items)
     start = 0
