@@ -392,6 +392,8 @@ def test_exploration_and_ab_log_propensities_and_arms(served, tiny_cfg, tmp_path
             for f in ("position", "propensity", "policy"):
                 del click[f]
             assert c.post("/feedback", json={"events": [click]}).status_code == 200
+            conversion = {**click, "event_id": "x-conv", "type": "conversion", "ts": time.time() - 20}
+            assert c.post("/feedback", json={"events": [conversion]}).status_code == 200
             assert c.post("/feedback", json={"events": [{**events[0], "event_id": "x-arm", "arm": "treatment"}]}
                           ).status_code == 422
         logged = {e["event_id"]: e for e in read_events(log)}
@@ -403,8 +405,11 @@ def test_exploration_and_ab_log_propensities_and_arms(served, tiny_cfg, tmp_path
             assert rec["propensity"] == pytest.approx(e["propensity"]) and rec["position"] == e["position"]
         assert "arm" not in logged["x-click"] and "propensity" not in logged["x-click"]
         report = ab_report(read_events(log), arm_order=["control", "treatment"])
+        clicked_arm = next(x for x, u in by_arm.items() if u == events[0]["user_id"])
         assert {a["arm"]: (a["impressions"], a["clicks"]) for a in report["arms"]} == \
-            {a: (10, int(a == next(x for x, u in by_arm.items() if u == events[0]["user_id"]))) for a in by_arm}
+            {a: (10, int(a == clicked_arm)) for a in by_arm}
+        assert logged["x-conv"]["type"] == "conversion"  # through /feedback: the CVR of the clicked arm is 1/1
+        assert {a["arm"]: a["conversions"] for a in report["arms"]} == {a: int(a == clicked_arm) for a in by_arm}
     finally:
         serve.delete(EXPLORE_APP)
 

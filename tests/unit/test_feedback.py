@@ -126,3 +126,12 @@ def test_append_async_groups_the_requests_of_one_event_loop(tmp_path):
     file_writer = open_log(tmp_path / "events.jsonl").writer()  # the file log: its append in a thread
     assert asyncio.run(file_writer.append_async([_rec("f")])).accepted == ["f"]
     file_writer.close()
+
+
+def test_a_conversion_record_is_an_event_and_an_unknown_type_is_not():
+    from adrec.feedback import CONVERSION, parse_event
+
+    rec = {"event_id": "e1", "user": "u", "item": "i", "type": CONVERSION, "ts": 10.0}
+    ev = parse_event(rec)
+    assert ev is not None and ev.type == "conversion" and ev.ts == 10.0
+    assert parse_event({**rec, "type": "purchase"}) is None

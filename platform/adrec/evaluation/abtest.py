@@ -6,8 +6,7 @@
   run's ``online.attribution_window_s``): a click labels the most recent unclicked impression of the same
   (user, item) at most one window before it; repeated, late and unattributed clicks count for no arm.
   CTR = labelled impressions / impressions.
-- Conversions (``"conversion"`` records, when a writer logs them; /feedback takes impressions and clicks
-  only) label clicked impressions by the same rules, one window from the impression: CVR = converted /
+- Conversions (``"conversion"`` records: ``POST /feedback`` with ``type: conversion``) label clicked impressions by the same rules, one window from the impression: CVR = converted /
   clicked impressions.
 - Per arm a Wilson interval at 1 - alpha; each other arm against the first (the run config's serve.ab
   order, else the arms' names sorted): the difference with its Wald interval and a two-sided
@@ -24,10 +23,9 @@ from typing import Any
 from scipy.stats import norm
 
 from adrec.evaluation.report import markdown_table
-from adrec.feedback import CLICK, IMPRESSION, open_log
+from adrec.feedback import CLICK, CONVERSION, IMPRESSION, open_log
 from adrec.online.attribution import AttributionJoiner
 
-CONVERSION = "conversion"
 NO_ARM = "(no arm)"
 
 

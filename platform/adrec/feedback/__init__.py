@@ -19,11 +19,11 @@ from adrec.errors import ConfigError
 from adrec.feedback.base import (AppendResult, FeedbackLog, FeedbackWriteError, LogLockedError, LogReader, LogWriter,
                                  Position, ReadResult)
 from adrec.feedback.filelog import FileLog
-from adrec.feedback.records import CLICK, IMPRESSION, Event, parse_event
+from adrec.feedback.records import CLICK, CONVERSION, IMPRESSION, Event, parse_event
 from adrec.feedback.segments import SegmentLog
 from adrec.storage import is_remote
 
-__all__ = ["AppendResult", "CLICK", "Event", "FeedbackLog", "FeedbackWriteError", "FileLog", "IMPRESSION", "KINDS",
+__all__ = ["AppendResult", "CLICK", "CONVERSION", "Event", "FeedbackLog", "FeedbackWriteError", "FileLog", "IMPRESSION", "KINDS",
            "LogLockedError", "LogReader", "LogWriter", "Position", "ReadResult", "SegmentLog",
            "open_log", "parse_event"]
 

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 
 IMPRESSION = "impression"
 CLICK = "click"
+# A conversion after a click (a purchase, a sign-up); the A/B report's CVR. The learner reads it and
+# learns nothing from it (its model predicts clicks).
+CONVERSION = "conversion"
+TYPES = (IMPRESSION, CLICK, CONVERSION)
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,7 @@ def parse_event(rec: dict) -> Event | None:
     try:
         typ = str(rec["type"])
         ts = float(rec["ts"])
-        if typ not in (IMPRESSION, CLICK) or not math.isfinite(ts):
+        if typ not in TYPES or not math.isfinite(ts):
             return None
         ctx = rec.get("context") or {}
         return Event(str(rec["event_id"]), str(rec["user"]), str(rec["item"]), typ, ts,

@@ -57,7 +57,9 @@ class FeedbackEvent(_Strict):
     event_id: Id = Field(description="The idempotency key: an event id already logged is not written again.")
     user_id: Id = Field(description="The user's id as in the data set (pseudonymized before it is logged).")
     item: Id = Field(description="The ad's id (an item of the served model version).")
-    type: Literal["impression", "click"] = Field(description="What happened.")
+    type: Literal["impression", "click", "conversion"] = Field(
+        description="What happened: the ad was shown, clicked, or converted after a click (a purchase; it "
+                    "counts towards the A/B report's CVR when it follows a click of the same user and item).")
     ts: float = Field(description="When, in unix seconds (an integer is accepted): at most serve.feedback_max_ahead_s "
                                   "ahead of the server's clock and at most serve.feedback_max_behind_s behind it.")
     context: Context = Field(default_factory=dict, description="The context the item was shown in.")
