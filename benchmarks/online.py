@@ -59,6 +59,7 @@ class Settings:
     concurrency: int = 8
     requests_per_phase: int = 800
     phases: int = 6  # alternating frozen / learning, frozen first
+    rolling_phase: bool = True  # then one phase of back-to-back rollouts under the same load
     feedback_batch: int = 50
     max_feedback_rate: float = 1500.0  # events/s while a phase runs
     train_local: bool = False  # train the initial model in-process instead of on Ray Train
@@ -138,6 +139,35 @@ def recommend_load(url: str, bodies: list[dict], concurrency: int, n: int,
     t0 = time.perf_counter()
     lat, st, _ = closed_loop(url.rstrip("/") + "/recommend", bodies, concurrency, n, starts=starts)
     return lat, st, time.perf_counter() - t0
+
+
+def rolling_phase(args, url: str, bodies: list[dict], s: Settings, paths: list[str], poster: Poster) -> dict:
+    """``POST /recommend`` load (and the feedback stream) while the app is rolled out between ``paths`` back
+    to back (the last one last, so the app ends where it was): its latency, the overlapping requests apart."""
+    from adrec.serving.deploy import rollout
+
+    done = threading.Event()
+    windows: list[tuple[float, float]] = []
+
+    def roll() -> None:
+        k = 0
+        while not done.is_set():
+            t0 = time.time()
+            rollout(args, paths[k % len(paths)])
+            windows.append((t0, time.time()))
+            k += 1
+        if k % len(paths):  # the last rollout was not to paths[-1]: go back to it
+            rollout(args, paths[-1])
+
+    starts: list[float] = []
+    thread = threading.Thread(target=roll, name="bench-rollouts", daemon=True)
+    thread.start()
+    poster.active.set()  # the feedback stream goes on, as in the other phases
+    lat, st, secs = recommend_load(url, bodies, s.concurrency, s.requests_per_phase, starts)
+    poster.active.clear()
+    done.set()
+    thread.join()
+    return {"versions": paths, **latency_stats(lat, st, secs), "by_rollout": split_by_windows(lat, starts, windows)}
 
 
 def split_by_windows(lat_s: list[float], starts: list[float], windows: list[tuple[float, float]]) -> dict:
@@ -315,6 +345,11 @@ def run_benchmark(cfg, work: Path, s: Settings) -> dict:
         log.info("phase %d (%s): %s", k, mode, phases[-1])
     rollout_windows = [(h["started"], h["started"] + h["seconds"])
                        for h in ray.get(learner.status.remote()).get("rollouts", {}).get("history", [])]
+    # 4b. what a rollout costs the requests it overlaps, whatever the learner's pace: the same load while
+    # this process rolls the app back and forth between the two newest versions, back to back.
+    published = [p["path"] for p in ray.get(learner.status.remote())["published"]]
+    rolling = (rolling_phase(args, url, bodies, s, ([str(args.model_dir)] + published)[-2:], poster)
+               if s.rolling_phase else None)
 
     # 5. the rest of the stream, then the learner catches up and closes the last attribution windows
     t = time.perf_counter()
@@ -342,7 +377,8 @@ def run_benchmark(cfg, work: Path, s: Settings) -> dict:
         "progressive": {"pre_drift": segments[0], "post_drift": segments[1], "total": final["metrics"]["total"]},
         "latency": {"frozen": latency_stats(*pooled["frozen"]), "learning": latency_stats(*pooled["learning"]),
                     "phases": phases, "warmup": latency_stats(warm_lat, warm_st, warm_s),
-                    "learning_by_rollout": split_by_windows(pooled["learning"][0], learning_starts, rollout_windows)},
+                    "learning_by_rollout": split_by_windows(pooled["learning"][0], learning_starts, rollout_windows),
+                    "rolling": rolling},
         "feedback": {"events": len(events), "posted": poster.sent, "accepted": poster.accepted,
                      **latency_stats(poster.latencies, {"200": len(poster.latencies)})},
         "learner": {"counts": final["counts"], "published": final["published"], "last_decision": final["last_decision"],
@@ -445,7 +481,18 @@ def markdown(report: dict) -> str:
             x = split[part]
             lines.append(f"| learning, {part.replace('_', ' ')}s | {x['requests']} | {x['ok']} | "
                          f"{x.get('p50_ms', '')} | {x.get('p95_ms', '')} | {x.get('p99_ms', '')} |")
-        lines.append(f"\n{split['rollouts']} rollouts took {split['rollout_seconds']} s of the learning phases.")
+    roll = lat.get("rolling")
+    if roll:
+        x = roll
+        lines.append(f"| back-to-back rollouts (learner paused) | {x['requests']} | {x['ok']} | {x.get('p50_ms', '')} | "
+                     f"{x.get('p95_ms', '')} | {x.get('p99_ms', '')} |")
+    if split:
+        lines.append(f"\nLearning phases: {split['rollouts']} rollouts had started before the catch-up ({split['rollout_seconds']} s "
+                     f"in all); {split['during_rollout']['requests']} requests of the learning phases overlapped one.")
+    if roll:
+        b = roll["by_rollout"]
+        lines.append(f"Back-to-back rollouts: {b['rollouts']} in {roll['requests'] / max(roll.get('rps', 1e-9), 1e-9):.1f} s of load; requests "
+                     f"overlapping one p50 {b['during_rollout'].get('p50_ms')} / p99 {b['during_rollout'].get('p99_ms')} ms.")
     lr = report["learner"]
     lines += ["",
               f"- post-drift AUC gain, online - frozen: **{s['post_drift_auc_gain']:+.4f}** (target >= +0.03: "
