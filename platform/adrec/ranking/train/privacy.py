@@ -121,7 +121,8 @@ class _RowLoss(nn.Module):
     def forward(self, b: dict, label: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.model.has_cvr:
             ctr, cvr = self.model.member_task_logits(self.model.embed(b), b)  # (members, 1) each
-            clicks, conversions = label[0].expand_as(ctr), label[1].expand_as(ctr)
+            lab = label.reshape(-1)  # (click, conversion) of the one row
+            clicks, conversions = lab[0].expand_as(ctr), lab[1].expand_as(ctr)
             return esmm_loss(ctr.reshape(-1), cvr.reshape(-1), clicks.reshape(-1), conversions.reshape(-1)) * weight
         logits = self.model.member_logits(self.model.embed(b), b).float()  # (members, 1)
         bce = F.binary_cross_entropy_with_logits(logits, label.expand_as(logits), reduction="none")
