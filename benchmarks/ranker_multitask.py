@@ -18,6 +18,7 @@ conversion label of their own), CTCVR AUC (every impression, click and conversio
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ class ClickedOnly:
     users: pd.DataFrame
 
     @classmethod
-    def of(cls, features) -> "ClickedOnly":
+    def of(cls, features) -> ClickedOnly:
         inter = features.interactions
         clicked = inter[inter["label"] == 1]
         rows = clicked.assign(label=clicked["conversion"].to_numpy()).drop(columns=["conversion"])
@@ -151,14 +152,14 @@ def markdown_lines(name: str, table: dict) -> list[str]:
     if "median" not in table:
         return []
     seeds = [r["seed"] for r in table["runs"]]
-    lines = ["", f"Multi-task (issue 17; seeds {seeds}, medians): test rows {table['rows']['test']}, clicked "
-                 f"{table['clicked_rows']['test']}, conversions {table['conversions']['test']} (train: "
-                 f"{table['clicked_rows']['train']} clicks, {table['conversions']['train']} conversions). CTR and "
-                 "CTCVR AUC on every test impression, CVR AUC on the clicked ones.", "",
+    lines = ["", (f"Multi-task (issue 17; seeds {seeds}, medians): test rows {table['rows']['test']}, clicked "
+                  f"{table['clicked_rows']['test']}, conversions {table['conversions']['test']} (train: "
+                  f"{table['clicked_rows']['train']} clicks, {table['conversions']['train']} conversions). CTR and "
+                  "CTCVR AUC on every test impression, CVR AUC on the clicked ones."), "",
              "| model | CTR AUC | CVR AUC | CTCVR AUC | train s |", "|---|---|---|---|---|"]
 
     def cell(v):
-        return f"{v:.4f}" if v is not None and v == v else ""
+        return f"{v:.4f}" if v is not None and not math.isnan(v) else ""
 
     for model in (ESMM, SINGLE, CVR_ON_CLICKS, BASELINE):
         m = table["median"].get(model)
@@ -167,8 +168,8 @@ def markdown_lines(name: str, table: dict) -> list[str]:
         lines.append(f"| {model} | {cell(m.get('ctr_auc'))} | {cell(m.get('cvr_auc'))} | {cell(m.get('ctcvr_auc'))} | "
                      f"{m['train_seconds']:.0f} |")
     t = table["target"]
-    lines += ["", f"ESMM minus the baseline, CTCVR AUC: {t['ctcvr_gain']:+.4f} (target >= +{CTCVR_MARGIN}: "
-                  f"{'met' if t['ctcvr_met'] else 'NOT met'}); ESMM minus the single-task ranker, CTR AUC: "
-                  f"{t['ctr_diff']:+.4f} (target >= -{t['ctr_noise']:.4f}, {t['ctr_noise_from']}: "
-                  f"{'met' if t['ctr_met'] else 'NOT met'})."]
+    lines += ["", (f"ESMM minus the baseline, CTCVR AUC: {t['ctcvr_gain']:+.4f} (target >= +{CTCVR_MARGIN}: "
+                   f"{'met' if t['ctcvr_met'] else 'NOT met'}); ESMM minus the single-task ranker, CTR AUC: "
+                   f"{t['ctr_diff']:+.4f} (target >= -{t['ctr_noise']:.4f}, {t['ctr_noise_from']}: "
+                   f"{'met' if t['ctr_met'] else 'NOT met'}).")]
     return lines
