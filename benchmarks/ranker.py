@@ -340,8 +340,10 @@ def markdown(report: dict) -> str:
     lines = ["# Ranker benchmark", "", f"Protocol: {report['protocol']['split']}; medians over seeds "
              f"{report['protocol']['seeds']}.", ""]
     for name, ds in report["datasets"].items():
-        lines += [f"## {name}", "", f"rows {ds['rows']}, test CTR {ds['test_ctr']:.4f}", "",
-                  "| model | test AUC | test logloss | calibration | valid AUC | wall s |", "|---|---|---|---|---|---|"]
+        lines += [f"## {name}", "", f"rows {ds['rows']}, test CTR {ds['test_ctr']:.4f}"]
+        if ds["models"]:  # (--models '' runs the multi-task table alone)
+            lines += ["", "| model | test AUC | test logloss | calibration | valid AUC | wall s |",
+                      "|---|---|---|---|---|---|"]
         for model, e in ds["models"].items():
             if "median" in e:
                 m = e["median"]

@@ -312,6 +312,9 @@ class RankerConfig(_Strict):
     # every impression with BCE(pCTR, click) + BCE(pCTCVR, click and conversion). Needs a conversion label
     # in the data (the schema's interactions.conversion). Default [ctr]: docs/benchmarks.md, "Conversions".
     tasks: list[Literal["ctr", "cvr"]] = Field(default_factory=lambda: ["ctr"], min_length=1)
+    # The weight of the CTCVR term in that loss (ESMM's own: 1). Above 1 the CVR tower, whose positives are the
+    # few conversions, learns faster relative to the click tower (which may stop improving epochs earlier).
+    cvr_loss_weight: float = Field(1.0, gt=0)
 
     @field_validator("tasks")
     @classmethod

@@ -174,6 +174,8 @@ def test_esmm_loss_is_bce_of_pctr_plus_bce_of_the_product():
     w = torch.rand(64, generator=g)
     weighted = ((bce(p_ctr, clicks.double()) + bce(p_ctcvr, conv.double())) * w.double()).sum() / w.double().sum()
     assert float(esmm_loss(z_ctr, z_cvr, clicks, conv, w)) == pytest.approx(float(weighted), rel=1e-5)
+    heavier = (bce(p_ctr, clicks.double()) + 3.0 * bce(p_ctcvr, conv.double())).mean()  # ranker.cvr_loss_weight
+    assert float(esmm_loss(z_ctr, z_cvr, clicks, conv, cvr_weight=3.0)) == pytest.approx(float(heavier), rel=1e-5)
     assert torch.isfinite(esmm_loss(torch.tensor([40.0, -40.0]), torch.tensor([40.0, -40.0]),
                                     torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0])))
 

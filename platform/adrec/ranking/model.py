@@ -226,13 +226,16 @@ class FusionHead(nn.Module):
             nn.init.zeros_(self.dense_wide.bias)
         self.fm = bool(arch.get("fm", False))
         self.use_hist = True
-        # ESMM (issue 17): the CVR tower, an MLP of its own over the shared cross-tower output; its logit is
-        # pCVR's, and pCTCVR = pCTR x pCVR is what the conversion labels of every impression train.
-        self.cvr_deep = self.cvr_out = self.cvr_bias = None
+        # ESMM (issue 17): the CVR tower, the click output's twin: an MLP of its own over the shared cross-tower
+        # output plus a first-order (wide) term of its own over the fields; its logit is pCVR's, and pCTCVR =
+        # pCTR x pCVR is what the conversion labels of every impression train.
+        self.cvr_deep = self.cvr_out = self.cvr_bias = self.cvr_lin = None
         if "cvr" in arch.get("tasks", ["ctr"]):
             self.cvr_deep = mlp([d0, *hidden], float(arch["dropout"]))
             self.cvr_out = nn.Linear(hidden[-1] if hidden else d0, 1)
             self.cvr_bias = nn.Parameter(torch.zeros(1))
+            self.cvr_lin = nn.Embedding(n_emb, 1)
+            nn.init.zeros_(self.cvr_lin.weight)
 
 
 class FusionModel(nn.Module):
@@ -435,7 +438,8 @@ class FusionModel(nn.Module):
             v = torch.cat([fields, e[key("multi")]], dim=1) if key("multi") in e else fields
             logit = logit + 0.5 * (v.sum(1).pow(2) - v.pow(2).sum(1)).sum(-1) + (interest * cand).sum(-1)
         if cvr:
-            return logit, h.cvr_out(h.cvr_deep(shared)).squeeze(-1) + h.cvr_bias
+            cvr_wide = h.cvr_lin(b["fields"] + self.field_off).sum(dim=(1, 2))
+            return logit, h.cvr_out(h.cvr_deep(shared)).squeeze(-1) + cvr_wide + h.cvr_bias
         return logit
 
     def member_logits(self, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:

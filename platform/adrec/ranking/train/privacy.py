@@ -114,16 +114,18 @@ class _RowLoss(nn.Module):
     """One example's training loss: the mean of the ensemble members' BCE (a two-task model: ESMM's loss,
     ``label`` then holds the click and the conversion), times its weight."""
 
-    def __init__(self, model):
+    def __init__(self, model, cvr_weight: float = 1.0):
         super().__init__()
         self.model = model
+        self.cvr_weight = cvr_weight
 
     def forward(self, b: dict, label: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.model.has_cvr:
             ctr, cvr = self.model.member_task_logits(self.model.embed(b), b)  # (members, 1) each
             lab = label.reshape(-1)  # (click, conversion) of the one row
             clicks, conversions = lab[0].expand_as(ctr), lab[1].expand_as(ctr)
-            return esmm_loss(ctr.reshape(-1), cvr.reshape(-1), clicks.reshape(-1), conversions.reshape(-1)) * weight
+            return esmm_loss(ctr.reshape(-1), cvr.reshape(-1), clicks.reshape(-1), conversions.reshape(-1),
+                             cvr_weight=self.cvr_weight) * weight
         logits = self.model.member_logits(self.model.embed(b), b).float()  # (members, 1)
         bce = F.binary_cross_entropy_with_logits(logits, label.expand_as(logits), reduction="none")
         return bce.mean() * weight
@@ -147,7 +149,7 @@ class PrivateTraining:
         """vmap(grad_and_value) of :class:`_RowLoss` over the rows of a batch (each with its own item slots)."""
         from torch.func import functional_call, grad_and_value, vmap
 
-        row_loss = _RowLoss(model)
+        row_loss = _RowLoss(model, self.cfg.cvr_loss_weight)
         fixed = {f"model.{n}": t for n, t in [*model.named_buffers(), *((n, p) for n, p in model.named_parameters()
                                                                          if not p.requires_grad)]}
         hist_len = model.hist_len

@@ -75,13 +75,14 @@ def seed_all(seed: int) -> None:
 class _Step(nn.Module):
     """One forward = the whole training loss (FGSM included), so DDP sees one forward per backward."""
 
-    def __init__(self, model, epsilon: float):
+    def __init__(self, model, epsilon: float, cvr_weight: float = 1.0):
         super().__init__()
         self.model = model
         self.epsilon = epsilon
+        self.cvr_weight = cvr_weight
 
     def forward(self, batch, labels, weights=None):
-        return fgsm_loss(self.model, batch, labels, self.epsilon, weights)
+        return fgsm_loss(self.model, batch, labels, self.epsilon, weights, self.cvr_weight)
 
 
 class TrainingState:
@@ -114,7 +115,7 @@ class TrainingState:
         model.to(self.device)
         model.text.prepare_training()  # on the device: the frozen lower layers run once, where training runs
         self._new_optimizer()
-        self.step_module: nn.Module = _Step(model, cfg.fgsm_epsilon)
+        self.step_module: nn.Module = _Step(model, cfg.fgsm_epsilon, cfg.cvr_loss_weight)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
