@@ -9,7 +9,9 @@ on the slices where text matters (issue 14, :mod:`adrec.evaluation.slices`): col
 few-shot users, and new items under the strict item cold-start protocol (a second preparation where a
 seeded 20% of the items lose their train and valid rows, every model trained again on it).
 ``--ablation`` adds adrec's variants (no text tower, frozen, LoRA, last-N layers, collaborative
-features) on every slice.
+features) on every slice. ``--multitask`` adds the multi-task table of issue 17 on every data set with a
+conversion label (:mod:`benchmarks.ranker_multitask`: ESMM against a CTR model times a CVR model trained on
+the clicked rows only).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from adrec.evaluation.slices import COLD_MAX, SLICES, slice_masks, slice_metrics
 from adrec.metrics import auc, calibration, logloss
 from adrec.run import RunDir
 
+from .ranker_multitask import DEFAULT_CTR_TOLERANCE, markdown_lines, run_multitask
 from .ranker_peers import PEERS, BenchData, run_peer
 
 log = logging.getLogger(__name__)
@@ -173,13 +176,15 @@ def _prepared(cfg: AdrecConfig, run: RunDir):
 def run_benchmark(datasets: list[str], out: str | Path, data_dir: str | None = None, seeds=(0, 1, 2),
                   models=MODELS, quick: bool = False, refit: bool = True, overrides: list[str] | None = None,
                   robustness_epsilon: float | None = None, name: str = "results",
-                  runs: str | Path | None = None, new_items: float = 0.0, new_items_models=None) -> dict:
+                  runs: str | Path | None = None, new_items: float = 0.0, new_items_models=None,
+                  multitask: bool = False, ctr_tolerance: float = DEFAULT_CTR_TOLERANCE) -> dict:
     """Run every model on every data set and seed; write ``<name>.json`` and ``<name>.md`` under ``out``
     (the prepared features and the trained rankers go under ``runs``, default ``<out>/runs``).
 
     ``new_items`` > 0: also the strict item cold-start protocol (that seeded fraction of the items loses
     its train and valid rows; ``features.new_items``), every model (or ``new_items_models``) again on that
-    second preparation."""
+    second preparation. ``multitask``: also the multi-task table (:func:`run_multitask`) where the data set has
+    a conversion label."""
     from adrec.runtime import init_ray
 
     out = Path(out)
@@ -195,7 +200,7 @@ def run_benchmark(datasets: list[str], out: str | Path, data_dir: str | None = N
                  + ("refit on train+valid with the selected setting, " if refit else "")
                  + "test on test",
         "seeds": seeds, "quick": quick, "refit": refit, "machine": _platform.platform(),
-        "overrides": list(overrides or []), "new_items": new_items,
+        "overrides": list(overrides or []), "new_items": new_items, "multitask": multitask,
         "slices": f"items with <= {COLD_MAX} train+valid interactions (cold) or more (warm), users with <= "
                   f"{COLD_MAX} (few-shot); new items: test rows of the items held out by the strict protocol",
     }, "datasets": {}}
@@ -222,6 +227,9 @@ def run_benchmark(datasets: list[str], out: str | Path, data_dir: str | None = N
 
         ds_out["models"] = _models_pass(cfg, run, features, data, models, seeds, refit, quick, masks, ds_name,
                                         variant_cfgs, trained, lambda done: write(models=done))
+        if multitask:
+            ds_out["multitask"] = run_multitask(cfg, run, features, seeds, ctr_tolerance,
+                                                write=lambda table: write(multitask=table))
         if robustness_epsilon:
             ds_out["robustness"] = robustness(cfg, run, features, robustness_epsilon, seed=seeds[0], trained=trained)
         if new_items:
@@ -332,8 +340,10 @@ def markdown(report: dict) -> str:
     lines = ["# Ranker benchmark", "", f"Protocol: {report['protocol']['split']}; medians over seeds "
              f"{report['protocol']['seeds']}.", ""]
     for name, ds in report["datasets"].items():
-        lines += [f"## {name}", "", f"rows {ds['rows']}, test CTR {ds['test_ctr']:.4f}", "",
-                  "| model | test AUC | test logloss | calibration | valid AUC | wall s |", "|---|---|---|---|---|---|"]
+        lines += [f"## {name}", "", f"rows {ds['rows']}, test CTR {ds['test_ctr']:.4f}"]
+        if ds["models"]:  # (--models '' runs the multi-task table alone)
+            lines += ["", "| model | test AUC | test logloss | calibration | valid AUC | wall s |",
+                      "|---|---|---|---|---|---|"]
         for model, e in ds["models"].items():
             if "median" in e:
                 m = e["median"]
@@ -342,6 +352,8 @@ def markdown(report: dict) -> str:
             else:
                 lines.append(f"| {model} | skipped: {e.get('skipped', 'no runs')} | | | | |")
         lines += _slice_lines(ds)
+        if ds.get("multitask"):
+            lines += markdown_lines(name, ds["multitask"])
         tr = ds["models"].get(ADREC, {}).get("median", {}).get("train_seconds")
         if tr is not None:
             lines += ["", f"adrec training alone (train_ranker on Ray Train, median): {tr:.1f} s."]
@@ -395,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
                          "again on it for ctr.auc.new_items (default 0.2; 0 skips that pass)")
     ap.add_argument("--new-items-models", default=None,
                     help="comma-separated models of the strict pass (default: those of --models)")
+    ap.add_argument("--multitask", action="store_true",
+                    help="also the multi-task table (issue 17): ESMM vs a CTR model x a CVR model trained on clicks "
+                         "only, on the data sets with a conversion label (--models '' runs that table alone)")
+    ap.add_argument("--ctr-tolerance", type=float, default=DEFAULT_CTR_TOLERANCE,
+                    help="with one seed, the CTR AUC loss that counts as seed noise in the multi-task target")
     ap.add_argument("--quick", action="store_true", help="tiny run: small synthetic log, tiny encoder, one seed")
     ap.add_argument("--no-refit", action="store_true", help="test the models fitted on train only")
     ap.add_argument("--robustness", type=float, default=None, metavar="EPS",
@@ -413,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                            refit=not args.no_refit, overrides=args.set, robustness_epsilon=args.robustness,
                            name=args.name, runs=args.runs, new_items=args.new_items,
                            new_items_models=None if args.new_items_models is None else
-                           [m.strip() for m in args.new_items_models.split(",") if m.strip()])
+                           [m.strip() for m in args.new_items_models.split(",") if m.strip()],
+                           multitask=args.multitask, ctr_tolerance=args.ctr_tolerance)
     log.info("results in %s/%s.json and %s.md", args.out, args.name, args.name)
     sys_out = markdown(report)
     log.info("\n%s", sys_out)

@@ -37,6 +37,10 @@ class SyntheticConfig(_Strict):
     # Preferences shift at this fraction of the timeline (0 disables drift).
     drift_at: float = Field(0.0, ge=0, lt=1)
     seed: int = 0
+    # Conversions behind the clicks (issue 17): a ``converted`` column named as the schema's conversion label,
+    # drawn given a click from user and ad features the click does not depend on (adrec.data.synthetic).
+    conversions: bool = True
+    base_cvr: float = Field(0.2, gt=0, lt=1)  # the conversion rate of a click with every term at zero
     # None: one impressions.csv. A number: the log is written as Parquet shards of that many impressions,
     # one shard in memory at a time (for logs larger than memory; read with features.pipeline: streaming).
     shard_rows: int | None = Field(None, ge=100)
@@ -303,6 +307,21 @@ class RankerConfig(_Strict):
     resume: bool = True
     # DP-SGD (adrec.ranking.train.privacy): None = off. Needs finetune "frozen" (the encoder gets no noise).
     dp: DPConfig | None = None
+    # What the ranker predicts (issue 17): [ctr] clicks only; [ctr, cvr] adds the ESMM head (Ma et al., SIGIR
+    # 2018): a CVR tower beside the click one on the shared representation, pCTCVR = pCTR x pCVR, trained on
+    # every impression with BCE(pCTR, click) + BCE(pCTCVR, click and conversion). Needs a conversion label
+    # in the data (the schema's interactions.conversion). Default [ctr]: docs/benchmarks.md, "Conversions".
+    tasks: list[Literal["ctr", "cvr"]] = Field(default_factory=lambda: ["ctr"], min_length=1)
+    # The weight of the CTCVR term in that loss (ESMM's own: 1). Above 1 the CVR tower, whose positives are the
+    # few conversions, learns faster relative to the click tower (which may stop improving epochs earlier).
+    cvr_loss_weight: float = Field(1.0, gt=0)
+
+    @field_validator("tasks")
+    @classmethod
+    def _ctr_first(cls, v: list[str]) -> list[str]:
+        if v not in (["ctr"], ["ctr", "cvr"]):
+            raise ValueError(f"ranker.tasks must be [ctr] or [ctr, cvr] (pCVR is learned through pCTR), not {v}")
+        return v
 
     @model_validator(mode="after")
     def _dp_needs_what_it_covers(self) -> "RankerConfig":

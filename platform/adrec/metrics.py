@@ -9,6 +9,8 @@ costs about a second); no Ray, no torch. Every function validates its inputs and
 CTR (every test interaction is an impression), from scikit-learn:
     :func:`auc` (ties count half), :func:`logloss`, :func:`calibration`,
     :func:`ctr_metrics`, and the figure data :func:`roc_points`, :func:`calibration_bins`.
+Conversions (issue 17): :func:`conversion_metrics`, CVR on the clicked impressions and CTCVR (click and
+conversion) on all of them.
 
 Top-K (positives are label 1; the caller passes only evaluated users, i.e. users
 with at least one test positive), hand-written because they are the protocol's own
@@ -185,6 +187,28 @@ def ctr_metrics(y, p) -> dict[str, float]:
         "ctr.auc": auc(y, p),
         "ctr.logloss": logloss(y, p),
         "ctr.calibration": calibration(y, p),
+    }
+
+
+def conversion_metrics(clicks, conversions, p_cvr, p_ctcvr) -> dict[str, float]:
+    """``cvr.auc`` / ``cvr.logloss`` of ``p_cvr`` against the conversions of the clicked rows only (pCVR is
+    the probability of a conversion given a click), ``ctcvr.auc`` / ``ctcvr.logloss`` / ``ctcvr.calibration``
+    of ``p_ctcvr`` against click-and-conversion on every row (what an impression earns), and the counts."""
+    clicks, p_cvr = _labels_and_probs(clicks, p_cvr)
+    conversions, p_ctcvr = _labels_and_probs(conversions, p_ctcvr)
+    if clicks.shape != conversions.shape:
+        raise ValueError(f"clicks has {clicks.shape[0]} rows but conversions {conversions.shape[0]}")
+    if (conversions > clicks).any():
+        raise ValueError("a row converts without a click: conversions must be 0 wherever clicks are")
+    clicked = clicks > 0
+    return {
+        "cvr.auc": auc(conversions[clicked], p_cvr[clicked]),
+        "cvr.logloss": logloss(conversions[clicked], p_cvr[clicked]) if clicked.any() else float("nan"),
+        "cvr.rows": float(clicked.sum()),
+        "ctcvr.auc": auc(conversions, p_ctcvr),
+        "ctcvr.logloss": logloss(conversions, p_ctcvr),
+        "ctcvr.calibration": calibration(conversions, p_ctcvr),
+        "ctcvr.positives": float(conversions.sum()),
     }
 
 

@@ -129,7 +129,8 @@ def test_streaming_matches_in_process_on_movielens(ray_session, tmp_path, ml100k
     common = ["data.dataset=movielens-100k", f"data.data_dir={ml100k_dir}"]
     whole, whole_counts = _prepare(tmp_path, "in-process", "movielens-100k", *common)
     streamed, counts = _prepare(tmp_path, "streaming", "movielens-100k", *common, "features.pipeline=streaming")
-    _assert_same(whole, streamed)
+    _assert_same(whole, streamed)  # the conversion label (rating == 5, issue 17) among the compared columns
+    assert "conversion" in streamed.interactions and counts["conversions"] == int((streamed.interactions["conversion"]).sum()) > 0
     assert counts == whole_counts
     assert np.bincount(streamed.interactions["split"].map({"train": 0, "valid": 1, "test": 2})).tolist() == [
         whole_counts["rows.train"], whole_counts["rows.valid"], whole_counts["rows.test"]]

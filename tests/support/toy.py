@@ -38,8 +38,12 @@ class ToyFeatures:
 
 
 def toy_features(n_users: int = 40, n_items: int = 30, n_rows: int = 1500, seed: int = 0, history_len: int = 5,
-                 n_cold: int = 2) -> ToyFeatures:
-    """``n_items`` items appear in interactions; ``n_cold`` more exist only in the catalog (cold)."""
+                 n_cold: int = 2, conversions: bool = False) -> ToyFeatures:
+    """``n_items`` items appear in interactions; ``n_cold`` more exist only in the catalog (cold).
+
+    ``conversions``: a ``conversion`` column too (issue 17), drawn given a click from the user's gender x the
+    item's category (a signal of its own: clicks do not depend on gender) with a generator of its own, so
+    the clicks are the same with or without it."""
     rng = np.random.default_rng(seed)
     n_all = n_items + n_cold
     cats = rng.choice(_CATS, n_all)
@@ -81,9 +85,17 @@ def toy_features(n_users: int = 40, n_items: int = 30, n_rows: int = 1500, seed:
     label = (rng.random(n_rows) < 1 / (1 + np.exp(-logit))).astype(np.int64)
     ts = np.sort(rng.integers(1_600_000_000, 1_600_000_000 + 86400 * 30, n_rows))
     rows = pd.DataFrame({"user_idx": u, "item_idx": it, "ts": ts, "label": label, "ctx.slot": slot})
+    keys = ["user_idx", "item_idx", "ts", "label", "split"]
+    if conversions:
+        cr = np.random.default_rng([seed, 17])
+        cvr_taste = cr.normal(0, 2.0, (2, len(_CATS)))
+        female = (users["user.gender"].to_numpy() == "f").astype(int)
+        p_cvr = 1 / (1 + np.exp(-(-0.5 + cvr_taste[female[u], cat_idx[it]])))
+        rows["conversion"] = ((label == 1) & (cr.random(n_rows) < p_cvr)).astype(np.int64)
+        keys.insert(4, "conversion")
     rows["split"] = temporal_split(u, ts, it)
     codes = spec.encode_rows(rows, entity_codes(users_out), entity_codes(items_out))
-    inter = pd.concat([rows[["user_idx", "item_idx", "ts", "label", "split"]], codes], axis=1)
+    inter = pd.concat([rows[keys], codes], axis=1)
     inter = inter.sort_values(["user_idx", "ts", "item_idx"], kind="stable").reset_index(drop=True)
     inter["hist"] = history_lists(inter["user_idx"].to_numpy(), inter["item_idx"].to_numpy(), inter["ts"].to_numpy(),
                                   inter["label"].to_numpy(), inter["split"].to_numpy(), history_len)

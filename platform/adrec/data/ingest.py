@@ -2,6 +2,7 @@
 
 Canonical frames (what the feature stage consumes):
 - interactions: ``user`` (pseudonym), ``item`` (str), ``ts`` (int64 unix seconds), ``label`` (int8),
+  ``conversion`` (int8, only when the schema names one; never 1 where ``label`` is 0),
   ``ctx.<name>`` (str) for each context column;
 - items: ``item`` (str), ``text`` (str), ``item.<col>`` for categorical (str), multi-valued (str with
   ``|`` between values) and numeric (float64) columns;
@@ -181,8 +182,10 @@ def parse_interactions(df: pd.DataFrame, lines: np.ndarray, path: Path | str, sp
     """One block of the interactions table (text cells, ``lines`` its row numbers in ``path``) ->
     canonical rows, and which input rows they are (a mask); bad rows go to ``bad`` and empty context cells to ``empties``. The one parser of
     interactions: the in-process read calls it on a whole file, the Ray Data read on each block."""
-    label_col, op, thr = parse_label_rule(spec.label)
-    _require(df, path, [spec.user, spec.item, spec.timestamp, label_col, *spec.context])
+    label_col, _, _ = parse_label_rule(spec.label)
+    conv_col = parse_label_rule(spec.conversion, "interactions.conversion")[0] if spec.conversion else None
+    _require(df, path, [spec.user, spec.item, spec.timestamp, label_col, *([conv_col] if conv_col else []),
+                        *spec.context])
     keep = np.ones(len(df), dtype=bool)
 
     ids = {col: normalize_ids(df[col]) for col in (spec.user, spec.item)}
@@ -196,21 +199,16 @@ def parse_interactions(df: pd.DataFrame, lines: np.ndarray, path: Path | str, sp
     bad.add(path, spec.timestamp, lines[bad_ts], df[spec.timestamp][bad_ts], "not unix seconds or ISO-8601")
     keep &= ~bad_ts
 
-    raw_label = pd.to_numeric(df[label_col], errors="coerce")
-    if op is None:
-        bad_lab = (~raw_label.isin([0, 1])).to_numpy() & keep
-        why = "label must be 0 or 1"
-    else:
-        bad_lab = raw_label.isna().to_numpy() & keep
-        why = f"not a number (label rule '{spec.label}')"
-    bad.add(path, label_col, lines[bad_lab], df[label_col][bad_lab], why)
-    keep &= ~bad_lab
-    if op is not None:
-        label = raw_label.to_numpy()
-        label = {">=": label >= thr, "<=": label <= thr, ">": label > thr, "<": label < thr,
-                 "==": label == thr, "!=": label != thr}[op]
-    else:
-        label = raw_label.to_numpy()
+    label, keep = _binary_label(df, lines, path, spec.label, "label", keep, bad)
+    conversion = None
+    if spec.conversion:
+        conversion, keep = _binary_label(df, lines, path, spec.conversion, "conversion", keep, bad)
+        # A conversion is an action behind a click (ESMM's impression -> click -> conversion): one without
+        # a click says the two columns disagree about the row, so neither can be trusted.
+        orphan = (conversion > 0) & (label == 0) & keep
+        bad.add(path, conv_col, lines[orphan], df[conv_col][orphan],
+                f"a conversion without a click (label '{spec.label}' is 0 on this row)")
+        keep &= ~orphan
 
     out = pd.DataFrame({
         "user": pseudonymize_series(ids[spec.user][keep], key).to_numpy(),
@@ -218,10 +216,33 @@ def parse_interactions(df: pd.DataFrame, lines: np.ndarray, path: Path | str, sp
         "ts": ts[keep].astype("int64").to_numpy(),
         "label": np.asarray(label)[keep].astype("int8"),
     })
+    if conversion is not None:
+        out["conversion"] = conversion[keep].astype("int8")
     for c in spec.context:
         out[f"ctx.{c}"] = df[c][keep].to_numpy()
         empties.add(path, "interactions", c, (out[f"ctx.{c}"] == "").to_numpy())
     return out, keep
+
+
+def _binary_label(df: pd.DataFrame, lines: np.ndarray, path: Path | str, rule: str, what: str, keep: np.ndarray,
+                  bad) -> tuple[np.ndarray, np.ndarray]:
+    """A 0/1 label of every row (``rule``: a 0/1 column or a rule like "rating >= 4"), and ``keep`` less the
+    rows whose cell is bad (not 0/1, or not a number for a rule), which go to ``bad``."""
+    col, op, thr = parse_label_rule(rule, f"interactions.{what}")
+    raw = pd.to_numeric(df[col], errors="coerce")
+    if op is None:
+        bad_rows = (~raw.isin([0, 1])).to_numpy() & keep
+        why = f"{what} must be 0 or 1"
+    else:
+        bad_rows = raw.isna().to_numpy() & keep
+        why = f"not a number ({what} rule '{rule}')"
+    bad.add(path, col, lines[bad_rows], df[col][bad_rows], why)
+    keep = keep & ~bad_rows
+    values = raw.to_numpy()
+    if op is not None:
+        values = {">=": values >= thr, "<=": values <= thr, ">": values > thr, "<": values < thr,
+                  "==": values == thr, "!=": values != thr}[op]
+    return np.nan_to_num(np.asarray(values, dtype=np.float64)).astype(np.int8), keep
 
 
 def _read_interactions(schema: DatasetSchema, root: Path, bad: _BadRows, empties: _EmptyFields,
@@ -323,6 +344,8 @@ def read_dataset(schema: DatasetSchema, root: Path, key: bytes, max_bad_rows: in
         "positives": int(inter["label"].sum()),
         "bad_rows_skipped": bad.total,
     }
+    if "conversion" in inter:
+        counts["conversions"] = int(inter["conversion"].sum())
     counts.update({f"bad_rows_skipped.{k}": v for k, v in bad.count.items()})
     # Repeated rows are kept (an ad shown twice at the same second is two impressions to some logs and a
     # double write to others: only the data owner knows), but counted and warned about.

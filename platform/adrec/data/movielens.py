@@ -3,6 +3,9 @@
 u.data and u.user are read in place; u.item (latin-1, genres as 19 flag columns) is rewritten once
 as a UTF-8 items.csv with ``genres`` as a multi-valued column. The data itself is never copied into
 the repository: get it from https://grouplens.org/datasets/movielens/100k/ (see its README for the licence).
+
+Labels, a stated proxy (MovieLens logs ratings, not ad clicks): a click is a rating of 4 or 5, a conversion a
+rating of 5 (``CONVERSION_RULE``), so every conversion is behind a click as the schema contract requires.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from adrec.data.schema import DatasetSchema, write_schema
 GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
           "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
           "War", "Western"]
+
+CLICK_RULE = "rating >= 4"
+CONVERSION_RULE = "rating == 5"  # the proxy of issue 17: a 5 is the "purchase" behind a liked movie
 
 DEFAULT_CROSSES = [
     ("user.age", "item.genre"),
@@ -54,7 +60,8 @@ def materialize(data_dir: str | Path, out_dir: str | Path) -> Path:
     schema = DatasetSchema.model_validate({
         "interactions": {"path": str(src / "u.data"), "sep": "\t", "header": False,
                          "names": ["user_id", "movie_id", "rating", "ts"],
-                         "user": "user_id", "item": "movie_id", "timestamp": "ts", "label": "rating >= 4"},
+                         "user": "user_id", "item": "movie_id", "timestamp": "ts", "label": CLICK_RULE,
+                         "conversion": CONVERSION_RULE},
         "items": {"path": "items.csv", "id": "movie_id", "text": ["title", "genres"],
                   "categorical": ["genre", "decade"], "multi_valued": {"genres": "|"}, "numeric": ["year"]},
         "users": {"path": str(src / "u.user"), "sep": "|", "header": False,

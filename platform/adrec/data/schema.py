@@ -53,6 +53,10 @@ class InteractionsSchema(_Table):
     item: str
     timestamp: str
     label: str  # a 0/1 column, or a rule such as "rating >= 4"
+    # The second label (issue 17): a conversion behind the click, as a 0/1 column or a rule in the label's
+    # style ("rating == 5"). A row that converts without a click is bad data (counted under max_bad_rows).
+    # None: the data set has clicks only.
+    conversion: str | None = None
     context: list[str] = Field(default_factory=list)
 
 
@@ -87,15 +91,16 @@ class DatasetSchema(BaseModel):
 _RULE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(>=|<=|==|!=|>|<)\s*(-?\d+(?:\.\d+)?)\s*$")
 
 
-def parse_label_rule(label: str) -> tuple[str, str | None, float | None]:
-    """``"rating >= 4"`` -> ("rating", ">=", 4.0); a bare column name -> (name, None, None)."""
+def parse_label_rule(label: str, what: str = "interactions.label") -> tuple[str, str | None, float | None]:
+    """``"rating >= 4"`` -> ("rating", ">=", 4.0); a bare column name -> (name, None, None).
+    ``what``: the schema key the rule came from, for the error."""
     m = _RULE.match(label)
     if m:
         return m.group(1), m.group(2), float(m.group(3))
     if re.fullmatch(r"[A-Za-z_][\w.]*", label.strip()):
         return label.strip(), None, None
     raise DataError(
-        f"interactions.label '{label}' is neither a column name nor a rule like 'rating >= 4'"
+        f"{what} '{label}' is neither a column name nor a rule like 'rating >= 4'"
     )
 
 
@@ -122,6 +127,8 @@ def load_schema(path: str | Path, data_root: str | Path | None = None) -> tuple[
             msgs.append(f"  {where}: {what}")
         raise DataError(f"schema file {p} does not fit the dataset contract:\n" + "\n".join(msgs)) from None
     parse_label_rule(schema.interactions.label)
+    if schema.interactions.conversion is not None:
+        parse_label_rule(schema.interactions.conversion, "interactions.conversion")
     return schema, root
 
 

@@ -11,7 +11,11 @@ Clicks are drawn from hidden structure a good model can find:
   latent vector (the part its category does not tell, which the users' tastes score), and a quality word
   for clearly good or poor ads; each of those words is replaced by a random one with probability 0.25
   (noise). So reading the title tells a model more than the category field does;
-- with ``drift_at > 0`` the age/gender x category affinities are redrawn at that point of the timeline.
+- with ``drift_at > 0`` the age/gender x category affinities are redrawn at that point of the timeline;
+- conversions (issue 17, ``conversions``): a clicked impression converts with a probability that depends on
+  what the click does not (:func:`conversion_logit`): the user's region x the ad's category, the user's age x
+  the ad's price, the ad's landing quality, the device, and against the ad's click quality (a catchy ad
+  draws clicks that convert less). Drawn from their own generators, so the clicks stay as they were.
 """
 
 from __future__ import annotations
@@ -100,10 +104,33 @@ def ad_texts(rng, text_rng, cats: list[str], ad_cat: np.ndarray, ad_adv: np.ndar
 
 def bids(cfg: SyntheticConfig, ad_adv: np.ndarray) -> np.ndarray:
     """Each ad's bid (what a click is worth to its advertiser): an advertiser's level times a per-ad spread.
-    Drawn from a generator of their own, so every other draw of the log (and its clicks) stays as it was."""
-    r = np.random.default_rng([cfg.seed, 17])
+    Drawn from a generator of their own, so every other draw of the log (and its clicks) stays as it was
+    (``[seed, 23]``: ``[seed, 17]`` is the conversions')."""
+    r = np.random.default_rng([cfg.seed, 23])
     level = r.lognormal(0.0, 0.6, cfg.n_advertisers)
     return np.round(level[ad_adv] * r.lognormal(0.0, 0.25, len(ad_adv)), 2)
+
+
+class ConversionModel:
+    """The hidden structure of conversions given a click; its own generator (``[seed, 17]``), so drawing it
+    changes none of the log's other draws."""
+
+    def __init__(self, seed: int, n_ads: int, n_cat: int):
+        r = np.random.default_rng([seed, 17])
+        self.region_aff = r.normal(0, 0.9, (len(REGIONS), n_cat))  # regions play no part in clicks
+        self.landing = r.normal(0, 0.5, n_ads)  # the landing page's quality, unrelated to the click quality
+
+    def logit(self, base_cvr: float, region: np.ndarray, age: np.ndarray, ad_cat: np.ndarray,
+              price: np.ndarray, landing: np.ndarray, quality: np.ndarray, device: np.ndarray) -> np.ndarray:
+        """Conversion logits of clicked impressions (arrays aligned per impression)."""
+        age_z = (age - 44.0) / 15.0
+        price_z = (np.log(price) - 3.5) / 0.8
+        return (np.log(base_cvr / (1 - base_cvr))
+                + self.region_aff[region, ad_cat]
+                + 0.8 * age_z * price_z  # older users buy the expensive ads, younger ones the cheap ones
+                + landing
+                - 0.8 * quality  # catchy ads: more clicks, fewer conversions behind them
+                + 0.4 * (device == "desktop"))
 
 
 def generate(cfg: SyntheticConfig, out_dir: str | Path) -> Path:
@@ -143,6 +170,9 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path) -> Path:
         hour = r.normal(0, 0.5, (24, n_cat))
         return demo, hour
 
+    conv = ConversionModel(cfg.seed, cfg.n_ads, n_cat) if cfg.conversions else None
+    region_idx = np.array([REGIONS.index(x) for x in region]) if conv is not None else None
+
     demo_aff, hour_aff = affinity(0)
     demo_aff2, hour_aff2 = affinity(1)
 
@@ -151,9 +181,10 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path) -> Path:
     t0 = 1_700_000_000
     span = cfg.days * 86400
 
-    def impressions(r, n: int, t_lo: int, t_hi: int, ad_pop=None, by_time: bool = False) -> pd.DataFrame:
-        """``n`` impressions in [t_lo, t_hi), drawn with ``r``. The single-file log draws ``ad_pop`` here,
-        after the users (kept so its data does not change); the sharded log draws it once for all shards."""
+    def impressions(r, n: int, t_lo: int, t_hi: int, ad_pop=None, by_time: bool = False, cr=None) -> pd.DataFrame:
+        """``n`` impressions in [t_lo, t_hi), drawn with ``r`` (conversions with ``cr``). The single-file log
+        draws ``ad_pop`` here, after the users (kept so its data does not change); the sharded log draws it
+        once for all shards."""
         u = r.choice(cfg.n_users, n, p=p_user)
         if ad_pop is None:
             ad_pop = r.lognormal(0, 1.0, cfg.n_ads)
@@ -178,7 +209,7 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path) -> Path:
         )
         p = _sigmoid(logit) * (1 - cfg.position_bias) ** (slot - 1)
         clicked = (r.random(n) < p).astype(int)
-        return pd.DataFrame({
+        out = pd.DataFrame({
             "user_id": _names("user", u, 5),
             "ad_id": _names("ad", a, 4),
             "ts": ts,
@@ -187,14 +218,22 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path) -> Path:
             "device": device,
             "clicked": clicked,
         })
+        if conv is not None:
+            p_cvr = _sigmoid(conv.logit(cfg.base_cvr, region_idx[u], age[u], ad_cat[a], price[a], conv.landing[a],
+                                        quality[a], device))
+            out["converted"] = (clicked == 1) & (cr.random(n) < p_cvr)
+            out["converted"] = out["converted"].astype(int)
+        return out
 
     if cfg.shard_rows is None:
-        impressions(rng, cfg.n_impressions, t0, t0 + span).to_csv(out / "impressions.csv", index=False)
+        impressions(rng, cfg.n_impressions, t0, t0 + span, cr=np.random.default_rng([cfg.seed, 17, 0])) \
+            .to_csv(out / "impressions.csv", index=False)
         imp_table = {"path": "impressions.csv"}
     else:
         imp_table = {"path": "impressions", "format": "parquet"}
         _write_shards(out / "impressions", cfg, rng.lognormal(0, 1.0, cfg.n_ads),
-                      lambda k, n, lo, hi, pop: impressions(np.random.default_rng([cfg.seed, 1, k]), n, lo, hi, pop, True),
+                      lambda k, n, lo, hi, pop: impressions(np.random.default_rng([cfg.seed, 1, k]), n, lo, hi, pop, True,
+                                                            np.random.default_rng([cfg.seed, 17, 1, k])),
                       t0, span)
     pd.DataFrame({
         "ad_id": [f"ad{i:04d}" for i in range(cfg.n_ads)],
@@ -214,7 +253,8 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path) -> Path:
 
     schema = DatasetSchema.model_validate({
         "interactions": {**imp_table, "user": "user_id", "item": "ad_id", "timestamp": "ts",
-                         "label": "clicked", "context": ["slot", "hour", "device"]},
+                         "label": "clicked", **({"conversion": "converted"} if cfg.conversions else {}),
+                         "context": ["slot", "hour", "device"]},
         "items": {"path": "ads.csv", "id": "ad_id", "text": ["title", "category"],
                   "categorical": ["advertiser", "category"], "multi_valued": {"tags": "|"}, "numeric": ["price"],
                   "bid": "bid"},

@@ -34,7 +34,7 @@ from adrec.evaluation.report import markdown_table, write_report
 from adrec.evaluation.tradeoff import exposure_tradeoff
 from adrec.features.pipeline import Features
 from adrec.features.split import TEST, TRAIN, VALID
-from adrec.metrics import ctr_metrics, rank_candidates, topk_metrics
+from adrec.metrics import conversion_metrics, ctr_metrics, rank_candidates, topk_metrics
 from adrec.model_version import ModelVersion, live_dir, load_version
 from adrec.run import RunDir
 
@@ -120,8 +120,14 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
     known = feats.rows(TRAIN, VALID)
     metrics.update(slice_metrics(y, probs, slice_masks(known["user_idx"].to_numpy(), known["item_idx"].to_numpy(),
                                                        test["user_idx"].to_numpy(), test["item_idx"].to_numpy())))
-    pd.DataFrame({"user": user_raw[test["user_idx"]], "item": item_raw[test["item_idx"]], "prob": probs}) \
-        .to_csv(report / "ctr_preds.csv", index=False)
+    preds = pd.DataFrame({"user": user_raw[test["user_idx"]], "item": item_raw[test["item_idx"]], "prob": probs})
+    conv_metrics = conversion_section = None
+    if "cvr" in getattr(rec.ranker, "tasks", ["ctr"]):
+        conv_metrics, tasks = _conversions(rec.ranker, test)
+        metrics.update(conv_metrics)
+        preds = preds.assign(prob_cvr=tasks["cvr"], prob_ctcvr=tasks["ctcvr"])
+        conversion_section = conversions_section(conv_metrics)
+    preds.to_csv(report / "ctr_preds.csv", index=False)
 
     # Top-K end to end: users with at least one test positive.
     pos = test[test["label"] == 1]
@@ -197,10 +203,33 @@ def evaluate(cfg: AdrecConfig, run: RunDir, show_progress: bool = False) -> dict
         "Explanations: faithfulness": faith_body,
         "Privacy": privacy_section(privacy),
     }
+    if conversion_section is not None:
+        sections["Conversions (ESMM)"] = conversion_section
     write_report(report, metrics, sections=sections, images=images, tables=tables, title=f"adrec report: {run.path.name}")
     run.update_manifest("evaluate", {"metrics": metrics, "seconds": round(time.perf_counter() - t0, 2)})
     log.info("evaluate: %s", {k_: round(v, 4) for k_, v in metrics.items()})
     return metrics
+
+
+def _conversions(ranker, test: pd.DataFrame) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """A two-task ranker's ``cvr.*`` (clicked test impressions) and ``ctcvr.*`` (all of them) metrics, and
+    its predictions. Test rows without a conversion label (a schema that names none) are a clear error."""
+    if "conversion" not in test.columns:
+        raise ValueError("the ranker predicts conversions (ranker.tasks=[ctr, cvr]) but the test rows carry no "
+                         "conversion label: name one in the schema (interactions.conversion) and run prepare again")
+    tasks = ranker.predict_tasks(test)
+    clicks = test["label"].to_numpy()
+    return conversion_metrics(clicks, test["conversion"].to_numpy() * clicks, tasks["cvr"], tasks["ctcvr"]), tasks
+
+
+def conversions_section(m: dict[str, float]) -> str:
+    """The report's paragraph on the ESMM head's conversion predictions."""
+    rows = [{"metric": k, "value": m[k]} for k in ("cvr.auc", "cvr.logloss", "cvr.rows", "ctcvr.auc", "ctcvr.logloss",
+                                                  "ctcvr.calibration", "ctcvr.positives")]
+    return ("The ranker's ESMM head (ranker.tasks=[ctr, cvr]): pCVR, the probability of a conversion given a "
+            "click, scored on the clicked test impressions (`cvr.*`); pCTCVR = pCTR x pCVR, of a click and a "
+            "conversion, scored on every test impression (`ctcvr.*`: what ordering by bid x pCTCVR relies on).\n\n"
+            + markdown_table(rows))
 
 
 def privacy_section(privacy: dict | None) -> str:

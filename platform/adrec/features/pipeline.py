@@ -1,7 +1,8 @@
 """The prepare stage: raw logs -> validated, pseudonymized, encoded, split features (Ray Data).
 
 Outputs under ``<run>/features``:
-- ``interactions.parquet``: ``user_idx``, ``item_idx``, ``ts``, ``label``, ``split`` (train/valid/test),
+- ``interactions.parquet``: ``user_idx``, ``item_idx``, ``ts``, ``label``, ``conversion`` (when the schema
+  names a conversion label), ``split`` (train/valid/test),
   ``hist`` (item indices of the user's most recent earlier known positives, oldest first) and one
   ``f:<field>`` code column per field of the :class:`FeatureSpec`;
 - ``items.parquet`` / ``users.parquet``: one row per index with the id (items: dataset id; users:
@@ -26,7 +27,7 @@ from adrec.data.privacy import resolve_key
 from adrec.keys import key_fingerprint
 from adrec.data.sources import resolve_schema
 from adrec.features.rows import (ROW_KEYS, _entity_frame, _index, build_spec, context_counts,  # noqa: F401
-                                 encode_block, entity_codes, fill_bids, history_lists)
+                                 encode_block, entity_codes, fill_bids, history_lists, row_keys)
 from adrec.features.spec import FeatureSpec
 from adrec.features.split import SPLITS, TEST, new_item_holdout, temporal_split
 from adrec.run import RunDir, fingerprint
@@ -116,7 +117,7 @@ def _prepare_in_process(cfg: AdrecConfig, run: RunDir, schema, root, key: bytes)
     # Ray Data: vectorized encoding (vocab lookups, buckets, hashed crosses) in batches.
     # Ray starts only now, so bad input fails fast without paying for a cluster.
     init_ray(cfg.ray)
-    base = inter[["user_idx", "item_idx", "ts", "label", "split", *spec.context]].reset_index(drop=True)
+    base = inter[[*row_keys(inter.columns), *spec.context]].reset_index(drop=True)
 
     def encode(batch: pd.DataFrame) -> pd.DataFrame:
         return encode_block(batch, spec, user_codes, item_codes)
@@ -170,4 +171,4 @@ def read_shards(folder: Path) -> pd.DataFrame:
         raise FileNotFoundError(f"{folder} holds neither interactions.parquet nor train/valid/test shards")
     inter = pd.concat(parts, ignore_index=True)
     inter = inter.sort_values(["user_idx", "ts", "item_idx", *POSITION], kind="stable").reset_index(drop=True)
-    return inter[[*ROW_KEYS, *(c for c in inter.columns if c.startswith("f:")), "hist"]]
+    return inter[[*row_keys(inter.columns), *(c for c in inter.columns if c.startswith("f:")), "hist"]]

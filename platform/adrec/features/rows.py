@@ -168,10 +168,20 @@ def entity_codes(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 ROW_KEYS = ["user_idx", "item_idx", "ts", "label", "split"]
+#: The second label (issue 17): a row carries it when the schema names a conversion label.
+CONVERSION = "conversion"
+
+
+def row_keys(columns) -> list[str]:
+    """The key and label columns of feature rows with these columns: :data:`ROW_KEYS`, plus the conversion
+    label right after ``label`` when the rows have one."""
+    if CONVERSION not in columns:
+        return list(ROW_KEYS)
+    return [*ROW_KEYS[:4], CONVERSION, *ROW_KEYS[4:]]
 
 
 def encode_block(batch: pd.DataFrame, spec: FeatureSpec, user_codes: pd.DataFrame, item_codes: pd.DataFrame,
                  carry: tuple[str, ...] = ()) -> pd.DataFrame:
-    """One block of indexed, split rows -> the feature rows (keys, ``f:*`` codes, then ``carry`` columns)."""
+    """One block of indexed, split rows -> the feature rows (keys and labels, ``f:*`` codes, then ``carry``)."""
     codes = spec.encode_rows(batch, user_codes, item_codes)
-    return pd.concat([batch[ROW_KEYS], codes, batch[list(carry)]], axis=1)
+    return pd.concat([batch[row_keys(batch.columns)], codes, batch[list(carry)]], axis=1)

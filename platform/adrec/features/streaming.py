@@ -88,6 +88,8 @@ def _stats(batch: pd.DataFrame, context: list[str], known_item: np.ndarray | Non
            known_user: np.ndarray | None) -> pd.DataFrame:
     values = {f"rows.{s}": int((batch["split"] == s).sum()) for s in SPLITS}
     values["positives"] = int(batch["label"].sum())
+    if "conversion" in batch:
+        values["conversions"] = int(batch["conversion"].sum())
     values["duplicate_interactions"] = int(batch["_dup"].sum())
     if known_item is not None:
         values["interactions_with_unknown_item"] = int((~known_item[batch["item_idx"].to_numpy()]).sum())
@@ -213,7 +215,9 @@ def prepare_streaming(cfg: AdrecConfig, run: RunDir, schema: DatasetSchema, root
     spec.save(run.features / "spec.json")
 
     counts = {"interactions": int(n_rows), "users": len(seen_users), "items": len(seen_items),
-              "positives": int(totals.get("positives", 0)), "bad_rows_skipped": bad.total,
+              "positives": int(totals.get("positives", 0)),
+              **({"conversions": int(totals["conversions"])} if "conversions" in totals else {}),
+              "bad_rows_skipped": bad.total,
               **{f"bad_rows_skipped.{k}": v for k, v in bad.count.items()},
               "duplicate_interactions": int(totals.get("duplicate_interactions", 0)), **empties.count}
     for name in ("interactions_with_unknown_item", "interactions_with_unknown_user"):

@@ -59,24 +59,54 @@ def _bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | Non
     return (per_row * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler's switch at -log 2)."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def esmm_loss(ctr_logits: torch.Tensor, cvr_logits: torch.Tensor, clicks: torch.Tensor, conversions: torch.Tensor,
+              weights: torch.Tensor | None = None, cvr_weight: float = 1.0) -> torch.Tensor:
+    """ESMM's loss over every impression (Ma et al., SIGIR 2018): BCE(pCTR, click) + BCE(pCTCVR, click and
+    conversion), pCTCVR = pCTR x pCVR. The CVR tower is never fitted on clicked rows alone: it learns through
+    the product, over the whole impression space that serving scores. In log space, for stability:
+    log pCTCVR = logsigmoid(ctr) + logsigmoid(cvr). ``cvr_weight`` scales the CTCVR term (ESMM: 1)."""
+    ctr_logits, cvr_logits = ctr_logits.float(), cvr_logits.float()
+    y = clicks * conversions  # a conversion counts behind a click only (the data contract says it always is)
+    log_p = F.logsigmoid(ctr_logits) + F.logsigmoid(cvr_logits)
+    ctcvr = -(y * log_p + (1 - y) * _log1mexp(log_p))
+    per_row = F.binary_cross_entropy_with_logits(ctr_logits, clicks, reduction="none") + cvr_weight * ctcvr
+    if weights is None:
+        return per_row.mean()
+    return (per_row * weights).sum() / weights.sum().clamp(min=1e-12)
+
+
 def fgsm_loss(model, batch: dict[str, torch.Tensor], labels: torch.Tensor, epsilon: float,
-              weights: torch.Tensor | None = None) -> torch.Tensor:
+              weights: torch.Tensor | None = None, cvr_weight: float = 1.0) -> torch.Tensor:
     """(Weighted) BCE on clean inputs, averaged with BCE on their FGSM perturbation when ``epsilon > 0``.
 
+    ``labels``: (B,) clicks, or (B, 2) clicks and conversions for a two-task model (:func:`esmm_loss`).
     For an ensemble, the loss is the mean of the members' own losses (not the loss of their mean).
     """
     embeds = model.embed(batch)
     if epsilon > 0:
         require_grad(embeds)
-    loss = _members_bce(model, embeds, batch, labels, weights)
+    loss = _members_bce(model, embeds, batch, labels, weights, cvr_weight)
     if epsilon <= 0:
         return loss
     adv = fgsm_perturb(loss, embeds, epsilon)
-    return 0.5 * (loss + _members_bce(model, adv, batch, labels, weights))
+    return 0.5 * (loss + _members_bce(model, adv, batch, labels, weights, cvr_weight))
 
 
-def _members_bce(model, embeds, batch, labels, weights) -> torch.Tensor:
+def _members_bce(model, embeds, batch, labels, weights, cvr_weight: float = 1.0) -> torch.Tensor:
     """Mean over the ensemble members of each member's own loss (members are fitted independently)."""
+    def member_weights(i):
+        return weights[i] if weights is not None and weights.dim() == 2 else weights
+
+    if labels.dim() == 2:  # clicks and conversions: the ESMM loss of each member's two towers
+        ctr, cvr = model.member_task_logits(embeds, batch)
+        return torch.stack([esmm_loss(ctr[i], cvr[i], labels[:, 0], labels[:, 1], member_weights(i), cvr_weight)
+                            for i in range(len(ctr))]).mean()
     if hasattr(model, "member_logits"):
         logits = model.member_logits(embeds, batch)
         per = [_bce(z, labels, weights[i] if weights is not None and weights.dim() == 2 else weights)

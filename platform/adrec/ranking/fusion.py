@@ -43,7 +43,10 @@ from adrec.ranking.model import FusionModel
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
+# A click-only ranker is still written as format 1 (any adrec reads it); a two-task (ESMM) one as 2, which an
+# adrec without the CVR tower refuses by its format instead of failing on unexpected weights.
+_FORMAT_CTR_ONLY = 1
 _EPS = 1e-7
 # State-dict prefixes of the encoder (``text.layers`` is the same blocks again): encoder/ holds those weights.
 _ENCODER_KEYS = ("text.encoder.", "text.layers.")
@@ -57,7 +60,7 @@ def model_arch(cfg: RankerConfig, spec: FeatureSpec) -> dict:
                 att_hidden=cfg.att_hidden, fm=cfg.fm, members=cfg.ensemble, mixed_members=cfg.ensemble_mixed,
                 finetune=cfg.finetune, finetune_last_n=cfg.finetune_last_n,
                 max_text_len=cfg.max_text_len, text_tower=cfg.text_tower,
-                dense=feature_names(cfg.collab) if cfg.collab else [])
+                dense=feature_names(cfg.collab) if cfg.collab else [], tasks=list(cfg.tasks))
     return arch
 
 
@@ -143,6 +146,33 @@ class FusionRanker(Ranker):
         a, b = self.calibration
         return _sigmoid(a * self.logits(rows) + b)
 
+    @property
+    def tasks(self) -> list[str]:
+        """What this ranker predicts: ``["ctr"]``, or ``["ctr", "cvr"]`` for the ESMM head (issue 17)."""
+        return self.model.tasks
+
+    def predict_tasks(self, rows: pd.DataFrame, batch_size: int = 512) -> dict[str, np.ndarray]:
+        """``{"ctr", "cvr", "ctcvr"}`` per row: the calibrated pCTR (what :meth:`predict` gives), pCVR (of a
+        conversion given a click) and pCTCVR = pCTR x pCVR (a conversion per impression: what an
+        advertiser paying per conversion earns from showing the item, bid x pCTCVR). Needs the CVR tower
+        (``ranker.tasks=[ctr, cvr]``); a click-only ranker raises ValueError saying so."""
+        if not self.model.has_cvr:
+            raise ValueError("this ranker predicts clicks only (ranker.tasks: [ctr]): train it with "
+                             "ranker.tasks=[ctr,cvr] on data with a conversion label for pCVR and pCTCVR")
+        if any(m.training for m in self.model.modules()):
+            self.model.eval()
+        ctr, cvr = [], []
+        with torch.inference_mode():
+            for i in range(0, len(rows), batch_size):
+                z_ctr, z_cvr = self.model.task_logits(self.batch(rows.iloc[i:i + batch_size]))
+                ctr.append(z_ctr.float().cpu().numpy())
+                cvr.append(z_cvr.float().cpu().numpy())
+        z_ctr = np.concatenate(ctr).astype(np.float64) if ctr else np.zeros(0)
+        z_cvr = np.concatenate(cvr).astype(np.float64) if cvr else np.zeros(0)
+        a, b = self.calibration
+        p_ctr, p_cvr = _sigmoid(a * z_ctr + b), _sigmoid(z_cvr)
+        return {"ctr": p_ctr, "cvr": p_cvr, "ctcvr": p_ctr * p_cvr}
+
     def item_embeddings(self) -> np.ndarray:
         """(n_items, d) L2-normalised pooled item text embeddings of the (fine-tuned) encoder.
 
@@ -172,7 +202,7 @@ class FusionRanker(Ranker):
         meta = {
             "class": "FusionRanker",
             "name": self.name,
-            "format": FORMAT,
+            "format": FORMAT if self.model.has_cvr else _FORMAT_CTR_ONLY,
             "config": json.loads(self.cfg.model_dump_json()),
             "arch": self.arch,
             "text_dim": self.model.text.hidden_size,

@@ -226,11 +226,25 @@ class FusionHead(nn.Module):
             nn.init.zeros_(self.dense_wide.bias)
         self.fm = bool(arch.get("fm", False))
         self.use_hist = True
+        # ESMM (issue 17): the CVR tower, the click output's twin: an MLP of its own over the shared cross-tower
+        # output plus a first-order (wide) term of its own over the fields; its logit is pCVR's, and pCTCVR =
+        # pCTR x pCVR is what the conversion labels of every impression train.
+        self.cvr_deep = self.cvr_out = self.cvr_bias = self.cvr_lin = None
+        if "cvr" in arch.get("tasks", ["ctr"]):
+            self.cvr_deep = mlp([d0, *hidden], float(arch["dropout"]))
+            self.cvr_out = nn.Linear(hidden[-1] if hidden else d0, 1)
+            self.cvr_bias = nn.Parameter(torch.zeros(1))
+            self.cvr_lin = nn.Embedding(n_emb, 1)
+            nn.init.zeros_(self.cvr_lin.weight)
 
 
 class FusionModel(nn.Module):
     """Late-fusion click model: ``arch["members"]`` heads (a deep ensemble, logits averaged) over one
-    shared text tower. ``arch``: see :func:`adrec.ranking.data.architecture` plus the sizes."""
+    shared text tower. ``arch``: see :func:`adrec.ranking.data.architecture` plus the sizes.
+
+    ``arch["tasks"] == ["ctr", "cvr"]``: every member also has a CVR tower (ESMM); :meth:`forward` and
+    :meth:`member_logits` still give the click logits (what FGSM's attack, the explanations and the online
+    learner read), :meth:`member_task_logits` and :meth:`task_logits` both."""
 
     def __init__(self, arch: dict, encoder: nn.Module, tok_ids: np.ndarray, tok_mask: np.ndarray,
                  item_attr: np.ndarray, multi: dict[str, np.ndarray], lora: dict | None = None):
@@ -277,11 +291,22 @@ class FusionModel(nn.Module):
     def device(self) -> torch.device:
         return self.field_off.device
 
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.arch.get("tasks", ["ctr"]))
+
+    @property
+    def has_cvr(self) -> bool:
+        return "cvr" in self.tasks
+
     @torch.no_grad()
-    def init_bias(self, logit: float) -> None:
-        """Start every member's output at ``logit`` (the training click rate)."""
+    def init_bias(self, logit: float, cvr_logit: float | None = None) -> None:
+        """Start every member's output at ``logit`` (the training click rate) and its CVR tower's at
+        ``cvr_logit`` (the training conversion rate of clicks), when it has one."""
         for h in self.members:
             h.bias.fill_(logit)
+            if h.cvr_bias is not None and cvr_logit is not None:
+                h.cvr_bias.fill_(cvr_logit)
 
     # ---- inputs -----------------------------------------------------------------------------
     def _pool_multi(self, h: FusionHead, j: int, ent: torch.Tensor) -> torch.Tensor:
@@ -375,7 +400,8 @@ class FusionModel(nn.Module):
         return lin2(act(hid)).squeeze(-1)
 
     def _head(self, i: int, h: FusionHead, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
-              text: torch.Tensor) -> torch.Tensor:
+              text: torch.Tensor, cvr: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Member ``i``'s click logits (B,); with ``cvr``, (click logits, CVR logits)."""
         key = lambda name: self._key(i, name)  # noqa: E731
         uniq, inv = self._index(b)
         hist = b["hist"]
@@ -402,7 +428,8 @@ class FusionModel(nn.Module):
         parts += [t_c, cand, interest, interest * cand, hmean, n_hist]
         if h.dense_proj is not None:
             parts.append(h.dense_proj(b["dense"]))
-        x = h.deep(h.cross(torch.cat(parts, dim=-1)))
+        shared = h.cross(torch.cat(parts, dim=-1))
+        x = h.deep(shared)
         wide = h.lin(b["fields"] + self.field_off).sum(dim=(1, 2))
         if h.dense_wide is not None:
             wide = wide + h.dense_wide(b["dense"]).squeeze(-1)
@@ -410,12 +437,28 @@ class FusionModel(nn.Module):
         if h.fm:
             v = torch.cat([fields, e[key("multi")]], dim=1) if key("multi") in e else fields
             logit = logit + 0.5 * (v.sum(1).pow(2) - v.pow(2).sum(1)).sum(-1) + (interest * cand).sum(-1)
+        if cvr:
+            cvr_wide = h.cvr_lin(b["fields"] + self.field_off).sum(dim=(1, 2))
+            return logit, h.cvr_out(h.cvr_deep(shared)).squeeze(-1) + cvr_wide + h.cvr_bias
         return logit
 
     def member_logits(self, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
         """(members, B) logits; training fits each member on its own (a deep ensemble)."""
         text = self._text(e, b)
         return torch.stack([self._head(i, h, e, b, text) for i, h in enumerate(self.members)])
+
+    def member_task_logits(self, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(members, B) click logits and (members, B) CVR logits of a two-task (ESMM) model."""
+        if not self.has_cvr:
+            raise ValueError("this ranker has no CVR tower (ranker.tasks: [ctr]); train it with ranker.tasks=[ctr,cvr]")
+        text = self._text(e, b)
+        pairs = [self._head(i, h, e, b, text, cvr=True) for i, h in enumerate(self.members)]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def task_logits(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Click and CVR logits, each (B,): the members' means (pCTCVR = sigmoid(ctr) * sigmoid(cvr))."""
+        ctr, cvr = self.member_task_logits(self.embed(b), b)
+        return ctr.mean(0), cvr.mean(0)
 
     def forward_from(self, e: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.member_logits(e, b).mean(0)

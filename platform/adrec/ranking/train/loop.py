@@ -44,8 +44,11 @@ def select(state: TrainingState, train: dict, valid: dict) -> None:
                    "valid_logloss": v_loss, "best_auc": pr.best_auc, "best_epoch": pr.best_epoch,
                    "start_epoch": state.start_epoch, "steps_per_s": steps / max(secs, 1e-9),
                    "seconds": time.perf_counter() - t0, "world_size": state.world,
-                   "worker_nodes": state.worker_nodes}
+                   "worker_nodes": state.worker_nodes, **state.task_metrics}
         if state.rank == 0:
+            if state.task_metrics:
+                log.info("epoch %d: valid %s (selected on the mean of the CTR and CTCVR AUCs)", epoch,
+                         {k: round(v, 4) for k, v in state.task_metrics.items()})
             log.info("epoch %d/%d: %d steps in %.1fs (%.1f steps/s), loss %.4f, valid AUC %.4f, logloss %.4f%s",
                      epoch, cfg.epochs, steps, secs, metrics["steps_per_s"], loss, v_auc, v_loss,
                      " (best)" if improved else "")

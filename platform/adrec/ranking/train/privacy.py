@@ -5,7 +5,8 @@ Every optimizer step of both phases (selection on train, refit on train + valid)
 1. Poisson sampling: each row of the phase's data joins the step's batch independently with probability
    q = batch_size / rows (a worker samples its own shard, rows ``rank::world``; together that is one
    Poisson sample of all rows).
-2. The gradient of each example's loss (the mean of the ensemble members' BCE, times its recency weight)
+2. The gradient of each example's loss (the mean of the ensemble members' BCE -- ESMM's two-task loss for
+   ``ranker.tasks=[ctr, cvr]``, where the row's conversion label is as private as its click --, times its recency weight)
    over every trainable parameter -- the embedding tables, the towers and the head; the frozen encoder
    and its cached item texts are no parameters -- is computed per example (``torch.func.vmap`` of
    ``grad`` over ``physical_batch`` rows at a time), clipped to L2 norm ``max_grad_norm`` (C) and summed.
@@ -46,7 +47,8 @@ from torch import nn
 from adrec.config import DPConfig, RankerConfig
 from adrec.features.split import TRAIN, VALID
 from adrec.ranking.data import take
-from adrec.ranking.train.data import recency_weights, to_device
+from adrec.ranking.fgsm import esmm_loss
+from adrec.ranking.train.data import recency_weights, task_labels, to_device
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +111,21 @@ def spent(privacy: dict) -> dict:
 
 
 class _RowLoss(nn.Module):
-    """One example's training loss: the mean of the ensemble members' BCE, times its weight."""
+    """One example's training loss: the mean of the ensemble members' BCE (a two-task model: ESMM's loss,
+    ``label`` then holds the click and the conversion), times its weight."""
 
-    def __init__(self, model):
+    def __init__(self, model, cvr_weight: float = 1.0):
         super().__init__()
         self.model = model
+        self.cvr_weight = cvr_weight
 
     def forward(self, b: dict, label: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.model.has_cvr:
+            ctr, cvr = self.model.member_task_logits(self.model.embed(b), b)  # (members, 1) each
+            lab = label.reshape(-1)  # (click, conversion) of the one row
+            clicks, conversions = lab[0].expand_as(ctr), lab[1].expand_as(ctr)
+            return esmm_loss(ctr.reshape(-1), cvr.reshape(-1), clicks.reshape(-1), conversions.reshape(-1),
+                             cvr_weight=self.cvr_weight) * weight
         logits = self.model.member_logits(self.model.embed(b), b).float()  # (members, 1)
         bce = F.binary_cross_entropy_with_logits(logits, label.expand_as(logits), reduction="none")
         return bce.mean() * weight
@@ -139,7 +149,7 @@ class PrivateTraining:
         """vmap(grad_and_value) of :class:`_RowLoss` over the rows of a batch (each with its own item slots)."""
         from torch.func import functional_call, grad_and_value, vmap
 
-        row_loss = _RowLoss(model)
+        row_loss = _RowLoss(model, self.cfg.cvr_loss_weight)
         fixed = {f"model.{n}": t for n, t in [*model.named_buffers(), *((n, p) for n, p in model.named_parameters()
                                                                          if not p.requires_grad)]}
         hist_len = model.hist_len
@@ -181,7 +191,9 @@ class PrivateTraining:
             for start in range(0, len(sel), dp.physical_batch):
                 chunk = sel[start:start + dp.physical_batch]
                 batch = to_device(take(arrays, chunk), device)
-                labels = torch.from_numpy(y[chunk]).to(device).unsqueeze(1)
+                labels = torch.from_numpy(task_labels(arrays, chunk)).to(device)
+                if labels.dim() == 1:
+                    labels = labels.unsqueeze(1)
                 weights = torch.from_numpy(np.ascontiguousarray(w_all[chunk], np.float32)).to(device)
                 grads, losses = per_example(params, batch, labels, weights)
                 norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))

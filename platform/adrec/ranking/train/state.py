@@ -24,12 +24,12 @@ from torch import nn
 
 from adrec.config import RankerConfig
 from adrec.features.split import TRAIN
-from adrec.metrics import auc, logloss
+from adrec.metrics import auc, conversion_metrics, logloss
 from adrec.ranking.data import take
 from adrec.ranking.fgsm import fgsm_loss
 from adrec.ranking.fusion import FusionRanker
 from adrec.ranking.train.average import WeightAverage
-from adrec.ranking.train.data import predict_logits, recency_weights, to_device
+from adrec.ranking.train.data import predict_logits, predict_task_logits, recency_weights, task_labels, to_device
 from adrec.ranking.train.privacy import PrivateTraining
 
 log = logging.getLogger(__name__)
@@ -75,13 +75,14 @@ def seed_all(seed: int) -> None:
 class _Step(nn.Module):
     """One forward = the whole training loss (FGSM included), so DDP sees one forward per backward."""
 
-    def __init__(self, model, epsilon: float):
+    def __init__(self, model, epsilon: float, cvr_weight: float = 1.0):
         super().__init__()
         self.model = model
         self.epsilon = epsilon
+        self.cvr_weight = cvr_weight
 
     def forward(self, batch, labels, weights=None):
-        return fgsm_loss(self.model, batch, labels, self.epsilon, weights)
+        return fgsm_loss(self.model, batch, labels, self.epsilon, weights, self.cvr_weight)
 
 
 class TrainingState:
@@ -104,12 +105,17 @@ class TrainingState:
         model = self.model = self.ranker.model
         # Start the output bias at the train click rate: calibrated from step 0.
         ctr = float(np.clip(data[TRAIN]["label"].mean(), 1e-4, 1 - 1e-4))
-        model.init_bias(math.log(ctr / (1 - ctr)))
+        cvr_logit = None
+        if model.has_cvr:  # and the CVR tower at the train conversion rate of clicks
+            clicked = data[TRAIN]["label"] > 0
+            cvr = float(np.clip(data[TRAIN]["conversion"][clicked].mean() if clicked.any() else 0.5, 1e-4, 1 - 1e-4))
+            cvr_logit = math.log(cvr / (1 - cvr))
+        model.init_bias(math.log(ctr / (1 - ctr)), cvr_logit)
         self.init_weights = {k: v.clone() for k, v in model.trainable_state().items()}
         model.to(self.device)
         model.text.prepare_training()  # on the device: the frozen lower layers run once, where training runs
         self._new_optimizer()
-        self.step_module: nn.Module = _Step(model, cfg.fgsm_epsilon)
+        self.step_module: nn.Module = _Step(model, cfg.fgsm_epsilon, cfg.cvr_loss_weight)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -119,6 +125,7 @@ class TrainingState:
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if (self.device.type == "cuda" and cfg.bf16) \
             else nullcontext()
         self.progress = Progress()
+        self.task_metrics: dict[str, float] = {}  # a two-task model's valid AUCs of the last evaluation
         # DP-SGD (ranker.dp): its own epoch, see adrec.ranking.train.privacy
         self.private = PrivateTraining(cfg, data, self.world) if cfg.dp is not None else None
         self.start_epoch = 0  # the epoch this attempt started after (> 0 when it resumed)
@@ -204,7 +211,7 @@ class TrainingState:
                 if cfg.text_items_per_step and len(uniq) > cfg.text_items_per_step:
                     uniq = np.sort(rng.choice(uniq, cfg.text_items_per_step, replace=False))
                 batch["fresh"] = torch.from_numpy(uniq).to(device)
-            labels = torch.from_numpy(y[sel]).to(device)
+            labels = torch.from_numpy(task_labels(arrays, sel)).to(device)
             w = w_all[sel] if w_all is not None else None
             if bag:  # online bagging: each member sees each row Poisson(1) times
                 counts = rng.poisson(1.0, size=(n_members, len(sel))).astype(np.float32)
@@ -245,9 +252,25 @@ class TrainingState:
                 self.model.text.pooled.detach().cpu().clone())
 
     def evaluate(self, valid: dict) -> tuple[float, float, np.ndarray, tuple[dict, torch.Tensor]]:
-        """Valid AUC, logloss and logits of the averaged weights, and a snapshot of those weights."""
-        logits, snap = self.averaged(lambda: (predict_logits(self.model, valid, self.device), self.snapshot()))
+        """Valid AUC, logloss and click logits of the averaged weights, and a snapshot of those weights.
+
+        A two-task (ESMM) model is selected on the mean of its valid CTR and CTCVR AUCs (both tasks must
+        hold up: the CVR tower learns from far fewer positives and may want other epochs than the click
+        one); ``task_metrics`` then holds each AUC on its own."""
+        self.task_metrics = {}
+        if not self.model.has_cvr:
+            logits, snap = self.averaged(lambda: (predict_logits(self.model, valid, self.device), self.snapshot()))
+        else:
+            (logits, cvr_logits), snap = self.averaged(
+                lambda: (predict_task_logits(self.model, valid, self.device), self.snapshot()))
         y = valid["label"].astype(np.float64)
         v_auc = float(auc(y, logits))
         v_loss = float(logloss(y, 1 / (1 + np.exp(-np.clip(logits, -50, 50)))))
+        if self.model.has_cvr:
+            p_ctr, p_cvr = (1 / (1 + np.exp(-np.clip(z, -50, 50))) for z in (logits, cvr_logits))
+            tasks = conversion_metrics(y, valid["conversion"].astype(np.float64) * y, p_cvr, p_ctr * p_cvr)
+            self.task_metrics = {"valid_ctr_auc": v_auc, "valid_cvr_auc": tasks["cvr.auc"],
+                                 "valid_ctcvr_auc": tasks["ctcvr.auc"]}
+            if math.isfinite(tasks["ctcvr.auc"]):  # no valid conversion at all: the clicks alone select
+                v_auc = 0.5 * (v_auc + tasks["ctcvr.auc"])
         return v_auc, v_loss, logits, snap
