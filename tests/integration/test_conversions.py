@@ -46,3 +46,17 @@ def test_a_two_task_ranker_is_published_and_evaluated_with_conversion_metrics(ti
     preds = pd.read_csv(run.report / "ctr_preds.csv")
     assert {"prob", "prob_cvr", "prob_ctcvr"} <= set(preds.columns)
     assert "Conversions (ESMM)" in (run.report / "report.md").read_text()
+
+    # serve.objective=expected_value orders by bid x pCTCVR when the version's ranker has the ESMM head.
+    from adrec.serving.recommender import Recommender
+    from adrec.serving.strategy import EXPECTED_VALUE, Strategy
+
+    rec = Recommender(live_dir(run), b"test-key")
+    answer = rec.answer_index(0, 5, {}, strategy=Strategy(objective=EXPECTED_VALUE, pool=20))
+    assert answer["objective"] == EXPECTED_VALUE and len(answer["items"]) == 5
+    idx = np.asarray([rec.version.item_pos[it["item"]] for it in answer["items"]], np.int64)
+    ctr, ctcvr = rec.rank_values(0, idx, {})
+    assert ctcvr is not None
+    np.testing.assert_allclose([it["click_prob"] for it in answer["items"]], ctr, rtol=1e-5)
+    value = np.asarray([it["bid"] for it in answer["items"]]) * ctcvr
+    assert np.all(np.diff(value) <= 1e-12), "the list is not in bid x pCTCVR order"

@@ -58,7 +58,7 @@ def one_thread():
 
 def _cfg(**kw) -> OnlineConfig:
     base = dict(batch_size=64, publish_every_events=800, checkpoint_every_events=300, read_batch_events=250,
-                guard_margin=0.05, guard_min_events=200, lr=0.05, nice=0, sched_idle=False)
+                guard_margin=0.05, guard_min_events=200, lr=0.05, nice=0, sched_idle=False, rollout_min_interval_s=0)
     base.update(kw)
     return OnlineConfig(**base)
 
@@ -305,7 +305,7 @@ def test_serve_app_learns_from_http_feedback_and_rolls_out_without_drops(ray_ses
     args = AppArgs(model_dir=str(tiny_run.model), pseudonym_key=tiny_cfg.data.pseudonym_key,
                    feedback_log=str(tmp_path / "feedback" / "events.jsonl"), port=free_port(), app_name="adrec-online",
                    num_cpus_per_replica=0.1, feedback_max_behind_s=None)  # a replay of the tiny log's (2023) events
-    cfg = _cfg(publish_every_events=500, num_cpus=0.1)
+    cfg = _cfg(publish_every_events=500, num_cpus=0.1, rollout_min_interval_s=3)
     part = stream[:1400]
     url, handle = serve_with_learner(cfg, args, state_dir=tmp_path / "online", name="test-online-serve")
     try:
@@ -338,6 +338,11 @@ def test_serve_app_learns_from_http_feedback_and_rolls_out_without_drops(ray_ses
         # Read again: the snapshot above may predate the rollout that the idle check then saw finish.
         st = ray.get(handle.status.remote())
         assert st["rollouts"]["done"] >= 1 and st["rollouts"]["failed"] == 0
+        # Rollouts are paced (online.rollout_min_interval_s) and the newest published version is the live one.
+        hist = st["rollouts"]["history"]
+        for a, b in zip(hist, hist[1:]):
+            assert b["started"] >= a["started"] + a["seconds"] + 3 - 0.1, hist
+        assert hist[-1]["version"] == st["published"][-1]["version"] == live
         assert live != read_version_id(tiny_run.model) and live.startswith(read_version_id(tiny_run.model))
         assert set(statuses) == {200} and sum(statuses.values()) > 20  # nothing dropped across the rollouts
         r = httpx.post(url + "/recommend", json={"user_id": NEWCOMERS[0], "k": 5}, timeout=30)

@@ -67,8 +67,10 @@ def lower_priority(cfg, nice_target: int) -> str:
 class Rollouts:
     """Rolls published versions out to a running Serve app, newest first, one at a time."""
 
-    def __init__(self, app_args):
+    def __init__(self, app_args, min_interval_s: float = 0.0):
         self.args = app_args
+        self.min_interval_s = float(min_interval_s)
+        self._last_end: float | None = None  # monotonic end of the previous rollout
         self._cv = threading.Condition()
         self._wanted: tuple[str, str] | None = None
         self.history: list[dict] = []
@@ -91,6 +93,11 @@ class Rollouts:
             with self._cv:
                 while self._wanted is None:
                     self._cv.wait()
+                # Not before min_interval_s after the previous rollout; a newer version submitted while
+                # waiting replaces this one (only the newest is rolled out).
+                while self._last_end is not None and (
+                        rest := self._last_end + self.min_interval_s - time.monotonic()) > 0:
+                    self._cv.wait(rest)
                 path, vid = self._wanted
                 self._wanted = None
                 self.busy = True
@@ -107,6 +114,7 @@ class Rollouts:
                 log.error("rollout of %s failed: %s", vid, err)
             rec["seconds"] = round(time.perf_counter() - t0, 3)
             with self._cv:
+                self._last_end = time.monotonic()
                 self.history.append(rec)
                 self.busy = False
                 self._cv.notify_all()
@@ -140,7 +148,7 @@ class LearnerActor:
         # The learning thread runs at this priority (on Linux a nice value belongs to a thread, so the
         # loop sets it for itself; the actor's other threads answer calls and roll out at full priority).
         self._priority = min(19, os.getpriority(os.PRIO_PROCESS, 0) + int(cfg.nice))
-        self.rollouts = Rollouts(app_args) if app_args is not None else None
+        self.rollouts = Rollouts(app_args, cfg.rollout_min_interval_s) if app_args is not None else None
         self._stop = threading.Event()
 
         def make():

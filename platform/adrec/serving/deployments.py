@@ -168,11 +168,11 @@ class CandidateDeployment:
         rec, model_dir = self.holder.rec_for(arm)  # one version for the whole request (the arm's, with A/B)
         u = rec.pseudonym_index(user)
 
-        async def rank(items: np.ndarray) -> np.ndarray:
+        async def rank(items: np.ndarray) -> tuple:
             ranked = await call(self.ranker.rank, rec.version_id, model_dir, u, items, context)
             if "error" in ranked:
                 raise RuntimeError(ranked["error"])
-            return ranked["scores"]
+            return ranked["scores"], ranked.get("ctcvr")
 
         async def explain_fn(items: np.ndarray) -> dict:
             return await call(self.ranker.explain, rec.version_id, model_dir, u, items, context)

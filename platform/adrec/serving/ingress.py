@@ -158,11 +158,11 @@ class Ingress:
         rec, _ = self.holder.rec_for(arm)  # one version for the whole request, even if a rollout swaps it meanwhile
         u = rec.pseudonym_index(user)
 
-        async def rank(items: np.ndarray) -> np.ndarray:
+        async def rank(items: np.ndarray) -> tuple:
             ranked = await self._rank_batch(rec, u, items, context)
             if "error" in ranked:
                 raise RuntimeError(ranked["error"])
-            return ranked["scores"]
+            return ranked["scores"], ranked.get("ctcvr")
 
         async def explain_fn(items: np.ndarray) -> dict:
             return await asyncio.to_thread(rec.explain, u, np.asarray(items, np.int64), context,

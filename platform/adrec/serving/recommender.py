@@ -28,6 +28,7 @@ from adrec.data.privacy import pseudonymize
 from adrec.model_version import ModelVersion, TwoStageLists, load_version
 from adrec.serving.explanations import explain_items
 from adrec.serving.request import Recommendation
+from adrec.serving.scoring import predict_scores
 from adrec.serving.strategy import EXPECTED_VALUE, Strategy
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,13 @@ class Recommender:
         h = None if hist is None else [np.asarray(hist, np.int64)] * len(item_idx)
         return np.asarray(self.ranker.predict(self.version.rows(users, item_idx, context, h)), dtype=np.float32)
 
+    def rank_values(self, user_idx: int, item_idx: np.ndarray, context: dict | None = None) -> tuple:
+        """:meth:`rank`, with pCTCVR beside it when the ranker has the ESMM head (else None)."""
+        if len(item_idx) == 0:
+            return np.empty(0, np.float32), None
+        users = np.full(len(item_idx), user_idx, dtype=np.int64)
+        return predict_scores(self.ranker, self.version.rows(users, item_idx, context))
+
     # ---- the whole path, in-process -----------------------------------------------------------
     def recommend(self, raw_user_id: str, k: int, context: dict | None = None, n_candidates: int | None = None,
                   explain: bool = False) -> list[dict]:
@@ -144,7 +152,7 @@ class Recommender:
         """The whole answer of :meth:`recommend_index` (objective, policy, request_id and items)."""
         n = CandidateConfig().n_candidates if n_candidates is None else n_candidates
         req = Recommendation(self, u, k, context, n, explain, strategy, request_id=request_id)
-        return req.run(lambda items: self.rank(u, items, context), lambda items: self.explain(u, items, context))
+        return req.run(lambda items: self.rank_values(u, items, context), lambda items: self.explain(u, items, context))
 
     def check_objective(self, objective: str) -> None:
         """A :class:`ConfigError` when ``objective`` needs what the version lacks (bids for expected_value)."""

@@ -73,6 +73,12 @@ class Recommendation:
         """The items whose click probability the answer needs."""
         return self.cand.items if self.scored is None else self.cand.items[self.scored]
 
+    def _set_ranked(self, ranked) -> None:
+        if isinstance(ranked, tuple):
+            self.set_click_probs(*ranked)
+        else:
+            self.set_click_probs(ranked)
+
     def set_click_probs(self, probs: np.ndarray, ctcvr: np.ndarray | None = None) -> None:
         """The ranker's click probabilities of :attr:`to_score` (and its pCTCVR, when it gives one: the hook
         of expected_value's bid x pCTCVR); chooses the list."""
@@ -107,16 +113,17 @@ class Recommendation:
         """The answer's items (indices), best first."""
         return self.cand.items[self.order] if self.order is not None else np.empty(0, np.int64)
 
-    def run(self, rank: Callable[[np.ndarray], np.ndarray],
+    def run(self, rank: Callable[[np.ndarray], np.ndarray | tuple],
             explain_fn: Callable[[np.ndarray], dict] | None = None) -> dict:
+        """``rank(items)``: their pCTR, or ``(pCTR, pCTCVR or None)`` from a ranker with the ESMM head."""
         if len(self.to_score):
-            self.set_click_probs(rank(self.to_score))
+            self._set_ranked(rank(self.to_score))
         return self.answer(explain_fn(self.chosen) if self.explain and len(self.chosen) else None)
 
     async def run_async(self, rank: Callable[[np.ndarray], Awaitable[np.ndarray]],
                         explain_fn: Callable[[np.ndarray], Awaitable[dict]] | None = None) -> dict:
         if len(self.to_score):
-            self.set_click_probs(await rank(self.to_score))
+            self._set_ranked(await rank(self.to_score))
         return self.answer(await explain_fn(self.chosen) if self.explain and len(self.chosen) else None)
 
     def answer(self, explained: dict | None = None) -> dict:

@@ -13,8 +13,18 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 
-def score_requests(rec, users: list[int], items: list[np.ndarray], contexts: list[dict]) -> list[np.ndarray]:
-    """One ``predict`` over the rows of several requests (each its own user and context); scores per request.
+def predict_scores(ranker, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
+    """pCTR of ``rows``, and pCTCVR when the ranker has the ESMM head (``ranker.tasks=[ctr, cvr]``: one
+    forward pass gives both; serve.objective=expected_value then orders by bid x pCTCVR), else None."""
+    if "cvr" in getattr(ranker, "tasks", ()):
+        t = ranker.predict_tasks(rows)
+        return np.asarray(t["ctr"], np.float32), np.asarray(t["ctcvr"], np.float64)
+    return np.asarray(ranker.predict(rows), np.float32), None
+
+
+def score_requests(rec, users: list[int], items: list[np.ndarray], contexts: list[dict]) -> list[dict]:
+    """One ``predict`` over the rows of several requests (each its own user and context): per request
+    ``{"scores": pCTR}``, with ``"ctcvr"`` too when the ranker gives pCTCVR.
 
     Requests with the same context share one ``rows`` call (pandas costs ~1 ms a call whatever its
     size: per request, that was as much as the ranking itself).
@@ -30,13 +40,13 @@ def score_requests(rec, users: list[int], items: list[np.ndarray], contexts: lis
         frames.append(rec.version.rows(u, it, contexts[idx[0]]))
         order += idx
     rows = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-    # (The hook of serve.objective=expected_value with pCTCVR: a ranker that gives pCTCVR next to pCTR would
-    # return it here, per request, for Recommendation.set_click_probs(probs, ctcvr); none does yet.)
-    probs = np.asarray(rec.ranker.predict(rows), dtype=np.float32)
-    out: list[np.ndarray] = [np.empty(0, np.float32)] * len(items)
+    probs, ctcvr = predict_scores(rec.ranker, rows)
+    out: list[dict] = [{"scores": np.empty(0, np.float32)}] * len(items)
     start = 0
     for i in order:
-        out[i] = probs[start:start + lens[i]]
+        out[i] = {"scores": probs[start:start + lens[i]]}
+        if ctcvr is not None:
+            out[i]["ctcvr"] = ctcvr[start:start + lens[i]]
         start += lens[i]
     return out
 
@@ -56,7 +66,7 @@ async def rank_grouped(keys: list, resolve, users: list, items: list, contexts: 
             scores = await asyncio.to_thread(score_requests, rec, [users[i] for i in idx], [items[i] for i in idx],
                                              [contexts[i] for i in idx])
             for i, sc in zip(idx, scores):
-                out[i] = {"scores": sc}
+                out[i] = sc
         except Exception as err:  # one version failing must not fail the others in the batch
             log.error("ranking failed for version %s: %s", getattr(key, "version_id", key), err)
             for i in idx:
