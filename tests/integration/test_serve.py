@@ -600,7 +600,9 @@ def test_batched_scoring_equals_scoring_each_request(served):
     users = [0, 1, -1, 0, 2]
     contexts = [{}, {"slot": "1"}, {"slot": "1", "device": "mobile"}, {"slot": "2"}, {}]
     items = [rec.candidates(u, 30, c).items[:n] for u, c, n in zip(users, contexts, [10, 30, 5, 10, 1])]
-    got = score_requests(rec, users, items, contexts)
+    res = score_requests(rec, users, items, contexts)
+    assert not any("ctcvr" in r for r in res)  # a click-only ranker gives no pCTCVR
+    got = [r["scores"] for r in res]
     for u, it, c, g in zip(users, items, contexts, got):
         np.testing.assert_allclose(g, rec.rank(u, it, c), rtol=1e-5, atol=1e-6)
     assert len({tuple(np.round(g[:5], 6)) for g in got[:2]}) == 2  # different users, different scores
