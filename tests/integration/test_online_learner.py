@@ -176,6 +176,9 @@ def test_guard_refuses_a_worse_version_and_says_so(tiny_run, log_path, tmp_path,
     assert status["counts"]["refused"] == len(refused)
 
 
+# make test-all: in make test exactly-once is checked through a killed learner process on a segment log
+# (below) and across two learners on two nodes (test_two_nodes.py).
+@pytest.mark.slow
 def test_exactly_once_when_the_learner_actor_is_killed(ray_session, tiny_run, log_path, stream, tmp_path, one_thread):
     import ray
 

@@ -42,6 +42,8 @@ def small_run(ray_session, tmp_path_factory):
     return run
 
 
+# make test-all: in make test every session's tiny run trains through Ray Train, and test_pipeline scores it.
+@pytest.mark.slow
 def test_train_one_epoch_gives_a_valid_auc(small_run):
     from adrec.metrics import auc
     from adrec.features.pipeline import Features
@@ -64,6 +66,8 @@ def test_train_one_epoch_gives_a_valid_auc(small_run):
     assert small_run.manifest()["stages"]["train"]["valid_auc"] == pytest.approx(out["valid_auc"])
 
 
+# make test-all: tests/unit/test_lora.py checks the adapter, its merge and its save in make test.
+@pytest.mark.slow
 def test_lora_through_ray_train_saves_the_adapter_and_serves_merged(small_run, tmp_path):
     import shutil
 
