@@ -53,33 +53,30 @@ def compare(s1: int, n1: int, s0: int, n0: int, alpha: float) -> dict[str, Any]:
     return {"diff": diff, "ci": [diff - half, diff + half], "z": z, "p_value": float(2 * norm.sf(abs(z)))}
 
 
+def _attribute(records: list[dict], window_s: float, outcome: str, eligible) -> tuple[dict[str, int], dict]:
+    """Per impression event id (those ``eligible`` picks): 1 when an ``outcome`` record of the same user and
+    item labels it by the learner's attribution rules, else 0; and the joiner's counters."""
+    joiner = AttributionJoiner(window_s, max_ahead_s=None)
+    labels: dict[str, int] = {}
+    for r in records:
+        if r.get("type") == IMPRESSION and eligible(r):
+            out = joiner.impression(str(r["event_id"]), str(r["user"]), str(r["item"]), float(r["ts"]), {}, ())
+        elif r.get("type") == outcome:
+            out = joiner.click(str(r["user"]), str(r["item"]), float(r["ts"]))
+        else:
+            continue
+        labels.update((e.event_id, e.label) for e in out)
+    labels.update((e.event_id, e.label) for e in joiner.flush())
+    return labels, joiner.counts
+
+
 def label_impressions(records: list[dict], window_s: float) -> tuple[dict[str, int], dict[str, int], dict]:
     """Per impression event id: clicked (0/1), and converted (0/1, clicked impressions only); the joiners'
     counters. In log order, as the learner reads it; the end of the log labels whatever is still pending."""
-    clicks = AttributionJoiner(window_s, max_ahead_s=None)
-    clicked: dict[str, int] = {}
-    for r in records:
-        if r.get("type") == IMPRESSION:
-            out = clicks.impression(str(r["event_id"]), str(r["user"]), str(r["item"]), float(r["ts"]), {}, ())
-        elif r.get("type") == CLICK:
-            out = clicks.click(str(r["user"]), str(r["item"]), float(r["ts"]))
-        else:
-            continue
-        clicked.update((e.event_id, e.label) for e in out)
-    clicked.update((e.event_id, e.label) for e in clicks.flush())
-    conversions = AttributionJoiner(window_s, max_ahead_s=None)
-    converted: dict[str, int] = {}
-    for r in records:
-        if r.get("type") == IMPRESSION and clicked.get(str(r["event_id"])):
-            out = conversions.impression(str(r["event_id"]), str(r["user"]), str(r["item"]), float(r["ts"]), {}, ())
-        elif r.get("type") == CONVERSION:
-            out = conversions.click(str(r["user"]), str(r["item"]), float(r["ts"]))
-        else:
-            continue
-        converted.update((e.event_id, e.label) for e in out)
-    converted.update((e.event_id, e.label) for e in conversions.flush())
+    clicked, click_counts = _attribute(records, window_s, CLICK, lambda r: True)
+    converted, conv_counts = _attribute(records, window_s, CONVERSION, lambda r: clicked.get(str(r["event_id"])))
     n_conv = sum(r.get("type") == CONVERSION for r in records)
-    return clicked, converted, {"clicks": clicks.counts, "conversions": conversions.counts if n_conv else None}
+    return clicked, converted, {"clicks": click_counts, "conversions": conv_counts if n_conv else None}
 
 
 def ab_report(records: list[dict], alpha: float = 0.05, window_s: float = 1800.0,
