@@ -372,7 +372,14 @@ def test_exploration_and_ab_log_propensities_and_arms(served, tiny_cfg, tmp_path
                 first: dict[str, list[float]] = {}
                 for b in bodies:
                     first.setdefault(b["items"][0]["item"], []).append(b["items"][0]["propensity"])
-                assert 2 <= len(first) <= 3
+                if policy == "epsilon_greedy":  # the best is drawn with 2/3, so 30 requests show 2+ items
+                    assert 2 <= len(first) <= 3
+                else:
+                    # Thompson may put one item first with ~0.96: then 30 requests show it alone. What must hold
+                    # is that each shown item's logged propensity matches how often it came first.
+                    assert 1 <= len(first) <= 3
+                    for ps in first.values():
+                        assert len(ps) / len(bodies) == pytest.approx(float(np.mean(ps)), abs=0.3), first
                 if len(first) == 3:
                     total = sum(float(np.mean(p)) for p in first.values())
                     assert total == pytest.approx(1.0, abs=1e-9 if policy == "epsilon_greedy" else 0.1), first
