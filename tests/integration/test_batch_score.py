@@ -4,6 +4,7 @@ the same lists the in-process serving Recommender (the request algorithm Serve r
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import pandas as pd
 
 from adrec.data.privacy import resolve_key
@@ -12,6 +13,8 @@ from adrec.serving.batch import score
 from adrec.serving.recommender import Recommender
 
 
+# In `make test-all`: ~90 s (its own Serve app beside Ray Data actors).
+@pytest.mark.slow
 def test_score_writes_the_lists_serve_returns(tiny_run, tiny_cfg, tmp_path):
     ids = ["user00001", "user00007", "user00042", "user00299", "someone-new"]
     users = tmp_path / "users.txt"

@@ -118,6 +118,8 @@ def test_pipeline_step_runs_as_a_ray_job(tmp_path, request):
     head.assert_gone()
 
 
+# In `make test-all`: the two-node walkthrough deploys through a job in the default run.
+@pytest.mark.slow
 def test_serve_deploy_config_to_a_running_cluster(tmp_path, request, tiny_run, tiny_cfg):
     """`serve deploy serve_apps/config.yaml` (model, key and port adapted) against a `ray start --head`.
 
@@ -187,6 +189,8 @@ print("WHERE=" + json.dumps({"driver": adrec.__file__, "worker": worker, "mark":
 '''
 
 
+# In `make test-all`: the two-node walkthrough's jobs run the submitted checkout in the default run.
+@pytest.mark.slow
 def test_a_job_runs_the_code_it_was_submitted_with(tmp_path, request):
     """`ray job submit --working-dir` of a checkout whose adrec differs from the node's: the job's driver and
     its Ray workers import the submitted adrec, although the node's PYTHONPATH names another one (as

@@ -57,6 +57,9 @@ def _now_events(events: list[dict], n: int, prefix: str) -> list[dict]:
 
 
 # ---- 1. event time --------------------------------------------------------------------------------------
+# In `make test-all` (~35 s): by default test_serve sends a far-future ts (422) and
+# tests/unit/test_online_parts.py checks the event-time attribution.
+@pytest.mark.slow
 def test_poisoned_timestamps_over_http_get_422_and_leave_the_labels_alone(ray_session, tiny_run, tiny_cfg, events,
                                                                           tmp_path):
     import ray

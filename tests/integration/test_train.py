@@ -91,6 +91,8 @@ def test_lora_through_ray_train_saves_the_adapter_and_serves_merged(small_run, t
     assert p.shape == (len(test),) and np.all((p > 0) & (p < 1))
 
 
+# In `make test-all`: ~50 s of Ray Train restarts; the suite's 15-minute aim needs it out of the default run.
+@pytest.mark.slow
 def test_resumes_after_a_worker_failure_without_redoing_epochs(small_run):
     """The worker raises once after epoch 1's checkpoint; FailureConfig restarts it from that checkpoint."""
     from adrec.ranking.train import train_ranker
@@ -136,8 +138,10 @@ def test_rerun_with_the_same_config_resumes_from_the_finished_run(small_run):
     assert again["valid_auc"] == pytest.approx(first["valid_auc"])
 
 
-# Two workers in `make test-all`: the reduction of the clipped sums is the same code path as one worker's.
-@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
+# In `make test-all` (both worker counts): tests/unit/test_privacy.py checks the clipping, noise and accountant
+# in the default run; this one adds Ray Train around them at ~60 s a case.
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
 def test_dp_sgd_under_ray_train_reports_the_spent_epsilon(small_run, workers):
     """ranker.dp on Ray Train with one and two workers (noise added once, the workers' clipped sums reduced)."""
     from adrec.ranking.base import load_ranker

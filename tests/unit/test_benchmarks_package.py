@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 LIBRARY = REPO / "platform" / "adrec"
 FORWARDERS = sorted((REPO / "pipelines").glob("benchmark_*.py"))
@@ -51,6 +53,8 @@ def test_importing_adrec_loads_no_benchmark_code():
     assert out.stdout.strip() == "[]"
 
 
+# In `make test-all`: one interpreter start per forwarder (~20 s).
+@pytest.mark.slow
 def test_each_forwarder_is_thin_and_runs_from_anywhere(tmp_path):
     """``python pipelines/benchmark_X.py --help`` from another folder, with the repository root on no path:
     the forwarder finds the benchmarks package itself, and the bench extra is not needed to start."""
