@@ -153,8 +153,8 @@ def _train_table(results: list[dict]) -> str:
     rs = [r for r in results if "epoch_samples_per_s" in r]
     if not rs:
         return ""
-    head = ("\n| impressions | pipeline | training feed | epoch s (train + valid pass) | epoch samples/s (train pass) | train stage s | valid AUC | "
-            "driver peak RSS after train MB |\n|---:|---|---|---:|---:|---:|---:|---:|\n")
+    head = ("\n| impressions | pipeline | training feed | epoch s (train + valid pass) | epoch samples/s (train pass) | "
+            "train stage s | valid AUC | driver peak RSS after train MB |\n|---:|---|---|---:|---:|---:|---:|---:|\n")
     return head + "".join(
         f"| {r['rows']:,} | {r['pipeline']} | {r['data_feed']} | {r['epoch_seconds']:.1f} | "
         f"{r['epoch_samples_per_s']:,.0f} | {r['train_seconds']:.1f} | {r['valid_auc']:.4f} | "

@@ -4,7 +4,8 @@ The shards are read a record batch at a time, only the columns a matrix needs (`
 ``label``); each batch becomes a deduplicated CSR that is added into the running one, so no frame of all
 interactions is ever built. The result is what :func:`adrec.candidates.base.binary_matrix` gives on the
 whole frame (the same pairs, value 1), as float32 CSR with int32 indices: 8 bytes per distinct pair
-(4 index + 4 value) plus 4 per user of ``indptr`` (the issue's ~12 bytes also counts COO's row index), which is what implicit takes (CPU, or GPU when
+(4 index + 4 value) plus 4 per user of ``indptr`` (the issue's ~12 bytes also counts COO's row index),
+which is what implicit takes (CPU, or GPU when
 ``implicit.gpu.HAS_CUDA``; :mod:`adrec.candidates.als`).
 """
 

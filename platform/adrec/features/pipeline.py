@@ -172,7 +172,8 @@ class Features:
 
     def split_dirs(self, *splits: str) -> list[Path]:
         """The shard folders of ``splits`` (a sharded run's), the empty ones left out."""
-        return [self.folder / s for s in splits if (self.folder / s).is_dir() and any((self.folder / s).glob("*.parquet"))]
+        dirs = [self.folder / s for s in splits]
+        return [d for d in dirs if d.is_dir() and any(d.glob("*.parquet"))]
 
     def row_count(self) -> int:
         """The interactions' rows, from the Parquet footers when the run is sharded (nothing read)."""

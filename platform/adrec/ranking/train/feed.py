@@ -118,7 +118,8 @@ def _split_counts(run, features, columns: list[str], conversion: bool) -> dict:
     """Rows and positives (and conversions) of train and valid: the prepare stage's stored counts, else a
     streamed aggregation over the shards (a run prepared before they were stored)."""
     counts = run.manifest().get("stages", {}).get("prepare", {}).get("counts", {}) if run is not None else {}
-    keys = [f"{k}.{s}" for s in (TRAIN, VALID) for k in ("rows", "positives", *(("conversions",) if conversion else ()))]
+    kinds = ("rows", "positives", *(("conversions",) if conversion else ()))
+    keys = [f"{k}.{s}" for s in (TRAIN, VALID) for k in kinds]
     if all(k in counts for k in keys):
         return {k: int(counts[k]) for k in keys}
     import ray.data

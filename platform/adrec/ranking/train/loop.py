@@ -46,8 +46,8 @@ def select(state: TrainingState, train: dict, valid: dict) -> None:
         metrics = {"epoch": epoch, "phase": "select", "train_loss": loss, "valid_auc": v_auc,
                    "valid_logloss": v_loss, "best_auc": pr.best_auc, "best_epoch": pr.best_epoch,
                    "start_epoch": state.start_epoch, "steps_per_s": steps / max(secs, 1e-9),
-                   "samples_per_s": samples_per_s(state, secs), "seconds": time.perf_counter() - t0, "world_size": state.world,
-                   "worker_nodes": state.worker_nodes, **state.task_metrics}
+                   "samples_per_s": samples_per_s(state, secs), "seconds": time.perf_counter() - t0,
+                   "world_size": state.world, "worker_nodes": state.worker_nodes, **state.task_metrics}
         if state.rank == 0:
             if state.task_metrics:
                 log.info("epoch %d: valid %s (selected on the mean of the CTR and CTCVR AUCs)", epoch,
