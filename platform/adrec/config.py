@@ -307,6 +307,20 @@ class RankerConfig(_Strict):
     resume: bool = True
     # DP-SGD (adrec.ranking.train.privacy): None = off. Needs finetune "frozen" (the encoder gets no noise).
     dp: DPConfig | None = None
+    # Where the training rows come from (issue 13). in_memory: the rows as arrays, put once in Ray's object
+    # store and read whole by every worker. streaming: Ray Data reads the run's Parquet shards
+    # (features.pipeline: streaming) and each worker iterates its own split of them (a streaming split, no
+    # copy of the table anywhere; validation streamed the same way). auto: streaming when the run's features
+    # are shards, else in_memory. Streaming does not take collab, recency_half_life or dp (they need the
+    # whole table in one place).
+    data_feed: Literal["auto", "in_memory", "streaming"] = "auto"
+    # Rows of the bounded buffer the streamed feed shuffles each epoch's train rows through
+    # (Ray Data's local_shuffle_buffer_size): more mixes more and holds more in each worker.
+    shuffle_buffer: int = Field(50_000, ge=1)
+    # CPUs Ray reserves for each training worker (Ray Train's default: 1). The streamed feed's read tasks need
+    # CPUs too: with num_workers x cpus_per_worker equal to the cluster's CPUs they never run and training
+    # waits forever (seen with 2 workers on 2 CPUs); a fraction (e.g. 0.5) leaves them room.
+    cpus_per_worker: float | None = Field(None, gt=0)
     # What the ranker predicts (issue 17): [ctr] clicks only; [ctr, cvr] adds the ESMM head (Ma et al., SIGIR
     # 2018): a CVR tower beside the click one on the shared representation, pCTCVR = pCTR x pCVR, trained on
     # every impression with BCE(pCTR, click) + BCE(pCTCVR, click and conversion). Needs a conversion label

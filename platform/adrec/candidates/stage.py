@@ -16,11 +16,12 @@ import scipy.sparse as sp
 from adrec.candidates.base import binary_matrix
 from adrec.candidates.evaluate import recall_at
 from adrec.candidates.factory import make_multi_source
+from adrec.candidates.interactions import iter_columns, streamed_matrix
 from adrec.candidates.merge import MultiSource
 from adrec.candidates.popularity import PopularitySource
 from adrec.config import AdrecConfig
 from adrec.features.pipeline import Features
-from adrec.features.split import TEST
+from adrec.features.split import TEST, TRAIN, VALID
 from adrec.run import RunDir
 
 #: Recall is reported at these list lengths, on the users with a test positive.
@@ -39,6 +40,12 @@ def seen_matrix(rows: pd.DataFrame, n_users: int, n_items: int) -> sp.csr_matrix
     return binary_matrix(rows, n_users, n_items)
 
 
+def _columns(dirs, columns: list[str]) -> dict[str, np.ndarray]:
+    """A few columns of the shards under ``dirs``, read batch by batch (a sharded run's)."""
+    parts = list(iter_columns(dirs, columns))
+    return {c: np.concatenate([p[c] for p in parts]) if parts else np.zeros(0) for c in columns}
+
+
 def context_field(cfg: AdrecConfig, spec) -> str | None:
     if cfg.candidates.context_field:
         if cfg.candidates.context_field not in spec.context:
@@ -50,7 +57,10 @@ def context_field(cfg: AdrecConfig, spec) -> str | None:
 
 def evaluated_users(feats) -> tuple[np.ndarray, list[set[int]]]:
     """The users with a test positive (ascending) and their test positives: what recall is scored on."""
-    test = feats.rows(TEST)
+    if feats.sharded:  # three columns of the test shards, not the frame of every interaction
+        test = pd.DataFrame(_columns(feats.split_dirs(TEST), ["user_idx", "item_idx", "label"]))
+    else:
+        test = feats.rows(TEST)
     test = test[test["label"] == 1]
     by_user = test.groupby("user_idx")["item_idx"].apply(lambda s: set(s.tolist())).to_dict()
     users = np.array(sorted(int(u) for u in by_user), dtype=np.int64)
@@ -61,8 +71,13 @@ def build_candidates(cfg: AdrecConfig, run: RunDir, show_progress: bool = False)
     t0 = time.perf_counter()
     feats = Features(run)
     spec = feats.spec
-    known = feats.interactions[feats.interactions["split"] != TEST]
-    train_pos = positives_matrix(known, spec.n_users, spec.n_items)
+    if feats.sharded:  # one streamed pass per matrix over the train and valid shards (candidates/interactions.py)
+        known_dirs = feats.split_dirs(TRAIN, VALID)
+        train_pos = streamed_matrix(known_dirs, spec.n_users, spec.n_items, positives_only=True)
+        known = None
+    else:
+        known = feats.interactions[feats.interactions["split"] != TEST]
+        train_pos = positives_matrix(known, spec.n_users, spec.n_items)
 
     item_emb = None
     if "text" in cfg.candidates.quotas:
@@ -74,13 +89,15 @@ def build_candidates(cfg: AdrecConfig, run: RunDir, show_progress: bool = False)
     ctx = context_field(cfg, spec)
     for src in multi.sources.values():
         if isinstance(src, PopularitySource) and ctx is not None:
-            src.fit_context(known[f"f:{ctx}"].to_numpy(dtype=np.int64), known["item_idx"].to_numpy(dtype=np.int64),
-                            weights=known["label"].to_numpy(dtype=np.float32), n_contexts=spec.cardinality(ctx))
+            cols = known if known is not None else _columns(known_dirs, [f"f:{ctx}", "item_idx", "label"])
+            src.fit_context(np.asarray(cols[f"f:{ctx}"], dtype=np.int64), np.asarray(cols["item_idx"], dtype=np.int64),
+                            weights=np.asarray(cols["label"], dtype=np.float32), n_contexts=spec.cardinality(ctx))
     fit_s = time.perf_counter() - t0
 
     out = run.candidates
     multi.save(out)
-    seen = seen_matrix(known, spec.n_users, spec.n_items)
+    seen = seen_matrix(known, spec.n_users, spec.n_items) if known is not None else \
+        streamed_matrix(known_dirs, spec.n_users, spec.n_items, positives_only=False)
     sp.save_npz(out / "seen.npz", seen)
     recall = candidate_recall(multi, feats, seen)
     info = {"sources": multi.names, "context_field": ctx, "fit_seconds": round(fit_s, 2)}

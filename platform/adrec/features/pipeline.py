@@ -139,21 +139,49 @@ def _prepare_in_process(cfg: AdrecConfig, run: RunDir, schema, root, key: bytes)
               "catalog_items": n_catalog, "indexed_items": len(item_ids), "indexed_users": len(user_ids),
               "fields": len(spec.fields), "crosses": [c["name"] for c in spec.crosses],
               "new_items_held_out": int(len(held_out))}
+    # Per split as well: the streamed training feed reads them instead of the rows (ranking/train/feed.py).
+    by_split = feats.groupby("split")
+    counts.update({f"positives.{k}": int(v) for k, v in by_split["label"].sum().items()})
+    if "conversion" in feats:
+        counts.update({f"conversions.{k}": int(v) for k, v in by_split["conversion"].sum().items()})
     data_files = [p for p in {root / t.path for t in (schema.interactions, schema.items, schema.users) if t}]
     return counts, fingerprint([p.resolve() for p in data_files])
 
 
 class Features:
-    """The prepare stage's outputs, loaded once for the later stages."""
+    """The prepare stage's outputs, loaded once for the later stages.
+
+    The interactions are read on first use of ``interactions``: a stage that streams the shards of the
+    streaming pipeline (``sharded``) reads only the spec and the catalogue tables."""
 
     def __init__(self, run: RunDir):
-        folder = run.require(run.features, "prepare")
+        folder = self.folder = run.require(run.features, "prepare")
         self.spec = FeatureSpec.load(folder / "spec.json")
         # One file from the in-process pipeline, Parquet shards per split from the streaming one.
-        whole = folder / "interactions.parquet"
-        self.interactions = pd.read_parquet(whole) if whole.is_file() else read_shards(folder)
+        self.sharded = not (folder / "interactions.parquet").is_file()
+        self._interactions: pd.DataFrame | None = None
         self.items = pd.read_parquet(folder / "items.parquet")
         self.users = pd.read_parquet(folder / "users.parquet")
+
+    @property
+    def interactions(self) -> pd.DataFrame:
+        if self._interactions is None:
+            whole = self.folder / "interactions.parquet"
+            self._interactions = read_shards(self.folder) if self.sharded else pd.read_parquet(whole)
+        return self._interactions
+
+    def split_dirs(self, *splits: str) -> list[Path]:
+        """The shard folders of ``splits`` (a sharded run's), the empty ones left out."""
+        dirs = [self.folder / s for s in splits]
+        return [d for d in dirs if d.is_dir() and any(d.glob("*.parquet"))]
+
+    def row_count(self) -> int:
+        """The interactions' rows, from the Parquet footers when the run is sharded (nothing read)."""
+        if not self.sharded or self._interactions is not None:
+            return len(self.interactions)
+        import pyarrow.dataset as pads
+
+        return sum(pads.dataset(str(d), format="parquet").count_rows() for d in self.split_dirs(*SPLITS))
 
     def rows(self, *splits: str) -> pd.DataFrame:
         return self.interactions[self.interactions["split"].isin(splits)]

@@ -90,6 +90,11 @@ def _stats(batch: pd.DataFrame, context: list[str], known_item: np.ndarray | Non
     values["positives"] = int(batch["label"].sum())
     if "conversion" in batch:
         values["conversions"] = int(batch["conversion"].sum())
+    for s in SPLITS:  # per split too: the streamed training feed starts its bias from them (ranking/train/feed.py)
+        in_split = (batch["split"] == s).to_numpy()
+        values[f"positives.{s}"] = int(batch["label"].to_numpy()[in_split].sum())
+        if "conversion" in batch:
+            values[f"conversions.{s}"] = int(batch["conversion"].to_numpy()[in_split].sum())
     values["duplicate_interactions"] = int(batch["_dup"].sum())
     if known_item is not None:
         values["interactions_with_unknown_item"] = int((~known_item[batch["item_idx"].to_numpy()]).sum())
@@ -225,6 +230,8 @@ def prepare_streaming(cfg: AdrecConfig, run: RunDir, schema: DatasetSchema, root
             counts[name] = int(totals[name])
     warn_counts(counts)
     counts.update({f"rows.{s}": int(totals[f"rows.{s}"]) for s in SPLITS if totals.get(f"rows.{s}", 0)})
+    counts.update({k: int(totals[k]) for s in SPLITS for k in (f"positives.{s}", f"conversions.{s}")
+                   if k in totals and totals.get(f"rows.{s}", 0)})
     counts.update({"catalog_items": len(seen_items), "indexed_items": len(item_ids), "indexed_users": len(user_ids),
                    "fields": len(spec.fields), "crosses": [c["name"] for c in spec.crosses],
                    "new_items_held_out": 0})

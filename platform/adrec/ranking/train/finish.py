@@ -41,7 +41,8 @@ def finish(cfg: RankerConfig, data: dict, state: dict, ranker: FusionRanker | No
     ranker.model.eval()
     calibration = (1.0, 0.0)
     if cfg.calibrate and state.get("best_logits") is not None:
-        calibration = fit_platt(state["best_logits"], data[VALID]["label"])
+        labels = state.get("best_labels")  # a streamed valid: read with its logits
+        calibration = fit_platt(state["best_logits"], data[VALID]["label"] if labels is None else labels)
     ranker.calibration = calibration
     hist = state["history"]
     ranker.info = {"valid_auc": state["best_auc"], "best_epoch": state["best_epoch"], "refit": refit,

@@ -18,6 +18,7 @@ import numpy as np
 from adrec.config import RankerConfig
 from adrec.features.split import TRAIN, VALID
 from adrec.ranking.fusion import FusionRanker
+from adrec.ranking.train.feed import BOTH
 from adrec.ranking.train.state import DONE, REFIT, SELECT, TrainingState
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ def select(state: TrainingState, train: dict, valid: dict) -> None:
         if improved:
             pr.best_auc, pr.best_epoch, pr.bad_epochs = v_auc, epoch, 0
             pr.best_logits, pr.best_state, pr.best_pooled = logits, weights, pooled
+            # Streamed rows come in no fixed order: the calibration needs the labels read with the logits.
+            pr.best_labels = None if isinstance(valid, dict) else state.valid_labels
         else:
             pr.bad_epochs += 1
         stop = pr.bad_epochs >= cfg.early_stopping_patience or epoch == cfg.epochs
@@ -43,14 +46,15 @@ def select(state: TrainingState, train: dict, valid: dict) -> None:
         metrics = {"epoch": epoch, "phase": "select", "train_loss": loss, "valid_auc": v_auc,
                    "valid_logloss": v_loss, "best_auc": pr.best_auc, "best_epoch": pr.best_epoch,
                    "start_epoch": state.start_epoch, "steps_per_s": steps / max(secs, 1e-9),
-                   "seconds": time.perf_counter() - t0, "world_size": state.world,
-                   "worker_nodes": state.worker_nodes, **state.task_metrics}
+                   "samples_per_s": samples_per_s(state, secs), "seconds": time.perf_counter() - t0,
+                   "world_size": state.world, "worker_nodes": state.worker_nodes, **state.task_metrics}
         if state.rank == 0:
             if state.task_metrics:
                 log.info("epoch %d: valid %s (selected on the mean of the CTR and CTCVR AUCs)", epoch,
                          {k: round(v, 4) for k, v in state.task_metrics.items()})
-            log.info("epoch %d/%d: %d steps in %.1fs (%.1f steps/s), loss %.4f, valid AUC %.4f, logloss %.4f%s",
-                     epoch, cfg.epochs, steps, secs, metrics["steps_per_s"], loss, v_auc, v_loss,
+            log.info("epoch %d/%d: %d steps in %.1fs (%.1f steps/s, %.0f samples/s), loss %.4f, valid AUC %.4f, "
+                     "logloss %.4f%s", epoch, cfg.epochs, steps, secs, metrics["steps_per_s"], metrics["samples_per_s"],
+                     loss, v_auc, v_loss,
                      " (best)" if improved else "")
             if stop and epoch < cfg.epochs:
                 log.info("early stopping after epoch %d: best valid AUC %.4f at epoch %d",
@@ -60,15 +64,23 @@ def select(state: TrainingState, train: dict, valid: dict) -> None:
             break
 
 
-def refit(state: TrainingState, train: dict, valid: dict) -> None:
-    """Retrain from the initial weights on train + valid for the selected number of epochs."""
+def samples_per_s(state: TrainingState, secs: float) -> float:
+    """The epoch's training rows per second over every worker (each trains on its own part)."""
+    return state.last_rows * state.world / max(secs, 1e-9)
+
+
+def refit(state: TrainingState, train, valid, both=None) -> None:
+    """Retrain from the initial weights on train + valid for the selected number of epochs.
+
+    ``both``: the train + valid rows when they come as one streamed feed; arrays are concatenated here."""
     pr = state.progress
-    both = {k: np.concatenate([train[k], valid[k]]) for k in train}
+    if both is None:
+        both = {k: np.concatenate([train[k], valid[k]]) for k in train}
     if state.refit_starts():
         state.restart()
         if state.rank == 0:
             log.info("refit: training on train + valid (%d rows) for the selected %d epoch(s)",
-                     len(both["label"]), pr.best_epoch)
+                     len(both["label"]) if isinstance(both, dict) else both.rows, pr.best_epoch)
     for r in range(pr.refit_done + 1, pr.best_epoch + 1):
         epoch = pr.select_epochs + r
         loss, steps, secs = state.run_epoch(epoch, both)
@@ -80,7 +92,8 @@ def refit(state: TrainingState, train: dict, valid: dict) -> None:
             state.averaged(lambda: None)  # the next epoch reads the text cache of the averaged weights
         metrics = {"epoch": epoch, "phase": "refit", "refit_epoch": r, "train_loss": loss,
                    "best_auc": pr.best_auc, "best_epoch": pr.best_epoch, "start_epoch": state.start_epoch,
-                   "steps_per_s": steps / max(secs, 1e-9), "seconds": secs, "world_size": state.world,
+                   "steps_per_s": steps / max(secs, 1e-9), "samples_per_s": samples_per_s(state, secs),
+                   "seconds": secs, "world_size": state.world,
                    "worker_nodes": state.worker_nodes}
         if state.rank == 0:
             log.info("refit epoch %d/%d: %d steps in %.1fs (%.1f steps/s), loss %.4f", r, pr.best_epoch,
@@ -99,7 +112,7 @@ def fit(cfg: RankerConfig, data: dict, session,
     if state.progress.phase == SELECT:
         select(state, data[TRAIN], data[VALID])
     if state.progress.phase == REFIT:
-        refit(state, data[TRAIN], data[VALID])
+        refit(state, data[TRAIN], data[VALID], data.get(BOTH))
     state.model.text.release_training()
     return state.ranker
 
@@ -116,7 +129,8 @@ def _worker_logging() -> None:
 
 
 def train_loop_per_worker(config: dict, after_checkpoint: Sequence[Callable[[dict], Any]] = ()) -> None:
-    """The Ray Train worker function: ``config`` holds the ranker config (a dict) and the data (or its ref)."""
+    """The Ray Train worker function: ``config`` holds the ranker config (a dict) and the data (or its ref):
+    the rows as arrays, or (a streamed run) the catalog and the feeds naming this worker's dataset shards."""
     import ray
 
     from adrec.ranking.train.session import RaySession

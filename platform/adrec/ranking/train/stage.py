@@ -14,9 +14,11 @@ from collections.abc import Callable
 
 import torch
 from adrec.config import AdrecConfig, RankerConfig
+from adrec.errors import ConfigError
 from adrec.features.split import TRAIN, VALID
 from adrec.ranking.fusion import FusionRanker
 from adrec.ranking.train.data import prepare_data
+from adrec.ranking.train.feed import streamed_data
 from adrec.ranking.train.finish import finish
 from adrec.ranking.train.loop import fit
 from adrec.ranking.train.session import LocalSession, load_state
@@ -38,6 +40,29 @@ def train_storage(rc: RankerConfig, run: RunDir) -> Location:
     if rc.num_workers > 1:
         require_shared(storage, "ranker.storage_path (Ray Train's checkpoints)")
     return storage
+
+
+def uses_stream(rc: RankerConfig, features) -> bool:
+    """Whether training streams the shards (``ranker.data_feed``; auto: when the features are shards)."""
+    if rc.data_feed == "streaming" and not features.sharded:
+        raise ConfigError("ranker.data_feed=streaming reads the Parquet shards of features.pipeline=streaming, and "
+                          f"{features.folder} holds one interactions.parquet: prepare with "
+                          "features.pipeline=streaming, or train with ranker.data_feed=auto")
+    return rc.data_feed == "streaming" or (rc.data_feed == "auto" and features.sharded)
+
+
+def _check_room_for_data(rc: RankerConfig) -> None:
+    """The streamed feed's read tasks need a CPU the training workers do not hold; refuse a layout that
+    leaves none (it would wait forever), unless the cluster may still grow (an autoscaler)."""
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    held = rc.num_workers * (rc.cpus_per_worker or 1.0)
+    if cpus and held >= cpus:
+        raise ConfigError(f"ranker.num_workers={rc.num_workers} training workers hold {held:g} of the cluster's "
+                          f"{cpus:g} CPUs, and the streamed feed's Ray Data reads need one besides: set "
+                          f"ranker.cpus_per_worker below {cpus / rc.num_workers:g} (e.g. 0.5), fewer workers, "
+                          "or ranker.data_feed=in_memory")
 
 
 def fit_local(cfg: RankerConfig, features, checkpoint: dict | None = None) -> tuple[FusionRanker, list[dict]]:
@@ -64,18 +89,28 @@ def train_ranker(cfg: AdrecConfig, run: RunDir, features=None,
         features = Features(run)
     if rc.use_gpu and not torch.cuda.is_available():
         log.warning("use_gpu is set but this process sees no CUDA device; the workers must (Ray places them)")
-    data = prepare_data(rc, features)
     init_ray(cfg.ray)
+    streamed = uses_stream(rc, features)
+    datasets = None
+    if streamed:  # the workers stream their shards: no process holds the table (ranking/train/feed.py)
+        data, datasets = streamed_data(rc, features, run)
+    else:
+        data = prepare_data(rc, features)
     storage = train_storage(rc, run)
     name = resume_key(rc, data_fingerprint(run, features))
     if not rc.resume:
         (storage / name).delete()
     if storage.is_local:
         storage.local_path.mkdir(parents=True, exist_ok=True)
-    log.info("training the fusion ranker on %d workers (%s): %d train / %d valid rows, storage %s/%s",
-             rc.num_workers, "GPU" if rc.use_gpu else "CPU", len(data[TRAIN]["label"]), len(data[VALID]["label"]),
+    rows = (data[TRAIN].rows, data[VALID].rows) if streamed else (len(data[TRAIN]["label"]), len(data[VALID]["label"]))
+    log.info("training the fusion ranker on %d workers (%s, %s feed): %d train / %d valid rows, storage %s/%s",
+             rc.num_workers, "GPU" if rc.use_gpu else "CPU", "streamed" if streamed else "in-memory", *rows,
              storage.uri, name)
-    result = make_trainer(rc, data, name=name, storage_path=storage, train_loop=train_loop).fit()
+    per_worker = {"CPU": rc.cpus_per_worker} if rc.cpus_per_worker else None
+    if streamed:
+        _check_room_for_data(rc)
+    result = make_trainer(rc, data, name=name, storage_path=storage, train_loop=train_loop, datasets=datasets,
+                          resources_per_worker=per_worker).fit()
     if result.error is not None:
         raise RuntimeError(f"ranker training failed: {result.error}") from result.error
     if result.checkpoint is None:
@@ -93,6 +128,8 @@ def train_ranker(cfg: AdrecConfig, run: RunDir, features=None,
         "start_epochs": [int(h["start_epoch"]) for h in state["history"]],
         "history": state["history"],
         "num_workers": rc.num_workers,
+        "data_feed": "streaming" if streamed else "in_memory",
+        "samples_per_s": [round(float(h.get("samples_per_s", 0.0)), 1) for h in state["history"]],
         "worker_nodes": max(int(h.get("worker_nodes", 1)) for h in state["history"]),
         "calibration": list(ranker.calibration),
         "privacy": ranker.info.get("privacy"),  # ranker.dp: the epsilon spent (adrec.ranking.train.privacy)

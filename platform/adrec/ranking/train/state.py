@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -52,6 +52,7 @@ class Progress:
     best_state: dict | None = None  # the averaged weights of the best selection epoch
     best_pooled: torch.Tensor | None = None  # and their text cache
     best_logits: np.ndarray | None = None  # and their valid logits (the calibration fits on them)
+    best_labels: np.ndarray | None = None  # a streamed valid: its labels in those logits' order
     final_state: dict | None = None  # the averaged weights at the end of the refit
     final_pooled: torch.Tensor | None = None
     privacy: dict | None = None  # with ranker.dp: the accountant's record of the noisy steps (train/privacy.py)
@@ -62,9 +63,22 @@ class Progress:
     @classmethod
     def from_dict(cls, state: dict) -> "Progress":
         pr = cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
-        if isinstance(pr.best_logits, torch.Tensor):  # a checkpoint file holds them as a tensor (plain state)
-            pr.best_logits = pr.best_logits.numpy()
+        for name in ("best_logits", "best_labels"):  # a checkpoint file holds them as tensors (plain state)
+            if isinstance(getattr(pr, name), torch.Tensor):
+                setattr(pr, name, getattr(pr, name).numpy())
         return pr
+
+
+def train_rates(data: dict) -> tuple[float, float | None]:
+    """The train click rate and the conversion rate of clicks (None without conversions): from the
+    arrays, or from ``data["rates"]`` (a streamed pass computed them: no worker holds the rows)."""
+    if "rates" in data:
+        return data["rates"]["ctr"], data["rates"].get("cvr")
+    y = data[TRAIN]["label"]
+    if "conversion" not in data[TRAIN]:
+        return float(y.mean()), None
+    clicked = y > 0
+    return float(y.mean()), (float(data[TRAIN]["conversion"][clicked].mean()) if clicked.any() else None)
 
 
 def seed_all(seed: int) -> None:
@@ -104,11 +118,11 @@ class TrainingState:
         self.ranker = FusionRanker.build(cfg, data["spec"], data["items"], data["users"], refresh=False)
         model = self.model = self.ranker.model
         # Start the output bias at the train click rate: calibrated from step 0.
-        ctr = float(np.clip(data[TRAIN]["label"].mean(), 1e-4, 1 - 1e-4))
+        ctr, cvr = train_rates(data)
+        ctr = float(np.clip(ctr, 1e-4, 1 - 1e-4))
         cvr_logit = None
         if model.has_cvr:  # and the CVR tower at the train conversion rate of clicks
-            clicked = data[TRAIN]["label"] > 0
-            cvr = float(np.clip(data[TRAIN]["conversion"][clicked].mean() if clicked.any() else 0.5, 1e-4, 1 - 1e-4))
+            cvr = float(np.clip(0.5 if cvr is None else cvr, 1e-4, 1 - 1e-4))
             cvr_logit = math.log(cvr / (1 - cvr))
         model.init_bias(math.log(ctr / (1 - ctr)), cvr_logit)
         self.init_weights = {k: v.clone() for k, v in model.trainable_state().items()}
@@ -129,6 +143,8 @@ class TrainingState:
         # DP-SGD (ranker.dp): its own epoch, see adrec.ranking.train.privacy
         self.private = PrivateTraining(cfg, data, self.world) if cfg.dp is not None else None
         self.start_epoch = 0  # the epoch this attempt started after (> 0 when it resumed)
+        self.last_rows = 0  # the rows the last epoch trained on (this worker)
+        self.valid_labels: np.ndarray | None = None  # the labels of the last evaluation, in its logits' order
 
     def _new_optimizer(self) -> None:
         cfg, model = self.cfg, self.model
@@ -181,12 +197,21 @@ class TrainingState:
             self.model.text.refresh()
 
     # ---- training and evaluation -----------------------------------------------------------------------
-    def run_epoch(self, epoch: int, arrays: dict) -> tuple[float, int, float]:
-        """One pass over this worker's shard of ``arrays``; returns (mean loss, steps, seconds)."""
+    def run_epoch(self, epoch: int, arrays) -> tuple[float, int, float]:
+        """One pass over this worker's part of the train rows; returns (mean loss, steps, seconds).
+
+        ``arrays``: the rows as arrays (every worker holds them; each takes its slice of one permutation),
+        or a :class:`~adrec.ranking.train.feed.ShardFeed` (this worker's streamed shard of a Ray Dataset,
+        shuffled through a bounded buffer). Both go through the same per-batch step (:meth:`_train_batches`).
+        ``self.last_rows``: the rows this worker trained on."""
+        if not isinstance(arrays, dict):
+            seed_all(self.cfg.seed * 1000 + epoch * 10 + self.rank)
+            rng = np.random.default_rng([self.cfg.seed, epoch, self.rank])
+            return self._train_batches(epoch, arrays.batches(epoch, self.rank), None, rng)
         if self.private is not None:
+            self.last_rows = 0
             return self.private.run_epoch(self, epoch, arrays)
-        cfg, model, rank, world, device = self.cfg, self.model, self.rank, self.world, self.device
-        t0 = time.perf_counter()
+        cfg, rank, world = self.cfg, self.rank, self.world
         y = arrays["label"]
         w_all = recency_weights(arrays["user"], arrays["ts"], cfg.recency_half_life) if cfg.recency_half_life else None
         n = len(y)
@@ -197,27 +222,43 @@ class TrainingState:
         seed_all(cfg.seed * 1000 + epoch * 10 + rank)
         rng = np.random.default_rng([cfg.seed, epoch])
         idx = rng.permutation(n)[rank * per_rank:(rank + 1) * per_rank]
+        sels = (idx[s * cfg.batch_size:(s + 1) * cfg.batch_size] for s in range(steps))
+        batches = ((take(arrays, sel), w_all[sel] if w_all is not None else None) for sel in sels)
+        return self._train_batches(epoch, batches, steps, rng)
+
+    def _train_batches(self, epoch: int, batches: Iterator[tuple[dict, np.ndarray | None]], steps: int | None,
+                       rng: np.random.Generator) -> tuple[float, int, float]:
+        """The optimizer steps of one epoch over ``batches`` ((arrays, row weights or None) per batch).
+
+        ``steps``: how many there are when known; a streamed epoch does not know it, so each batch is
+        looked ahead by one to tell the last (the end of a gradient accumulation, DDP's sync)."""
+        cfg, model, rank, world, device = self.cfg, self.model, self.rank, self.world, self.device
+        t0 = time.perf_counter()
+        limit = cfg.max_steps_per_epoch * cfg.grad_accum if cfg.max_steps_per_epoch else None
         n_members = len(model.members)
         bag = cfg.ensemble_bagging and n_members > 1
         model.train()
-        total, count = 0.0, 0
+        total, count, s = 0.0, 0, 0
         self.opt.zero_grad(set_to_none=True)
-        for s in range(steps):
-            sel = idx[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            batch = to_device(take(arrays, sel), device)
+        it = iter(batches)
+        nxt = next(it, None)
+        while nxt is not None and (limit is None or s < limit):
+            b, w = nxt
+            nxt = next(it, None) if (limit is None or s + 1 < limit) else None
+            n_rows = len(b["label"])
+            batch = to_device(b, device)
             if model.text.trainable:
-                uniq = np.unique(arrays["item"][sel])
+                uniq = np.unique(b["item"])
                 uniq = uniq[uniq > 0]
                 if cfg.text_items_per_step and len(uniq) > cfg.text_items_per_step:
                     uniq = np.sort(rng.choice(uniq, cfg.text_items_per_step, replace=False))
                 batch["fresh"] = torch.from_numpy(uniq).to(device)
-            labels = torch.from_numpy(task_labels(arrays, sel)).to(device)
-            w = w_all[sel] if w_all is not None else None
+            labels = torch.from_numpy(task_labels(b, slice(None))).to(device)
             if bag:  # online bagging: each member sees each row Poisson(1) times
-                counts = rng.poisson(1.0, size=(n_members, len(sel))).astype(np.float32)
+                counts = rng.poisson(1.0, size=(n_members, n_rows)).astype(np.float32)
                 w = counts * (w if w is not None else 1.0)
             weights = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(device) if w is not None else None
-            last = (s + 1) % cfg.grad_accum == 0 or s == steps - 1
+            last = (s + 1) % cfg.grad_accum == 0 or nxt is None
             sync = self.step_module.no_sync() if (world > 1 and not last) else nullcontext()
             with sync, self.amp:
                 loss = self.step_module(batch, labels, weights)
@@ -227,12 +268,14 @@ class TrainingState:
                 self.opt.zero_grad(set_to_none=True)
                 if self.average is not None:
                     self.average.update()
-            total += float(loss.detach()) * len(sel)
-            count += len(sel)
-            if rank == 0 and steps >= 8 and (s + 1) % max(1, steps // 4) == 0 and s + 1 < steps:
-                log.info("epoch %d: step %d/%d, loss %.4f, %.1f steps/s", epoch, s + 1, steps, total / count,
-                         (s + 1) / (time.perf_counter() - t0))
-        return total / max(count, 1), steps, time.perf_counter() - t0
+            total += float(loss.detach()) * n_rows
+            count += n_rows
+            s += 1
+            if rank == 0 and steps and steps >= 8 and s % max(1, steps // 4) == 0 and s < steps:
+                log.info("epoch %d: step %d/%d, loss %.4f, %.1f steps/s", epoch, s, steps, total / count,
+                         s / (time.perf_counter() - t0))
+        self.last_rows = count
+        return total / max(count, 1), s, time.perf_counter() - t0
 
     def averaged(self, fn):
         """Run ``fn`` with the averaged weights in place (and the text cache computed from them)."""
@@ -251,24 +294,31 @@ class TrainingState:
         return ({k: v.cpu() for k, v in self.model.trainable_state().items()},
                 self.model.text.pooled.detach().cpu().clone())
 
-    def evaluate(self, valid: dict) -> tuple[float, float, np.ndarray, tuple[dict, torch.Tensor]]:
+    def evaluate(self, valid) -> tuple[float, float, np.ndarray, tuple[dict, torch.Tensor]]:
         """Valid AUC, logloss and click logits of the averaged weights, and a snapshot of those weights.
 
         A two-task (ESMM) model is selected on the mean of its valid CTR and CTCVR AUCs (both tasks must
         hold up: the CVR tower learns from far fewer positives and may want other epochs than the click
         one); ``task_metrics`` then holds each AUC on its own."""
         self.task_metrics = {}
-        if not self.model.has_cvr:
+        if not isinstance(valid, dict):  # a streamed feed: the labels come with the logits, in the order read
+            out, snap = self.averaged(lambda: (valid.predict(self.model, self.device), self.snapshot()))
+            logits, cvr_logits, y = out["logits"], out.get("cvr_logits"), out["label"]
+            conversion = out.get("conversion")
+        elif not self.model.has_cvr:
             logits, snap = self.averaged(lambda: (predict_logits(self.model, valid, self.device), self.snapshot()))
+            y, conversion = valid["label"], None
         else:
             (logits, cvr_logits), snap = self.averaged(
                 lambda: (predict_task_logits(self.model, valid, self.device), self.snapshot()))
-        y = valid["label"].astype(np.float64)
+            y, conversion = valid["label"], valid["conversion"]
+        self.valid_labels = np.asarray(y, dtype=np.float32)
+        y = self.valid_labels.astype(np.float64)
         v_auc = float(auc(y, logits))
         v_loss = float(logloss(y, 1 / (1 + np.exp(-np.clip(logits, -50, 50)))))
         if self.model.has_cvr:
             p_ctr, p_cvr = (1 / (1 + np.exp(-np.clip(z, -50, 50))) for z in (logits, cvr_logits))
-            tasks = conversion_metrics(y, valid["conversion"].astype(np.float64) * y, p_cvr, p_ctr * p_cvr)
+            tasks = conversion_metrics(y, np.asarray(conversion, dtype=np.float64) * y, p_cvr, p_ctr * p_cvr)
             self.task_metrics = {"valid_ctr_auc": v_auc, "valid_cvr_auc": tasks["cvr.auc"],
                                  "valid_ctcvr_auc": tasks["ctcvr.auc"]}
             if math.isfinite(tasks["ctcvr.auc"]):  # no valid conversion at all: the clicks alone select

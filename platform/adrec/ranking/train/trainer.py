@@ -27,20 +27,28 @@ _NOT_IN_KEY = {"max_failures", "resume", "storage_path", "num_workers", "use_gpu
 def make_trainer(rc: RankerConfig, data: dict, *, name: str, storage_path: str | Path | Location,
                  train_loop: Callable[[dict], None] | None = None, loop_config: dict | None = None,
                  use_gpu: bool | None = None, resources_per_worker: dict | None = None,
-                 num_to_keep: int = 2, callbacks: list | None = None):
+                 num_to_keep: int = 2, callbacks: list | None = None, datasets: dict | None = None):
     """A ``TorchTrainer`` running ``train_loop`` (default :func:`train_loop_per_worker`) on ``data``.
 
-    ``data`` goes once into the object store; ``loop_config`` adds keys to the worker's config (a
+    ``data`` goes once into the object store (with ``datasets``, the streamed feed of
+    :mod:`adrec.ranking.train.feed`, it holds no rows: the workers stream their shards of ``datasets``,
+    those in ``feed.SPLIT`` split between them, the others read whole by each); ``loop_config`` adds keys to the worker's config (a
     wrapper loop reads them). ``use_gpu`` defaults to ``rc.use_gpu``; ``resources_per_worker``,
     ``num_to_keep`` (checkpoints kept) and ``callbacks`` (Ray Train callbacks) go to Ray Train as
     they are. The run is ``storage_path/name`` (a local path or a URI): an existing one is resumed from its latest checkpoint.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     gpu = rc.use_gpu if use_gpu is None else use_gpu
     store = resolve(storage_path)
+    streamed = {}
+    if datasets:
+        from adrec.ranking.train.feed import SPLIT
+
+        streamed = {"datasets": datasets,
+                    "dataset_config": DataConfig(datasets_to_split=[k for k in SPLIT if k in datasets])}
     return TorchTrainer(
         train_loop or train_loop_per_worker,
         train_loop_config={"ranker": json.loads(rc.model_dump_json()), "data": ray.put(data), **(loop_config or {})},
@@ -57,6 +65,7 @@ def make_trainer(rc: RankerConfig, data: dict, *, name: str, storage_path: str |
             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
             callbacks=callbacks,
         ),
+        **streamed,
     )
 
 
@@ -71,4 +80,4 @@ def data_fingerprint(run: RunDir, features) -> str:
     """What the training data is: the prepare stage's run (data fingerprint, time) and the feature spec."""
     m = run.manifest().get("stages", {}).get("prepare", {})
     spec = hashlib.sha256(json.dumps(asdict(features.spec), sort_keys=True, default=str).encode()).hexdigest()
-    return f"{m.get('data_fingerprint', '')}:{m.get('finished_at', '')}:{spec[:16]}:{len(features.interactions)}"
+    return f"{m.get('data_fingerprint', '')}:{m.get('finished_at', '')}:{spec[:16]}:{features.row_count()}"
