@@ -54,6 +54,8 @@ def _train(run, *overrides):
     return summary, features
 
 
+# In `make test-all`: two trainings (~100 s at load 10); the default run keeps the feed's own test above.
+@pytest.mark.slow
 def test_streamed_training_reaches_the_in_memory_auc(sharded_run):
     streamed, features = _train(sharded_run)
     assert streamed["data_feed"] == "streaming"
