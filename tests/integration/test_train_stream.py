@@ -68,7 +68,6 @@ def test_streamed_training_reaches_the_in_memory_auc(sharded_run):
     assert streamed["valid_auc"] == pytest.approx(memory["valid_auc"], abs=0.03)
 
 
-@pytest.mark.slow
 def test_two_workers_on_every_cpu_are_refused(sharded_run):
     """Workers holding every CPU would leave the streamed reads none and wait forever: refused up front."""
     from adrec.errors import ConfigError
