@@ -339,10 +339,17 @@ def test_als_explain_splits_the_fold_in_score_over_the_liked_items(blocks):
     top, every = src.explain(row, items, n=2), src.explain(row, items, n=len(liked))
     scores = src.fold_in([liked])[0]
     for item, two, full in zip(items, top, every):
-        assert {i for i, _ in full} == set(liked.tolist())  # only liked items explain
+        assert {i for i, _, _ in full} == set(liked.tolist())  # only liked items explain
         # implicit's explanation is exact: the liked items' contributions add up to the least-squares score
-        assert sum(c for _, c in full) == pytest.approx(float(scores[item]), rel=1e-3, abs=1e-5)
+        assert sum(c for _, c, _ in full) == pytest.approx(float(scores[item]), rel=1e-3, abs=1e-5)
         assert two == sorted(full, key=lambda x: -x[1])[:2]
+        # shares: signed, each contribution over the sum of |contributions| (the raw ones are tiny here: the
+        # demo printed them as 0.000)
+        total = sum(abs(c) for _, c, _ in full)
+        assert sum(abs(s) for _, _, s in full) == pytest.approx(1.0, abs=1e-6)
+        for _, c, s in full:
+            assert s == pytest.approx(c / total, rel=1e-6) and np.sign(s) == np.sign(c)
+        assert f"{two[0][2]:.3f}" != "0.000"  # the top item's share reads as what it is
 
 
 def test_text_source_recommends_cold_items(blocks):

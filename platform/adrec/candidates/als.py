@@ -160,18 +160,23 @@ class ALSSource(_FactorSource):
             uf = model.recalculate_user(np.arange(rows.shape[0]), rows)
         return np.asarray(uf, dtype=np.float32).reshape(rows.shape[0], -1)
 
-    def explain(self, liked: sp.csr_matrix, items: Sequence[int], n: int = 3) -> list[list[tuple[int, float]]]:
+    def explain(self, liked: sp.csr_matrix, items: Sequence[int], n: int = 3) -> list[list[tuple[int, float, float]]]:
         """implicit's ``explain()`` for one user: per item of ``items``, the ``n`` liked items that contribute
-        most to its ALS score, as (item index, contribution). ``liked``: the user's row (1 x items) of the
-        matrix the source was fitted on."""
+        most to its ALS score, as (item index, contribution, share); the share is the contribution divided by
+        the sum of the absolute contributions of all the user's liked items (sign kept; the shares' absolute values sum to
+        at most 1). Raw contributions are products of small factors (often below 1e-3), which read as 0 at
+        any fixed number of decimals. ``liked``: the user's row (1 x items) of the matrix the source was
+        fitted on."""
         self._check_fitted()
         row = as_user_items(liked, "liked")
         model = self._cpu()
         weights, out = None, []
+        n_liked = max(int(row.nnz), 1)
         with threadpool_limits(1, "blas"):
             for item in items:  # the user's factorisation (weights) is computed once and reused
-                _, top, weights = model.explain(0, row, int(item), user_weights=weights, N=n)
-                out.append([(int(i), float(c)) for i, c in top])
+                _, every, weights = model.explain(0, row, int(item), user_weights=weights, N=n_liked)
+                total = sum(abs(float(c)) for _, c in every)
+                out.append([(int(i), float(c), float(c) / total if total > 0 else 0.0) for i, c in every[:n]])
         return out
 
     def fold_in(self, item_lists: Sequence[np.ndarray], weights: Sequence[np.ndarray] | None = None) -> np.ndarray:

@@ -183,8 +183,10 @@ class Recommender:
         if not todo or liked.nnz == 0:
             return out
         for j, contrib in zip(todo, als.explain(liked, [int(item_idx[j]) for j in todo], top_n)):
-            names = self.item_ids(np.array([i for i, _ in contrib], np.int64)) if contrib else []
-            out[j] = [{"item": nm, "weight": round(float(w), 6), "method": "als"} for nm, (_, w) in zip(names, contrib)]
+            names = self.item_ids(np.array([i for i, _, _ in contrib], np.int64)) if contrib else []
+            # weight: the signed share of the ALS score (a raw contribution is often < 1e-3 and read as 0.000)
+            out[j] = [{"item": nm, "weight": round(share, 6), "contribution": float(c), "method": "als"}
+                      for nm, (_, c, share) in zip(names, contrib)]
         return out
 
     def feature_value(self, name: str, row: pd.DataFrame) -> str | None:

@@ -33,7 +33,11 @@ class LikedItem(BaseModel):
     item: str = Field(description="An item of the user's history (their earlier positives), by its id.")
     weight: float = Field(description="method 'attention': the ranker's target-attention weight of this history "
                                       "item for the recommended one (the weights of a list sum to at most 1); "
-                                      "method 'als': its contribution to the ALS score (implicit's explain()).")
+                                      "method 'als': its signed share of the ALS score, its contribution "
+                                      "(implicit's explain()) over the sum of the absolute contributions of "
+                                      "all the user's liked items (the absolute shares sum to at most 1).")
+    contribution: float | None = Field(None, description="method 'als' only: the raw contribution to the ALS "
+                                                         "score (a dot product of factors; null for 'attention').")
     method: Literal["attention", "als"] = Field(description="Where the weight comes from (see weight).")
 
 
