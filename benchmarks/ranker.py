@@ -33,7 +33,7 @@ from adrec.evaluation.slices import COLD_MAX, SLICES, slice_masks, slice_metrics
 from adrec.metrics import auc, calibration, logloss
 from adrec.run import RunDir
 
-from .ranker_multitask import DEFAULT_CTR_TOLERANCE, markdown_lines, run_multitask
+from .ranker_multitask import DEFAULT_CTR_TOLERANCE, PARTS, markdown_lines, run_multitask
 from .ranker_peers import PEERS, BenchData, run_peer
 
 log = logging.getLogger(__name__)
@@ -177,14 +177,15 @@ def run_benchmark(datasets: list[str], out: str | Path, data_dir: str | None = N
                   models=MODELS, quick: bool = False, refit: bool = True, overrides: list[str] | None = None,
                   robustness_epsilon: float | None = None, name: str = "results",
                   runs: str | Path | None = None, new_items: float = 0.0, new_items_models=None,
-                  multitask: bool = False, ctr_tolerance: float = DEFAULT_CTR_TOLERANCE) -> dict:
+                  multitask: bool = False, ctr_tolerance: float = DEFAULT_CTR_TOLERANCE,
+                  multitask_parts=PARTS, multitask_baseline_from=None) -> dict:
     """Run every model on every data set and seed; write ``<name>.json`` and ``<name>.md`` under ``out``
     (the prepared features and the trained rankers go under ``runs``, default ``<out>/runs``).
 
     ``new_items`` > 0: also the strict item cold-start protocol (that seeded fraction of the items loses
     its train and valid rows; ``features.new_items``), every model (or ``new_items_models``) again on that
     second preparation. ``multitask``: also the multi-task table (:func:`run_multitask`) where the data set has
-    a conversion label."""
+    a conversion label (``multitask_parts`` / ``multitask_baseline_from``: see :func:`run_multitask`)."""
     from adrec.runtime import init_ray
 
     out = Path(out)
@@ -229,7 +230,8 @@ def run_benchmark(datasets: list[str], out: str | Path, data_dir: str | None = N
                                         variant_cfgs, trained, lambda done: write(models=done))
         if multitask:
             ds_out["multitask"] = run_multitask(cfg, run, features, seeds, ctr_tolerance,
-                                                write=lambda table: write(multitask=table))
+                                                write=lambda table: write(multitask=table), parts=multitask_parts,
+                                                baseline_from=multitask_baseline_from)
         if robustness_epsilon:
             ds_out["robustness"] = robustness(cfg, run, features, robustness_epsilon, seed=seeds[0], trained=trained)
         if new_items:
@@ -410,6 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--multitask", action="store_true",
                     help="also the multi-task table (issue 17): ESMM vs a CTR model x a CVR model trained on clicks "
                          "only, on the data sets with a conversion label (--models '' runs that table alone)")
+    ap.add_argument("--multitask-parts", default="esmm,baseline",
+                    help="what the multi-task table trains: esmm, baseline (the single-task and clicked-only CVR "
+                         "models) or both (default)")
+    ap.add_argument("--multitask-baseline-from", default=None, metavar="JSON",
+                    help="an earlier multi-task run's JSON of the same preparation and seeds: its baseline rows "
+                         "stand for the parts not trained (an ESMM variant at the cost of ESMM alone)")
     ap.add_argument("--ctr-tolerance", type=float, default=DEFAULT_CTR_TOLERANCE,
                     help="with one seed, the CTR AUC loss that counts as seed noise in the multi-task target")
     ap.add_argument("--quick", action="store_true", help="tiny run: small synthetic log, tiny encoder, one seed")
@@ -431,7 +439,9 @@ def main(argv: list[str] | None = None) -> int:
                            name=args.name, runs=args.runs, new_items=args.new_items,
                            new_items_models=None if args.new_items_models is None else
                            [m.strip() for m in args.new_items_models.split(",") if m.strip()],
-                           multitask=args.multitask, ctr_tolerance=args.ctr_tolerance)
+                           multitask=args.multitask, ctr_tolerance=args.ctr_tolerance,
+                           multitask_parts=tuple(p.strip() for p in args.multitask_parts.split(",") if p.strip()),
+                           multitask_baseline_from=args.multitask_baseline_from)
     log.info("results in %s/%s.json and %s.md", args.out, args.name, args.name)
     sys_out = markdown(report)
     log.info("\n%s", sys_out)

@@ -34,6 +34,7 @@ from adrec.run import RunDir
 log = logging.getLogger(__name__)
 
 ESMM, SINGLE, CVR_ON_CLICKS, BASELINE = "esmm", "single-task", "cvr on clicks", "ctr x cvr-on-clicks"
+PARTS = ("esmm", "baseline")  # what run_multitask can train: ESMM; the single-task and clicked-only CVR models
 CTCVR_MARGIN = 0.005  # issue 17's target: ESMM's CTCVR AUC at least this far above the baseline's
 # With one seed, the CTR "seed noise": the spread (max - min) of the single-task ranker's test AUC over seeds
 # 0, 1, 2 in the ranker benchmark (benchmarks/ranker_benchmark_synthetic.json: 0.0047; MovieLens: 0.0023).
@@ -70,36 +71,78 @@ def _train(cfg: AdrecConfig, run: RunDir, features, seed: int, tasks: list[str])
     return FusionRanker.load(run.ranker), summary
 
 
-def _one_seed(cfg: AdrecConfig, run: RunDir, features, seed: int) -> dict:
+def _valid_at_best(summary: dict) -> dict:
+    """ESMM's valid CTR / CVR / CTCVR AUCs at its selected epoch (what its settings are chosen on)."""
+    best = [h for h in summary["history"] if h.get("phase") == "select" and h["epoch"] == summary["best_epoch"]]
+    return {k: float(best[-1][k]) for k in ("valid_ctr_auc", "valid_cvr_auc", "valid_ctcvr_auc")
+            if best and k in best[-1]}
+
+
+def _one_seed(cfg: AdrecConfig, run: RunDir, features, seed: int, parts=PARTS, reused: dict | None = None) -> dict:
+    """One seed's rows: ``parts`` says which models train here (``esmm``; ``baseline``: the single-task and
+    the clicked-only CVR models); ``reused``: that seed's rows of an earlier run for the parts not trained."""
     test = features.rows("test").reset_index(drop=True)
     clicks = test["label"].to_numpy().astype(np.int64)
     conversions = test["conversion"].to_numpy().astype(np.int64) * clicks
     out = {}
 
-    t0 = time.perf_counter()
-    esmm, s_esmm = _train(cfg, run, features, seed, ["ctr", "cvr"])
-    p = esmm.predict_tasks(test)
-    out[ESMM] = {"ctr_auc": _auc(clicks, p["ctr"]), **_conv(clicks, conversions, p["cvr"], p["ctcvr"]),
-                 "train_seconds": float(s_esmm["seconds"]), "best_epoch": int(s_esmm["best_epoch"]),
-                 "seconds": round(time.perf_counter() - t0, 2)}
+    if "esmm" in parts:
+        t0 = time.perf_counter()
+        esmm, s_esmm = _train(cfg, run, features, seed, ["ctr", "cvr"])
+        p = esmm.predict_tasks(test)
+        out[ESMM] = {"ctr_auc": _auc(clicks, p["ctr"]), **_conv(clicks, conversions, p["cvr"], p["ctcvr"]),
+                     **_valid_at_best(s_esmm), "train_seconds": float(s_esmm["seconds"]),
+                     "best_epoch": int(s_esmm["best_epoch"]), "seconds": round(time.perf_counter() - t0, 2)}
+    elif reused and ESMM in reused:
+        out[ESMM] = reused[ESMM]
 
-    t0 = time.perf_counter()
-    single, s_single = _train(cfg, run, features, seed, ["ctr"])
-    p_ctr = single.predict(test)
-    out[SINGLE] = {"ctr_auc": _auc(clicks, p_ctr), "train_seconds": float(s_single["seconds"]),
-                   "best_epoch": int(s_single["best_epoch"]), "seconds": round(time.perf_counter() - t0, 2)}
+    if "baseline" not in parts:
+        if not reused or SINGLE not in reused:
+            raise ValueError(f"seed {seed}: no baseline rows to reuse; run the baseline part first "
+                             "(--multitask-parts baseline) and pass its JSON with --multitask-baseline-from")
+        out.update({m: reused[m] for m in (SINGLE, CVR_ON_CLICKS, BASELINE)})
+    else:
+        t0 = time.perf_counter()
+        single, s_single = _train(cfg, run, features, seed, ["ctr"])
+        p_ctr = single.predict(test)
+        out[SINGLE] = {"ctr_auc": _auc(clicks, p_ctr), "train_seconds": float(s_single["seconds"]),
+                       "best_epoch": int(s_single["best_epoch"]), "seconds": round(time.perf_counter() - t0, 2)}
 
-    t0 = time.perf_counter()
-    cvr_model, s_cvr = _train(cfg, run, ClickedOnly.of(features), seed, ["ctr"])
-    p_cvr = cvr_model.predict(test)  # its one task is the conversion of a click: pCVR for every test row
-    out[CVR_ON_CLICKS] = {**_conv(clicks, conversions, p_cvr, p_cvr), "train_seconds": float(s_cvr["seconds"]),
-                          "best_epoch": int(s_cvr["best_epoch"]), "seconds": round(time.perf_counter() - t0, 2)}
-    out[CVR_ON_CLICKS].pop("ctcvr_auc")  # pCVR alone is no CTCVR estimate: the baseline's row has that
-    out[BASELINE] = {"ctr_auc": out[SINGLE]["ctr_auc"], **_conv(clicks, conversions, p_cvr, p_ctr * p_cvr),
-                     "train_seconds": out[SINGLE]["train_seconds"] + out[CVR_ON_CLICKS]["train_seconds"]}
+        t0 = time.perf_counter()
+        cvr_model, s_cvr = _train(cfg, run, ClickedOnly.of(features), seed, ["ctr"])
+        p_cvr = cvr_model.predict(test)  # its one task is the conversion of a click: pCVR for every test row
+        out[CVR_ON_CLICKS] = {**_conv(clicks, conversions, p_cvr, p_cvr), "train_seconds": float(s_cvr["seconds"]),
+                              "best_epoch": int(s_cvr["best_epoch"]), "seconds": round(time.perf_counter() - t0, 2)}
+        out[CVR_ON_CLICKS].pop("ctcvr_auc")  # pCVR alone is no CTCVR estimate: the baseline's row has that
+        out[BASELINE] = {"ctr_auc": out[SINGLE]["ctr_auc"], **_conv(clicks, conversions, p_cvr, p_ctr * p_cvr),
+                         "train_seconds": out[SINGLE]["train_seconds"] + out[CVR_ON_CLICKS]["train_seconds"]}
     log.info("multi-task / seed %d: %s", seed, {m: {k: round(v, 4) for k, v in r.items() if k.endswith("auc")}
                                                  for m, r in out.items()})
     return out
+
+
+def reusable_runs(path, features) -> dict:
+    """The per-seed rows of an earlier multi-task run (its JSON: a benchmark report or the table alone), checked
+    to be of this very preparation (the same split sizes, clicks and conversions)."""
+    import json
+    from pathlib import Path
+
+    doc = json.loads(Path(path).read_text())
+    tables = [ds["multitask"] for ds in doc.get("datasets", {}).values() if "multitask" in ds] or [doc]
+    here = _counts(features)
+    for table in tables:
+        if all(table.get(k) == v for k, v in here.items()):
+            return {r["seed"]: r for r in table["runs"]}
+    raise ValueError(f"{path}: no multi-task table of this preparation ({here}); rerun its baseline part")
+
+
+def _counts(features) -> dict:
+    inter = features.interactions
+    return {"rows": {s: int((inter["split"] == s).sum()) for s in ("train", "valid", "test")},
+            "clicked_rows": {s: int(((inter["split"] == s) & (inter["label"] == 1)).sum())
+                             for s in ("train", "valid", "test")},
+            "conversions": {s: int(((inter["split"] == s) & (inter["conversion"] == 1)).sum())
+                            for s in ("train", "valid", "test")}}
 
 
 def _conv(clicks, conversions, p_cvr, p_ctcvr) -> dict:
@@ -108,24 +151,29 @@ def _conv(clicks, conversions, p_cvr, p_ctcvr) -> dict:
 
 
 def run_multitask(cfg: AdrecConfig, run: RunDir, features, seeds, ctr_tolerance: float = DEFAULT_CTR_TOLERANCE,
-                  write=lambda table: None) -> dict:
-    """The multi-task table of one prepared data set: per model its runs and medians, and the targets."""
+                  write=lambda table: None, parts=PARTS, baseline_from=None) -> dict:
+    """The multi-task table of one prepared data set: per model its runs and medians, and the targets.
+
+    ``parts``: the models trained here (``("esmm", "baseline")``: all); ``baseline_from``: the JSON of an earlier
+    run of this preparation whose rows (per seed) stand for the parts not trained here: an ESMM variant is
+    then compared with the very baseline models that run trained, at the cost of ESMM's trainings alone."""
     if "conversion" not in features.interactions.columns:
         return {"skipped": "the data set has no conversion label (the schema's interactions.conversion)"}
-    inter = features.interactions
-    table: dict = {"rows": {s: int((inter["split"] == s).sum()) for s in ("train", "valid", "test")},
-                   "clicked_rows": {s: int(((inter["split"] == s) & (inter["label"] == 1)).sum())
-                                    for s in ("train", "valid", "test")},
-                   "conversions": {s: int(((inter["split"] == s) & (inter["conversion"] == 1)).sum())
-                                   for s in ("train", "valid", "test")},
-                   "runs": []}
+    unknown = set(parts) - set(PARTS)
+    if unknown or not parts:
+        raise ValueError(f"multi-task parts must be among {PARTS}, not {list(parts)}")
+    reused = reusable_runs(baseline_from, features) if baseline_from else {}
+    table: dict = {**_counts(features), "parts": list(parts), "runs": []}
+    if baseline_from:
+        table["reused_from"] = str(baseline_from)
     for seed in seeds:
-        table["runs"].append({"seed": seed, **_one_seed(cfg, run, features, seed)})
+        table["runs"].append({"seed": seed, **_one_seed(cfg, run, features, seed, parts, reused.get(seed))})
         write(table)
     models = [m for m in table["runs"][0] if m != "seed"]
     table["median"] = {m: {k: float(statistics.median(r[m][k] for r in table["runs"]))
                            for k in table["runs"][0][m]} for m in models}
-    table["target"] = target_check(table, ctr_tolerance)
+    if ESMM in table["median"]:
+        table["target"] = target_check(table, ctr_tolerance)
     write(table)
     return table
 
@@ -167,7 +215,12 @@ def markdown_lines(name: str, table: dict) -> list[str]:
             continue
         lines.append(f"| {model} | {cell(m.get('ctr_auc'))} | {cell(m.get('cvr_auc'))} | {cell(m.get('ctcvr_auc'))} | "
                      f"{m['train_seconds']:.0f} |")
-    t = table["target"]
+    if "reused_from" in table:
+        lines += ["", (f"The single-task and clicked-only CVR rows are those of {table['reused_from']} (the same "
+                       "preparation and seeds); ESMM was trained in this run.")]
+    t = table.get("target")
+    if t is None:
+        return lines
     lines += ["", (f"ESMM minus the baseline, CTCVR AUC: {t['ctcvr_gain']:+.4f} (target >= +{CTCVR_MARGIN}: "
                    f"{'met' if t['ctcvr_met'] else 'NOT met'}); ESMM minus the single-task ranker, CTR AUC: "
                    f"{t['ctr_diff']:+.4f} (target >= -{t['ctr_noise']:.4f}, {t['ctr_noise_from']}: "

@@ -329,6 +329,12 @@ class RankerConfig(_Strict):
     # The weight of the CTCVR term in that loss (ESMM's own: 1). Above 1 the CVR tower, whose positives are the
     # few conversions, learns faster relative to the click tower (which may stop improving epochs earlier).
     cvr_loss_weight: float = Field(1.0, gt=0)
+    # An auxiliary CVR loss on the clicked rows, added to ESMM's two (adrec.ranking.fgsm.esmm_loss): "none"
+    # (ESMM's own loss), "clicked" (the mean BCE(pCVR, conversion) over the clicked rows: ESMM + aux) or "ipw"
+    # (ESCM²'s inverse-propensity form: BCE(pCVR, conversion) / pCTR summed over the clicked rows, over all rows).
+    # It gives the CVR tower, whose positives are few, a direct gradient (docs/benchmarks.md, "Conversions").
+    cvr_aux_loss: Literal["none", "clicked", "ipw"] = "none"
+    cvr_aux_weight: float = Field(1.0, gt=0)
 
     @field_validator("tasks")
     @classmethod

@@ -13,6 +13,7 @@ the perturbation is bounded by ``epsilon`` in L-inf.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -65,47 +66,100 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+#: pCTR's floor in the inverse-propensity weight of ``cvr_aux_loss="ipw"`` (a weight of at most 20): a clicked row the
+#: click tower thought near-impossible would otherwise dominate its batch.
+IPW_FLOOR = 0.05
+CVR_AUX_LOSSES = ("none", "clicked", "ipw")
+
+
 def esmm_loss(ctr_logits: torch.Tensor, cvr_logits: torch.Tensor, clicks: torch.Tensor, conversions: torch.Tensor,
-              weights: torch.Tensor | None = None, cvr_weight: float = 1.0) -> torch.Tensor:
+              weights: torch.Tensor | None = None, cvr_weight: float = 1.0, aux: str = "none",
+              aux_weight: float = 1.0) -> torch.Tensor:
     """ESMM's loss over every impression (Ma et al., SIGIR 2018): BCE(pCTR, click) + BCE(pCTCVR, click and
     conversion), pCTCVR = pCTR x pCVR. The CVR tower is never fitted on clicked rows alone: it learns through
     the product, over the whole impression space that serving scores. In log space, for stability:
-    log pCTCVR = logsigmoid(ctr) + logsigmoid(cvr). ``cvr_weight`` scales the CTCVR term (ESMM: 1)."""
+    log pCTCVR = logsigmoid(ctr) + logsigmoid(cvr). ``cvr_weight`` scales the CTCVR term (ESMM: 1).
+
+    ``aux`` adds ``aux_weight`` x a CVR loss of its own on the clicked rows (the only ones whose conversion is
+    observed), so the CVR tower gets a direct gradient and not only one through the product:
+
+    - ``"clicked"``: the mean over the batch's clicked rows of BCE(pCVR, conversion) (ESMM + an auxiliary
+      CVR loss; biased towards the clicked population, which the CTCVR term keeps in check);
+    - ``"ipw"``: ESCM²'s counterfactual-risk form (Wang et al., SIGIR 2022): the sum over the clicked rows of
+      BCE(pCVR, conversion) / pCTR, over the batch's rows: an inverse-propensity estimate of the CVR loss over
+      the entire impression space. pCTR is the click tower's own, detached (the weight is not a target) and
+      floored at :data:`IPW_FLOOR`.
+
+    ``weights`` (bagging, one per row) weigh each row in every term's sums."""
+    if aux not in CVR_AUX_LOSSES:
+        raise ValueError(f"the auxiliary CVR loss must be one of {CVR_AUX_LOSSES}, not {aux!r}")
     ctr_logits, cvr_logits = ctr_logits.float(), cvr_logits.float()
     y = clicks * conversions  # a conversion counts behind a click only (the data contract says it always is)
     log_p = F.logsigmoid(ctr_logits) + F.logsigmoid(cvr_logits)
     ctcvr = -(y * log_p + (1 - y) * _log1mexp(log_p))
     per_row = F.binary_cross_entropy_with_logits(ctr_logits, clicks, reduction="none") + cvr_weight * ctcvr
-    if weights is None:
-        return per_row.mean()
-    return (per_row * weights).sum() / weights.sum().clamp(min=1e-12)
+    w = torch.ones_like(per_row) if weights is None else weights.float()
+    total = w.sum().clamp(min=1e-12)
+    loss = (per_row * w).sum() / total
+    if aux == "none":
+        return loss
+    cvr_bce = F.binary_cross_entropy_with_logits(cvr_logits, y, reduction="none") * clicks
+    if aux == "clicked":
+        aux_loss = (cvr_bce * w).sum() / (clicks * w).sum().clamp(min=1e-12)
+    else:
+        propensity = torch.sigmoid(ctr_logits.detach()).clamp(min=IPW_FLOOR)
+        aux_loss = (cvr_bce / propensity * w).sum() / total
+    return loss + aux_weight * aux_loss
+
+
+@dataclass(frozen=True)
+class EsmmTerms:
+    """The weights of a two-task ranker's loss terms (:func:`esmm_loss`), from ``ranker.cvr_loss_weight``,
+    ``ranker.cvr_aux_loss`` and ``ranker.cvr_aux_weight``: one object, so offline training, DP-SGD and the
+    online learner fit the same loss."""
+
+    ctcvr_weight: float = 1.0
+    aux: str = "none"
+    aux_weight: float = 1.0
+
+    @classmethod
+    def of(cls, cfg) -> EsmmTerms:
+        return cls(float(cfg.cvr_loss_weight), str(cfg.cvr_aux_loss), float(cfg.cvr_aux_weight))
+
+    def __call__(self, ctr_logits, cvr_logits, clicks, conversions, weights=None) -> torch.Tensor:
+        return esmm_loss(ctr_logits, cvr_logits, clicks, conversions, weights, self.ctcvr_weight, self.aux,
+                         self.aux_weight)
+
+
+ESMM_LOSS = EsmmTerms()  # ESMM's own loss: the CTCVR term at weight 1, no auxiliary term
 
 
 def fgsm_loss(model, batch: dict[str, torch.Tensor], labels: torch.Tensor, epsilon: float,
-              weights: torch.Tensor | None = None, cvr_weight: float = 1.0) -> torch.Tensor:
+              weights: torch.Tensor | None = None, esmm: EsmmTerms = ESMM_LOSS) -> torch.Tensor:
     """(Weighted) BCE on clean inputs, averaged with BCE on their FGSM perturbation when ``epsilon > 0``.
 
-    ``labels``: (B,) clicks, or (B, 2) clicks and conversions for a two-task model (:func:`esmm_loss`).
+    ``labels``: (B,) clicks, or (B, 2) clicks and conversions for a two-task model (:func:`esmm_loss`, its terms
+    weighted by ``esmm``).
     For an ensemble, the loss is the mean of the members' own losses (not the loss of their mean).
     """
     embeds = model.embed(batch)
     if epsilon > 0:
         require_grad(embeds)
-    loss = _members_bce(model, embeds, batch, labels, weights, cvr_weight)
+    loss = _members_bce(model, embeds, batch, labels, weights, esmm)
     if epsilon <= 0:
         return loss
     adv = fgsm_perturb(loss, embeds, epsilon)
-    return 0.5 * (loss + _members_bce(model, adv, batch, labels, weights, cvr_weight))
+    return 0.5 * (loss + _members_bce(model, adv, batch, labels, weights, esmm))
 
 
-def _members_bce(model, embeds, batch, labels, weights, cvr_weight: float = 1.0) -> torch.Tensor:
+def _members_bce(model, embeds, batch, labels, weights, esmm: EsmmTerms = ESMM_LOSS) -> torch.Tensor:
     """Mean over the ensemble members of each member's own loss (members are fitted independently)."""
     def member_weights(i):
         return weights[i] if weights is not None and weights.dim() == 2 else weights
 
     if labels.dim() == 2:  # clicks and conversions: the ESMM loss of each member's two towers
         ctr, cvr = model.member_task_logits(embeds, batch)
-        return torch.stack([esmm_loss(ctr[i], cvr[i], labels[:, 0], labels[:, 1], member_weights(i), cvr_weight)
+        return torch.stack([esmm(ctr[i], cvr[i], labels[:, 0], labels[:, 1], member_weights(i))
                             for i in range(len(ctr))]).mean()
     if hasattr(model, "member_logits"):
         logits = model.member_logits(embeds, batch)

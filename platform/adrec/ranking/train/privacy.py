@@ -47,7 +47,7 @@ from torch import nn
 from adrec.config import DPConfig, RankerConfig
 from adrec.features.split import TRAIN, VALID
 from adrec.ranking.data import take
-from adrec.ranking.fgsm import esmm_loss
+from adrec.ranking.fgsm import ESMM_LOSS, EsmmTerms
 from adrec.ranking.train.data import recency_weights, task_labels, to_device
 
 log = logging.getLogger(__name__)
@@ -114,18 +114,18 @@ class _RowLoss(nn.Module):
     """One example's training loss: the mean of the ensemble members' BCE (a two-task model: ESMM's loss,
     ``label`` then holds the click and the conversion), times its weight."""
 
-    def __init__(self, model, cvr_weight: float = 1.0):
+    def __init__(self, model, esmm: EsmmTerms = ESMM_LOSS):
         super().__init__()
         self.model = model
-        self.cvr_weight = cvr_weight
+        self.esmm = esmm
 
     def forward(self, b: dict, label: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.model.has_cvr:
             ctr, cvr = self.model.member_task_logits(self.model.embed(b), b)  # (members, 1) each
             lab = label.reshape(-1)  # (click, conversion) of the one row
             clicks, conversions = lab[0].expand_as(ctr), lab[1].expand_as(ctr)
-            return esmm_loss(ctr.reshape(-1), cvr.reshape(-1), clicks.reshape(-1), conversions.reshape(-1),
-                             cvr_weight=self.cvr_weight) * weight
+            return self.esmm(ctr.reshape(-1), cvr.reshape(-1), clicks.reshape(-1),
+                             conversions.reshape(-1)) * weight
         logits = self.model.member_logits(self.model.embed(b), b).float()  # (members, 1)
         bce = F.binary_cross_entropy_with_logits(logits, label.expand_as(logits), reduction="none")
         return bce.mean() * weight
@@ -149,7 +149,7 @@ class PrivateTraining:
         """vmap(grad_and_value) of :class:`_RowLoss` over the rows of a batch (each with its own item slots)."""
         from torch.func import functional_call, grad_and_value, vmap
 
-        row_loss = _RowLoss(model, self.cfg.cvr_loss_weight)
+        row_loss = _RowLoss(model, EsmmTerms.of(self.cfg))
         fixed = {f"model.{n}": t for n, t in [*model.named_buffers(), *((n, p) for n, p in model.named_parameters()
                                                                          if not p.requires_grad)]}
         hist_len = model.hist_len

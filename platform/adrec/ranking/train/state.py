@@ -26,7 +26,7 @@ from adrec.config import RankerConfig
 from adrec.features.split import TRAIN
 from adrec.metrics import auc, conversion_metrics, logloss
 from adrec.ranking.data import take
-from adrec.ranking.fgsm import fgsm_loss
+from adrec.ranking.fgsm import ESMM_LOSS, EsmmTerms, fgsm_loss
 from adrec.ranking.fusion import FusionRanker
 from adrec.ranking.train.average import WeightAverage
 from adrec.ranking.train.data import predict_logits, predict_task_logits, recency_weights, task_labels, to_device
@@ -89,14 +89,14 @@ def seed_all(seed: int) -> None:
 class _Step(nn.Module):
     """One forward = the whole training loss (FGSM included), so DDP sees one forward per backward."""
 
-    def __init__(self, model, epsilon: float, cvr_weight: float = 1.0):
+    def __init__(self, model, epsilon: float, esmm: EsmmTerms = ESMM_LOSS):
         super().__init__()
         self.model = model
         self.epsilon = epsilon
-        self.cvr_weight = cvr_weight
+        self.esmm = esmm
 
     def forward(self, batch, labels, weights=None):
-        return fgsm_loss(self.model, batch, labels, self.epsilon, weights, self.cvr_weight)
+        return fgsm_loss(self.model, batch, labels, self.epsilon, weights, self.esmm)
 
 
 class TrainingState:
@@ -129,7 +129,7 @@ class TrainingState:
         model.to(self.device)
         model.text.prepare_training()  # on the device: the frozen lower layers run once, where training runs
         self._new_optimizer()
-        self.step_module: nn.Module = _Step(model, cfg.fgsm_epsilon, cfg.cvr_loss_weight)
+        self.step_module: nn.Module = _Step(model, cfg.fgsm_epsilon, EsmmTerms.of(cfg))
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
