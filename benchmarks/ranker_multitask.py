@@ -50,6 +50,7 @@ class ClickedOnly:
     interactions: pd.DataFrame
     items: pd.DataFrame
     users: pd.DataFrame
+    sharded: bool = False  # in memory: train_ranker's in-memory feed (it asks, since the streamed feed came)
 
     @classmethod
     def of(cls, features) -> ClickedOnly:
@@ -60,6 +61,9 @@ class ClickedOnly:
 
     def rows(self, *splits: str) -> pd.DataFrame:
         return self.interactions[self.interactions["split"].isin(splits)]
+
+    def row_count(self) -> int:
+        return len(self.interactions)
 
 
 def _train(cfg: AdrecConfig, run: RunDir, features, seed: int, tasks: list[str]):

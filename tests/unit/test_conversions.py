@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import textwrap
 
 import numpy as np
@@ -178,6 +179,52 @@ def test_esmm_loss_is_bce_of_pctr_plus_bce_of_the_product():
     assert float(esmm_loss(z_ctr, z_cvr, clicks, conv, cvr_weight=3.0)) == pytest.approx(float(heavier), rel=1e-5)
     assert torch.isfinite(esmm_loss(torch.tensor([40.0, -40.0]), torch.tensor([40.0, -40.0]),
                                     torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0])))
+
+
+def test_the_auxiliary_cvr_losses_against_a_hand_computation():
+    """ranker.cvr_aux_loss on a batch of 6 rows (3 clicked, 1 converted), each term written out by hand."""
+    from adrec.ranking.fgsm import IPW_FLOOR, EsmmTerms, esmm_loss
+
+    z_ctr = torch.tensor([0.5, -1.0, 2.0, -3.5, 0.0, 1.0])
+    z_cvr = torch.tensor([-0.5, 1.5, 0.2, 3.0, -2.0, 0.7])
+    clicks = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    conv = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+
+    def sig(z):
+        return 1.0 / (1.0 + math.exp(-z))
+
+    def bce(p, y):
+        return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+    zc, zv, c, v = z_ctr.tolist(), z_cvr.tolist(), clicks.tolist(), conv.tolist()
+    esmm = sum(bce(sig(zc[i]), c[i]) + bce(sig(zc[i]) * sig(zv[i]), c[i] * v[i]) for i in range(6)) / 6
+    clicked = [i for i in range(6) if c[i]]
+    aux_clicked = sum(bce(sig(zv[i]), v[i]) for i in clicked) / len(clicked)
+    # ESCM²'s IPW: each clicked row's CVR BCE over its pCTR (floored; row 3's 0.029 is), summed, over all rows
+    aux_ipw = sum(bce(sig(zv[i]), v[i]) / max(sig(zc[i]), IPW_FLOOR) for i in clicked) / 6
+    assert sig(zc[3]) < IPW_FLOOR  # the floor is exercised
+    assert float(esmm_loss(z_ctr, z_cvr, clicks, conv)) == pytest.approx(esmm, rel=1e-5)
+    assert float(esmm_loss(z_ctr, z_cvr, clicks, conv, aux="clicked")) == pytest.approx(esmm + aux_clicked, rel=1e-5)
+    assert float(esmm_loss(z_ctr, z_cvr, clicks, conv, aux="ipw", aux_weight=0.5)) == pytest.approx(
+        esmm + 0.5 * aux_ipw, rel=1e-5)
+    # per-row weights (bagging) weigh every sum: weight 0 on every clicked row but one leaves that row alone
+    w = torch.tensor([0.0, 2.0, 1.0, 0.0, 1.0, 1.0])
+    wl = w.tolist()
+    esmm_w = sum(wl[i] * (bce(sig(zc[i]), c[i]) + bce(sig(zc[i]) * sig(zv[i]), c[i] * v[i])) for i in range(6)) / sum(wl)
+    assert float(esmm_loss(z_ctr, z_cvr, clicks, conv, w, aux="clicked")) == pytest.approx(
+        esmm_w + bce(sig(zv[1]), v[1]), rel=1e-5)
+    terms = EsmmTerms(ctcvr_weight=1.0, aux="ipw", aux_weight=0.5)
+    assert float(terms(z_ctr, z_cvr, clicks, conv)) == pytest.approx(esmm + 0.5 * aux_ipw, rel=1e-5)
+    assert EsmmTerms.of(tiny(cvr_aux_loss="clicked", cvr_aux_weight=2.0, cvr_loss_weight=3.0)) == EsmmTerms(3.0, "clicked", 2.0)
+    # the IPW weight is no target: no gradient reaches the click logits through it
+    z = z_ctr.clone().requires_grad_(True)
+    esmm_loss(z, z_cvr, clicks, conv, aux="ipw").backward()
+    g_ipw = z.grad.clone()
+    z.grad = None
+    esmm_loss(z, z_cvr, clicks, conv).backward()
+    torch.testing.assert_close(g_ipw, z.grad)
+    with pytest.raises(ValueError, match="auxiliary CVR loss"):
+        esmm_loss(z_ctr, z_cvr, clicks, conv, aux="naive")
 
 
 @needs_minilm

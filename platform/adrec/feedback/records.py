@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 IMPRESSION = "impression"
 CLICK = "click"
-# A conversion after a click (a purchase, a sign-up); the A/B report's CVR. The learner reads it and
-# learns nothing from it (its model predicts clicks).
+# A conversion after a click (a purchase, a sign-up); the A/B report's CVR. The online learner attributes it
+# to a clicked impression; a two-task (ESMM) ranker learns its CVR tower from it, a click-only one nothing.
 CONVERSION = "conversion"
 TYPES = (IMPRESSION, CLICK, CONVERSION)
 

@@ -14,6 +14,13 @@
   from a checkpoint emits the same examples in the same order as the first pass.
 - A click that finds its impression already final is counted as late; an orphan that expires without
   an impression is counted as unattributed. Neither is learned from.
+- A conversion (issue 17: the second label of a two-task ranker) labels the most recent not-yet-converted
+  impression of the same (user, item) whose ``ts`` is at most ``window`` before the conversion's, a clicked
+  one first (the A/B report's rule, :mod:`adrec.evaluation.abtest`: one window from the impression). It may
+  precede the click in the log; an impression that is final without a click has no conversion (ESMM's
+  impression -> click -> conversion: the example's ``conversion`` is ``converted and clicked``). A conversion
+  with no pending impression to label (its impression final already, or never seen) is counted as
+  unattributed and learned from by no one: unlike a click it does not wait for its impression.
 """
 
 from __future__ import annotations
@@ -37,9 +44,11 @@ class Example:
     context: dict
     hist: tuple  # the user's recent positives (item indices, oldest first) when the impression arrived
     label: int
+    conversion: int = 0  # 1: converted after its click (only ever with label 1)
 
     def to_tuple(self) -> tuple:
-        return (self.seq, self.event_id, self.user, self.item_idx, self.ts, self.context, self.hist, self.label)
+        return (self.seq, self.event_id, self.user, self.item_idx, self.ts, self.context, self.hist, self.label,
+                self.conversion)
 
     @classmethod
     def from_tuple(cls, t) -> "Example":
@@ -47,7 +56,8 @@ class Example:
 
 
 COUNTERS = ("impressions", "clicks", "attributed_clicks", "repeat_clicks", "late_clicks", "unattributed_clicks",
-            "examples", "positives", "future_ts_clamped")
+            "examples", "positives", "future_ts_clamped", "conversions", "attributed_conversions",
+            "unattributed_conversions", "converted_examples")
 
 
 class AttributionJoiner:
@@ -59,7 +69,7 @@ class AttributionJoiner:
         self.clock = clock
         self.watermark = -math.inf
         self.seq = 0
-        # seq -> [event_id, user, item_idx, ts, context, hist, clicked]
+        # seq -> [event_id, user, item_idx, ts, context, hist, clicked, converted]
         self.pending: dict[int, list] = {}
         self.heap: list[tuple[float, int]] = []  # (deadline, seq)
         self.by_key: dict[tuple[str, int], list[int]] = {}  # (user, item) -> pending seqs, arrival order
@@ -93,7 +103,7 @@ class AttributionJoiner:
                     clicked = True
                     self.counts["attributed_clicks"] += 1
                     break
-        self.pending[seq] = [event_id, user, item_idx, ts, context, hist, clicked]
+        self.pending[seq] = [event_id, user, item_idx, ts, context, hist, clicked, False]
         self.by_key.setdefault(key, []).append(seq)
         heapq.heappush(self.heap, (ts + self.window + self.lateness, seq))
         self._advance(ts)
@@ -126,9 +136,28 @@ class AttributionJoiner:
         self._advance(ts)
         return self._release()
 
+    def conversion(self, user: str, item_idx: int, ts: float) -> list[Example]:
+        """A conversion record (see the module doc); returns the examples that became final."""
+        self.counts["conversions"] += 1
+        best = None
+        for s in self.by_key.get((user, item_idx), ()):
+            imp = self.pending[s]
+            if imp[7] or not imp[3] <= ts <= imp[3] + self.window:
+                continue
+            # a clicked impression first, then the most recent (its click may still come)
+            if best is None or (imp[6], imp[3]) >= (self.pending[best][6], self.pending[best][3]):
+                best = s
+        if best is None:
+            self.counts["unattributed_conversions"] += 1
+        else:
+            self.pending[best][7] = True
+            self.counts["attributed_conversions"] += 1
+        self._advance(ts)
+        return self._release()
+
     # ---- output ---------------------------------------------------------------------------------
     def _finalize(self, seq: int) -> Example:
-        event_id, user, item_idx, ts, context, hist, clicked = self.pending.pop(seq)
+        event_id, user, item_idx, ts, context, hist, clicked, converted = self.pending.pop(seq)
         key = (user, item_idx)
         seqs = self.by_key[key]
         seqs.remove(seq)
@@ -136,7 +165,9 @@ class AttributionJoiner:
             del self.by_key[key]
         self.counts["examples"] += 1
         self.counts["positives"] += int(clicked)
-        return Example(seq, event_id, user, item_idx, ts, context, hist, int(clicked))
+        converted = bool(clicked and converted)  # a conversion counts behind a click only
+        self.counts["converted_examples"] += int(converted)
+        return Example(seq, event_id, user, item_idx, ts, context, hist, int(clicked), int(converted))
 
     def _expire_orphans(self, force: bool = False) -> None:
         while self.orphan_heap and (force or self.orphan_heap[0][0] < self.watermark):
@@ -179,7 +210,8 @@ class AttributionJoiner:
     def load_state_dict(self, state: dict) -> None:
         self.window, self.lateness = float(state["window"]), float(state["lateness"])
         self.watermark, self.seq = float(state["watermark"]), int(state["seq"])
-        self.pending = {int(k): list(v) for k, v in state["pending"].items()}
+        # a checkpoint from before conversions holds 7 fields per impression: not converted
+        self.pending = {int(k): (list(v) + [False])[:8] for k, v in state["pending"].items()}
         self.heap = list(state["heap"])
         heapq.heapify(self.heap)
         self.by_key = {}

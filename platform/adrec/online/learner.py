@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from adrec.candidates.merge import MultiSource
 from adrec.config import OnlineConfig
-from adrec.feedback import CLICK, IMPRESSION, Event, open_log
+from adrec.feedback import CLICK, CONVERSION, IMPRESSION, Event, open_log
 from adrec.model_version import VersionRegistry, load_version, materialize
 from adrec.model_version.registry import LIVE, VERSIONS_DIR
 from adrec.online.attribution import AttributionJoiner, Example
@@ -57,6 +57,7 @@ from adrec.online.metrics import EPS, RayGauges, ScoreBoard
 from adrec.online.optim import make_optimizer, select_parameters
 from adrec.online.publish import STATUS_CURRENT, STATUS_RECORDS, StatusLog, publish_version, version_id
 from adrec.online.rows import RowEncoder
+from adrec.ranking.fgsm import EsmmTerms
 from adrec.storage import resolve
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,9 @@ class OnlineLearner:
                                 f"{type(self.ranker).__name__} has none")
         self.model = self.ranker.model
         self.model.eval()  # no dropout online: the scores learned from are the scores served
+        # A two-task (ESMM) ranker learns its CVR tower from the log's conversions too, with the very loss
+        # (terms and weights) it was trained with offline (adrec.ranking.fgsm.EsmmTerms).
+        self.esmm = EsmmTerms.of(self.ranker.cfg) if getattr(self.model, "has_cvr", False) else None
         self.params = select_parameters(self.model, list(cfg.train_layers))
         chosen = {id(p) for _, p in self.params}
         for p in self.model.parameters():
@@ -256,7 +260,14 @@ class OnlineLearner:
                 probs[FROZEN] = self._probs(self.frozen.model(dict(b)), self.frozen)
         a, c = self.ranker.calibration
         member_logits = getattr(self.model, "member_logits", None)
-        if member_logits is not None:  # a deep ensemble: each member learns on its own, the mean is served
+        if self.esmm is not None:  # clicks and conversions: ESMM's loss of each member's two towers
+            ctr, cvr = self.model.member_task_logits(self.model.embed(dict(b)), dict(b))
+            logits = ctr.mean(0)
+            clicks = torch.as_tensor(y, dtype=torch.float32)
+            conv = torch.as_tensor(np.fromiter((e.conversion for e in batch), np.float32, len(batch)))
+            # pCTR in the loss is the calibrated one serving multiplies pCVR with (FusionRanker.predict_tasks)
+            loss = torch.stack([self.esmm(a * ctr[i] + c, cvr[i], clicks, conv) for i in range(len(ctr))]).mean()
+        elif member_logits is not None:  # a deep ensemble: each member learns on its own, the mean is served
             per_member = member_logits(self.model.embed(dict(b)), dict(b))
             logits = per_member.mean(0)
             target = torch.as_tensor(y, dtype=logits.dtype).expand_as(per_member)
@@ -298,6 +309,8 @@ class OnlineLearner:
         elif ev.type == CLICK:
             self.catalog.click(ev.user, item)
             self.ready.extend(self.joiner.click(ev.user, item, ev.ts))
+        elif ev.type == CONVERSION and self.esmm is not None:  # a click-only model learns nothing from it
+            self.ready.extend(self.joiner.conversion(ev.user, item, ev.ts))
 
     def step(self, max_records: int | None = None) -> int:
         """Consume up to ``max_records`` new log records (what is there now); returns how many."""

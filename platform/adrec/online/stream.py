@@ -2,7 +2,8 @@
 
 - :func:`feedback_events` turns an impressions table (raw user id, item id, ts, click label, context
   columns) into API events: one ``impression`` per row and, for a clicked row, one ``click`` a short,
-  deterministic delay later (inside the attribution window), in timestamp order.
+  deterministic delay later (inside the attribution window), in timestamp order; with ``conversion`` (a 0/1
+  column), one ``conversion`` after each converted click, again inside the window.
 - :func:`post_feedback` sends them to a running app over HTTP in batches (what clients do).
 - :func:`write_feedback_log` appends them to a feedback log directly, exactly as the Serve app's
   feedback writer would (pseudonymized users): tests of the learner without Serve use it.
@@ -22,8 +23,10 @@ log = logging.getLogger(__name__)
 
 def feedback_events(impressions: pd.DataFrame, *, user: str = "user_id", item: str = "ad_id", ts: str = "ts",
                     label: str = "clicked", context: list[str] | None = None, click_delay_s: tuple[float, float] = (2.0, 120.0),
-                    seed: int = 0, prefix: str = "ev") -> list[dict]:
-    """API events for ``impressions`` (ordered by time): impressions, and clicks after clicked ones."""
+                    seed: int = 0, prefix: str = "ev", conversion: str | None = None,
+                    conversion_delay_s: tuple[float, float] = (1.0, 600.0)) -> list[dict]:
+    """API events for ``impressions`` (ordered by time): impressions, clicks after clicked ones and, with
+    ``conversion``, conversions after converted clicks (a conversion without a click is not emitted)."""
     rng = np.random.default_rng(seed)
     df = impressions.reset_index(drop=True)
     ctx_cols = list(context or [])
@@ -34,6 +37,8 @@ def feedback_events(impressions: pd.DataFrame, *, user: str = "user_id", item: s
     items = df[item].astype(str).to_numpy()
     times = df[ts].to_numpy(dtype=np.float64)
     labels = df[label].to_numpy(dtype=np.int64)
+    converted = df[conversion].to_numpy(dtype=np.int64) if conversion else np.zeros(n, dtype=np.int64)
+    conv_delays = rng.uniform(conversion_delay_s[0], conversion_delay_s[1], n) if conversion else None
     ctx_values = {c: df[c].astype(str).to_numpy() for c in ctx_cols}
     for i in range(n):
         ctx = {c: ctx_values[c][i] for c in ctx_cols}
@@ -42,6 +47,9 @@ def feedback_events(impressions: pd.DataFrame, *, user: str = "user_id", item: s
         if labels[i]:
             out.append({"event_id": f"{prefix}-{i}-clk", "user_id": users[i], "item": items[i], "type": "click",
                         "ts": float(times[i] + delays[i]), "context": ctx})
+            if converted[i]:
+                out.append({"event_id": f"{prefix}-{i}-cnv", "user_id": users[i], "item": items[i],
+                            "type": "conversion", "ts": float(times[i] + delays[i] + conv_delays[i]), "context": ctx})
     out.sort(key=lambda e: (e["ts"], e["event_id"]))
     return out
 
