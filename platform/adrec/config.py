@@ -335,6 +335,9 @@ class RankerConfig(_Strict):
     # It gives the CVR tower, whose positives are few, a direct gradient (docs/benchmarks.md, "Conversions").
     cvr_aux_loss: Literal["none", "clicked", "ipw"] = "none"
     cvr_aux_weight: float = Field(1.0, gt=0)
+    # True: pCTR enters the CTCVR term as a constant (stop-gradient), so that term trains the CVR tower only and
+    # the click tower learns from the click loss alone (ESMM's product also pulls pCTR down on unconverted clicks).
+    ctcvr_detach_ctr: bool = False
 
     @field_validator("tasks")
     @classmethod

@@ -223,6 +223,13 @@ def test_the_auxiliary_cvr_losses_against_a_hand_computation():
     z.grad = None
     esmm_loss(z, z_cvr, clicks, conv).backward()
     torch.testing.assert_close(g_ipw, z.grad)
+    # ranker.ctcvr_detach_ctr: the same value, and the click logits' gradient is the click BCE's alone
+    assert float(esmm_loss(z_ctr, z_cvr, clicks, conv, aux="clicked", detach_ctr=True)) == pytest.approx(
+        esmm + aux_clicked, rel=1e-5)
+    z.grad = None
+    esmm_loss(z, z_cvr, clicks, conv, aux="clicked", detach_ctr=True).backward()
+    torch.testing.assert_close(z.grad, (torch.sigmoid(z_ctr) - clicks) / 6)
+    assert not torch.allclose(g_ipw, z.grad)  # without the detach, the CTCVR term reaches pCTR
     with pytest.raises(ValueError, match="auxiliary CVR loss"):
         esmm_loss(z_ctr, z_cvr, clicks, conv, aux="naive")
 

@@ -74,7 +74,7 @@ CVR_AUX_LOSSES = ("none", "clicked", "ipw")
 
 def esmm_loss(ctr_logits: torch.Tensor, cvr_logits: torch.Tensor, clicks: torch.Tensor, conversions: torch.Tensor,
               weights: torch.Tensor | None = None, cvr_weight: float = 1.0, aux: str = "none",
-              aux_weight: float = 1.0) -> torch.Tensor:
+              aux_weight: float = 1.0, detach_ctr: bool = False) -> torch.Tensor:
     """ESMM's loss over every impression (Ma et al., SIGIR 2018): BCE(pCTR, click) + BCE(pCTCVR, click and
     conversion), pCTCVR = pCTR x pCVR. The CVR tower is never fitted on clicked rows alone: it learns through
     the product, over the whole impression space that serving scores. In log space, for stability:
@@ -90,12 +90,17 @@ def esmm_loss(ctr_logits: torch.Tensor, cvr_logits: torch.Tensor, clicks: torch.
       the entire impression space. pCTR is the click tower's own, detached (the weight is not a target) and
       floored at :data:`IPW_FLOOR`.
 
+    ``detach_ctr``: pCTR enters the CTCVR product as a constant (stop-gradient): the CTCVR term then trains the
+    CVR tower (and, through it, the shared embeddings) only, never the click tower, whose one loss is the
+    click BCE, as in a single-task ranker. ESMM's own product sends the CTCVR gradient into pCTR too, which
+    pulls pCTR down on every clicked impression that did not convert.
+
     ``weights`` (bagging, one per row) weigh each row in every term's sums."""
     if aux not in CVR_AUX_LOSSES:
         raise ValueError(f"the auxiliary CVR loss must be one of {CVR_AUX_LOSSES}, not {aux!r}")
     ctr_logits, cvr_logits = ctr_logits.float(), cvr_logits.float()
     y = clicks * conversions  # a conversion counts behind a click only (the data contract says it always is)
-    log_p = F.logsigmoid(ctr_logits) + F.logsigmoid(cvr_logits)
+    log_p = F.logsigmoid(ctr_logits.detach() if detach_ctr else ctr_logits) + F.logsigmoid(cvr_logits)
     ctcvr = -(y * log_p + (1 - y) * _log1mexp(log_p))
     per_row = F.binary_cross_entropy_with_logits(ctr_logits, clicks, reduction="none") + cvr_weight * ctcvr
     w = torch.ones_like(per_row) if weights is None else weights.float()
@@ -115,20 +120,22 @@ def esmm_loss(ctr_logits: torch.Tensor, cvr_logits: torch.Tensor, clicks: torch.
 @dataclass(frozen=True)
 class EsmmTerms:
     """The weights of a two-task ranker's loss terms (:func:`esmm_loss`), from ``ranker.cvr_loss_weight``,
-    ``ranker.cvr_aux_loss`` and ``ranker.cvr_aux_weight``: one object, so offline training, DP-SGD and the
-    online learner fit the same loss."""
+    ``ranker.cvr_aux_loss``, ``ranker.cvr_aux_weight`` and ``ranker.ctcvr_detach_ctr``: one object, so offline
+    training, DP-SGD and the online learner fit the same loss."""
 
     ctcvr_weight: float = 1.0
     aux: str = "none"
     aux_weight: float = 1.0
+    detach_ctr: bool = False
 
     @classmethod
     def of(cls, cfg) -> EsmmTerms:
-        return cls(float(cfg.cvr_loss_weight), str(cfg.cvr_aux_loss), float(cfg.cvr_aux_weight))
+        return cls(float(cfg.cvr_loss_weight), str(cfg.cvr_aux_loss), float(cfg.cvr_aux_weight),
+                   bool(cfg.ctcvr_detach_ctr))
 
     def __call__(self, ctr_logits, cvr_logits, clicks, conversions, weights=None) -> torch.Tensor:
         return esmm_loss(ctr_logits, cvr_logits, clicks, conversions, weights, self.ctcvr_weight, self.aux,
-                         self.aux_weight)
+                         self.aux_weight, self.detach_ctr)
 
 
 ESMM_LOSS = EsmmTerms()  # ESMM's own loss: the CTCVR term at weight 1, no auxiliary term
