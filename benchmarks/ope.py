@@ -31,6 +31,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -114,10 +115,17 @@ def _obp_estimates(feedback: dict, dist: np.ndarray, est: np.ndarray, n_boot: in
     (``estimate_intervals``), and bootstrap replicates for the relative error's interval made the way obp
     makes its intervals: the means of resampled per-round values of each estimator
     (``_estimate_round_rewards``, what ``estimate_interval`` resamples)."""
-    from obp.ope import DoublyRobust, InverseProbabilityWeighting, OffPolicyEvaluation
+    from obp.ope import (
+        DirectMethod,
+        DoublyRobust,
+        InverseProbabilityWeighting,
+        OffPolicyEvaluation,
+    )
     from obp.ope import SelfNormalizedInverseProbabilityWeighting as SNIPW
 
-    estimators = [InverseProbabilityWeighting(), SNIPW(), DoublyRobust()]
+    # DM: not one of adrec's estimators; the one obp's reference OBD example (examples/obd) finds best on this
+    # small sample, reported beside them as a reference
+    estimators = [InverseProbabilityWeighting(), SNIPW(), DoublyRobust(), DirectMethod()]
     oe = OffPolicyEvaluation(bandit_feedback=feedback, ope_estimators=estimators)
     values = oe.estimate_policy_values(action_dist=dist, estimated_rewards_by_reg_model=est)
     intervals = oe.estimate_intervals(action_dist=dist, estimated_rewards_by_reg_model=est,
@@ -128,7 +136,7 @@ def _obp_estimates(feedback: dict, dist: np.ndarray, est: np.ndarray, n_boot: in
     args = {k: feedback[k] for k in ("reward", "action", "position", "pscore")}
     reps = {}
     for e in estimators:
-        extra = {"estimated_rewards_by_reg_model": est} if e.estimator_name == "dr" else {}
+        extra = {"estimated_rewards_by_reg_model": est} if e.estimator_name in ("dr", "dm") else {}
         rounds = np.asarray(e._estimate_round_rewards(**args, action_dist=dist, **extra))
         reps[e.estimator_name] = rounds[idx].mean(axis=1)
     return values, intervals, reps
@@ -192,11 +200,31 @@ def run_campaign(campaign: str, seed: int, n_boot: int, level: float, n_sim: int
         rows[name] = {"adrec": {**e.to_dict(), "relative_error": ope.relative_error(e, truth)},
                       "obp": {**obp_est.to_dict(), "relative_error": ope.relative_error(obp_est, truth),
                               "estimator": f"obp.ope.{type_name(key)}"}}
+    iv = intervals["dm"]
+    dm = ope.Estimate("dm", float(values["dm"]), float(iv[next(k for k in iv if "lower" in k)]),
+                      float(iv[next(k for k in iv if "upper" in k)]), level, n_boot, replicates=reps["dm"])
+    obp_dm = {**dm.to_dict(), "relative_error": ope.relative_error(dm, truth), "estimator": "obp.ope.DirectMethod"}
     return {"campaign": campaign, "seed": seed, "rounds": n, "actions": n_actions,
             "random_log_ctr": round(float(reward.mean()), 6), "random_log_clicks": int(reward.sum()),
             "on_policy": truth.to_dict(), "bts_clicks": int(bts["click"].sum()), "estimators": rows,
+            "obp_dm": obp_dm, "noise": {name: noise_floor(e, truth) for name, e in ours.items()},
             "diagnostics": ope.diagnostics(sample), "policy_vs_bts_logged_propensities": match,
             "seconds": {"bts_action_dist": round(t_policy, 2), "adrec": round(t_ours, 2), "obp": round(t_obp, 2)}}
+
+
+def noise_floor(est: ope.Estimate, truth: ope.Estimate) -> dict:
+    """How far apart two logs' noise alone puts an estimate and the on-policy CTR: the bootstrap standard
+    deviations of each (relative to the on-policy CTR), the z of their difference and its two-sided p-value,
+    and the chance that an unbiased estimator with this noise lands within ``TARGET_ERROR`` of the truth
+    (normal approximation, the truth's own noise included)."""
+    from scipy.stats import norm
+
+    sd_e, sd_t = float(np.std(est.replicates, ddof=1)), float(np.std(truth.replicates, ddof=1))
+    sd = math.hypot(sd_e, sd_t)
+    z = (est.value - truth.value) / sd if sd > 0 else math.nan
+    return {"sd_estimate_rel": sd_e / truth.value, "sd_on_policy_rel": sd_t / truth.value, "z": z,
+            "p_value": float(2 * norm.sf(abs(z))),
+            "p_within_target_if_unbiased": float(2 * norm.cdf(TARGET_ERROR * truth.value / sd) - 1)}
 
 
 def type_name(key: str) -> str:
@@ -225,6 +253,13 @@ def summarize(runs: list[dict]) -> dict:
                     **{k: _median([c[k] for c in cells]) for k in ("value", "low", "high")},
                     "relative_error": {k: _median([c["relative_error"][k] for c in cells])
                                        for k in ("value", "low", "high")}}
+        if all("obp_dm" in r for r in rs):
+            camp["obp_dm"] = {**{k: _median([r["obp_dm"][k] for r in rs]) for k in ("value", "low", "high")},
+                              "relative_error": {k: _median([r["obp_dm"]["relative_error"][k] for r in rs])
+                                                 for k in ("value", "low", "high")}}
+        if all("noise" in r for r in rs):
+            camp["noise"] = {name: {k: _median([r["noise"][name][k] for r in rs]) for k in rs[0]["noise"][name]}
+                             for name in ope.ESTIMATORS}
         out[campaign] = camp
     return out
 
@@ -283,6 +318,20 @@ def markdown(result: dict) -> str:
         lines.append(f"| {campaign} | {r['rounds']} | {r['random_log_clicks']} | {r['random_log_ctr']:.4f} | "
                      f"{r['bts_clicks']} | {d['mean_weight']:.3f} | {d['max_weight']:.1f} | "
                      f"{d['effective_sample_size']:.0f} |")
+    if all("noise" in camp for camp in s.values()):
+        header = ("| campaign | best (adrec) | its error | sd of its estimate / on-policy | sd of the on-policy CTR / "
+                  f"on-policy | z of the difference | p-value | P(error < {TARGET_ERROR}) if unbiased | obp DM error |")
+        lines += ["", ("Sampling noise alone (bootstrap standard deviations of the two logs' estimates, medians over "
+                       "seeds), and obp's DirectMethod on the same arrays:"), "", header,
+                  "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+        for campaign, camp in s.items():
+            best = t[campaign]["best_estimator"]
+            nz = camp["noise"][best]
+            dm = camp.get("obp_dm")
+            lines.append(f"| {campaign} | {best.upper()} | {t[campaign]['best_error']:.3f} | {nz['sd_estimate_rel']:.3f} | "
+                         f"{nz['sd_on_policy_rel']:.3f} | {nz['z']:+.2f} | {nz['p_value']:.2f} | "
+                         f"{nz['p_within_target_if_unbiased']:.2f} | "
+                         f"{_cell(dm['relative_error'], 3) if dm else '-'} |")
     lines += ["", (f"Evaluation policy: {p['evaluation_policy']}. Direct model: {p['direct_model']}. "
                    f"obp {p['obp_version']}, scikit-learn {p['sklearn_version']}."), ""]
     return "\n".join(lines)

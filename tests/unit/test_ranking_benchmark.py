@@ -86,3 +86,30 @@ def test_multitask_target_needs_the_ctcvr_margin_and_a_ctr_within_seed_noise():
     assert "| esmm | 0.7990 | 0.7000 | 0.7560 | 10 |" in md and "| ctr x cvr-on-clicks | 0.8000 | 0.6500 | 0.7500 | 11 |" in md
     assert "CTCVR AUC: +0.0060 (target >= +0.005: met)" in md
     assert "skipped" in markdown_lines("x", {"skipped": "no conversion label"})[-1]
+
+
+def test_multitask_reuses_an_earlier_runs_baseline_of_the_same_preparation_only(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    import pandas as pd
+    import pytest
+
+    from benchmarks.ranker_multitask import ClickedOnly, _counts, reusable_runs
+
+    inter = pd.DataFrame({"split": ["train", "train", "valid", "test", "test"], "label": [1, 0, 1, 1, 0],
+                          "conversion": [1, 0, 0, 1, 0]})
+    feats = SimpleNamespace(spec=None, interactions=inter, items=None, users=None)
+    table = {**_counts(feats), "runs": [{"seed": 0, "single-task": {"ctr_auc": 0.7}}]}
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"datasets": {"synthetic": {"multitask": table}}}))
+    assert reusable_runs(report, feats) == {0: table["runs"][0]}  # a benchmark report holds it per data set
+    alone = tmp_path / "table.json"
+    alone.write_text(json.dumps(table))
+    assert reusable_runs(alone, feats)[0]["single-task"]["ctr_auc"] == 0.7
+    other = SimpleNamespace(interactions=inter.assign(conversion=[0, 0, 0, 1, 0]))  # another preparation
+    with pytest.raises(ValueError, match="no multi-task table of this preparation"):
+        reusable_runs(report, other)
+    clicked = ClickedOnly.of(feats)  # the clicked-only CVR model's rows: what train_ranker is handed
+    assert clicked.sharded is False and clicked.row_count() == 3
+    assert clicked.interactions["label"].tolist() == [1, 0, 1] and "conversion" not in clicked.interactions
