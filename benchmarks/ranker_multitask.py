@@ -101,10 +101,12 @@ def _one_seed(cfg: AdrecConfig, run: RunDir, features, seed: int, parts=PARTS, r
         out[ESMM] = reused[ESMM]
 
     if "baseline" not in parts:
-        if not reused or SINGLE not in reused:
-            raise ValueError(f"seed {seed}: no baseline rows to reuse; run the baseline part first "
-                             "(--multitask-parts baseline) and pass its JSON with --multitask-baseline-from")
-        out.update({m: reused[m] for m in (SINGLE, CVR_ON_CLICKS, BASELINE)})
+        if reused is not None:
+            if SINGLE not in reused:
+                raise ValueError(f"seed {seed}: the reused run has no baseline rows for this seed; run the "
+                                 "baseline part of it (--multitask-parts baseline --seeds ...) first")
+            out.update({m: reused[m] for m in (SINGLE, CVR_ON_CLICKS, BASELINE)})
+        # else: ESMM's rows alone, to be merged with a baseline run's (merge_reports)
     else:
         t0 = time.perf_counter()
         single, s_single = _train(cfg, run, features, seed, ["ctr"])
@@ -171,15 +173,90 @@ def run_multitask(cfg: AdrecConfig, run: RunDir, features, seeds, ctr_tolerance:
     if baseline_from:
         table["reused_from"] = str(baseline_from)
     for seed in seeds:
-        table["runs"].append({"seed": seed, **_one_seed(cfg, run, features, seed, parts, reused.get(seed))})
+        if baseline_from and seed not in reused:
+            raise ValueError(f"{baseline_from} has no run of seed {seed}")
+        table["runs"].append({"seed": seed, **_one_seed(cfg, run, features, seed, parts,
+                                                        reused.get(seed) if baseline_from else None)})
         write(table)
+    _summarize(table, ctr_tolerance)
+    write(table)
+    return table
+
+
+def _summarize(table: dict, ctr_tolerance: float = DEFAULT_CTR_TOLERANCE) -> None:
+    """Medians over the runs per model (and key), and the targets where ESMM and the baseline are both in."""
     models = [m for m in table["runs"][0] if m != "seed"]
     table["median"] = {m: {k: float(statistics.median(r[m][k] for r in table["runs"]))
                            for k in table["runs"][0][m]} for m in models}
-    if ESMM in table["median"]:
+    table.pop("target", None)
+    if ESMM in table["median"] and BASELINE in table["median"]:
         table["target"] = target_check(table, ctr_tolerance)
-    write(table)
+
+
+def merge_tables(tables: list[dict], ctr_tolerance: float = DEFAULT_CTR_TOLERANCE) -> dict:
+    """One table of several runs of the same preparation (e.g. ESMM and the baseline trained in parallel
+    processes, or seeds split over processes): per seed, the union of their models' rows. Refuses tables
+    of another preparation and two rows of one model and seed."""
+    first = tables[0]
+    counts = {k: first[k] for k in ("rows", "clicked_rows", "conversions")}
+    by_seed: dict[int, dict] = {}
+    for t in tables:
+        if any(t.get(k) != v for k, v in counts.items()):
+            raise ValueError(f"cannot merge multi-task tables of different preparations: {counts} vs "
+                             f"{ {k: t.get(k) for k in counts} }")
+        for r in t["runs"]:
+            row = by_seed.setdefault(r["seed"], {"seed": r["seed"]})
+            twice = set(row) & set(r) - {"seed"}
+            if twice:
+                raise ValueError(f"seed {r['seed']}: {sorted(twice)} come from more than one table")
+            row.update(r)
+    runs = [by_seed[s] for s in sorted(by_seed)]
+    incomplete = [r["seed"] for r in runs if set(r) != set(runs[0])]
+    if incomplete:
+        raise ValueError(f"seeds {incomplete} lack models the others have: {sorted(set(runs[0]) - {'seed'})}")
+    table = {**counts, "parts": sorted({p for t in tables for p in t.get("parts", PARTS)}), "runs": runs}
+    _summarize(table, ctr_tolerance)
     return table
+
+
+def merge_reports(paths, out, name: str, ctr_tolerance: float = DEFAULT_CTR_TOLERANCE) -> dict:
+    """Benchmark reports (``benchmark_ranker.py --multitask`` JSONs) merged data set by data set into
+    ``<out>/<name>.{json,md}``: the first report's protocol and data set figures, the merged multi-task table."""
+    import json
+    from pathlib import Path
+
+    from .ranker import _write
+
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    merged = json.loads(json.dumps(reports[0]))
+    merged["protocol"]["seeds"] = sorted({s for r in reports for s in r["protocol"]["seeds"]})
+    merged["protocol"]["merged_from"] = [str(p) for p in paths]
+    merged["protocol"]["overrides_by_file"] = {str(p): r["protocol"].get("overrides", []) for p, r in zip(paths, reports)}
+    for ds in merged["datasets"]:
+        tables = [r["datasets"][ds]["multitask"] for r in reports if "multitask" in r["datasets"].get(ds, {})]
+        merged["datasets"][ds]["multitask"] = merge_tables(tables, ctr_tolerance)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write(merged, out, name)
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.ranker_multitask --out DIR --name NAME a.json b.json ...``: merge_reports."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="merge multi-task benchmark reports of one preparation")
+    ap.add_argument("reports", nargs="+")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--ctr-tolerance", type=float, default=DEFAULT_CTR_TOLERANCE)
+    args = ap.parse_args(argv)
+    merge_reports(args.reports, args.out, args.name, args.ctr_tolerance)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
 
 
 def target_check(table: dict, ctr_tolerance: float = DEFAULT_CTR_TOLERANCE) -> dict:

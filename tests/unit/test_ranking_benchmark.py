@@ -113,3 +113,25 @@ def test_multitask_reuses_an_earlier_runs_baseline_of_the_same_preparation_only(
     clicked = ClickedOnly.of(feats)  # the clicked-only CVR model's rows: what train_ranker is handed
     assert clicked.sharded is False and clicked.row_count() == 3
     assert clicked.interactions["label"].tolist() == [1, 0, 1] and "conversion" not in clicked.interactions
+
+
+def test_multitask_tables_of_one_preparation_merge_per_seed():
+    import pytest
+
+    from benchmarks.ranker_multitask import BASELINE, ESMM, SINGLE, merge_tables
+
+    full = _multitask(0.756, 0.799, single_ctrs=(0.80, 0.802))
+    esmm_only = {**full, "parts": ["esmm"], "runs": [{"seed": r["seed"], ESMM: r[ESMM]} for r in full["runs"]]}
+    base_only = {**full, "parts": ["baseline"],
+                 "runs": [{k: v for k, v in r.items() if k != ESMM} for r in full["runs"]]}
+    merged = merge_tables([esmm_only, base_only], ctr_tolerance=0.002)
+    assert merged["runs"] == full["runs"] and merged["parts"] == ["baseline", "esmm"]
+    assert abs(merged["target"]["ctcvr_gain"] - 0.006) < 1e-9 and merged["median"][SINGLE]["ctr_auc"] == 0.801
+    assert "target" not in merge_tables([esmm_only])  # no baseline rows: nothing to compare with
+    with pytest.raises(ValueError, match="more than one table"):
+        merge_tables([full, base_only])
+    with pytest.raises(ValueError, match="different preparations"):
+        merge_tables([esmm_only, {**base_only, "rows": {"test": 99}}])
+    with pytest.raises(ValueError, match="lack models"):
+        merge_tables([esmm_only, {**base_only, "runs": base_only["runs"][:1]}])
+    assert BASELINE in merged["median"]
