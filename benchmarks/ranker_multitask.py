@@ -221,24 +221,49 @@ def merge_tables(tables: list[dict], ctr_tolerance: float = DEFAULT_CTR_TOLERANC
 
 def merge_reports(paths, out, name: str, ctr_tolerance: float = DEFAULT_CTR_TOLERANCE) -> dict:
     """Benchmark reports (``benchmark_ranker.py --multitask`` JSONs) merged data set by data set into
-    ``<out>/<name>.{json,md}``: the first report's protocol and data set figures, the merged multi-task table."""
+    ``<out>/<name>.{json,md}``: the first report's protocol and data set figures, the merged multi-task table.
+    A path ``report.json::esmm`` takes only that model's rows of the report (see :func:`_pick`)."""
     import json
     from pathlib import Path
 
     from .ranker import _write
 
-    reports = [json.loads(Path(p).read_text()) for p in paths]
+    picks = [_pick(p) for p in paths]
+    reports = [json.loads(Path(p).read_text()) for p, _ in picks]
+    for r, (_, models) in zip(reports, picks):
+        if models:  # "report.json::esmm": only these models' rows of that report
+            for ds in r["datasets"].values():
+                if "multitask" in ds:
+                    ds["multitask"]["runs"] = [{k: v for k, v in run.items() if k == "seed" or k in models}
+                                               for run in ds["multitask"]["runs"]]
     merged = json.loads(json.dumps(reports[0]))
     merged["protocol"]["seeds"] = sorted({s for r in reports for s in r["protocol"]["seeds"]})
     merged["protocol"]["merged_from"] = [str(p) for p in paths]
-    merged["protocol"]["overrides_by_file"] = {str(p): r["protocol"].get("overrides", []) for p, r in zip(paths, reports)}
+    merged["protocol"]["overrides_by_file"] = {str(p): r["protocol"].get("overrides", [])
+                                               for p, r in zip(paths, reports)}
     for ds in merged["datasets"]:
-        tables = [r["datasets"][ds]["multitask"] for r in reports if "multitask" in r["datasets"].get(ds, {})]
-        merged["datasets"][ds]["multitask"] = merge_tables(tables, ctr_tolerance)
+        having = [r for r in reports if "multitask" in r["datasets"].get(ds, {})]
+        table = merge_tables([r["datasets"][ds]["multitask"] for r in having], ctr_tolerance)
+        # the settings ESMM was trained with (its --set overrides), from the reports its rows came from
+        trained_esmm = [r for r in having if any(ESMM in run for run in r["datasets"][ds]["multitask"]["runs"])]
+        table["esmm_overrides"] = sorted({o for r in trained_esmm for o in r["protocol"].get("overrides", [])})
+        merged["datasets"][ds]["multitask"] = table
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _write(merged, out, name)
     return merged
+
+
+def _pick(path: str) -> tuple[str, set[str]]:
+    """``report.json`` (every model's rows) or ``report.json::esmm,single-task`` (those models' rows only)."""
+    path = str(path)
+    if "::" not in path:
+        return path, set()
+    path, models = path.split("::", 1)
+    unknown = {m.strip() for m in models.split(",")} - {ESMM, SINGLE, CVR_ON_CLICKS, BASELINE}
+    if unknown:
+        raise ValueError(f"{path}: unknown multi-task models {sorted(unknown)}")
+    return path, {m.strip() for m in models.split(",")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,9 +279,6 @@ def main(argv: list[str] | None = None) -> int:
     merge_reports(args.reports, args.out, args.name, args.ctr_tolerance)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 def target_check(table: dict, ctr_tolerance: float = DEFAULT_CTR_TOLERANCE) -> dict:
@@ -296,6 +318,8 @@ def markdown_lines(name: str, table: dict) -> list[str]:
             continue
         lines.append(f"| {model} | {cell(m.get('ctr_auc'))} | {cell(m.get('cvr_auc'))} | {cell(m.get('ctcvr_auc'))} | "
                      f"{m['train_seconds']:.0f} |")
+    if table.get("esmm_overrides"):
+        lines += ["", f"ESMM trained with {', '.join('`' + o + '`' for o in table['esmm_overrides'])}."]
     if "reused_from" in table:
         lines += ["", (f"The single-task and clicked-only CVR rows are those of {table['reused_from']} (the same "
                        "preparation and seeds); ESMM was trained in this run.")]
@@ -307,3 +331,7 @@ def markdown_lines(name: str, table: dict) -> list[str]:
                    f"{t['ctr_diff']:+.4f} (target >= -{t['ctr_noise']:.4f}, {t['ctr_noise_from']}: "
                    f"{'met' if t['ctr_met'] else 'NOT met'}).")]
     return lines
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
