@@ -328,7 +328,8 @@ def markdown(result: dict) -> str:
             best = t[campaign]["best_estimator"]
             nz = camp["noise"][best]
             dm = camp.get("obp_dm")
-            lines.append(f"| {campaign} | {best.upper()} | {t[campaign]['best_error']:.3f} | {nz['sd_estimate_rel']:.3f} | "
+            lines.append(f"| {campaign} | {best.upper()} | {t[campaign]['best_error']:.3f} | "
+                         f"{nz['sd_estimate_rel']:.3f} | "
                          f"{nz['sd_on_policy_rel']:.3f} | {nz['z']:+.2f} | {nz['p_value']:.2f} | "
                          f"{nz['p_within_target_if_unbiased']:.2f} | "
                          f"{_cell(dm['relative_error'], 3) if dm else '-'} |")

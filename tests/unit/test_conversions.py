@@ -210,12 +210,14 @@ def test_the_auxiliary_cvr_losses_against_a_hand_computation():
     # per-row weights (bagging) weigh every sum: weight 0 on every clicked row but one leaves that row alone
     w = torch.tensor([0.0, 2.0, 1.0, 0.0, 1.0, 1.0])
     wl = w.tolist()
-    esmm_w = sum(wl[i] * (bce(sig(zc[i]), c[i]) + bce(sig(zc[i]) * sig(zv[i]), c[i] * v[i])) for i in range(6)) / sum(wl)
+    esmm_w = sum(wl[i] * (bce(sig(zc[i]), c[i]) + bce(sig(zc[i]) * sig(zv[i]), c[i] * v[i]))
+                 for i in range(6)) / sum(wl)
     assert float(esmm_loss(z_ctr, z_cvr, clicks, conv, w, aux="clicked")) == pytest.approx(
         esmm_w + bce(sig(zv[1]), v[1]), rel=1e-5)
     terms = EsmmTerms(ctcvr_weight=1.0, aux="ipw", aux_weight=0.5)
     assert float(terms(z_ctr, z_cvr, clicks, conv)) == pytest.approx(esmm + 0.5 * aux_ipw, rel=1e-5)
-    assert EsmmTerms.of(tiny(cvr_aux_loss="clicked", cvr_aux_weight=2.0, cvr_loss_weight=3.0)) == EsmmTerms(3.0, "clicked", 2.0)
+    assert EsmmTerms.of(tiny(cvr_aux_loss="clicked", cvr_aux_weight=2.0, cvr_loss_weight=3.0)) == \
+        EsmmTerms(3.0, "clicked", 2.0)
     # the IPW weight is no target: no gradient reaches the click logits through it
     z = z_ctr.clone().requires_grad_(True)
     esmm_loss(z, z_cvr, clicks, conv, aux="ipw").backward()
