@@ -13,6 +13,12 @@ conversion label of their own), CTCVR AUC (every impression, click and conversio
 ``train_ranker`` on Ray Train, the path ``adrec train`` runs. Targets: ESMM's CTCVR AUC at least
 ``CTCVR_MARGIN`` above the baseline's, its CTR AUC no worse than the single-task ranker's within seed noise
 (the spread of the single-task CTR AUC over the seeds; with one seed, ``ctr_tolerance``).
+
+ESMM's rows also hold its valid CTR / CVR / CTCVR AUCs at the selected epoch (what its settings are chosen on).
+``parts`` trains one side only (``esmm``; ``baseline``: the single-task and clicked-only models), so that the two
+sides, or the seeds, run in processes of their own; :func:`merge_reports` (``python -m
+benchmarks.ranker_multitask``) then joins such reports of one preparation per seed, and ``baseline_from`` lets
+an ESMM variant reuse an earlier run's baseline rows.
 """
 
 from __future__ import annotations
