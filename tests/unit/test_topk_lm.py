@@ -136,12 +136,12 @@ def test_each_stage_of_the_recommender_has_its_own_ranker_fitted_on_that_stage(t
     assert [n for n in FEATURE_NAMES if n not in rec.feature_names] == []
     stages = _stages(toy.interactions, toy.spec)
     # the cache holds exactly one ranker per stage, each keyed by (and fitted on) that stage's known rows
-    keys = {_fingerprint(s.known, rec.lm_config, 3): name for name, s in stages.items()}
+    keys = {_fingerprint(s.known, rec.lm_config): name for name, s in stages.items()}
     assert {p.name for p in cache.iterdir()} == set(keys)
     for key, name in keys.items():
         info = json.loads((cache / key / "lm.json").read_text())["info"]
         assert info["rows"] == len(stages[name].known), name
-    assert rec.lm.info["key"] == _fingerprint(stages["test"].known, rec.lm_config, 3)  # serving: train + valid
+    assert rec.lm.info["key"] == _fingerprint(stages["test"].known, rec.lm_config)  # serving: train + valid
 
 
 def test_evaluation_and_serving_read_the_same_features(toy, fitted, tmp_path):

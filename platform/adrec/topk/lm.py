@@ -90,12 +90,12 @@ def stage_rows(interactions: pd.DataFrame, known: pd.DataFrame) -> pd.DataFrame:
     return rows.reset_index(drop=True)
 
 
-def _fingerprint(known: pd.DataFrame, cfg, text_last_n: int) -> str:
+def _fingerprint(known: pd.DataFrame, cfg) -> str:
+    """What a stage ranker is fitted from: the known rows and its configuration."""
     k = known[["user_idx", "item_idx", "ts", "label"]].to_numpy(np.int64)
     k = k[np.lexsort(k.T[::-1])]
     h = hashlib.sha256(np.ascontiguousarray(k).tobytes())
     h.update(cfg.model_dump_json().encode())
-    h.update(str(text_last_n).encode())
     return h.hexdigest()[:20]
 
 
@@ -129,11 +129,13 @@ class LMScorer:
         ``features``' prepared rows (``spec``, ``interactions``, ``items``, ``users``: the prepare stage's
         :class:`~adrec.features.pipeline.Features`). ``cfg``: its RankerConfig (:func:`stage_ranker_config`).
         With ``cache_dir``, a ranker already fitted on the same rows and configuration is loaded instead."""
-        key = _fingerprint(known, cfg, text_last_n)
+        key = _fingerprint(known, cfg)
         cached = Path(cache_dir) / key if cache_dir is not None else None
         if cached is not None and (cached / _JSON).is_file():
             log.info("two-stage: stage ranker %s read from %s", key, cached)
-            return cls.load(cached)
+            out = cls.load(cached)
+            out.text_last_n = int(text_last_n)
+            return out
         from adrec.ranking.train import fit_local
 
         t0 = time.perf_counter()
