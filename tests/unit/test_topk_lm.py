@@ -12,15 +12,21 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
 from adrec.config import RankerConfig, build_config
 from adrec.errors import ConfigError
 from adrec.features.pipeline import history_lists
 from adrec.features.split import TEST, TRAIN, VALID
 from adrec.topk import TopKData, TwoStageRecommender
 from adrec.topk.known import KnownIndex
-from adrec.topk.lm import FEATURE_NAMES, LMScorer, _fingerprint, stage_ranker_config, stage_rows
+from adrec.topk.lm import (
+    FEATURE_NAMES,
+    LMScorer,
+    _fingerprint,
+    stage_ranker_config,
+    stage_rows,
+)
 from adrec.topk.protocol import inner_stage, make_stage
+
 from tests.support.toy import toy_features
 
 SOURCES = {"ease": {"kind": "ease", "n": 15, "l2": 10.0}, "pop": {"kind": "popularity", "n": 10}}
@@ -28,15 +34,15 @@ HIST = 5
 
 
 def tiny(**kw) -> RankerConfig:
-    base = dict(tiny_encoder=True, epochs=2, batch_size=128, embed_dim=8, hidden=[16], cross_layers=1, cross_rank=4,
-                att_hidden=8, max_text_len=16, refit=False, ema_decay=None)
+    base = {"tiny_encoder": True, "epochs": 1, "batch_size": 128, "embed_dim": 8, "hidden": [16], "cross_layers": 1,
+            "cross_rank": 4, "att_hidden": 8, "max_text_len": 16, "refit": False, "ema_decay": None}
     base.update(kw)
     return stage_ranker_config(RankerConfig(**base), {"epochs": base["epochs"]})
 
 
 @pytest.fixture(scope="module")
 def toy():
-    return toy_features(n_users=40, n_items=30, n_rows=1600, history_len=HIST)
+    return toy_features(n_users=30, n_items=25, n_rows=1000, history_len=HIST)
 
 
 def _stages(inter, spec):

@@ -142,7 +142,7 @@ class LMScorer:
         rows = stage_rows(features.interactions, known)
         view = SimpleNamespace(spec=features.spec, interactions=rows, items=features.items, users=features.users)
         ranker, reports = fit_local(cfg, view)
-        info = {"rows": int(len(rows)), "train_rows": int((rows["split"] == TRAIN).sum()),
+        info = {"rows": len(rows), "train_rows": int((rows["split"] == TRAIN).sum()),
                 "valid_auc": max((float(r.get("valid_auc", float("nan"))) for r in reports), default=None),
                 "seconds": round(time.perf_counter() - t0, 1), "key": key}
         log.info("two-stage: stage ranker fitted on %d known rows in %.0fs (valid AUC %s)", len(rows),
