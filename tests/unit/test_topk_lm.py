@@ -161,6 +161,8 @@ def test_evaluation_and_serving_read_the_same_features(toy, fitted, tmp_path):
     np.testing.assert_array_equal(cu2, cu)
     np.testing.assert_array_equal(ci2, ci)
     np.testing.assert_allclose(s2, s, rtol=1e-6, atol=1e-9)
+    assert rec.lm.cache_dir is not None and any(rec.lm.cache_dir.glob("p_click_*.npy"))
+    np.testing.assert_array_equal(rec.score_candidates(users)[2], s)  # read back from the fit's cache
     np.testing.assert_array_equal(loaded.recommend(users, 5)[0], rec.recommend(users, 5)[0])
     # lm.p_click is the ranker's calibrated click probability of the row the serving path builds
     _, _, cols = loaded._features(users[:3], loaded.sources, loaded.index, loaded.known, loaded.lm, frame=False)

@@ -125,6 +125,10 @@ class LMScorer:
         self.text_last_n = int(text_last_n)
         self.item_emb = ranker.item_embeddings()  # (n_items, d), L2-normalised; computed once per ranker
         self.info = dict(info or {})
+        # Where fit() kept this ranker: the click probabilities it computes are kept there too, keyed by the
+        # ranker and the exact rows (they are a pure function of both), so a benchmark's repeated stages and
+        # variants read them. None (serving, a recommender fitted without a cache): always computed.
+        self.cache_dir: Path | None = None
 
     # ---- fit ----------------------------------------------------------------------------------------
     @classmethod
@@ -140,6 +144,7 @@ class LMScorer:
             log.info("two-stage: stage ranker %s read from %s", key, cached)
             out = cls.load(cached)
             out.text_last_n = int(text_last_n)
+            out.cache_dir = cached
             return out
         from adrec.ranking.train import fit_local
 
@@ -155,6 +160,7 @@ class LMScorer:
         out = cls(ranker, features.users, text_last_n, info)
         if cached is not None:
             out.save(cached)
+            out.cache_dir = cached
         return out
 
     # ---- the features ----------------------------------------------------------------------------------
@@ -177,7 +183,7 @@ class LMScorer:
         hl = self.spec.history_len
         per_user = [h[-hl:] if hl else h[:0] for h in hist]
         rows["hist"] = [per_user[j] for j in inv]
-        p = self.ranker.predict(rows, batch_size=4096)
+        p = self._click_prob(rows, per_user, inv)
         # text similarity to the user's recent positives
         d = self.item_emb.shape[1]
         prof = np.zeros((len(users), d), np.float32)
@@ -190,6 +196,20 @@ class LMScorer:
         ok = (ci >= 0) & (ci < len(self.item_emb))
         sim = np.einsum("ij,ij->i", self.item_emb[np.where(ok, ci, 0)], prof[inv])
         return {"lm.p_click": p.astype(np.float32), "lm.text_sim": np.where(ok, sim, 0.0).astype(np.float32)}
+
+    def _click_prob(self, rows: pd.DataFrame, per_user: list[np.ndarray], inv: np.ndarray) -> np.ndarray:
+        if self.cache_dir is None:
+            return self.ranker.predict(rows, batch_size=4096)
+        h = hashlib.sha256()
+        for a in (rows["user_idx"].to_numpy(np.int64), rows["item_idx"].to_numpy(np.int64), inv.astype(np.int64),
+                  np.array([len(x) for x in per_user], np.int64), *per_user):
+            h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+        path = self.cache_dir / f"p_click_{h.hexdigest()[:24]}.npy"
+        if path.is_file():
+            return np.load(path)
+        p = self.ranker.predict(rows, batch_size=4096)
+        np.save(path, p)
+        return p
 
     # ---- persistence ---------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
