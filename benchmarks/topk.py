@@ -225,6 +225,8 @@ def run_benchmark(data: Any, out_dir: str | Path | None = None, repeats: int = 3
     if quick:
         ts_kwargs.setdefault("train_stages", ("valid",))
     dev: dict[str, Any] = {}
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     for name, over in (dev_variants or {}).items():
         kw = {**ts_kwargs, **dict(over), "train_stages": ("inner",)}
         t0 = time.perf_counter()
