@@ -246,7 +246,7 @@ def run_benchmark(data: Any, out_dir: str | Path | None = None, repeats: int = 3
 
         fit_s, rec = _median_time(fit_two_stage, 1 if lm_on else repeats)
         fit_cpu = _last_cpu()
-        rec_s, ids = _median_time(lambda: rec.recommend(test.users, K)[0], repeats)
+        rec_s, ids = _median_time(lambda rec=rec: rec.recommend(test.users, K)[0], repeats)
         methods[row] = {
             "params": _shown(kw) | {"ranker": rec.ranker, "ranker_features": bool(lm_on)},
             "test": evaluate_lists(test, ids, K), "fit_s": fit_s, "recommend_s": rec_s, "fit_cpu_s": fit_cpu,
