@@ -197,3 +197,23 @@ def test_config_and_guards(toy):
             TopKData(toy.interactions, toy.spec.n_users, toy.spec.n_items, toy.spec.n_catalog))
     with pytest.raises(ValueError, match="inner"):
         TwoStageRecommender(sources=SOURCES, ranker="sklearn").fit(TopKData.from_features(toy), final_stage="valid")
+
+
+def test_the_benchmarks_ablation_and_valid_variants(toy, tmp_path):
+    from benchmarks.topk import run_benchmark
+
+    grids = {"most-popular": ("popularity", [{}]), "ease": ("ease", [{"l2": 10.0, "num_threads": 1}])}
+    kw = {"sources": SOURCES, "ranker": "sklearn", "ranker_params": {"max_iter": 30}, "last_n": [1, 5],
+          "windows_days": [7], "transition_span": 3, "lm_config": tiny(), "lm_cache": tmp_path / "cache"}
+    res = run_benchmark(TopKData.from_features(toy), tmp_path / "out", repeats=1, grids=grids, dataset="toy",
+                        two_stage_kwargs=kw, ranker_features="both",
+                        dev_variants={"base": {"ranker_features": False}, "lm": {"ranker_features": True}})
+    assert {"adrec-two-stage", "adrec-two-stage+lm"} <= set(res["methods"])
+    assert res["methods"]["adrec-two-stage+lm"]["params"]["ranker_features"] is True
+    assert res["methods"]["adrec-two-stage"]["params"]["ranker_features"] is False
+    assert set(res["dev"]) == {"base", "lm"} and res["gain_row"] == "adrec-two-stage+lm"
+    assert set(res["absolute_targets"]["adrec-two-stage+lm"]) == {"ndcg@10", "recall@10"}
+    # three stage rankers in all (inner, train, train + valid): the VALID variants and the test fit share them
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 3
+    md = (tmp_path / "out" / "topk_benchmark.md").read_text()
+    assert "| adrec-two-stage+lm" in md and "on VALID" in md
