@@ -23,8 +23,8 @@ serving (a version's ``topk/lm`` folder, read by :meth:`TwoStageRecommender.load
 :meth:`LMScorer.features` through :func:`adrec.topk.features.candidate_features`.
 
 Cost: a ranker training per stage (three for a fit with both training stages). Stage rankers take
-``RankerConfig`` with :data:`STAGE_RANKER_DEFAULTS` over it (at most 4 epochs, no refit: about a third of
-``adrec train``'s time on MovieLens-100k) unless ``topk.ranker_features_params`` says otherwise;
+``RankerConfig`` with :data:`STAGE_RANKER_DEFAULTS` over it (at most 4 epochs of the default's 12, no refit)
+unless ``topk.ranker_features_params`` says otherwise;
 ``cache_dir`` keeps fitted stage rankers keyed by their known rows and configuration (benchmarks reuse them).
 """
 
