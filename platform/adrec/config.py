@@ -201,6 +201,15 @@ class TopKConfig(_Strict):
     # exposure so far in the list against the scaled relevance; 0 = off (the re-ranker's order).
     exposure_weight: float = Field(0.0, ge=0, le=1)
     exposure_pool: int = Field(100, ge=1)  # the best candidates by re-ranker score it re-ranks
+    # The language-model ranker inside the order (issue 14, item 6; adrec.topk.lm): its calibrated click
+    # probability and the text similarity of the candidate to the user's last ranker_features_last_n positives
+    # as re-ranker features, each stage's from a fusion ranker fitted on that stage's known rows only. On by
+    # default: chosen on VALID (MovieLens-100k, docs/benchmarks.md "The language-model ranker inside the order").
+    ranker_features: bool = True
+    # Overrides of the stage rankers' configuration: the ranker section, then adrec.topk.lm.STAGE_RANKER_DEFAULTS
+    # (fewer epochs, no refit), then these (any RankerConfig key).
+    ranker_features_params: dict[str, Any] = Field(default_factory=dict)
+    ranker_features_last_n: int = Field(10, ge=1)
 
     def recommender_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`adrec.topk.TwoStageRecommender` (whose defaults they are)."""
@@ -211,6 +220,8 @@ class TopKConfig(_Strict):
             "next_candidates": self.next_candidates, "rank_depth": self.rank_depth, "ranker": self.ranker,
             "ranker_params": dict(self.ranker_params), "batch_users": self.batch_users, "seed": self.seed,
             "exposure_weight": self.exposure_weight, "exposure_pool": self.exposure_pool,
+            "ranker_features": self.ranker_features, "ranker_features_params": dict(self.ranker_features_params),
+            "ranker_features_last_n": self.ranker_features_last_n,
         }
 
 

@@ -76,7 +76,9 @@ def synth() -> TopKData:
 
 @pytest.fixture(scope="module", params=RANKERS)
 def fitted_two_stage(request, synth):
-    rec = TwoStageRecommender(sources=SMALL_SOURCES, ranker=request.param, ranker_params=FAST[request.param])
+    # bare interactions (no prepared rows): without the language-model features (tests/unit/test_topk_lm.py)
+    rec = TwoStageRecommender(sources=SMALL_SOURCES, ranker=request.param, ranker_params=FAST[request.param],
+                              ranker_features=False)
     return rec.fit(synth)
 
 
@@ -187,7 +189,8 @@ def test_two_stage_extra_scores_hook(synth):
         return np.asarray(items, np.float32)
 
     rec = TwoStageRecommender(sources=SMALL_SOURCES, ranker="sklearn", train_stages=("valid",),
-                              ranker_params={"max_iter": 30}, extra_scores={"ctr": item_index_score})
+                              ranker_params={"max_iter": 30}, extra_scores={"ctr": item_index_score},
+                              ranker_features=False)
     rec.fit(synth)
     assert "extra.ctr" in rec.feature_names
     n_train = int((synth.interactions["split"] == "train").sum())
@@ -352,7 +355,7 @@ def test_benchmark_report_on_a_small_log(synth, tmp_path):
         "itemitem-cosine": ("itemitem", [{"K": 10, "num_threads": 1}]),
     }
     res = run_benchmark(synth, tmp_path, repeats=1, grids=grids, dataset="synthetic",
-                        two_stage_kwargs={"sources": SMALL_SOURCES, "ranker": "sklearn",
+                        two_stage_kwargs={"sources": SMALL_SOURCES, "ranker": "sklearn", "ranker_features": False,
                                           "ranker_params": {"max_iter": 50}, "train_stages": ("valid",)})
     data = json.loads((tmp_path / "topk_benchmark.json").read_text())
     assert set(data["methods"]) == {"most-popular", "ease", "itemitem-cosine", "adrec-two-stage"}

@@ -142,9 +142,9 @@ class FusionRanker(Ranker):
                 out.append(self.model(self.batch(rows.iloc[i:i + batch_size])).float().cpu().numpy())
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0, dtype=np.float64)
 
-    def predict(self, rows: pd.DataFrame) -> np.ndarray:
+    def predict(self, rows: pd.DataFrame, batch_size: int = 512) -> np.ndarray:
         a, b = self.calibration
-        return _sigmoid(a * self.logits(rows) + b)
+        return _sigmoid(a * self.logits(rows, batch_size) + b)
 
     @property
     def tasks(self) -> list[str]:

@@ -4,7 +4,8 @@ learns and is scored under, and the stage that fits it into a run (:func:`fit_to
 
 Modules, one job each: ``protocol`` (which rows a stage learns from, excludes and is scored on),
 ``data`` (what the recommender learns from), ``known`` (the index of a stage's known interactions),
-``union`` (the sources and their candidate union), ``features`` (per-candidate features), ``gbdt``
+``union`` (the sources and their candidate union), ``lm`` (the language-model ranker's features, one
+stage ranker per stage), ``features`` (per-candidate features), ``gbdt``
 (the LightGBM / scikit-learn re-ranker), ``recommender`` (fit, rank, save, load), ``stage`` (the run's
 ``topk`` folder).
 

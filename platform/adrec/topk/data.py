@@ -58,10 +58,14 @@ class TopKData:
     item_tags: sp.csr_matrix | None = None
     # Per item index its provider's code (adrec.topk.exposure.provider_codes), for exposure-aware re-ranking.
     item_provider: np.ndarray | None = None
+    # The prepared rows (``spec``, ``interactions`` with ``f:*`` codes and ``hist``, ``items``, ``users``: the
+    # prepare stage's Features) that the language-model ranker features (topk.ranker_features) train on.
+    features: Any = None
 
     @classmethod
     def from_features(cls, features: Any) -> TopKData:
         """From :class:`adrec.features.pipeline.Features` (the prepare stage's outputs)."""
         spec = features.spec
         return cls(features.interactions, int(spec.n_users), int(spec.n_items), int(spec.n_catalog),
-                   item_tag_matrix(features.items, int(spec.n_items)), provider_codes(features.items, int(spec.n_items)))
+                   item_tag_matrix(features.items, int(spec.n_items)), provider_codes(features.items, int(spec.n_items)),
+                   features)

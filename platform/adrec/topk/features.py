@@ -10,7 +10,9 @@ interactions at each user's cutoff (the time of their last known interaction).
   positives), "what people interact with next" (the transition matrix read from the user's last N
   interactions), and tag/genre affinity with the user's positives (item categorical and
   multi-valued fields, e.g. MovieLens genres);
-- optional extra scores: named callables (e.g. a CTR ranker's probability) added as features.
+- the language-model ranker's calibrated click probability and the text similarity of the candidate to
+  the user's recent positives (``lm.*``, :mod:`.lm`), from the ranker fitted on the stage's known rows;
+- optional extra scores: named callables added as features.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ ExtraScore = Callable[[np.ndarray, np.ndarray, pd.DataFrame], np.ndarray]
 def candidate_features(users: np.ndarray, sources: Mapping[str, CandidateSource], top_n: Mapping[str, int],
                        index: KnownIndex, known: pd.DataFrame, n_catalog: int, rank_depth: int,
                        next_candidates: int, extra_scores: Mapping[str, ExtraScore],
-                       frame: bool = True) -> tuple[np.ndarray, np.ndarray, Any]:
+                       frame: bool = True, lm: Any = None) -> tuple[np.ndarray, np.ndarray, Any]:
     """(candidate users, candidate items, features) of the union for ``users`` (sorted, unique): a
     DataFrame, or with ``frame=False`` the name -> column dict (scoring skips pandas: a quarter of a
-    one-user request's CPU). The column order is the re-ranker's feature order."""
+    one-user request's CPU). The column order is the re-ranker's feature order. ``lm``: the stage's
+    :class:`~adrec.topk.lm.LMScorer` (the ``lm.*`` features), or None."""
     cu, ci, score, rank = candidate_union(users, sources, top_n, index, n_catalog, rank_depth, next_candidates)
     f: dict[str, np.ndarray] = {}
     for name in sources:
@@ -78,6 +81,8 @@ def candidate_features(users: np.ndarray, sources: Mapping[str, CandidateSource]
         tags = index.item_tags[ci]
         f["ui.tag_aff"] = np.asarray(tags.multiply(prof).sum(axis=1)).ravel().astype(np.float32) / np.maximum(
             index.tag_count[ci], 1.0)
+    if lm is not None:
+        f.update(lm.features(cu, ci, index))
     for name, fn in extra_scores.items():
         f[f"extra.{name}"] = np.asarray(fn(cu, ci, known), dtype=np.float32).ravel()
     return cu, ci, (pd.DataFrame(f) if frame else f)

@@ -32,6 +32,7 @@ from .exposure import exposure_rerank
 from .features import ExtraScore, candidate_features
 from .gbdt import load_ranker, predict, resolve_ranker, save_ranker, train_ranker
 from .known import KnownIndex
+from .lm import LM_DIR, LMScorer, stage_ranker_config
 from .protocol import Stage, inner_stage, make_stage
 from .union import fit_sources
 
@@ -88,6 +89,13 @@ class TwoStageRecommender:
       valid split's labels, or the re-ranker learns to trust a leaked feature. Not saved: pass
       them again to :meth:`load`.
 
+    - ``ranker_features``: the language-model ranker inside the order (:mod:`.lm`): its calibrated click
+      probability and the candidate's text similarity to the user's last ``ranker_features_last_n``
+      positives as features, each stage's from a fusion ranker fitted on that stage's known rows only
+      (``lm_config``: the ``ranker`` section it starts from, ``ranker_features_params`` its overrides; see
+      :func:`~adrec.topk.lm.stage_ranker_config`); ``lm_cache``: a folder keeping fitted stage rankers.
+      Needs the prepared rows (:attr:`TopKData.features`). Saved with the recommender (``lm/``).
+
     - ``exposure_weight``: w of the exposure-aware re-ranking of every list (:mod:`.exposure`; 0 = off),
       over the best ``exposure_pool`` candidates by re-ranker score; needs item providers (the data's
       ``item.advertiser``, else primary ``item.genre``), without them the lists are not re-ranked.
@@ -112,11 +120,18 @@ class TwoStageRecommender:
         seed: int | None = None,
         exposure_weight: float | None = None,
         exposure_pool: int | None = None,
+        ranker_features: bool | None = None,
+        ranker_features_params: Mapping[str, Any] | None = None,
+        ranker_features_last_n: int | None = None,
+        lm_config: Any = None,
+        lm_cache: str | Path | None = None,
     ) -> None:
         given = {"sources": sources, "train_stages": train_stages, "last_n": last_n, "windows_days": windows_days,
                  "transition_span": transition_span, "next_candidates": next_candidates, "rank_depth": rank_depth,
                  "ranker": ranker, "ranker_params": ranker_params, "batch_users": batch_users, "seed": seed,
-                 "exposure_weight": exposure_weight, "exposure_pool": exposure_pool}
+                 "exposure_weight": exposure_weight, "exposure_pool": exposure_pool,
+                 "ranker_features": ranker_features, "ranker_features_params": ranker_features_params,
+                 "ranker_features_last_n": ranker_features_last_n}
         p = {**default_params(), **{k: v for k, v in given.items() if v is not None}}
         self.source_specs = _source_specs(p["sources"])
         bad = [s for s in p["train_stages"] if s not in TRAIN_STAGES]
@@ -138,7 +153,16 @@ class TwoStageRecommender:
         if not 0.0 <= self.exposure_weight <= 1.0 or self.exposure_pool < 1:
             raise ValueError(f"exposure_weight must be in [0, 1] and exposure_pool >= 1, got "
                              f"{self.exposure_weight!r}, {self.exposure_pool!r}")
+        self.ranker_features = bool(p["ranker_features"])
+        self.ranker_features_params = dict(p["ranker_features_params"])
+        self.ranker_features_last_n = int(p["ranker_features_last_n"])
+        self.lm_cache = lm_cache
+        # the stage rankers' configuration, checked now (a bad key fails before anything is fitted)
+        self.lm_config = (stage_ranker_config(lm_config, self.ranker_features_params) if self.ranker_features
+                          else None)
         # fitted state
+        self.lm: LMScorer | None = None  # the language-model features' ranker fitted on train + valid
+        self._data: TopKData | None = None  # while fitting only
         self.model: Any = None
         self.feature_names: list[str] | None = None
         self.sources: dict[str, CandidateSource] | None = None
@@ -150,12 +174,24 @@ class TwoStageRecommender:
         self.fit_info: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ fit
-    def fit(self, data: Any) -> TwoStageRecommender:
+    def fit(self, data: Any, final_stage: str = "test") -> TwoStageRecommender:
         """Learn the re-ranker on the train-side stages, then refit the sources on train + valid.
 
         ``data``: :class:`~adrec.topk.data.TopKData` or :class:`adrec.features.pipeline.Features`.
+        ``final_stage="valid"`` (model selection): the state it serves from is fitted on train only, to be
+        scored on the valid positives; it then learns from the ``inner`` stage alone (``train_stages``
+        must be ``("inner",)``, or the re-ranker would have read the valid labels).
         """
+        if final_stage not in ("test", "valid"):
+            raise ValueError(f"final_stage must be 'test' or 'valid', got {final_stage!r}")
+        if final_stage == "valid" and tuple(self.train_stages) != ("inner",):
+            raise ValueError("final_stage='valid' scores the valid split: train the re-ranker on the inner stage "
+                             f"alone (train_stages=('inner',)), not {self.train_stages!r}")
         data = data if isinstance(data, TopKData) else TopKData.from_features(data)
+        if self.ranker_features and data.features is None:
+            raise ValueError("ranker_features needs the prepared rows the language-model ranker trains on: pass "
+                             "TopKData.from_features(features) (or the Features), not bare interactions")
+        self._data = data
         self.n_users, self.n_items, self.n_catalog = data.n_users, data.n_items, data.n_catalog
         self.item_tags = data.item_tags
         self.item_provider = data.item_provider
@@ -164,8 +200,8 @@ class TwoStageRecommender:
         for name in self.train_stages:
             stage = (make_stage(data.interactions, data.n_users, data.n_items, data.n_catalog, "valid")
                      if name == "valid" else inner_stage(data.interactions, data.n_users, data.n_items, data.n_catalog))
-            sources, index = self._fit_state(stage.known)
-            x, y, g = self._training_examples(stage, sources, index)
+            sources, index, lm = self._fit_state(stage.known)
+            x, y, g = self._training_examples(stage, sources, index, lm)
             frames.append(x), labels.append(y), groups.append(g)
             logger.info("two-stage: %s stage: %d users, %d candidates, %d positives among them",
                         name, len(g), len(y), int(y.sum()))
@@ -176,12 +212,16 @@ class TwoStageRecommender:
         t1 = time.perf_counter()
         self.model = train_ranker(self.ranker, x, y, g, self.ranker_params, self.seed)
         t2 = time.perf_counter()
-        final = make_stage(data.interactions, data.n_users, data.n_items, data.n_catalog, "test")
+        final = make_stage(data.interactions, data.n_users, data.n_items, data.n_catalog, final_stage)
         self.known = final.known
-        self.sources, self.index = self._fit_state(final.known)
+        self.sources, self.index, self.lm = self._fit_state(final.known)
+        self._data = None
         self.fit_info = {"examples": int(len(y)), "positives": int(y.sum()), "groups": int(len(g)),
                          "features_s": round(t1 - t0, 3), "ranker_s": round(t2 - t1, 3),
-                         "refit_s": round(time.perf_counter() - t2, 3), "ranker": self.ranker}
+                         "refit_s": round(time.perf_counter() - t2, 3), "ranker": self.ranker,
+                         "final_stage": final_stage}
+        if self.lm is not None:
+            self.fit_info["lm_final"] = self.lm.info
         logger.info("two-stage: fitted %s on %d examples (%s)", self.ranker, len(y), self.fit_info)
         return self
 
@@ -189,17 +229,20 @@ class TwoStageRecommender:
         return KnownIndex.from_frame(known, self.n_users, self.n_items, self.item_tags, self.last_n,
                                      self.windows_days, self.transition_span)
 
-    def _fit_state(self, known: pd.DataFrame) -> tuple[dict[str, CandidateSource], KnownIndex]:
+    def _fit_state(self, known: pd.DataFrame) -> tuple[dict[str, CandidateSource], KnownIndex, LMScorer | None]:
+        """Everything a stage's features read, fitted on its known interactions only."""
         index = self._known_index(known)
-        return fit_sources(self.source_specs, index), index
+        lm = (LMScorer.fit(known, self._data.features, self.lm_config, self.ranker_features_last_n, self.lm_cache)
+              if self.ranker_features else None)
+        return fit_sources(self.source_specs, index), index, lm
 
-    def _training_examples(self, stage: Stage, sources, index) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    def _training_examples(self, stage: Stage, sources, index, lm) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
         users = stage.users
         truth_codes = np.concatenate([u * np.int64(self.n_items) + t for u, t in zip(users, stage.truth)])
         xs, ys, gs = [], [], []
         for start in range(0, len(users), self.batch_users):
             bu = users[start:start + self.batch_users]
-            cu, ci, feats = self._features(bu, sources, index, stage.known)
+            cu, ci, feats = self._features(bu, sources, index, stage.known, lm)
             y = np.isin(cu * np.int64(self.n_items) + ci, truth_codes).astype(np.float32)
             xs.append(feats), ys.append(y)
             gs.append(np.bincount(np.searchsorted(bu, cu), minlength=len(bu)))
@@ -211,12 +254,13 @@ class TwoStageRecommender:
         keep_rows = np.repeat(has_pos, g)
         return x[keep_rows].reset_index(drop=True), y[keep_rows], g[has_pos]
 
-    def _features(self, users: np.ndarray, sources, index: KnownIndex, known: pd.DataFrame,
+    def _features(self, users: np.ndarray, sources, index: KnownIndex, known: pd.DataFrame, lm: LMScorer | None,
                   frame: bool = True) -> tuple[np.ndarray, np.ndarray, Any]:
-        """:func:`~adrec.topk.features.candidate_features` with this recommender's settings."""
+        """:func:`~adrec.topk.features.candidate_features` with this recommender's settings (the one feature
+        function of training, evaluation and serving)."""
         top_n = {name: spec["n"] for name, spec in self.source_specs.items()}
         return candidate_features(users, sources, top_n, index, known, self.n_catalog, self.rank_depth,
-                                  self.next_candidates, self.extra_scores, frame=frame)
+                                  self.next_candidates, self.extra_scores, frame=frame, lm=lm)
 
     # ------------------------------------------------------------------ recommend
     def _check_fitted(self) -> None:
@@ -228,7 +272,7 @@ class TwoStageRecommender:
         grouped by user in ascending order (the re-ranker's view, before ranking)."""
         self._check_fitted()
         users = np.unique(np.asarray(user_idx, dtype=np.int64).reshape(-1))
-        cu, ci, x = self._features(users, self.sources, self.index, self.known, frame=False)
+        cu, ci, x = self._features(users, self.sources, self.index, self.known, self.lm, frame=False)
         return cu, ci, self._score(x)
 
     def _score(self, columns: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -281,7 +325,7 @@ class TwoStageRecommender:
         uniq, inv = np.unique(users, return_inverse=True)
         for start in range(0, len(uniq), self.batch_users):
             bu = uniq[start:start + self.batch_users]
-            cu, ci, x = self._features(bu, self.sources, self.index, self.known, frame=False)
+            cu, ci, x = self._features(bu, self.sources, self.index, self.known, self.lm, frame=False)
             s = self._score(x)
             row = np.searchsorted(bu, cu)
             keep = np.ones(len(ci), bool)
@@ -329,6 +373,8 @@ class TwoStageRecommender:
         for name, src in self.sources.items():
             src.save(d / "sources" / name)
         save_ranker(self.model, self.ranker, d)
+        if self.lm is not None:
+            self.lm.save(d / LM_DIR)
         arrays = {c: self.known[c].to_numpy() for c in _KNOWN_COLUMNS}
         pack_csr("tags", self.item_tags, arrays)
         if self.item_provider is not None:
@@ -342,7 +388,11 @@ class TwoStageRecommender:
                        "rank_depth": self.rank_depth,
                        "ranker": self.ranker, "ranker_params": self.ranker_params,
                        "batch_users": self.batch_users, "seed": self.seed,
-                       "exposure_weight": self.exposure_weight, "exposure_pool": self.exposure_pool},
+                       "exposure_weight": self.exposure_weight, "exposure_pool": self.exposure_pool,
+                       "ranker_features": self.ranker_features,
+                       "ranker_features_params": self.ranker_features_params,
+                       "ranker_features_last_n": self.ranker_features_last_n},
+            "lm_config": json.loads(self.lm_config.model_dump_json()) if self.lm_config is not None else None,
             "n_users": self.n_users, "n_items": self.n_items, "n_catalog": self.n_catalog,
             "feature_names": self.feature_names, "extra_scores": sorted(self.extra_scores),
             "fit_info": self.fit_info,
@@ -359,7 +409,7 @@ class TwoStageRecommender:
         missing = set(meta.get("extra_scores", [])) - set(extra_scores or {})
         if missing:
             raise ValueError(f"{d} was trained with extra_scores {sorted(missing)}: pass them to load()")
-        obj = cls(**meta["params"], extra_scores=extra_scores)
+        obj = cls(**meta["params"], extra_scores=extra_scores, lm_config=meta.get("lm_config"))
         obj.n_users, obj.n_items, obj.n_catalog = meta["n_users"], meta["n_items"], meta["n_catalog"]
         obj.feature_names = meta["feature_names"]
         obj.fit_info = meta.get("fit_info", {})
@@ -371,4 +421,9 @@ class TwoStageRecommender:
         obj.item_tags = unpack_csr("tags", arrays)
         obj.item_provider = arrays.get("item_provider")  # absent in folders saved before exposure re-ranking
         obj.index = obj._known_index(obj.known)
+        if obj.ranker_features:
+            if not (d / LM_DIR).is_dir():
+                raise ValueError(f"{d} was fitted with ranker_features but holds no {LM_DIR}/ folder: refit the top-K "
+                                 "stage (`adrec candidates --run R`)")
+            obj.lm = LMScorer.load(d / LM_DIR)
         return obj

@@ -56,7 +56,8 @@ def fit_topk(cfg: AdrecConfig, run: RunDir, feats=None) -> dict:
     t0 = time.perf_counter()
     cand = run.require(run.candidates, "candidates")
     feats = feats if feats is not None else Features(run)
-    rec = TwoStageRecommender(**cfg.topk.recommender_kwargs()).fit(TopKData.from_features(feats))
+    # topk.ranker_features: the stage rankers start from the ranker section's configuration
+    rec = TwoStageRecommender(**cfg.topk.recommender_kwargs(), lm_config=cfg.ranker).fit(TopKData.from_features(feats))
     target = topk_dir(run)
     tmp = target.parent / f".{target.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
