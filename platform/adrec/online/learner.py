@@ -56,7 +56,7 @@ from adrec.online.checkpoint import load_checkpoint, local_state_dir, save_check
 from adrec.online.metrics import EPS, RayGauges, ScoreBoard
 from adrec.online.optim import make_optimizer, select_parameters
 from adrec.online.publish import STATUS_CURRENT, STATUS_RECORDS, StatusLog, publish_version, version_id
-from adrec.online.rows import RowEncoder
+from adrec.features.row_encoder import RowEncoder
 from adrec.storage import resolve
 
 log = logging.getLogger(__name__)

@@ -1,10 +1,12 @@
-"""Ranker input rows for a mini-batch of labelled impressions, encoded as serving encodes them.
+"""Ranker input rows from user and item indices: the codes :meth:`FeatureSpec.encode_rows` gives, computed
+with plain dictionary and numpy lookups.
 
-:meth:`FeatureSpec.encode_rows` (what :meth:`Recommender.rows` calls) builds a pandas frame and maps
-every context column through pandas; for the learner's small mini-batches that overhead is most of
-the cost. :class:`RowEncoder` computes the same codes with plain dictionary and numpy lookups over the
-same vocabularies, entity code tables and :func:`hash_pair` crosses; ``exact=True`` goes through
-``encode_rows`` itself, and the unit tests check that both agree.
+``encode_rows`` builds a pandas frame and maps every context column through pandas: for the small row
+counts of a served request (10-100 rows) or of the online learner's mini-batches that overhead was most
+of the cost (3 context fields on the synthetic data: ~60% of a request's ranking CPU). :class:`RowEncoder`
+computes the same codes over the same vocabularies, entity code tables and :func:`hash_pair` crosses;
+``exact=True`` goes through ``encode_rows`` itself, and the unit tests check that both agree. It is what
+:meth:`adrec.model_version.ModelVersion.rows` (serving) and the online learner call.
 """
 
 from __future__ import annotations
@@ -29,20 +31,30 @@ class RowEncoder:
                     continue
                 self.entity.append((kind, f, codes[f].to_numpy(dtype=np.int64)))
 
-    def encode(self, user_idx: np.ndarray, item_idx: np.ndarray, contexts: list[dict], hists: list) -> pd.DataFrame:
+    def encode(self, user_idx: np.ndarray, item_idx: np.ndarray, contexts: list[dict] | dict | None,
+               hists: list) -> pd.DataFrame:
+        """Rows ``user_idx``, ``item_idx``, the ``f:*`` codes in the spec's field order, ``hist``.
+
+        ``contexts``: one dict per row, or one dict (or None) for every row (a served request: its
+        context is encoded once)."""
         u = np.asarray(user_idx, dtype=np.int64)
         it = np.asarray(item_idx, dtype=np.int64)
+        n = len(u)
+        per_row = isinstance(contexts, list)
         if self.exact:
             frame = pd.DataFrame({"user_idx": u, "item_idx": it})
             for c, key, _ in self.context:
-                frame[c] = [str(ctx.get(key, "")) for ctx in contexts]
+                frame[c] = [str(ctx.get(key, "")) for ctx in contexts] if per_row else \
+                    np.full(n, str((contexts or {}).get(key, "")), dtype=object)
             codes = self.spec.encode_rows(frame, self.user_codes, self.item_codes)
             out = pd.concat([frame[["user_idx", "item_idx"]], codes], axis=1)
         else:
             vals = {"user": np.where(u >= 0, u + 1, 0), "item": np.where(it >= 0, it + 1, 0)}
-            n = len(u)
             for c, key, vocab in self.context:
-                vals[c] = np.fromiter((vocab.get(str(ctx.get(key, "")), 0) for ctx in contexts), np.int64, n)
+                if per_row:
+                    vals[c] = np.fromiter((vocab.get(str(ctx.get(key, "")), 0) for ctx in contexts), np.int64, n)
+                else:
+                    vals[c] = np.full(n, vocab.get(str((contexts or {}).get(key, "")), 0), np.int64)
             for kind, f, table in self.entity:
                 idx = u if kind == "user" else it
                 col = table[np.clip(idx, 0, None)] if len(table) else np.zeros(n, dtype=np.int64)
