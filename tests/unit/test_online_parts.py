@@ -15,6 +15,7 @@ import torch
 
 from adrec.config import OnlineConfig, build_config
 from adrec.metrics import auc, calibration, logloss
+from adrec.features.row_encoder import RowEncoder
 from adrec.features.spec import FeatureSpec
 from adrec.online.attribution import AttributionJoiner
 from adrec.online.catalog import OnlineCatalog, fold_in_sources
@@ -23,7 +24,6 @@ from adrec.errors import LogShrankError
 from adrec.feedback.filelog import FilePosition, FileReader
 from adrec.online.metrics import Progressive, ScoreBoard
 from adrec.online.optim import FTRLProximal, parameter_groups, select_parameters
-from adrec.features.row_encoder import RowEncoder
 
 
 # ---- attribution ------------------------------------------------------------------------------------
