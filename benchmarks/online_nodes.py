@@ -133,7 +133,9 @@ def run_benchmark(cfg, work: Path, s: Settings, log_dir: Path) -> dict:
 
         # 2. the head, the app on it, then the worker node
         t = time.perf_counter()
-        env = {**s3.env, "ADREC_PSEUDONYM_KEY": key, "PYTHONUNBUFFERED": "1"}
+        # RAY_JOB_STOP_WAIT_TIME_S: how long `ray job stop` waits after SIGTERM before SIGKILL (3 s by default,
+        # less than the learner's checkpoint to the store took under load: its status then never reached it).
+        env = {**s3.env, "ADREC_PSEUDONYM_KEY": key, "PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": "60"}
         head = Node("head", env, num_cpus=2, resources={"head_node": 1}).start(log_dir)
         nodes.append(head)
         submit_job(head, "serve", "--run", RUN, "--detach", log_dir=log_dir)
@@ -157,8 +159,9 @@ def run_benchmark(cfg, work: Path, s: Settings, log_dir: Path) -> dict:
             mode = "frozen" if k % 2 == 0 else "learning"
             jid, start_s = None, None
             if mode == "learning":
-                out = submit_job(head, "online", "--run", RUN, "--rollout", resources={"worker_node": 1},
-                                 wait=False, log_dir=log_dir)
+                # A checkpoint (with the status file on the store) every 1,000 records: the phase's counts.
+                out = submit_job(head, "online", "--run", RUN, "--rollout", "--set", "online.checkpoint_every_events=1000",
+                                 resources={"worker_node": 1}, wait=False, log_dir=log_dir)
                 jid = job_id(out)
                 start_s = _learning_started(head, jid)
             before = _learner_status().get("counts", {})
