@@ -93,7 +93,7 @@ def _placement(head) -> dict:
     for a in list_actors(address=head.dashboard, filters=[("state", "=", "ALIVE")], limit=1000):
         if a.class_name and a.class_name.startswith("ServeReplica:"):
             replicas.setdefault(a.class_name.split(":")[-1], []).append(names.get(a.node_id, a.node_id))
-    learners = [names.get(j.driver_node_id, j.driver_node_id) for j in list_jobs(address=head.dashboard)
+    learners = [names.get(j.driver_node_id, j.driver_node_id) for j in list_jobs(address=head.dashboard, detail=True)
                 if "pipelines/online.py" in (j.entrypoint or "")]
     return {"replicas": replicas, "learner_jobs": learners}
 
