@@ -114,6 +114,20 @@ def make_drift_data(syn, out: Path, s: Settings) -> DriftData:
     return DriftData(data_dir / "schema.yaml", stream, drift_ts, new_users, counts)
 
 
+def drift_config(cfg, data: DriftData):
+    """``cfg`` on the drift data's training log (its schema path; the synthetic crosses named explicitly,
+    as the data set is now a schema path), with the drift as the learner's metrics segment boundary."""
+    from adrec.config import CrossSpec
+    from adrec.data.sources import DEFAULT_CROSSES
+
+    updates = {"data": cfg.data.model_copy(update={"dataset": str(data.schema)}),
+               "online": cfg.online.model_copy(update={"segments_ts": [data.drift_ts]})}
+    if cfg.features.crosses is None:
+        updates["features"] = cfg.features.model_copy(
+            update={"crosses": [CrossSpec(fields=p) for p in DEFAULT_CROSSES["synthetic"]]})
+    return cfg.model_copy(update=updates)
+
+
 # ---- 2. the initial model -----------------------------------------------------------------------------------
 def train_initial(cfg, run, local: bool = False) -> dict:
     from adrec import flow
@@ -249,8 +263,6 @@ def run_benchmark(cfg, work: Path, s: Settings) -> dict:
     """Everything in the module documentation; returns the report (also written by :func:`write_report`)."""
     import ray
 
-    from adrec.config import CrossSpec
-    from adrec.data.sources import DEFAULT_CROSSES
     from adrec.online.actor import start_learner
     from adrec.online.stream import feedback_events
     from adrec.run import RunDir
@@ -269,15 +281,10 @@ def run_benchmark(cfg, work: Path, s: Settings) -> dict:
     marker.write_text("working folder of benchmarks.online (deleted and rewritten by the next run)\n")
     timings = {}
 
-    # 1. data (the synthetic crosses, named explicitly: the data set is now a schema path)
+    # 1. data
     data = make_drift_data(cfg.data.synthetic, work, s)
-    updates = {"data": cfg.data.model_copy(update={"dataset": str(data.schema)})}
-    if cfg.features.crosses is None:
-        updates["features"] = cfg.features.model_copy(
-            update={"crosses": [CrossSpec(fields=p) for p in DEFAULT_CROSSES["synthetic"]]})
-    online = cfg.online.model_copy(update={"segments_ts": [data.drift_ts]})
-    updates["online"] = online
-    cfg = cfg.model_copy(update=updates)
+    cfg = drift_config(cfg, data)
+    online = cfg.online
     timings["data_s"] = round(time.perf_counter() - t_start, 1)
 
     # 2. the initial model, on the pre-drift training log only
@@ -549,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
         default = getattr(Settings, f)
         p.add_argument("--" + f.replace("_", "-"), type=type(default) if default is not None else int, default=default)
     p.add_argument("--train-local", action="store_true", help="train the initial model in-process (no Ray Train)")
+    p.add_argument("--two-node", action="store_true",
+                   help="serving p99 learning vs paused with the learner on a second Ray node, the run on an S3 "
+                        "server (benchmarks/online_nodes.py; needs root and unshare)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would load the client
@@ -558,6 +568,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(a.config, a.set) if a.config else load_config(None, base + a.set)
     s = Settings(**{f: getattr(a, f) for f in Settings.__dataclass_fields__ if hasattr(a, f)})
     s.train_local = a.train_local
+    if a.two_node:
+        from .online_nodes import main as two_node
+
+        return two_node(cfg, Path(a.out), Path(a.work or Path(a.out) / "work").resolve(), s)
     report = run_benchmark(cfg, Path(a.work or Path(a.out) / "work"), s)
     js, md = write_report(report, a.out)
     print(md.read_text())

@@ -51,7 +51,7 @@ def feedback_bodies(users: list[str], items: list[str], n: int, events: int, pre
                         for j in range(events)]} for i in range(n)]
 
 
-def measure_one(name: str, cfg, run, port: int, users: list[str], items: list[str], s) -> dict:
+def measure_one(name: str, cfg, run, port: int, users: list[str], items: list[str], s, s3=None) -> dict:
     from ray import serve
 
     from adrec import storage
@@ -68,7 +68,10 @@ def measure_one(name: str, cfg, run, port: int, users: list[str], items: list[st
     deploy_s = time.perf_counter() - t0
     bodies = request_bodies(users, s.requests, k=10)
     http_load(url + "/recommend", bodies, s.concurrency, min(50, s.requests))  # warm-up
+    store0 = s3.requests_served() if s3 is not None else None
     rec = http_load(url + "/recommend", bodies, s.concurrency, s.requests)
+    # Requests the S3 server logged meanwhile: serving a cached version must not touch the store per request.
+    store_requests = None if store0 is None else s3.requests_served() - store0
     fb_bodies = feedback_bodies(users, items, s.requests, s.events, f"{name}-{uuid.uuid4().hex[:8]}")
     fb = http_load(url + "/feedback", fb_bodies, s.concurrency, s.requests)
     entry = publish(run, make_live=False)
@@ -77,7 +80,7 @@ def measure_one(name: str, cfg, run, port: int, users: list[str], items: list[st
     rollout_s = time.perf_counter() - t0
     serve.delete(args.app_name)
     return {"target": name, "deploy_s": round(deploy_s, 2), "rollout_s": round(rollout_s, 2),
-            "recommend": rec.__dict__, "feedback": fb.__dict__, "feedback_log": args.resolved().feedback_log,
+            "recommend": rec.__dict__, "store_requests_during_recommend": store_requests, "feedback": fb.__dict__, "feedback_log": args.resolved().feedback_log,
             "model_dir": args.resolved().model_dir}
 
 
@@ -89,12 +92,13 @@ def summarize(rounds: list[dict]) -> dict:
         out[name] = {"deploy_s": med([r["deploy_s"] for r in rs]), "rollout_s": med([r["rollout_s"] for r in rs]),
                      "recommend_p50_ms": med([r["recommend"]["p50_ms"] for r in rs]),
                      "recommend_p99_ms": med([r["recommend"]["p99_ms"] for r in rs]),
+                     "store_requests_during_recommend": sum(r.get("store_requests_during_recommend") or 0 for r in rs),
                      "feedback_p50_ms": med([r["feedback"]["p50_ms"] for r in rs]),
                      "feedback_p99_ms": med([r["feedback"]["p99_ms"] for r in rs]),
                      "failed": sum(r["recommend"]["requests"] - r["recommend"]["ok"]
                                    + r["feedback"]["requests"] - r["feedback"]["ok"] for r in rs)}
     out["ratio_store_over_local"] = {k: round(out["store"][k] / out["local"][k], 2) if out["local"][k] else None
-                                     for k in out["local"] if k != "failed"}
+                                     for k in out["local"] if k not in ("failed", "store_requests_during_recommend")}
     out["targets"] = {k: {"target": v, "store": out["store"][k], "met": out["store"][k] < v}
                       for k, v in TARGETS.items()}
     return out
@@ -107,10 +111,11 @@ def markdown(report: dict) -> str:
     cols = ["deploy_s", "rollout_s", "recommend_p50_ms", "recommend_p99_ms", "feedback_p50_ms", "feedback_p99_ms"]
     heads = ["deploy s (cold cache)", "new version on every replica s", "/recommend p50 ms", "/recommend p99 ms",
              "/feedback p50 ms", "/feedback p99 ms"]
-    rows = [{"run on": name, **{h: s[name][c] for h, c in zip(heads, cols)}, "failed": s[name]["failed"]}
+    rows = [{"run on": name, **{h: s[name][c] for h, c in zip(heads, cols)}, "failed": s[name]["failed"],
+             "S3 requests during /recommend": s[name].get("store_requests_during_recommend", "")}
             for name in ("local", "store")]
     rows.append({"run on": "store / local", **{h: s["ratio_store_over_local"][c] for h, c in zip(heads, cols)},
-                 "failed": ""})
+                 "failed": "", "S3 requests during /recommend": ""})
     st = report["settings"]
     lines = ["# Storage: the run on the local disk vs on an S3 store (moto on 127.0.0.1)", "",
              f"Medians of {st['repeats']} rounds (local and store in turns); concurrency {st['concurrency']}, "
@@ -159,7 +164,7 @@ def run_benchmark(out: Path, s) -> dict:
         for rep in range(s.repeats):
             for name, run in (("local", local), ("store", remote)):
                 log.info("round %d/%d: %s", rep + 1, s.repeats, name)
-                rounds.append(measure_one(name, cfg, run, port, users, items, s))
+                rounds.append(measure_one(name, cfg, run, port, users, items, s, s3))
         report = {"rounds": rounds, "summary": summarize(rounds), "upload_s": round(upload_s, 2),
                   "settings": vars(s), "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
                   "command": "python pipelines/benchmark_storage.py " + " ".join(sys.argv[1:])}

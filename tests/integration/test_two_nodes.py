@@ -13,10 +13,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,10 +24,10 @@ import pytest
 
 from adrec.model_version.registry import materialize, registry_of
 from adrec.runtime import free_port
-from tests.support.nodes import RAY_ENV, Node
+from tests.support.nodes import Node, submit_job
 from tests.support.s3 import S3Server
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout the jobs submit (tests.support.nodes.ROOT)
 BUCKET = "adrec-cluster"
 RUN = f"s3://{BUCKET}/runs/r1"
 KEY = "two-node-test-key"
@@ -67,28 +65,8 @@ def cluster(tmp_path_factory):
         s3.stop()
 
 
-def _submit(cluster, step: str, *args: str, resources: dict | None = None, timeout_s: float = 600,
-            wait: bool = True, fails: bool = False) -> str:
-    """``ray job submit --working-dir . -- python pipelines/<step>.py ...`` against the head, as the README."""
-    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", f"--address={cluster['head'].dashboard}",
-           "--working-dir", "."]
-    if resources:
-        cmd += ["--entrypoint-resources", json.dumps(resources)]
-    if not wait:
-        cmd += ["--no-wait"]
-    cmd += ["--", "python", f"pipelines/{step}.py", *args]
-    env = {**os.environ, **RAY_ENV}
-    env.pop("RAY_ADDRESS", None)
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
-    out = proc.stdout + proc.stderr
-    (cluster["logs"] / f"job-{step}.log").write_text(out)
-    if fails:
-        assert proc.returncode != 0, f"{step} job should have failed:\n{out[-6000:]}"
-        return out
-    assert proc.returncode == 0 and (not wait or "succeeded" in out.lower()), f"{step} job failed:\n{out[-6000:]}"
-    print(f"{step}: {time.monotonic() - t0:.0f}s")
-    return out
+def _submit(cluster, step: str, *args: str, **kw) -> str:
+    return submit_job(cluster["head"], step, *args, log_dir=cluster["logs"], **kw)
 
 
 def _private_files(node: Node) -> list[str]:

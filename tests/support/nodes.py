@@ -5,7 +5,8 @@ private tmpfs is mounted over ``/tmp`` there, and the node's ``HOME``, ``RAY_TMP
 live under it, so nothing a node writes to "its disk" is visible to the other node or to the test. Killing
 the namespace's first process (:meth:`Node.kill`) ends every process of the node at once, like a machine
 that goes away. :meth:`Node.run` runs a command inside the node's namespaces (``nsenter``), e.g. to look
-at its private disk.
+at its private disk. :func:`submit_job` runs a pipeline step as the README's ``ray job submit
+--working-dir .`` against a head node (the two-node acceptance test and ``benchmarks/online_nodes.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adrec.runtime import free_port
+
+#: The checkout a job submits as its working dir (this file is tests/support/nodes.py).
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def node_ip() -> str:
@@ -140,3 +144,50 @@ class Node:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+
+def submit_job(head: Node, step: str, *args: str, log_dir: Path, resources: dict | None = None,
+               timeout_s: float = 600, wait: bool = True, fails: bool = False) -> str:
+    """``ray job submit --working-dir . -- python pipelines/<step>.py ...`` against ``head``, as the README.
+
+    The output is kept in ``log_dir/job-<step>.log``; it raises AssertionError when the job failed (or, with
+    ``fails``, when it did not). ``wait=False`` returns once the job is submitted (its output names its id:
+    :func:`job_id`); ``resources``: the job's entrypoint resources (e.g. ``{"worker_node": 1}`` puts its
+    driver on the node started with that resource)."""
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", f"--address={head.dashboard}",
+           "--working-dir", "."]
+    if resources:
+        cmd += ["--entrypoint-resources", json.dumps(resources)]
+    if not wait:
+        cmd += ["--no-wait"]
+    cmd += ["--", "python", f"pipelines/{step}.py", *args]
+    env = {**os.environ, **RAY_ENV}
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    out = proc.stdout + proc.stderr
+    (Path(log_dir) / f"job-{step}.log").write_text(out)
+    if fails:
+        assert proc.returncode != 0, f"{step} job should have failed:\n{out[-6000:]}"
+        return out
+    assert proc.returncode == 0 and (not wait or "succeeded" in out.lower()), f"{step} job failed:\n{out[-6000:]}"
+    print(f"{step}: {time.monotonic() - t0:.0f}s")
+    return out
+
+
+def job_id(submit_output: str) -> str:
+    """The id of the job a :func:`submit_job` output names (``Job 'raysubmit_...' submitted successfully``)."""
+    import re
+
+    m = re.search(r"Job '([^']+)' submitted successfully", submit_output)
+    if m is None:
+        raise ValueError(f"no job id in the output of ray job submit:\n{submit_output[-2000:]}")
+    return m.group(1)
+
+
+def job_command(head: Node, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    """``ray job <args>`` (``stop ID``, ``logs ID``, ``status ID``) against ``head``."""
+    env = {**os.environ, **RAY_ENV}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([str(Path(sys.executable).parent / "ray"), "job", args[0], f"--address={head.dashboard}",
+                           *args[1:]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)

@@ -26,6 +26,7 @@ class S3Server:
     port: int = 0
     proc: subprocess.Popen | None = None
     env: dict = field(default_factory=dict)
+    log_path: Path | None = None
 
     @property
     def endpoint(self) -> str:
@@ -36,7 +37,8 @@ class S3Server:
         exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
         cmd = [exe, "-H", "127.0.0.1", "-p", str(self.port)] if exe else \
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
-        out = open(Path(log_dir) / "moto.log", "wb") if log_dir else subprocess.DEVNULL
+        self.log_path = Path(log_dir) / "moto.log" if log_dir else None
+        out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -68,6 +70,13 @@ class S3Server:
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             out += [o["Key"] for o in page.get("Contents", [])]
         return out
+
+    def requests_served(self) -> int | None:
+        """How many HTTP requests the server has logged so far (its log's request lines), None without a log:
+        what a measurement shows to have touched the store (or not) is the difference of two readings."""
+        if self.log_path is None or not self.log_path.is_file():
+            return None
+        return sum(1 for line in self.log_path.read_bytes().splitlines() if b'HTTP/1.1" ' in line)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -15,6 +15,7 @@ import torch
 
 from adrec.config import OnlineConfig, build_config
 from adrec.metrics import auc, calibration, logloss
+from adrec.features.row_encoder import RowEncoder
 from adrec.features.spec import FeatureSpec
 from adrec.online.attribution import AttributionJoiner
 from adrec.online.catalog import OnlineCatalog, fold_in_sources
@@ -23,7 +24,6 @@ from adrec.errors import LogShrankError
 from adrec.feedback.filelog import FilePosition, FileReader
 from adrec.online.metrics import Progressive, ScoreBoard
 from adrec.online.optim import FTRLProximal, parameter_groups, select_parameters
-from adrec.online.rows import RowEncoder
 
 
 # ---- attribution ------------------------------------------------------------------------------------
@@ -360,6 +360,16 @@ def test_row_encoder_matches_the_feature_spec():
             assert [list(h) for h in fast[c]] == [list(h) for h in exact[c]]
         else:
             np.testing.assert_array_equal(fast[c].to_numpy(dtype=np.int64), exact[c].to_numpy(dtype=np.int64), err_msg=c)
+    # One context for every row (a served request, ModelVersion.rows): the same codes as that dict per row.
+    for one, slot_code in (({"slot": "2", "device": "tablet"}, 2), ({"slot": 1}, 1), ({}, 0), (None, 0)):
+        fast = RowEncoder(spec, user_codes, item_codes).encode(users, items, one, hists)
+        exact = RowEncoder(spec, user_codes, item_codes, exact=True).encode(users, items, [one or {}] * len(users), hists)
+        assert list(fast.columns) == list(exact.columns)
+        for c in fast.columns:
+            if c != "hist":
+                np.testing.assert_array_equal(fast[c].to_numpy(dtype=np.int64), exact[c].to_numpy(dtype=np.int64),
+                                              err_msg=f"{one}: {c}")
+        assert fast["f:ctx.slot"].tolist() == [slot_code] * len(users)
 
 
 # ---- online catalog and ALS fold-in -----------------------------------------------------------------------

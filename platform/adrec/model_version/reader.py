@@ -14,6 +14,7 @@ from adrec.candidates.merge import MultiSource
 from adrec.candidates.popularity import PopularitySource
 from adrec.errors import RunError
 from adrec.features.pipeline import entity_codes
+from adrec.features.row_encoder import RowEncoder
 from adrec.features.spec import FeatureSpec
 from adrec.model_version.layout import VersionPaths
 from adrec.model_version.lists import TwoStageLists
@@ -80,6 +81,7 @@ class ModelVersion:
         self.context_field = self.info.get("context_field")
         self.ranker = _load_ranker(self.paths.ranker) if load_ranker else None
         self.two_stage = load_two_stage(self.path) if load_topk else None
+        self._encoder: RowEncoder | None = None  # rows(): built on first use
 
     @property
     def version_id(self) -> str:
@@ -102,23 +104,19 @@ class ModelVersion:
 
     def rows(self, user_idx: np.ndarray, item_idx: np.ndarray, context: dict | None = None,
              hist: list[np.ndarray] | None = None) -> pd.DataFrame:
-        """Ranker input rows, encoded with the version's feature spec (the training encoding)."""
-        # Serving calls this once per request with ~10-100 rows: pandas' per-call overhead is the cost,
-        # so one frame construction and in-place inserts instead of column assignments and a concat.
+        """Ranker input rows, encoded with the version's feature spec (the training encoding).
+
+        ``context``: the one context of every row (a served request's)."""
+        # Serving calls this once per request with ~10-100 rows: the codes come from dictionary and numpy
+        # lookups (RowEncoder), not through pandas' per-column maps, whose per-call cost was the request's.
+        if self._encoder is None:
+            self._encoder = RowEncoder(self.spec, self.user_codes, self.item_codes)
         u = np.asarray(user_idx, dtype=np.int64)
-        it = np.asarray(item_idx, dtype=np.int64)
-        cols: dict[str, np.ndarray] = {"user_idx": u, "item_idx": it}
-        for c in self.spec.context:
-            cols[c] = np.full(len(it), str((context or {}).get(c.removeprefix("ctx."), "")), dtype=object)
-        out = self.spec.encode_rows(pd.DataFrame(cols), self.user_codes, self.item_codes)
-        out.insert(0, "item_idx", it)
-        out.insert(0, "user_idx", u)
         if hist is None:
             empty = np.empty(0, np.int64)
             n_hist = len(self.history)
             hist = [self.history[x] if 0 <= x < n_hist else empty for x in u.tolist()]
-        out["hist"] = hist
-        return out
+        return self._encoder.encode(u, item_idx, context, hist)
 
 
 def load_version(model_dir: str | Path, load_ranker: bool = True, load_topk: bool = True) -> ModelVersion:

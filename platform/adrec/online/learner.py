@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from adrec.candidates.merge import MultiSource
 from adrec.config import OnlineConfig
+from adrec.features.row_encoder import RowEncoder
 from adrec.feedback import CLICK, CONVERSION, IMPRESSION, Event, open_log
 from adrec.model_version import VersionRegistry, load_version, materialize
 from adrec.model_version.registry import LIVE, VERSIONS_DIR
@@ -56,7 +57,6 @@ from adrec.online.checkpoint import load_checkpoint, local_state_dir, save_check
 from adrec.online.metrics import EPS, RayGauges, ScoreBoard
 from adrec.online.optim import make_optimizer, select_parameters
 from adrec.online.publish import STATUS_CURRENT, STATUS_RECORDS, StatusLog, publish_version, version_id
-from adrec.online.rows import RowEncoder
 from adrec.ranking.fgsm import EsmmTerms
 from adrec.storage import resolve
 

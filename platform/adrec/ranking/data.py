@@ -66,7 +66,8 @@ def rows_to_arrays(rows: pd.DataFrame, arch: dict) -> dict[str, np.ndarray]:
     missing += [f"f:{f}" for f in arch["fields"] if f"f:{f}" not in rows.columns]
     if missing:
         raise ValueError(f"ranker input rows lack column(s) {missing}")
-    fields = np.stack([rows[f"f:{f}"].to_numpy(dtype=np.int64) for f in arch["fields"]], axis=1) if len(rows) \
+    # One selection of the code columns, not one pandas lookup per column (~25 a call: a served request's cost).
+    fields = rows[[f"f:{f}" for f in arch["fields"]]].to_numpy(dtype=np.int64) if len(rows) \
         else np.zeros((0, len(arch["fields"])), dtype=np.int64)
     cards = np.asarray(arch["cards"], dtype=np.int64)
     fields = np.where((fields >= 0) & (fields < cards), fields, 0)  # out-of-vocabulary codes -> unknown
