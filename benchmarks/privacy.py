@@ -1,7 +1,11 @@
 """DP-SGD benchmark: test AUC of the ranker at several epsilons and without DP, on a prepared run.
 
-    python pipelines/benchmark_privacy.py --run RUN [--epsilons 1 3 8] [--seeds 0 1 2] [--epochs 2]
-        [--max-steps-per-epoch N] [--set ranker.KEY=VALUE ...] [--out benchmarks]
+    python pipelines/benchmark_privacy.py (--run RUN | --dataset movielens-100k --data-dir DIR | --dataset synthetic)
+        [--runs FOLDER] [--epsilons 1 3 8] [--seeds 0 1 2] [--epochs 2] [--max-steps-per-epoch N]
+        [--set ranker.KEY=VALUE ...] [--out benchmarks]
+
+``--dataset``: the prepare stage writes that data set's features first (into ``--runs/<dataset>``,
+:func:`adrec.features.pipeline.prepare`, the stage ``adrec prepare`` runs), and the benchmark trains on them.
 
 Each (epsilon, seed) trains the run's ranker configuration (``finetune: frozen``; ``--set`` overrides) in
 this process (:func:`adrec.ranking.train.fit_local`, the loop Ray Train runs) with ``ranker.dp`` at that
@@ -26,6 +30,20 @@ from adrec.features.split import TEST
 from adrec.metrics import auc
 from adrec.ranking.train import fit_local
 from adrec.run import RunDir, resolve_config
+
+
+def prepared_run(dataset: str, data_dir: str | None, runs: Path) -> Path:
+    """A run folder with ``dataset``'s features (the prepare stage, with the default configuration)."""
+    from adrec.features.pipeline import prepare
+
+    from .ranker import dataset_overrides
+
+    cfg = build_config(overrides=["data.pseudonym_key=benchmark", *dataset_overrides(dataset, data_dir, False)])
+    path = runs / cfg.data.dataset
+    t0 = time.perf_counter()
+    prepare(cfg, RunDir(path))
+    print(json.dumps({"prepared": str(path), "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
+    return path
 
 
 def run_benchmark(run_path: Path, epsilons: list[float], seeds: list[int], epochs: int, max_steps: int | None,
@@ -60,10 +78,14 @@ def run_benchmark(run_path: Path, epsilons: list[float], seeds: list[int], epoch
     for eps in [*epsilons, "none"]:
         sel = [r for r in rows if r["target_epsilon"] == eps]
         aucs = [r["test_auc"] for r in sel]
-        summary.append({"epsilon": eps, "seeds": len(sel), "test AUC mean": float(np.mean(aucs)),
-                        "test AUC std": float(np.std(aucs)), "train s mean": float(np.mean([r["train_seconds"] for r in sel]))})
-    no_dp = summary[-1]["test AUC mean"]
-    img = plot_curves({"DP-SGD": {s["epsilon"]: s["test AUC mean"] for s in summary[:-1]},
+        if not sel:
+            continue
+        summary.append({"epsilon": eps, "seeds": len(sel), "test AUC median": float(np.median(aucs)),
+                        "test AUC mean": float(np.mean(aucs)), "test AUC std": float(np.std(aucs)),
+                        "spent epsilon": float(np.max([r["spent_epsilon"] for r in sel])) if eps != "none" else "-",
+                        "train s median": float(np.median([r["train_seconds"] for r in sel]))})
+    no_dp = summary[-1]["test AUC median"]
+    img = plot_curves({"DP-SGD": {s["epsilon"]: s["test AUC median"] for s in summary[:-1]},
                        "without DP": {e: no_dp for e in epsilons}}, out / f"privacy_benchmark_{dataset}.png",
                       xlabel="target epsilon (delta 1e-5)", ylabel="test AUC", title=f"DP-SGD on {dataset}")
     result = {"dataset": dataset, "epochs": epochs, "max_steps_per_epoch": max_steps, "overrides": overrides,
@@ -73,13 +95,17 @@ def run_benchmark(run_path: Path, epsilons: list[float], seeds: list[int], epoch
     (out / f"privacy_benchmark_{dataset}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"privacy_benchmark_{dataset}.md").write_text(
         f"# DP-SGD on {dataset}\n\n{epochs} epoch(s), at most {max_steps or 'all'} steps each, overrides {overrides}; "
-        f"seeds {seeds}.\n\n{markdown_table(summary)}\n\n{markdown_table(rows)}\n\n![AUC vs epsilon]({img.name})\n")
+        f"seeds {seeds}; medians over the seeds (spent epsilon: the largest).\n\n{markdown_table(summary)}\n\n{markdown_table(rows)}\n\n![AUC vs epsilon]({img.name})\n")
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", type=Path, required=True, help="a run folder after `adrec prepare`")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", type=Path, help="a run folder after `adrec prepare`")
+    src.add_argument("--dataset", help="prepare this data set first (movielens-100k needs --data-dir; synthetic)")
+    ap.add_argument("--data-dir", default=None, help="the unpacked ml-100k folder (--dataset movielens-100k)")
+    ap.add_argument("--runs", type=Path, default=Path("privacy_runs"), help="where --dataset's run is prepared")
     ap.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=2)
@@ -88,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--physical-batch", type=int, default=32, help="ranker.dp.physical_batch (memory only)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     args = ap.parse_args(argv)
-    run_benchmark(args.run, args.epsilons, args.seeds, args.epochs, args.max_steps_per_epoch, args.overrides, args.out,
+    run = args.run if args.run is not None else prepared_run(args.dataset, args.data_dir, args.runs)
+    run_benchmark(run, args.epsilons, args.seeds, args.epochs, args.max_steps_per_epoch, args.overrides, args.out,
                   args.physical_batch)
     return 0

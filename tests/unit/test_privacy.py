@@ -46,7 +46,7 @@ def test_per_example_gradients_are_each_rows_own_autograd_gradient():
     from adrec.ranking.data import take
     from adrec.ranking.fusion import FusionRanker
     from adrec.ranking.train.data import prepare_data, to_device
-    from adrec.ranking.train.privacy import PrivateTraining, _RowLoss
+    from adrec.ranking.train.privacy import PrivateTraining, _RowLoss, dense_rows
     from tests.support.toy import toy_features
 
     toy = toy_features()
@@ -58,10 +58,13 @@ def test_per_example_gradients_are_each_rows_own_autograd_gradient():
     rows = np.flatnonzero((data["train"]["hist"] > 0).sum(1) > 1)[:3]  # rows with a history
     arrays = take(data["train"], rows)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    per = PrivateTraining(cfg, data, 1)._per_example(model, [n for n, _ in named])
+    per = PrivateTraining(cfg, data, 1)._per_example(model)
     batch = to_device(arrays, torch.device("cpu"))
     labels = torch.from_numpy(arrays["label"]).unsqueeze(1)
     grads, losses = per({n: p.detach() for n, p in named}, batch, labels, torch.ones(len(rows)))
+    tables = {n for n, g in grads.items() if isinstance(g, tuple)}
+    assert tables == {"members.0.emb.weight", "members.1.emb.weight"}  # as looked-up rows, not whole tables
+    grads = {n: dense_rows(*g, dict(named)[n].shape[0]) if n in tables else g for n, g in grads.items()}
     loss_fn = _RowLoss(model)
     for i in range(len(rows)):
         one = to_device(take(arrays, [i]), torch.device("cpu"))  # the plain path: torch.unique of the row's items
