@@ -71,7 +71,12 @@ class TextTower(nn.Module):
             finetune = "frozen"
         self.enabled = enabled
         self.encoder = encoder
-        self.layers = encoder_layers(encoder)
+        # A plain list, not a second registered path to the encoder's blocks: an alias made every state dict
+        # carry the blocks twice (checkpoints and snapshots copied a frozen encoder's layers as if trainable)
+        # and broke torch.func.functional_call, which restores an aliased parameter wrongly (DP-SGD's
+        # per-example gradients left a LoRA adapter's weights as dead functorch tensors).
+        layers = encoder_layers(encoder)
+        self.layers = list(layers) if layers is not None else None
         if finetune == "last_n" and self.layers is None:
             log.warning("encoder %s exposes no layer list: fine-tuning it in full instead of its last %d layers",
                         type(encoder).__name__, last_n)
@@ -100,6 +105,10 @@ class TextTower(nn.Module):
         self.register_buffer("pooled", torch.zeros(len(tok_ids) + 1, self.hidden_size), persistent=False)
         self.lower: torch.Tensor | None = None  # (n_items+1, T, H): hidden states below the trainable layers
         self.fresh_cache = False
+        # True while DP-SGD computes per-example gradients (torch.func.vmap over the rows): token inputs of
+        # the fixed padded length and masks built without a look at the data (vmap refuses data-dependent
+        # shapes and branches).
+        self.per_example = False
 
     @property
     def trainable(self) -> bool:
@@ -183,7 +192,7 @@ class TextTower(nn.Module):
     def token_inputs(self, fresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-level inputs of the trainable encoder part for items ``fresh`` (codes), and their mask."""
         mask = self.tok_mask[fresh]
-        t = int(mask.sum(1).max().clamp(min=1))
+        t = mask.shape[1] if self.per_example else int(mask.sum(1).max().clamp(min=1))
         mask = mask[:, :t]
         if self.n_top:
             if self.lower is None:
@@ -195,7 +204,8 @@ class TextTower(nn.Module):
         if self.n_top:
             hidden = self._top(tokens, mask)
         else:
-            hidden = self.encoder(inputs_embeds=tokens, attention_mask=mask).last_hidden_state
+            am = layer_mask(self.encoder, tokens, mask, allow_skip=False) if self.per_example else mask
+            hidden = self.encoder(inputs_embeds=tokens, attention_mask=am).last_hidden_state
         return mean_pool(hidden, mask)
 
 
@@ -413,6 +423,10 @@ class FusionModel(nn.Module):
             fresh, (uniq, _) = b["fresh"], self._index(b)
             mask = b["fresh_mask"] if "fresh_mask" in b else self.text.token_inputs(fresh)[1]
             vec = self.text.encode_tokens(e["tokens"], mask).to(text.dtype)
+            if self.text.per_example:  # no index_put into a shared table under vmap: match the items instead
+                match = uniq.unsqueeze(1) == fresh.unsqueeze(0)  # (U, F)
+                pick = vec[match.to(torch.long).argmax(1)]
+                return torch.where(match.any(1, keepdim=True), pick, text)
             slot = torch.full((self.text.pooled.shape[0],), -1, dtype=torch.long, device=uniq.device)
             slot[fresh] = torch.arange(len(fresh), device=uniq.device)
             su = slot[uniq]

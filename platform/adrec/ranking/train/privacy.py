@@ -191,11 +191,14 @@ class PrivateTraining:
         fixed = {f"model.{n}": t for n, t in [*model.named_buffers(), *((n, p) for n, p in model.named_parameters()
                                                                          if not p.requires_grad or n in tables)]}
         hist_len = model.hist_len
+        adapter = model.text.trainable  # finetune=lora (the config admits no other trainable encoder under DP)
 
         def own_slots(row: dict) -> dict:
             b = {k: v.unsqueeze(0) for k, v in row.items()}
             b["_uniq"] = torch.cat([b["item"], b["hist"][0]])
             b["_inv"] = torch.arange(1 + hist_len).unsqueeze(0)
+            if adapter:  # the row's own candidate text through the adapter: its gradient is the row's alone
+                b["fresh"] = b["item"]
             return b
 
         def looked_up(row: dict) -> dict:
@@ -212,10 +215,14 @@ class PrivateTraining:
 
         def per(params: dict, batch: dict, labels: torch.Tensor, weights: torch.Tensor):
             dense = {n: p for n, p in params.items() if n not in tables}
-            with torch.no_grad():
-                index = vmap(looked_up, randomness="same")(batch)
-                rows = {n: tables[n].weight.detach()[index[n]] for n in tables}
-            (g_dense, g_rows), losses = per_row(dense, rows, index, batch, labels, weights)
+            model.text.per_example = True
+            try:
+                with torch.no_grad():
+                    index = vmap(looked_up, randomness="same")(batch)
+                    rows = {n: tables[n].weight.detach()[index[n]] for n in tables}
+                (g_dense, g_rows), losses = per_row(dense, rows, index, batch, labels, weights)
+            finally:
+                model.text.per_example = False
             return {**g_dense, **{n: (index[n], g_rows[n]) for n in tables}}, losses
 
         return per
