@@ -7,9 +7,13 @@ Every optimizer step of both phases (selection on train, refit on train + valid)
    Poisson sample of all rows).
 2. The gradient of each example's loss (the mean of the ensemble members' BCE -- ESMM's two-task loss for
    ``ranker.tasks=[ctr, cvr]``, where the row's conversion label is as private as its click --, times its recency weight)
-   over every trainable parameter -- the embedding tables, the towers and the head; the frozen encoder
-   and its cached item texts are no parameters -- is computed per example (``torch.func.vmap`` of
-   ``grad`` over ``physical_batch`` rows at a time), clipped to L2 norm ``max_grad_norm`` (C) and summed.
+   over every trainable parameter -- the embedding tables, the towers and the head, and with
+   ``finetune=lora`` the LoRA adapter; a frozen encoder and its cached item texts are no parameters -- is
+   computed per example (``torch.func.vmap`` of ``grad`` over ``physical_batch`` rows at a time), clipped to
+   L2 norm ``max_grad_norm`` (C) and summed. An embedding table's per-example gradient is computed on the rows
+   the example looked up only (:mod:`adrec.ranking.rows`); with LoRA each example encodes its own candidate's
+   text through the adapter inside its gradient (the history's text comes from the cache, recomputed from the
+   already-noised adapter each epoch: post-processing).
 3. The workers' sums are added up (all-reduce), rank 0 having added N(0, sigma^2 C^2) noise to each
    coordinate first, and divided by the expected batch size q * rows: the gradient the optimizer (AdamW,
    post-processing) and the weight average (post-processing) see.
