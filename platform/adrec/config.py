@@ -316,7 +316,8 @@ class RankerConfig(_Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     # Re-running with the same configuration resumes from its latest checkpoint; False starts over.
     resume: bool = True
-    # DP-SGD (adrec.ranking.train.privacy): None = off. Needs finetune "frozen" (the encoder gets no noise).
+    # DP-SGD (adrec.ranking.train.privacy): None = off. finetune frozen (the encoder gets no noise) or lora (the
+    # adapter is clipped and noised with the rest).
     dp: DPConfig | None = None
     # Where the training rows come from (issue 13). in_memory: the rows as arrays, put once in Ray's object
     # store and read whole by every worker. streaming: Ray Data reads the run's Parquet shards
@@ -359,9 +360,21 @@ class RankerConfig(_Strict):
 
     @model_validator(mode="after")
     def _dp_needs_what_it_covers(self) -> "RankerConfig":
-        if self.dp is not None and (self.finetune != "frozen" or self.fgsm_epsilon > 0 or self.ensemble_bagging):
-            raise ValueError("ranker.dp needs finetune: frozen, fgsm_epsilon: 0 and ensemble_bagging: false "
-                             "(a trainable encoder, FGSM and bagging weights are not in its per-example clipping)")
+        if self.dp is None:
+            return self
+        if self.finetune not in ("frozen", "lora"):
+            raise ValueError(f"ranker.dp takes finetune: frozen or lora, not {self.finetune}: the last_n and full "
+                             "encoder updates are computed over the batch's shared unique items, which DP-SGD's "
+                             "per-example clipping cannot split by row (a LoRA adapter is trained privately: each "
+                             "row encodes its own candidate's text)")
+        if self.fgsm_epsilon > 0:
+            raise ValueError("ranker.dp needs fgsm_epsilon: 0: FGSM perturbs the inputs along the gradient of the "
+                             "whole batch's loss, so one row's training loss would depend on the other rows and "
+                             "clipping it would no longer bound that row's influence")
+        if self.ensemble_bagging:
+            raise ValueError("ranker.dp needs ensemble_bagging: false: bagging draws Poisson(1) copies of each row "
+                             "per member, a sampling of its own that the accountant (Poisson sampling of rows, one "
+                             "weight per row) does not count")
         return self
 
 

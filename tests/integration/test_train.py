@@ -138,17 +138,18 @@ def test_rerun_with_the_same_config_resumes_from_the_finished_run(small_run):
     assert again["valid_auc"] == pytest.approx(first["valid_auc"])
 
 
-# In `make test-all` (both worker counts): tests/unit/test_privacy.py checks the clipping, noise and accountant
-# in the default run; this one adds Ray Train around them at ~60 s a case.
+# In `make test-all` (both worker counts; LoRA with two): tests/unit/test_privacy.py checks the clipping, noise,
+# accountant and adapter in the default run; this one adds Ray Train around them at ~60 s a case.
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [1, 2])
-def test_dp_sgd_under_ray_train_reports_the_spent_epsilon(small_run, workers):
-    """ranker.dp on Ray Train with one and two workers (noise added once, the workers' clipped sums reduced)."""
+@pytest.mark.parametrize(("workers", "finetune"), [(1, "frozen"), (2, "frozen"), (2, "lora")])
+def test_dp_sgd_under_ray_train_reports_the_spent_epsilon(small_run, workers, finetune):
+    """ranker.dp on Ray Train with one and two workers (noise added once, the workers' clipped sums reduced),
+    with a frozen encoder and with a LoRA adapter trained privately."""
     from adrec.ranking.base import load_ranker
     from adrec.ranking.train import train_ranker
 
     cfg = build_config(overrides=SMALL + [
-        "ranker.finetune=frozen", "ranker.epochs=1", "ranker.refit=false", "ranker.max_steps_per_epoch=3",
+        f"ranker.finetune={finetune}", "ranker.epochs=1", "ranker.refit=false", "ranker.max_steps_per_epoch=3",
         f"ranker.num_workers={workers}", "ranker.resume=false",  # the worker count is not in the resume key
         "ranker.dp={target_epsilon: 8.0, physical_batch: 64}"])
     out = train_ranker(cfg, small_run)
@@ -156,3 +157,5 @@ def test_dp_sgd_under_ray_train_reports_the_spent_epsilon(small_run, workers):
     assert privacy["steps"] == 3 and 0.0 < privacy["epsilon"] <= 8.0 and privacy["delta"] == 1e-5
     assert out["privacy"] == privacy == small_run.manifest()["stages"]["train"]["privacy"]
     assert 0.0 < out["valid_auc"] <= 1.0
+    if finetune == "lora":  # the adapter was saved (and merged into the served encoder)
+        assert (small_run.ranker / "adapter" / "adapter_model.safetensors").is_file()

@@ -340,7 +340,7 @@ def test_dp_sgd_per_example_gradients_of_the_esmm_loss_are_each_rows_own(toy):
     from adrec.ranking.data import take
     from adrec.ranking.fusion import FusionRanker
     from adrec.ranking.train.data import prepare_data, task_labels, to_device
-    from adrec.ranking.train.privacy import PrivateTraining, _RowLoss
+    from adrec.ranking.train.privacy import PrivateTraining, _RowLoss, dense_rows
 
     cfg = tiny(refit=False, epochs=1, dropout=0.0, dp=DPConfig(target_epsilon=3.0))
     data = prepare_data(cfg, toy)
@@ -352,10 +352,11 @@ def test_dp_sgd_per_example_gradients_of_the_esmm_loss_are_each_rows_own(toy):
     arrays = take(train, rows)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert any(n.startswith("members.0.cvr_") for n, _ in named)
-    per = PrivateTraining(cfg, data, 1)._per_example(model, [n for n, _ in named])
+    per = PrivateTraining(cfg, data, 1)._per_example(model)
     labels = torch.from_numpy(task_labels(arrays, np.arange(len(rows))))
     grads, losses = per({n: p.detach() for n, p in named}, to_device(arrays, torch.device("cpu")), labels,
                         torch.ones(len(rows)))
+    grads = {n: dense_rows(*g, dict(named)[n].shape[0]) if isinstance(g, tuple) else g for n, g in grads.items()}
     for i in range(len(rows)):
         model.zero_grad()
         loss = _RowLoss(model)(to_device(take(arrays, [i]), torch.device("cpu")), labels[i:i + 1], torch.ones(1))

@@ -227,3 +227,25 @@ def test_ensemble_members_share_the_text_tower(toy):
         m.forward_from(e, b), torch.tensor(rows["label"].to_numpy(dtype=np.float32)))
     adv = fgsm_perturb(loss, e, 0.1)
     assert all(float((adv[k] - e[k]).detach().abs().max()) <= 0.1 + 1e-6 for k in e)
+
+
+@needs_minilm
+def test_a_frozen_encoders_item_texts_are_computed_once_per_process(toy, monkeypatch):
+    """The pooled texts of a frozen encoder come from the memo the second time (same weights, same items): the
+    encoder does not run; other weights (another seed) are not served from it; a trainable encoder never is."""
+    from adrec.ranking import model as model_mod
+
+    monkeypatch.setattr(model_mod, "_FROZEN_POOLED", model_mod.OrderedDict())
+    first = build(toy, finetune="frozen").model.text.pooled.clone()
+    assert len(model_mod._FROZEN_POOLED) == 1
+    calls = []
+    r = build(toy, finetune="frozen")
+    r.model.text.encoder.register_forward_hook(lambda *a: calls.append(1))
+    r.model.text.refresh()
+    assert not calls and torch.equal(r.model.text.pooled, first)
+    other = build(toy, finetune="frozen", seed=1).model.text.pooled  # the tiny encoder's weights follow the seed
+    assert len(model_mod._FROZEN_POOLED) == 2 and not torch.equal(other, first)
+    lora = build(toy, finetune="lora")
+    lora.model.text.encoder.register_forward_hook(lambda *a: calls.append(1))
+    lora.model.text.refresh()
+    assert calls and len(model_mod._FROZEN_POOLED) == 2

@@ -136,8 +136,13 @@ def encoder_layers(model):
     return None
 
 
-def layer_mask(model, hidden: "torch.Tensor", mask: "torch.Tensor"):
-    """The attention mask a single block expects, in the format of the model's attention implementation."""
+def layer_mask(model, hidden: "torch.Tensor", mask: "torch.Tensor", allow_skip: bool = True):
+    """The attention mask a single block expects, in the format of the model's attention implementation.
+
+    ``allow_skip=False``: always the full 4D mask, never None for a batch without padding -- that test reads
+    the data, which ``torch.func.vmap`` (per-example gradients) refuses; a 4D mask handed to the model's
+    forward is used as it is."""
     from transformers.masking_utils import create_bidirectional_mask
 
-    return create_bidirectional_mask(config=model.config, inputs_embeds=hidden, attention_mask=mask)
+    return create_bidirectional_mask(config=model.config, inputs_embeds=hidden, attention_mask=mask,
+                                     allow_is_bidirectional_skip=allow_skip)

@@ -48,7 +48,8 @@ FORMAT = 2
 # adrec without the CVR tower refuses by its format instead of failing on unexpected weights.
 _FORMAT_CTR_ONLY = 1
 _EPS = 1e-7
-# State-dict prefixes of the encoder (``text.layers`` is the same blocks again): encoder/ holds those weights.
+# State-dict prefixes of the encoder (``text.layers``: the same blocks again, in checkpoints written before the
+# text tower stopped registering them twice): encoder/ holds those weights.
 _ENCODER_KEYS = ("text.encoder.", "text.layers.")
 
 

@@ -1,7 +1,8 @@
 """LoRA of the ranker's text encoder (``ranker.finetune=lora``) with Hugging Face peft.
 
 Training wraps the encoder (:func:`apply_lora`): only the low-rank factors of the target projections
-train, on the batch's unique items as the other fine-tuning modes do, and FGSM still perturbs the token
+train, on the batch's unique items as the other fine-tuning modes do (under ``ranker.dp``: each row on its own
+candidate's text, inside its per-example gradient, :mod:`adrec.ranking.train.privacy`), and FGSM still perturbs the token
 embeddings (the wrapped model takes ``inputs_embeds`` as the base one does). Saving writes the adapter
 alone (``adapter/``, peft's ``save_pretrained``: the version keeps what was learned) and the encoder with
 the adapter merged into its weights (``encoder/``, :func:`merged_copy`), so a loaded ranker is a plain

@@ -23,19 +23,40 @@ embeddings (token-level encoder inputs and feature embeddings) in between.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import OrderedDict
 
 import numpy as np
 import torch
 from torch import nn
 
 from adrec.features.encoder import encoder_layers, layer_mask, mean_pool
+from adrec.ranking.rows import RowEmbedding
 
 log = logging.getLogger(__name__)
 
 # Input embeddings FGSM may perturb; "tokens" are the token-level inputs of the trainable encoder part.
 # (Member i > 0 of an ensemble has its feature embeddings under "m<i>.<key>".)
 EMBED_KEYS = ("fields", "multi", "item_id", "item_attr", "item_text", "tokens")
+
+
+# Pooled item texts of frozen encoders, by a fingerprint of the encoder's weights and the item tokens: a
+# process that trains several rankers on one catalog (a benchmark, a tuning trial after another) runs a frozen
+# encoder over the items once, not once per training (MiniLM over MovieLens' 1682 titles: ~19 s of CPU).
+_FROZEN_POOLED: OrderedDict[str, torch.Tensor] = OrderedDict()
+_FROZEN_POOLED_MAX = 4  # entries kept
+_FROZEN_POOLED_MAX_BYTES = 256 << 20  # a larger cache is not kept (a huge catalog would pin its memory)
+
+
+def _frozen_key(encoder: nn.Module, tok_ids: torch.Tensor, tok_mask: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for name, t in encoder.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for t in (tok_ids, tok_mask):
+        h.update(t.cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 class TextTower(nn.Module):
@@ -50,7 +71,12 @@ class TextTower(nn.Module):
             finetune = "frozen"
         self.enabled = enabled
         self.encoder = encoder
-        self.layers = encoder_layers(encoder)
+        # A plain list, not a second registered path to the encoder's blocks: an alias made every state dict
+        # carry the blocks twice (checkpoints and snapshots copied a frozen encoder's layers as if trainable)
+        # and broke torch.func.functional_call, which restores an aliased parameter wrongly (DP-SGD's
+        # per-example gradients left a LoRA adapter's weights as dead functorch tensors).
+        layers = encoder_layers(encoder)
+        self.layers = list(layers) if layers is not None else None
         if finetune == "last_n" and self.layers is None:
             log.warning("encoder %s exposes no layer list: fine-tuning it in full instead of its last %d layers",
                         type(encoder).__name__, last_n)
@@ -79,6 +105,10 @@ class TextTower(nn.Module):
         self.register_buffer("pooled", torch.zeros(len(tok_ids) + 1, self.hidden_size), persistent=False)
         self.lower: torch.Tensor | None = None  # (n_items+1, T, H): hidden states below the trainable layers
         self.fresh_cache = False
+        # True while DP-SGD computes per-example gradients (torch.func.vmap over the rows): token inputs of
+        # the fixed padded length and masks built without a look at the data (vmap refuses data-dependent
+        # shapes and branches).
+        self.per_example = False
 
     @property
     def trainable(self) -> bool:
@@ -99,6 +129,14 @@ class TextTower(nn.Module):
             self.pooled.zero_()
             self.fresh_cache = True
             return
+        key = None
+        if not self.trainable:
+            key = _frozen_key(self.encoder, self.tok_ids, self.tok_mask)
+            if key in _FROZEN_POOLED:
+                _FROZEN_POOLED.move_to_end(key)
+                self.pooled.copy_(_FROZEN_POOLED[key])
+                self.fresh_cache = True
+                return
         was = self.encoder.training
         self.encoder.eval()
         idx = self._order(torch.arange(1, self.tok_ids.shape[0], device=self.tok_ids.device))
@@ -115,6 +153,10 @@ class TextTower(nn.Module):
         self.pooled[0] = 0
         self.encoder.train(was)
         self.fresh_cache = True
+        if key is not None and self.pooled.numel() * self.pooled.element_size() <= _FROZEN_POOLED_MAX_BYTES:
+            _FROZEN_POOLED[key] = self.pooled.detach().cpu().clone()
+            while len(_FROZEN_POOLED) > _FROZEN_POOLED_MAX:
+                _FROZEN_POOLED.popitem(last=False)
 
     @torch.no_grad()
     def prepare_training(self, batch_size: int = 128) -> None:
@@ -150,7 +192,7 @@ class TextTower(nn.Module):
     def token_inputs(self, fresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-level inputs of the trainable encoder part for items ``fresh`` (codes), and their mask."""
         mask = self.tok_mask[fresh]
-        t = int(mask.sum(1).max().clamp(min=1))
+        t = mask.shape[1] if self.per_example else int(mask.sum(1).max().clamp(min=1))
         mask = mask[:, :t]
         if self.n_top:
             if self.lower is None:
@@ -162,7 +204,8 @@ class TextTower(nn.Module):
         if self.n_top:
             hidden = self._top(tokens, mask)
         else:
-            hidden = self.encoder(inputs_embeds=tokens, attention_mask=mask).last_hidden_state
+            am = layer_mask(self.encoder, tokens, mask, allow_skip=False) if self.per_example else mask
+            hidden = self.encoder(inputs_embeds=tokens, attention_mask=am).last_hidden_state
         return mean_pool(hidden, mask)
 
 
@@ -200,7 +243,7 @@ class FusionHead(nn.Module):
         self.k = k
         self.hist_len = int(arch["hist_len"])
         n_fields, n_multi = len(arch["fields"]), len(arch["multi"])
-        self.emb = nn.Embedding(n_emb, k)
+        self.emb = RowEmbedding(n_emb, k)  # per-example gradients of its looked-up rows only (DP-SGD)
         nn.init.normal_(self.emb.weight, std=0.05)
         self.lin = nn.Embedding(n_emb, 1)
         nn.init.zeros_(self.lin.weight)
@@ -380,6 +423,10 @@ class FusionModel(nn.Module):
             fresh, (uniq, _) = b["fresh"], self._index(b)
             mask = b["fresh_mask"] if "fresh_mask" in b else self.text.token_inputs(fresh)[1]
             vec = self.text.encode_tokens(e["tokens"], mask).to(text.dtype)
+            if self.text.per_example:  # no index_put into a shared table under vmap: match the items instead
+                match = uniq.unsqueeze(1) == fresh.unsqueeze(0)  # (U, F)
+                pick = vec[match.to(torch.long).argmax(1)]
+                return torch.where(match.any(1, keepdim=True), pick, text)
             slot = torch.full((self.text.pooled.shape[0],), -1, dtype=torch.long, device=uniq.device)
             slot[fresh] = torch.arange(len(fresh), device=uniq.device)
             su = slot[uniq]

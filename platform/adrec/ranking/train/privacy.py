@@ -7,9 +7,13 @@ Every optimizer step of both phases (selection on train, refit on train + valid)
    Poisson sample of all rows).
 2. The gradient of each example's loss (the mean of the ensemble members' BCE -- ESMM's two-task loss for
    ``ranker.tasks=[ctr, cvr]``, where the row's conversion label is as private as its click --, times its recency weight)
-   over every trainable parameter -- the embedding tables, the towers and the head; the frozen encoder
-   and its cached item texts are no parameters -- is computed per example (``torch.func.vmap`` of
-   ``grad`` over ``physical_batch`` rows at a time), clipped to L2 norm ``max_grad_norm`` (C) and summed.
+   over every trainable parameter -- the embedding tables, the towers and the head, and with
+   ``finetune=lora`` the LoRA adapter; a frozen encoder and its cached item texts are no parameters -- is
+   computed per example (``torch.func.vmap`` of ``grad`` over ``physical_batch`` rows at a time), clipped to
+   L2 norm ``max_grad_norm`` (C) and summed. An embedding table's per-example gradient is computed on the rows
+   the example looked up only (:mod:`adrec.ranking.rows`); with LoRA each example encodes its own candidate's
+   text through the adapter inside its gradient (the history's text comes from the cache, recomputed from the
+   already-noised adapter each epoch: post-processing).
 3. The workers' sums are added up (all-reduce), rank 0 having added N(0, sigma^2 C^2) noise to each
    coordinate first, and divided by the expected batch size q * rows: the gradient the optimizer (AdamW,
    post-processing) and the weight average (post-processing) see.
@@ -48,6 +52,7 @@ from adrec.config import DPConfig, RankerConfig
 from adrec.features.split import TRAIN, VALID
 from adrec.ranking.data import take
 from adrec.ranking.fgsm import ESMM_LOSS, EsmmTerms
+from adrec.ranking.rows import RowEmbedding, reading, recording
 from adrec.ranking.train.data import recency_weights, task_labels, to_device
 
 log = logging.getLogger(__name__)
@@ -110,6 +115,35 @@ def spent(privacy: dict) -> dict:
             "unit": "one training row (example-level)"}
 
 
+def grad_norms(grads: dict) -> torch.Tensor:
+    """(B,) L2 norm of each example's gradient over every parameter (the tables' looked-up rows included)."""
+    sq = [(g[1] if isinstance(g, tuple) else g).flatten(1).pow(2).sum(1) for g in grads.values()]
+    return torch.sqrt(sum(sq))
+
+
+def clip_factors(grads: dict, max_norm: float) -> torch.Tensor:
+    """(B,) min(1, C / norm): each example's gradient times its factor has norm at most C."""
+    return (max_norm / (grad_norms(grads) + 1e-6)).clamp(max=1.0)
+
+
+def add_clipped(summed: dict, grads: dict, factor: torch.Tensor) -> None:
+    """``summed[name] +=`` the sum over the examples of their gradients times ``factor``."""
+    for nm, g in grads.items():
+        if isinstance(g, tuple):  # a table: each example's rows added where they belong
+            index, values = g
+            summed[nm].index_add_(0, index.reshape(-1), (values * factor[:, None, None]).flatten(0, 1))
+        else:
+            summed[nm] += torch.einsum("i,i...->...", factor, g)
+
+
+def dense_rows(index: torch.Tensor, values: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """(B, n_rows, dim): the per-example table gradients ``(index, values)`` with their zero rows."""
+    out = values.new_zeros(len(index), n_rows, values.shape[-1])
+    for i in range(len(index)):
+        out[i].index_add_(0, index[i], values[i])
+    return out
+
+
 class _RowLoss(nn.Module):
     """One example's training loss: the mean of the ensemble members' BCE (a two-task model: ESMM's loss,
     ``label`` then holds the click and the conversion), times its weight."""
@@ -145,24 +179,57 @@ class PrivateTraining:
         return {"accountant": dp.accountant, "delta": dp.delta, "target_epsilon": dp.target_epsilon,
                 "noise_multiplier": self.sigma, "max_grad_norm": dp.max_grad_norm, "history": []}
 
-    def _per_example(self, model, names: list[str]):
-        """vmap(grad_and_value) of :class:`_RowLoss` over the rows of a batch (each with its own item slots)."""
+    def _per_example(self, model):
+        """Per-example gradients and losses of a batch: ``per(params, batch, labels, weights) -> (grads, losses)``.
+
+        ``vmap(grad_and_value)`` of :class:`_RowLoss` over the rows, each with its own item slots (its candidate
+        and history, not the batch's shared unique items). ``grads[name]``: (B, *shape) for a dense parameter;
+        for an embedding table (:class:`~adrec.ranking.rows.RowEmbedding`), ``(index, values)``: the sorted
+        rows each example looked up (B, S) and its gradient on them (B, S, dim), zero on a repeated index's
+        later copies -- the table's per-example gradient without its zero rows (:func:`dense_rows` adds them)."""
         from torch.func import functional_call, grad_and_value, vmap
 
         row_loss = _RowLoss(model, EsmmTerms.of(self.cfg))
+        tables = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, RowEmbedding)
+                  and m.weight.requires_grad}
         fixed = {f"model.{n}": t for n, t in [*model.named_buffers(), *((n, p) for n, p in model.named_parameters()
-                                                                         if not p.requires_grad)]}
+                                                                         if not p.requires_grad or n in tables)]}
         hist_len = model.hist_len
+        adapter = model.text.trainable  # finetune=lora (the config admits no other trainable encoder under DP)
 
-        def one(params: dict, row: dict, label: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        def own_slots(row: dict) -> dict:
             b = {k: v.unsqueeze(0) for k, v in row.items()}
-            # the example's own item slots: its candidate and history, not the batch's shared unique items
             b["_uniq"] = torch.cat([b["item"], b["hist"][0]])
             b["_inv"] = torch.arange(1 + hist_len).unsqueeze(0)
-            return functional_call(row_loss, {**fixed, **{f"model.{n}": p for n, p in params.items()}},
-                                   (b, label, weight))
+            if adapter:  # the row's own candidate text through the adapter: its gradient is the row's alone
+                b["fresh"] = b["item"]
+            return b
 
-        return vmap(grad_and_value(one), in_dims=(None, 0, 0, 0), randomness="different")
+        def looked_up(row: dict) -> dict:
+            with recording(tables) as seen:  # every lookup of the tables is in FusionModel.embed
+                model.embed(own_slots(row))
+            return {n: torch.sort(torch.cat(seen[n])).values for n in tables}
+
+        def one(params: dict, rows: dict, index: dict, row: dict, label: torch.Tensor, weight: torch.Tensor):
+            with reading(tables, index, rows):
+                return functional_call(row_loss, {**fixed, **{f"model.{n}": p for n, p in params.items()}},
+                                       (own_slots(row), label, weight))
+
+        per_row = vmap(grad_and_value(one, argnums=(0, 1)), in_dims=(None, 0, 0, 0, 0, 0), randomness="different")
+
+        def per(params: dict, batch: dict, labels: torch.Tensor, weights: torch.Tensor):
+            dense = {n: p for n, p in params.items() if n not in tables}
+            model.text.per_example = True
+            try:
+                with torch.no_grad():
+                    index = vmap(looked_up, randomness="same")(batch)
+                    rows = {n: tables[n].weight.detach()[index[n]] for n in tables}
+                (g_dense, g_rows), losses = per_row(dense, rows, index, batch, labels, weights)
+            finally:
+                model.text.per_example = False
+            return {**g_dense, **{n: (index[n], g_rows[n]) for n in tables}}, losses
+
+        return per
 
     def run_epoch(self, state, epoch: int, arrays: dict) -> tuple[float, int, float]:
         """One epoch of noisy steps over ``arrays`` (the phase's rows); returns (mean loss, steps, seconds)."""
@@ -178,7 +245,7 @@ class PrivateTraining:
         rng = np.random.default_rng([cfg.seed, epoch, rank])
         named = [(nm, p) for nm, p in model.named_parameters() if p.requires_grad]
         names = [nm for nm, _ in named]
-        per_example = self._per_example(model, names)
+        per_example = self._per_example(model)
         if state.progress.privacy is None:
             state.progress.privacy = self.fresh_record()
         history = state.progress.privacy["history"]
@@ -196,10 +263,8 @@ class PrivateTraining:
                     labels = labels.unsqueeze(1)
                 weights = torch.from_numpy(np.ascontiguousarray(w_all[chunk], np.float32)).to(device)
                 grads, losses = per_example(params, batch, labels, weights)
-                norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
-                factor = (dp.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-                for nm in names:
-                    summed[nm] += torch.einsum("i,i...->...", factor, grads[nm])
+                factor = clip_factors(grads, dp.max_grad_norm)
+                add_clipped(summed, grads, factor)
                 total += float(losses.sum())
                 count += len(chunk)
             if rank == 0:
