@@ -36,7 +36,10 @@ def secret_run(ray_session, tiny_cfg, tmp_path_factory):
     from ray import serve
 
     pk, ak = "pk-" + secrets.token_hex(12), "ak-" + secrets.token_hex(12)
-    cfg = build_config(tiny_cfg.to_dict(), [f"data.pseudonym_key={pk}", f"serve.api_key={ak}"])
+    # topk.ranker_features off: its three stage rankers would double this fixture's cost, and the shared run
+    # (tiny_run, the default config) already serves and evaluates with them.
+    cfg = build_config(tiny_cfg.to_dict(), [f"data.pseudonym_key={pk}", f"serve.api_key={ak}",
+                                            "topk.ranker_features=false"])
     run = RunDir(tmp_path_factory.mktemp("secret-run"))
     flow.prepare(cfg, run)
     flow.candidates(cfg, run, show_progress=False)
