@@ -170,7 +170,7 @@ def test_evaluation_and_serving_read_the_same_features(toy, fitted, tmp_path):
     sel = np.flatnonzero(np.isin(cu, users[:3]))[:12]
     pos = loaded.known[loaded.known["label"] == 1].sort_values(["user_idx", "ts", "item_idx"])
     rows = lm.spec.encode_rows(pd.DataFrame({"user_idx": cu[sel], "item_idx": ci[sel], "ctx.slot": ""}),
-                               lm.user_codes, lm.item_codes)
+                               lm.encoder.user_codes, lm.encoder.item_codes)
     rows.insert(0, "item_idx", ci[sel])
     rows.insert(0, "user_idx", cu[sel])
     rows["hist"] = [pos.loc[pos["user_idx"] == u, "item_idx"].to_numpy()[-HIST:] for u in cu[sel]]

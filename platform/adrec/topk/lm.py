@@ -67,8 +67,7 @@ def stage_ranker_config(base: Any = None, params: Mapping[str, Any] | None = Non
     ``params``, over it."""
     from adrec.config import RankerConfig
 
-    d = RankerConfig.model_validate(base).model_dump() if base is not None and not isinstance(base, RankerConfig) \
-        else (base or RankerConfig()).model_dump()
+    d = (base if isinstance(base, RankerConfig) else RankerConfig.model_validate(base or {})).model_dump()
     d.update(STAGE_RANKER_DEFAULTS)
     d["epochs"] = min(int(d["epochs"]), STAGE_MAX_EPOCHS)
     d.update(dict(params or {}))
@@ -115,13 +114,15 @@ class LMScorer:
     """A fusion ranker fitted on one stage's known rows, and the entity codes its input rows need."""
 
     def __init__(self, ranker, users: pd.DataFrame, text_last_n: int, info: dict | None = None):
+        from adrec.features.row_encoder import RowEncoder
         from adrec.features.spec import FeatureSpec
 
         self.ranker = ranker
         self.spec = FeatureSpec(**ranker.spec)
         self.users = users[["user_idx", *(c for c in users.columns if c.startswith("c:"))]].copy()
-        self.user_codes = _code_frame(self.users, "user_idx")
-        self.item_codes = _code_frame(ranker.tables.items, "item_idx")
+        # the served encoding of the ranker's input rows (ModelVersion.rows' encoder)
+        self.encoder = RowEncoder(self.spec, _code_frame(self.users, "user_idx"),
+                                  _code_frame(ranker.tables.items, "item_idx"))
         self.text_last_n = int(text_last_n)
         self.item_emb = ranker.item_embeddings()  # (n_items, d), L2-normalised; computed once per ranker
         self.info = dict(info or {})
@@ -174,15 +175,9 @@ class LMScorer:
         users, inv = np.unique(cu, return_inverse=True)
         hist = _last_positives(index, users, max(self.spec.history_len, self.text_last_n))
         # the ranker's input rows: the served encoding (context unknown), the user's known positives as hist
-        cols: dict[str, Any] = {"user_idx": cu, "item_idx": ci}
-        for c in self.spec.context:
-            cols[c] = np.full(len(cu), "", dtype=object)
-        rows = self.spec.encode_rows(pd.DataFrame(cols), self.user_codes, self.item_codes)
-        rows.insert(0, "item_idx", ci)
-        rows.insert(0, "user_idx", cu)
         hl = self.spec.history_len
         per_user = [h[-hl:] if hl else h[:0] for h in hist]
-        rows["hist"] = [per_user[j] for j in inv]
+        rows = self.encoder.encode(cu, ci, None, [per_user[j] for j in inv])
         p = self._click_prob(rows, per_user, inv)
         # text similarity to the user's recent positives
         d = self.item_emb.shape[1]

@@ -162,7 +162,6 @@ class TwoStageRecommender:
                           else None)
         # fitted state
         self.lm: LMScorer | None = None  # the language-model features' ranker fitted on train + valid
-        self._data: TopKData | None = None  # while fitting only
         self.model: Any = None
         self.feature_names: list[str] | None = None
         self.sources: dict[str, CandidateSource] | None = None
@@ -191,7 +190,6 @@ class TwoStageRecommender:
         if self.ranker_features and data.features is None:
             raise ValueError("ranker_features needs the prepared rows the language-model ranker trains on: pass "
                              "TopKData.from_features(features) (or the Features), not bare interactions")
-        self._data = data
         self.n_users, self.n_items, self.n_catalog = data.n_users, data.n_items, data.n_catalog
         self.item_tags = data.item_tags
         self.item_provider = data.item_provider
@@ -200,7 +198,7 @@ class TwoStageRecommender:
         for name in self.train_stages:
             stage = (make_stage(data.interactions, data.n_users, data.n_items, data.n_catalog, "valid")
                      if name == "valid" else inner_stage(data.interactions, data.n_users, data.n_items, data.n_catalog))
-            sources, index, lm = self._fit_state(stage.known)
+            sources, index, lm = self._fit_state(stage.known, data.features)
             x, y, g = self._training_examples(stage, sources, index, lm)
             frames.append(x), labels.append(y), groups.append(g)
             logger.info("two-stage: %s stage: %d users, %d candidates, %d positives among them",
@@ -214,8 +212,7 @@ class TwoStageRecommender:
         t2 = time.perf_counter()
         final = make_stage(data.interactions, data.n_users, data.n_items, data.n_catalog, final_stage)
         self.known = final.known
-        self.sources, self.index, self.lm = self._fit_state(final.known)
-        self._data = None
+        self.sources, self.index, self.lm = self._fit_state(final.known, data.features)
         self.fit_info = {"examples": int(len(y)), "positives": int(y.sum()), "groups": int(len(g)),
                          "features_s": round(t1 - t0, 3), "ranker_s": round(t2 - t1, 3),
                          "refit_s": round(time.perf_counter() - t2, 3), "ranker": self.ranker,
@@ -229,10 +226,12 @@ class TwoStageRecommender:
         return KnownIndex.from_frame(known, self.n_users, self.n_items, self.item_tags, self.last_n,
                                      self.windows_days, self.transition_span)
 
-    def _fit_state(self, known: pd.DataFrame) -> tuple[dict[str, CandidateSource], KnownIndex, LMScorer | None]:
-        """Everything a stage's features read, fitted on its known interactions only."""
+    def _fit_state(self, known: pd.DataFrame, features: Any) -> tuple[dict[str, CandidateSource], KnownIndex,
+                                                                       LMScorer | None]:
+        """Everything a stage's features read, fitted on its known interactions only (``features``: the
+        prepared rows the language-model ranker trains on)."""
         index = self._known_index(known)
-        lm = (LMScorer.fit(known, self._data.features, self.lm_config, self.ranker_features_last_n, self.lm_cache)
+        lm = (LMScorer.fit(known, features, self.lm_config, self.ranker_features_last_n, self.lm_cache)
               if self.ranker_features else None)
         return fit_sources(self.source_specs, index), index, lm
 
