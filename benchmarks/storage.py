@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.loadtest import http_load, raw_user_ids, request_bodies
+from benchmarks.loadtest import (cpu_ms_per_request, http_load, local_raylet_pid, raw_user_ids, request_bodies,
+                                serve_cpu_seconds)
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +70,26 @@ def measure_one(name: str, cfg, run, port: int, users: list[str], items: list[st
     bodies = request_bodies(users, s.requests, k=10)
     http_load(url + "/recommend", bodies, s.concurrency, min(50, s.requests))  # warm-up
     store0 = s3.requests_served() if s3 is not None else None
+    raylet = local_raylet_pid()
+    cpu0 = serve_cpu_seconds(args.app_name, raylet)
     rec = http_load(url + "/recommend", bodies, s.concurrency, s.requests)
+    # CPU per request of each Serve process (the load client aside): where a latency at a concurrency that
+    # keeps both cores busy comes from, and a figure that moves far less with other load than latency does.
+    rec_cpu = cpu_ms_per_request(cpu0, serve_cpu_seconds(args.app_name, raylet), s.requests)
     # Requests the S3 server logged meanwhile: serving a cached version must not touch the store per request.
     store_requests = None if store0 is None else s3.requests_served() - store0
     fb_bodies = feedback_bodies(users, items, s.requests, s.events, f"{name}-{uuid.uuid4().hex[:8]}")
+    cpu0 = serve_cpu_seconds(args.app_name, raylet)
     fb = http_load(url + "/feedback", fb_bodies, s.concurrency, s.requests)
+    fb_cpu = cpu_ms_per_request(cpu0, serve_cpu_seconds(args.app_name, raylet), s.requests)
     entry = publish(run, make_live=False)
     t0 = time.perf_counter()
     rollout(args, entry.uri)
     rollout_s = time.perf_counter() - t0
     serve.delete(args.app_name)
     return {"target": name, "deploy_s": round(deploy_s, 2), "rollout_s": round(rollout_s, 2),
-            "recommend": rec.__dict__, "store_requests_during_recommend": store_requests, "feedback": fb.__dict__, "feedback_log": args.resolved().feedback_log,
+            "recommend": rec.__dict__, "store_requests_during_recommend": store_requests, "feedback": fb.__dict__,
+            "recommend_cpu_ms": rec_cpu, "feedback_cpu_ms": fb_cpu, "feedback_log": args.resolved().feedback_log,
             "model_dir": args.resolved().model_dir}
 
 
@@ -95,6 +104,8 @@ def summarize(rounds: list[dict]) -> dict:
                      "store_requests_during_recommend": sum(r.get("store_requests_during_recommend") or 0 for r in rs),
                      "feedback_p50_ms": med([r["feedback"]["p50_ms"] for r in rs]),
                      "feedback_p99_ms": med([r["feedback"]["p99_ms"] for r in rs]),
+                     "recommend_cpu_ms": med([r["recommend_cpu_ms"]["total"] for r in rs]),
+                     "feedback_cpu_ms": med([r["feedback_cpu_ms"]["total"] for r in rs]),
                      "failed": sum(r["recommend"]["requests"] - r["recommend"]["ok"]
                                    + r["feedback"]["requests"] - r["feedback"]["ok"] for r in rs)}
     out["ratio_store_over_local"] = {k: round(out["store"][k] / out["local"][k], 2) if out["local"][k] else None
@@ -108,9 +119,10 @@ def markdown(report: dict) -> str:
     from adrec.evaluation.report import markdown_table
 
     s = report["summary"]
-    cols = ["deploy_s", "rollout_s", "recommend_p50_ms", "recommend_p99_ms", "feedback_p50_ms", "feedback_p99_ms"]
+    cols = ["deploy_s", "rollout_s", "recommend_p50_ms", "recommend_p99_ms", "recommend_cpu_ms", "feedback_p50_ms",
+            "feedback_p99_ms", "feedback_cpu_ms"]
     heads = ["deploy s (cold cache)", "new version on every replica s", "/recommend p50 ms", "/recommend p99 ms",
-             "/feedback p50 ms", "/feedback p99 ms"]
+             "/recommend Serve CPU ms", "/feedback p50 ms", "/feedback p99 ms", "/feedback Serve CPU ms"]
     rows = [{"run on": name, **{h: s[name][c] for h, c in zip(heads, cols)}, "failed": s[name]["failed"],
              "S3 requests during /recommend": s[name].get("store_requests_during_recommend", "")}
             for name in ("local", "store")]
@@ -125,6 +137,10 @@ def markdown(report: dict) -> str:
     for k, t in s["targets"].items():
         lines.append(f"- {k} with the run on the store: {t['store']} (target < {t['target']}: "
                      f"{'met' if t['met'] else 'missed'})")
+    last = {r["target"]: r for r in report["rounds"]}  # the last round of each: where the CPU went
+    lines += ["", "Serve CPU ms per request by process (last round): " + "; ".join(
+        f"{name} /recommend {last[name]['recommend_cpu_ms']}, /feedback {last[name]['feedback_cpu_ms']}"
+        for name in ("local", "store") if name in last)]
     lines += ["", f"Command: `{report['command']}`"]
     return "\n".join(lines) + "\n"
 

@@ -495,9 +495,12 @@ def test_rollout_through_user_config_drops_no_request(served):
     new = read_version(served["v2"])["version"]
     assert new != old
     rankers = _replicas(served["holder"])
+    # Rolled out from a process whose own settings differ from the deployed app's (the learner's job, started
+    # without the serve job's --set values): only the version changes, so no replica restarts (asserted below).
+    stale = served["args"].model_copy(update={"request_timeout_s": served["args"].request_timeout_s + 1})
     with _Load(served["url"], served["users"]) as load:
         load.wait_for(20)
-        assert rollout(served["args"], served["v2"]) == new
+        assert rollout(stale, served["v2"]) == new
         done = time.monotonic()
         load.wait_for(load.count() + 30)
     outcomes = load.outcomes

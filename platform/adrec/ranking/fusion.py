@@ -134,8 +134,10 @@ class FusionRanker(Ranker):
 
     def logits(self, rows: pd.DataFrame, batch_size: int = 512) -> np.ndarray:
         """Raw (uncalibrated) logits."""
-        # eval() walks every module (~0.6 ms, a visible share of a served request): only when needed.
-        if any(m.training for m in self.model.modules()):
+        # eval() walks every module, and so did checking each one's flag (~0.6 ms, a visible share of a
+        # served request): the root's flag decides. Only train()/eval() of the whole model set it here (the
+        # text tower's own eval()/train(was) around its encoding restores what it found).
+        if self.model.training:
             self.model.eval()
         out = []
         with torch.inference_mode():

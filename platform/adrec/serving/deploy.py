@@ -133,13 +133,35 @@ def rollout(args: AppArgs, model_dir: str | Path, timeout_s: float = 600.0) -> s
     new = storage.normalize(model_dir)  # a folder or a URI; every replica copies a remote one to its cache
     materialize(new)  # a damaged version is refused here, before any replica tries it
     vid = str(read_version(new)["version"])
-    base = args.resolved()  # pin the feedback log and key file of the running app
+    # The running app's own settings, not the caller's: a learner job started with other --set values
+    # would otherwise redeploy every replica with its config (a new code version, not a reconfigure).
+    base = running_args(args.app_name) or args.resolved()
     t = time.perf_counter()
     serve.run(build_app(base.model_copy(update={"model_dir": str(new)})), name=args.app_name,
               route_prefix=args.route_prefix, blocking=False)
     wait_version(args, vid, timeout_s)
     log.info("app %s rolled out to version %s (%.1fs)", args.app_name, vid, time.perf_counter() - t)
     return vid
+
+
+def running_args(app_name: str) -> AppArgs | None:
+    """The settings the running app ``app_name`` was deployed with (None when it does not run, or answers
+    from an older adrec without them: the caller's own then)."""
+    from ray import serve
+
+    if app_name not in serve.status().applications:
+        return None
+    handle = serve.get_deployment_handle("Ingress", app_name=app_name)
+    try:
+        return asyncio.run_coroutine_threadsafe(_await(handle.app_settings.remote()), _handle_loop()).result(60)
+    except Exception as err:  # noqa: BLE001 - a replica of another adrec version: fall back, say so
+        log.warning("app %s did not report its settings (%s: %s); rolling out with this process's",
+                    app_name, type(err).__name__, err)
+        return None
+
+
+async def _await(response):
+    return await response
 
 
 def wait_version(args: AppArgs, version: str, timeout_s: float = 600.0) -> None:

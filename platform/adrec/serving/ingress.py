@@ -147,6 +147,11 @@ class Ingress:
     def loaded(self) -> dict:
         return self.holder.loaded()
 
+    def app_settings(self) -> AppArgs:
+        """The settings this app was deployed with (every topology has an Ingress): a rollout from another
+        process (the learner's job) changes the version only, not what that process's own config says."""
+        return self.settings
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _rank_batch(self, recs: list, users: list, items: list, contexts: list) -> list:
         async def resolve(i: int):
