@@ -475,6 +475,11 @@ class ServeConfig(_Strict):
     # Writer replicas of /feedback: one for a file log (one writer per file); a segment log on a shared
     # store (feedback_log=s3://...) takes several, on any nodes, each writing its own segments.
     feedback_replicas: int = Field(1, ge=1)
+    # Who writes /feedback's events in the fused topology: `ingress` (each Ingress replica is a writer of its
+    # own segments; no handle call per request, which cost ~2/3 of a /feedback request's CPU), `deployment`
+    # (the FeedbackDeployment's replicas), `auto`: ingress when the log is a segment log on a shared store
+    # (several writers allowed), else deployment (a file log has one writer).
+    feedback_writer: Literal["auto", "ingress", "deployment"] = "auto"
     # > ranker_replicas turns on autoscaling of the ranker between the two.
     ranker_max_replicas: int | None = Field(None, ge=1)
     # At most this many replicas of one deployment on one node (Serve's max_replicas_per_node): 1 spreads

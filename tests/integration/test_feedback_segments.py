@@ -178,3 +178,41 @@ def test_a_write_the_store_took_though_the_writer_saw_an_error_is_logged_once(s3
     reader = log.reader()
     assert [e.event_id for e in reader.read(reader.start(), 100).events] == ["x-1", "x-2", "y-1"]
     writer.close()
+
+
+def test_the_fused_ingress_writes_a_segment_log_itself_over_http(s3_env, ray_session, tiny_run, tiny_cfg):
+    """serve.feedback_writer=auto on a segment log: the Ingress replica writes /feedback's events (no handle
+    call to the FeedbackDeployment), with the same item check and the same dedup by event_id."""
+    import httpx
+    import pandas as pd
+    from ray import serve
+
+    from adrec.model_version import VersionPaths
+    from adrec.runtime import free_port
+    from adrec.serving.args import AppArgs
+    from adrec.serving.deploy import deploy
+
+    prefix = _prefix()
+    args = AppArgs(model_dir=str(tiny_run.model), pseudonym_key=tiny_cfg.data.pseudonym_key, port=free_port(),
+                   feedback_log=f"s3://{s3_env.bucket}/{prefix}", app_name="adrec-fb-ingress", num_cpus_per_replica=0.1,
+                   topology="fused")
+    assert args.ingress_writes_feedback()
+    assert not args.model_copy(update={"topology": "graph"}).ingress_writes_feedback()
+    item = str(pd.read_parquet(VersionPaths(tiny_run.model).items, columns=["item"])["item"].iloc[0])
+    events = [{"event_id": f"ing-{i}", "user_id": "user00001", "item": item, "type": "click", "ts": time.time() - 60}
+              for i in range(5)]
+    url = deploy(args)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            r = client.post("/feedback", json={"events": events})
+            assert r.status_code == 200 and r.json()["accepted"] == 5, r.text
+            again = client.post("/feedback", json={"events": events}).json()  # a client's retry: known ids
+            assert again["accepted"] == 0 and sorted(again["duplicate_ids"]) == [e["event_id"] for e in events]
+            bad = client.post("/feedback", json={"events": [{**events[0], "event_id": "ing-x", "item": "no-such-ad"}]})
+            assert bad.status_code == 422, bad.text
+        # Acknowledged = on the store, and written by the Ingress: the FeedbackDeployment's writer holds none.
+        assert sorted(_ids_in_defined_order(s3_env, prefix)) == sorted(e["event_id"] for e in events)
+        fb = serve.get_deployment_handle("FeedbackDeployment", app_name=args.app_name)
+        assert fb.count.remote().result() == 0
+    finally:
+        serve.shutdown()

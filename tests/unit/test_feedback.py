@@ -92,6 +92,20 @@ def test_several_feedback_writers_need_a_log_on_a_shared_store(tmp_path):
         build_app(args)
 
 
+def test_the_ingress_writes_feedback_only_on_a_segment_log_in_the_fused_topology(tmp_path):
+    from adrec.serving.args import AppArgs
+    from adrec.serving.builder import build_app
+
+    base = dict(model_dir=str(tmp_path / "model"), pseudonym_key="k")
+    assert AppArgs(**base, feedback_log="s3://b/run/feedback").ingress_writes_feedback()  # auto, fused (default)
+    assert not AppArgs(**base, feedback_log="s3://b/run/feedback", topology="graph").ingress_writes_feedback()
+    assert not AppArgs(**base, feedback_log=str(tmp_path / "fb.jsonl")).ingress_writes_feedback()  # one writer
+    assert not AppArgs(**base, feedback_log="s3://b/f", feedback_writer="deployment").ingress_writes_feedback()
+    for bad in ({"feedback_log": str(tmp_path / "fb.jsonl")}, {"feedback_log": "s3://b/f", "topology": "graph"}):
+        with pytest.raises(ConfigError, match="feedback_writer=ingress makes every Ingress replica a writer"):
+            build_app(AppArgs(**base, feedback_writer="ingress", **bad))
+
+
 def test_a_replacement_writer_knows_the_ids_of_the_logs_recent_segments(tmp_path):
     log = open_log(tmp_path / "segs", kind="segments", group_wait_s=0.0)
     crashed = log.writer()

@@ -180,6 +180,12 @@ class AppArgs(ServeConfig):
         value = env_secret(env)
         return (value.encode() if value else None), f"${env}"
 
+    def ingress_writes_feedback(self) -> bool:
+        """Whether the fused Ingress replicas write /feedback's events themselves (``feedback_writer``)."""
+        if self.feedback_writer == "auto":
+            return self.topology == "fused" and storage.is_remote(self.feedback_log or "")
+        return self.feedback_writer == "ingress"
+
     def key_bytes(self) -> bytes:
         key, _ = self.pseudonym_key_source()
         if key is None:

@@ -67,6 +67,11 @@ def build_app(args: AppArgs) -> serve.Application:
         raise ConfigError(f"serve.feedback_replicas={args.feedback_replicas}, but the feedback log {args.feedback_log} "
                           "is a local file, which has one writer: use 1, or put the log on a shared store "
                           "(serve.feedback_log=s3://bucket/prefix/feedback), where every replica writes its own segments")
+    if args.feedback_writer == "ingress" and (args.topology != "fused" or not is_remote(args.feedback_log)):
+        raise ConfigError("serve.feedback_writer=ingress makes every Ingress replica a writer of the feedback log: it "
+                          "needs the fused topology (serve.topology=fused; the replica then knows the version's items) "
+                          f"and a segment log on a shared store (serve.feedback_log=s3://...), not {args.feedback_log} "
+                          f"with topology {args.topology}: use feedback_writer=auto or deployment")
     user_config = model_config(args.model_dir)
     # The deployments get every setting except the model folder: that is the user_config, so pointing
     # the app at a new version changes nothing else, and Serve reconfigures the replicas in place.

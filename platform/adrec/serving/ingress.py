@@ -6,7 +6,8 @@ every log line see pseudonyms only. Client errors are :class:`ApiError` (4xx wit
 failures inside the app answer 503. In the fused topology the Ingress replica holds the model version
 itself (a :class:`~adrec.serving.holder.VersionHolder`) and runs the request algorithm here, ranking
 batched across its concurrent requests with ``@serve.batch``; in the graph it forwards to the
-CandidateDeployment. ``/feedback`` goes to the FeedbackDeployment (one replica; several on a segment log).
+CandidateDeployment. ``/feedback`` goes to the FeedbackDeployment (one replica; several on a segment log),
+or, in the fused topology on a segment log (``serve.feedback_writer``), is written by this replica itself.
 """
 
 import asyncio
@@ -30,6 +31,7 @@ from adrec.data.ids import normalize_id
 from adrec.data.privacy import pseudonymize
 from adrec.serving.abtest import assigner
 from adrec.serving.args import AppArgs
+from adrec.serving.deployments import FeedbackDeployment
 from adrec.serving.holder import VersionHolder
 from adrec.serving.replica import call, single_threaded
 from adrec.serving.request import Recommendation
@@ -133,6 +135,11 @@ class Ingress:
         self.feedback = feedback
         # fused: the live Recommender (with its ranker) and its swaps
         self.holder = VersionHolder(settings, load_ranker=True, role="fused ingress")
+        # A writer of the segment log of its own in this replica (serve.feedback_writer): /feedback then makes no
+        # handle call, whose cost on both sides was most of the request's CPU. The same class as the
+        # FeedbackDeployment's, so the same checks and records.
+        self.writer = FeedbackDeployment.func_or_class(settings) \
+            if candidates is None and settings.ingress_writes_feedback() else None
         self.strategy = Strategy.from_settings(settings)
         self.arm_of = assigner(settings.ab)  # pseudonym -> A/B arm (None without A/B), the same in every replica
         if candidates is None:
@@ -142,6 +149,8 @@ class Ingress:
 
     # ---- fused topology: the model version lives in this replica --------------------------------------
     async def reconfigure(self, config: dict) -> None:
+        if self.writer is not None:  # the items an event may name: the version's, as the writer replica reads them
+            await self.writer.reconfigure(config)
         await self.holder.reconfigure(config)
 
     def loaded(self) -> dict:
@@ -256,7 +265,10 @@ class Ingress:
         req: FeedbackRequest = await self._body(request, FeedbackRequest, now=time.time(),
                                                 max_ahead_s=s.feedback_max_ahead_s, max_behind_s=s.feedback_max_behind_s)
         events = [logged_event(e, pseudonymize(normalize_id(e.user_id), self.key), self.arm_of) for e in req.events]
-        out = await self._graph(self.feedback.append, events)
+        if self.writer is not None:
+            out = await self._guarded("append", self.writer.append(events))
+        else:
+            out = await self._graph(self.feedback.append, events)
         status = out.pop("status")
         if status != 200:
             raise ApiError(status, out["detail"])
