@@ -479,7 +479,7 @@ class ServeConfig(_Strict):
     # own segments; no handle call per request, which cost ~2/3 of a /feedback request's CPU), `deployment`
     # (the FeedbackDeployment's replicas), `auto`: ingress when the log is a segment log on a shared store
     # (several writers allowed), else deployment (a file log has one writer).
-    feedback_writer: Literal["auto", "ingress", "deployment"] = "auto"
+    feedback_writer: Literal["auto", "ingress", "deployment"] = "deployment"
     # > ranker_replicas turns on autoscaling of the ranker between the two.
     ranker_max_replicas: int | None = Field(None, ge=1)
     # At most this many replicas of one deployment on one node (Serve's max_replicas_per_node): 1 spreads

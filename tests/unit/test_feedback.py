@@ -97,8 +97,8 @@ def test_the_ingress_writes_feedback_only_on_a_segment_log_in_the_fused_topology
     from adrec.serving.builder import build_app
 
     base = dict(model_dir=str(tmp_path / "model"), pseudonym_key="k")
-    assert AppArgs(**base, feedback_log="s3://b/run/feedback").ingress_writes_feedback()  # auto, fused (default)
-    assert not AppArgs(**base, feedback_log="s3://b/run/feedback", topology="graph").ingress_writes_feedback()
+    assert AppArgs(**base, feedback_log="s3://b/run/feedback", feedback_writer="auto").ingress_writes_feedback()  # fused
+    assert not AppArgs(**base, feedback_log="s3://b/run/feedback", feedback_writer="auto", topology="graph").ingress_writes_feedback()
     assert not AppArgs(**base, feedback_log=str(tmp_path / "fb.jsonl")).ingress_writes_feedback()  # one writer
     assert not AppArgs(**base, feedback_log="s3://b/f", feedback_writer="deployment").ingress_writes_feedback()
     for bad in ({"feedback_log": str(tmp_path / "fb.jsonl")}, {"feedback_log": "s3://b/f", "topology": "graph"}):
