@@ -478,7 +478,8 @@ class ServeConfig(_Strict):
     # Who writes /feedback's events in the fused topology: `ingress` (each Ingress replica is a writer of its
     # own segments; no handle call per request, which cost ~2/3 of a /feedback request's CPU), `deployment`
     # (the FeedbackDeployment's replicas), `auto`: ingress when the log is a segment log on a shared store
-    # (several writers allowed), else deployment (a file log has one writer).
+    # (several writers allowed), else deployment (a file log has one writer). Default deployment: the
+    # Ingress writer has not yet run in the two-node walkthrough, the only test whose replicas reach a store.
     feedback_writer: Literal["auto", "ingress", "deployment"] = "deployment"
     # > ranker_replicas turns on autoscaling of the ranker between the two.
     ranker_max_replicas: int | None = Field(None, ge=1)

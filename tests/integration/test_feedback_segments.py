@@ -178,4 +178,3 @@ def test_a_write_the_store_took_though_the_writer_saw_an_error_is_logged_once(s3
     reader = log.reader()
     assert [e.event_id for e in reader.read(reader.start(), 100).events] == ["x-1", "x-2", "y-1"]
     writer.close()
-

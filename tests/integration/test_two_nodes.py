@@ -135,7 +135,6 @@ def test_the_cluster_walkthrough_runs_on_two_nodes_sharing_only_the_store(cluste
     assert len(acked) == len(events)
     served = _wait_for_new_version(url, headers, live["version"], timeout_s=420)
     writers = {k.split("/")[3] for k in s3.keys("runs/r1/feedback/") if k.endswith(".jsonl")}
-    # The fused Ingress replicas write them (serve.feedback_writer=auto on a segment log), one per node.
     assert len(writers) == 2, f"both writer replicas wrote segments: {writers}"
 
     # The worker node goes away: every acknowledged event is on the store, and the head keeps answering.
