@@ -83,7 +83,10 @@ def _train(cfg: AdrecConfig, run: RunDir, features, seed: int, tasks: list[str])
 
 def _valid_at_best(summary: dict) -> dict:
     """ESMM's valid CTR / CVR / CTCVR AUCs at its selected epoch (what its settings are chosen on)."""
-    best = [h for h in summary["history"] if h.get("phase") == "select" and h["epoch"] == summary["best_epoch"]]
+    if summary.get("cvr_epochs"):  # ranker.cvr_tower_epochs: the kept epoch of the CVR tower alone
+        best = [h for h in summary["history"] if h.get("phase") == "cvr" and h["cvr_epoch"] == summary["cvr_epochs"]]
+    else:
+        best = [h for h in summary["history"] if h.get("phase") == "select" and h["epoch"] == summary["best_epoch"]]
     return {k: float(best[-1][k]) for k in ("valid_ctr_auc", "valid_cvr_auc", "valid_ctcvr_auc")
             if best and k in best[-1]}
 
@@ -102,7 +105,9 @@ def _one_seed(cfg: AdrecConfig, run: RunDir, features, seed: int, parts=PARTS, r
         p = esmm.predict_tasks(test)
         out[ESMM] = {"ctr_auc": _auc(clicks, p["ctr"]), **_conv(clicks, conversions, p["cvr"], p["ctcvr"]),
                      **_valid_at_best(s_esmm), "train_seconds": float(s_esmm["seconds"]),
-                     "best_epoch": int(s_esmm["best_epoch"]), "seconds": round(time.perf_counter() - t0, 2)}
+                     "best_epoch": int(s_esmm["best_epoch"]), **({"cvr_epochs": int(s_esmm["cvr_epochs"])}
+                                                                  if "cvr_epochs" in s_esmm else {}),
+                     "seconds": round(time.perf_counter() - t0, 2)}
     elif reused and ESMM in reused:
         out[ESMM] = reused[ESMM]
 

@@ -350,6 +350,13 @@ class RankerConfig(_Strict):
     # True: pCTR enters the CTCVR term as a constant (stop-gradient), so that term trains the CVR tower only and
     # the click tower learns from the click loss alone (ESMM's product also pulls pCTR down on unconverted clicks).
     ctcvr_detach_ctr: bool = False
+    # A two-task ranker's own stopping epoch for its CVR tower: after the joint epochs are selected (on the mean of
+    # the valid CTR and CTCVR AUCs), up to this many epochs more train the CVR tower alone (its MLP, output and
+    # wide weights; the shared representation and the click tower stay as selected, so pCTR does not move), each
+    # kept while that valid score improves (early_stopping_patience). The CVR tower learns from far fewer
+    # positives and is often still improving when the click tower starts to overfit. 0: one stopping epoch for
+    # both. Skipped under ranker.dp (its accountant plans the noisy steps before training).
+    cvr_tower_epochs: int = Field(0, ge=0)
 
     @field_validator("tasks")
     @classmethod

@@ -388,3 +388,106 @@ def test_fgsm_and_a_bagged_ensemble_train_with_the_two_tasks(toy):
     assert all(h.cvr_out is not None for h in ranker.model.members)
     p = ranker.predict_tasks(toy.rows("test"))
     np.testing.assert_allclose(p["ctcvr"], p["ctr"] * p["cvr"], rtol=1e-12)
+
+
+# ---- pCVR's calibration (the product is formed of two calibrated factors) -----------------------------------
+def test_task_calibrations_fit_pcvr_on_the_clicked_rows_only():
+    from adrec.ranking.train.finish import fit_platt, task_calibrations, task_probabilities
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    z_ctr, z_cvr = rng.normal(-1.5, 1.0, n), rng.normal(0.0, 0.3, n)  # pCVR's logits too flat: a > 1 wanted
+    clicks = (rng.random(n) < 1 / (1 + np.exp(-z_ctr))).astype(float)
+    conv = clicks * (rng.random(n) < 1 / (1 + np.exp(-(3.0 * z_cvr - 1.0))))
+    (a1, b1), (a2, b2) = task_calibrations(z_ctr, z_cvr, clicks, conv)
+    assert (a1, b1) == fit_platt(z_ctr, clicks)
+    k = clicks > 0
+    assert (a2, b2) == fit_platt(z_cvr[k], conv[k])
+    assert 2.0 < a2 < 4.0 and -1.6 < b2 < -0.4  # recovers the slope and the offset of the clicked rows
+    moved = np.where(k, z_cvr, z_cvr + 5.0)  # the unclicked rows' pCVR logits do not enter pCVR's fit
+    assert task_calibrations(z_ctr, moved, clicks, conv)[1] == (a2, b2)
+    p_ctr, p_cvr = task_probabilities(z_ctr, z_cvr, clicks, conv)
+    np.testing.assert_allclose(p_cvr, 1 / (1 + np.exp(-(a2 * z_cvr + b2))), rtol=1e-12)
+    np.testing.assert_allclose(p_ctr, 1 / (1 + np.exp(-(a1 * z_ctr + b1))), rtol=1e-12)
+    raw = task_probabilities(z_ctr, z_cvr, clicks, conv, calibrate=False)
+    np.testing.assert_allclose(raw[1], 1 / (1 + np.exp(-z_cvr)), rtol=1e-12)
+
+
+@needs_minilm
+def test_a_trained_head_serves_pcvr_calibrated_on_valid_clicks_and_selects_on_that_product(toy, tmp_path):
+    from adrec.ranking.base import load_ranker
+    from adrec.ranking.train import fit_local
+    from adrec.ranking.train.finish import fit_platt
+
+    ranker, _ = fit_local(tiny(refit=False), toy)
+    valid = toy.rows("valid").reset_index(drop=True)
+    z_ctr, z_cvr = ranker.model.task_logits(ranker.batch(valid))
+    z_ctr, z_cvr = z_ctr.detach().double().numpy(), z_cvr.detach().double().numpy()
+    clicks = valid["label"].to_numpy().astype(float)
+    conv = valid["conversion"].to_numpy().astype(float) * clicks
+    k = clicks > 0
+    np.testing.assert_allclose(ranker.cvr_calibration, fit_platt(z_cvr[k], conv[k]), rtol=1e-4, atol=1e-4)
+    assert ranker.cvr_calibration != (1.0, 0.0)
+    p = ranker.predict_tasks(valid)
+    a2, b2 = ranker.cvr_calibration
+    np.testing.assert_allclose(p["cvr"], 1 / (1 + np.exp(-(a2 * z_cvr + b2))), rtol=1e-5)
+    # the selected epoch's valid CTCVR AUC is that of the product the ranker serves
+    best = [h for h in ranker.info["history"] if h["phase"] == "select" and h["epoch"] == ranker.info["best_epoch"]]
+    assert best[-1]["valid_ctcvr_auc"] == pytest.approx(auc(conv, p["ctcvr"]), abs=1e-6)
+    ranker.save(tmp_path / "r")
+    meta = json.loads((tmp_path / "r" / "ranker.json").read_text())
+    assert tuple(meta["cvr_calibration"].values()) == pytest.approx(ranker.cvr_calibration)
+    assert load_ranker(tmp_path / "r").cvr_calibration == pytest.approx(ranker.cvr_calibration)
+    del meta["cvr_calibration"]  # a two-task ranker saved before pCVR had a calibration: its raw sigmoid
+    (tmp_path / "r" / "ranker.json").write_text(json.dumps(meta))
+    old = load_ranker(tmp_path / "r")
+    assert old.cvr_calibration == (1.0, 0.0)
+    np.testing.assert_allclose(old.predict_tasks(valid)["cvr"], 1 / (1 + np.exp(-z_cvr)), rtol=1e-5)
+
+
+@needs_minilm
+def test_the_cvr_tower_trains_alone_after_the_joint_epochs_and_the_click_tower_stays(toy):
+    """ranker.cvr_tower_epochs: the joint epochs are selected as before; then the CVR tower trains alone, so pCTR
+    is the selected joint model's exactly; a worker failing inside that phase resumes it to the same end; the
+    refit trains the joint epochs and then the kept CVR-tower epochs."""
+    from adrec.ranking.train import LocalSession, finish, fit, fit_local, prepare_data
+
+    cfg = tiny(refit=False, epochs=2, early_stopping_patience=5, cvr_tower_epochs=2)
+    data = prepare_data(cfg, toy)
+    full = LocalSession()
+    fit(cfg, data, full)
+    phases = [(r["phase"], r["epoch"]) for r in full.reports]
+    assert phases == [("select", 1), ("select", 2), ("cvr", 3), ("cvr", 4)]
+    joint = fit_local(tiny(refit=False, epochs=2, early_stopping_patience=5), toy)[0]
+    with_cvr = finish(cfg, data, full.state)
+    rows = toy.rows("test")
+    np.testing.assert_allclose(with_cvr.logits(rows), joint.logits(rows), atol=1e-5)  # the click tower as selected
+    sel = [r for r in full.reports if r["phase"] == "select" and r["epoch"] == full.state["best_epoch"]][0]
+    assert all(r["valid_ctr_auc"] == pytest.approx(sel["valid_ctr_auc"], abs=1e-9)
+               for r in full.reports if r["phase"] == "cvr")
+    kept = full.state["cvr_epochs"]
+    assert with_cvr.info["cvr_epochs"] == kept and full.state["best_auc"] >= sel["valid_auc"]
+    if kept:
+        assert not np.allclose(with_cvr.predict_tasks(rows)["cvr"], joint.predict_tasks(rows)["cvr"])
+
+    class InjectedFailure(RuntimeError):
+        pass
+
+    def fail_in_the_cvr_phase(metrics: dict) -> None:
+        if metrics["phase"] == "cvr" and metrics["cvr_epoch"] == 1:
+            raise InjectedFailure("the worker fails after the first CVR-tower epoch's checkpoint")
+
+    first = LocalSession()
+    with pytest.raises(InjectedFailure):
+        fit(cfg, data, first, after_checkpoint=[fail_in_the_cvr_phase])
+    resumed = LocalSession(checkpoint=first.state)
+    fit(cfg, data, resumed)
+    assert [(r["phase"], r["epoch"]) for r in resumed.reports] == [("cvr", 4)]
+    np.testing.assert_allclose(finish(cfg, data, resumed.state).predict_tasks(rows)["ctcvr"],
+                               with_cvr.predict_tasks(rows)["ctcvr"], atol=1e-5)
+
+    refit_cfg = tiny(refit=True, epochs=2, early_stopping_patience=5, cvr_tower_epochs=2)
+    ranker, reports = fit_local(refit_cfg, toy)
+    info = ranker.info
+    assert [r["refit_epoch"] for r in reports if r["phase"] == "refit"] == \
+        list(range(1, info["best_epoch"] + info["cvr_epochs"] + 1))

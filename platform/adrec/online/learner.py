@@ -265,8 +265,10 @@ class OnlineLearner:
             logits = ctr.mean(0)
             clicks = torch.as_tensor(y, dtype=torch.float32)
             conv = torch.as_tensor(np.fromiter((e.conversion for e in batch), np.float32, len(batch)))
-            # pCTR in the loss is the calibrated one serving multiplies pCVR with (FusionRanker.predict_tasks)
-            loss = torch.stack([self.esmm(a * ctr[i] + c, cvr[i], clicks, conv) for i in range(len(ctr))]).mean()
+            # pCTR and pCVR in the loss are the calibrated ones serving multiplies (FusionRanker.predict_tasks)
+            a_v, c_v = self.ranker.cvr_calibration
+            loss = torch.stack([self.esmm(a * ctr[i] + c, a_v * cvr[i] + c_v, clicks, conv)
+                                for i in range(len(ctr))]).mean()
         elif member_logits is not None:  # a deep ensemble: each member learns on its own, the mean is served
             per_member = member_logits(self.model.embed(dict(b)), dict(b))
             logits = per_member.mean(0)

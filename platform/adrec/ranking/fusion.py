@@ -95,6 +95,9 @@ class FusionRanker(Ranker):
         self.tables = tables
         self.tokenizer = tokenizer
         self.calibration = (float(calibration[0]), float(calibration[1]))
+        # The ESMM head's pCVR calibration (Platt on the valid clicked rows' conversions; identity for a ranker
+        # saved before it, whose pCVR was the tower's sigmoid)
+        self.cvr_calibration = (1.0, 0.0)
         self.info = dict(info or {})
         self.adapter_files: dict[str, bytes] = {}  # a LoRA ranker loaded merged: its adapter, saved again as is
         self.collab: CollabScorer | None = None  # ranker.collab: the sources fitted on train + valid
@@ -155,8 +158,8 @@ class FusionRanker(Ranker):
         return self.model.tasks
 
     def predict_tasks(self, rows: pd.DataFrame, batch_size: int = 512) -> dict[str, np.ndarray]:
-        """``{"ctr", "cvr", "ctcvr"}`` per row: the calibrated pCTR (what :meth:`predict` gives), pCVR (of a
-        conversion given a click) and pCTCVR = pCTR x pCVR (a conversion per impression: what an
+        """``{"ctr", "cvr", "ctcvr"}`` per row: the calibrated pCTR (what :meth:`predict` gives), the calibrated
+        pCVR (of a conversion given a click; ``cvr_calibration``, fitted on the valid clicked rows) and pCTCVR = pCTR x pCVR (a conversion per impression: what an
         advertiser paying per conversion earns from showing the item, bid x pCTCVR). Needs the CVR tower
         (``ranker.tasks=[ctr, cvr]``); a click-only ranker raises ValueError saying so."""
         if not self.model.has_cvr:
@@ -172,8 +175,8 @@ class FusionRanker(Ranker):
                 cvr.append(z_cvr.float().cpu().numpy())
         z_ctr = np.concatenate(ctr).astype(np.float64) if ctr else np.zeros(0)
         z_cvr = np.concatenate(cvr).astype(np.float64) if cvr else np.zeros(0)
-        a, b = self.calibration
-        p_ctr, p_cvr = _sigmoid(a * z_ctr + b), _sigmoid(z_cvr)
+        (a, b), (a_cvr, b_cvr) = self.calibration, self.cvr_calibration
+        p_ctr, p_cvr = _sigmoid(a * z_ctr + b), _sigmoid(a_cvr * z_cvr + b_cvr)
         return {"ctr": p_ctr, "cvr": p_cvr, "ctcvr": p_ctr * p_cvr}
 
     def item_embeddings(self) -> np.ndarray:
@@ -211,6 +214,8 @@ class FusionRanker(Ranker):
             "text_dim": self.model.text.hidden_size,
             "spec": self.spec,
             "calibration": {"a": self.calibration[0], "b": self.calibration[1]},
+            **({"cvr_calibration": {"a": self.cvr_calibration[0], "b": self.cvr_calibration[1]}}
+               if self.model.has_cvr else {}),
             "info": self.info,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -243,6 +248,8 @@ class FusionRanker(Ranker):
             raise ValueError(f"{folder}/model.pt does not fit its ranker.json: missing {missing}, unexpected {unexpected}")
         cal = meta.get("calibration", {})
         ranker = cls(model, cfg, meta["spec"], tables, tok, (cal.get("a", 1.0), cal.get("b", 0.0)), meta.get("info"))
+        cvr_cal = meta.get("cvr_calibration", {})
+        ranker.cvr_calibration = (float(cvr_cal.get("a", 1.0)), float(cvr_cal.get("b", 0.0)))
         ranker.adapter_files = read_adapter(folder)
         if (folder / COLLAB_DIR).is_dir():
             ranker.collab = CollabScorer.load(folder / COLLAB_DIR)

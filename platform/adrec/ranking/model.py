@@ -515,6 +515,14 @@ class FusionModel(nn.Module):
         return self.forward_from(self.embed(b), b)
 
     # ---- parameter groups -------------------------------------------------------------------------
+    def cvr_tower_parameters(self) -> list[nn.Parameter]:
+        """Every member's CVR tower (its MLP, output, bias and wide weights): what trains after the joint
+        epochs with ``ranker.cvr_tower_epochs``; nothing else reads them, so pCTR does not depend on them."""
+        if not self.has_cvr:
+            raise ValueError("this ranker has no CVR tower (ranker.tasks: [ctr])")
+        return [p for h in self.members for m in (h.cvr_deep, h.cvr_out, h.cvr_lin) for p in m.parameters()] \
+            + [h.cvr_bias for h in self.members]
+
     def encoder_parameters(self) -> list[nn.Parameter]:
         return self.text.trainable_parameters()
 

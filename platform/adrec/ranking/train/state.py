@@ -29,30 +29,35 @@ from adrec.ranking.data import take
 from adrec.ranking.fgsm import ESMM_LOSS, EsmmTerms, fgsm_loss
 from adrec.ranking.fusion import FusionRanker
 from adrec.ranking.train.average import WeightAverage
+from adrec.ranking.train.finish import task_probabilities
 from adrec.ranking.train.data import predict_logits, predict_task_logits, recency_weights, task_labels, to_device
 from adrec.ranking.train.privacy import PrivateTraining
 
 log = logging.getLogger(__name__)
 
-SELECT, REFIT, DONE = "select", "refit", "done"
+SELECT, CVR, REFIT, DONE = "select", "cvr", "refit", "done"
 
 
 @dataclass
 class Progress:
     """Where a run stands, checkpointed with the weights (the keys of ``state.pt`` besides them)."""
 
-    phase: str = SELECT  # select -> refit (cfg.refit) -> done
+    phase: str = SELECT  # select -> cvr (a two-task model's cfg.cvr_tower_epochs) -> refit (cfg.refit) -> done
     epoch: int = 0  # the last finished epoch, counted over both phases
     select_epochs: int = 0  # epochs the selection phase ran
     refit_done: int = 0  # refit epochs finished
     best_auc: float = -1.0
     best_epoch: int = 0
     bad_epochs: int = 0  # selection epochs since the best one
+    cvr_done: int = 0  # epochs of the CVR tower alone finished (the cvr phase)
+    cvr_epochs: int = 0  # of them, those kept (the best score's): the refit trains as many after its joint epochs
     history: list[dict] = field(default_factory=list)  # the metrics of every epoch
     best_state: dict | None = None  # the averaged weights of the best selection epoch
     best_pooled: torch.Tensor | None = None  # and their text cache
     best_logits: np.ndarray | None = None  # and their valid logits (the calibration fits on them)
     best_labels: np.ndarray | None = None  # a streamed valid: its labels in those logits' order
+    best_cvr_logits: np.ndarray | None = None  # a two-task model's valid CVR logits there (pCVR's calibration)
+    best_conversions: np.ndarray | None = None  # a streamed valid: its conversions in those logits' order
     final_state: dict | None = None  # the averaged weights at the end of the refit
     final_pooled: torch.Tensor | None = None
     privacy: dict | None = None  # with ranker.dp: the accountant's record of the noisy steps (train/privacy.py)
@@ -63,7 +68,8 @@ class Progress:
     @classmethod
     def from_dict(cls, state: dict) -> "Progress":
         pr = cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
-        for name in ("best_logits", "best_labels"):  # a checkpoint file holds them as tensors (plain state)
+        for name in ("best_logits", "best_labels", "best_cvr_logits", "best_conversions"):  # a checkpoint file
+            # holds them as tensors (plain state)
             if isinstance(getattr(pr, name), torch.Tensor):
                 setattr(pr, name, getattr(pr, name).numpy())
         return pr
@@ -145,9 +151,18 @@ class TrainingState:
         self.start_epoch = 0  # the epoch this attempt started after (> 0 when it resumed)
         self.last_rows = 0  # the rows the last epoch trained on (this worker)
         self.valid_labels: np.ndarray | None = None  # the labels of the last evaluation, in its logits' order
+        self.valid_cvr_logits: np.ndarray | None = None  # a two-task model's CVR logits of the last evaluation
+        self.valid_conversions: np.ndarray | None = None  # and its conversions, in the same order
 
-    def _new_optimizer(self) -> None:
+    def _new_optimizer(self, cvr_tower_only: bool = False) -> None:
+        """A fresh optimizer and weight average; ``cvr_tower_only``: over the CVR tower's parameters alone
+        (every other weight then stays as it is: the cvr phase, see :meth:`start_cvr_tower`)."""
         cfg, model = self.cfg, self.model
+        if cvr_tower_only:
+            self.opt = torch.optim.AdamW([{"params": model.cvr_tower_parameters(), "lr": cfg.lr}],
+                                         weight_decay=cfg.weight_decay)
+            self.average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
+            return
         groups = [{"params": model.head_parameters(), "lr": cfg.lr}]
         enc_params = model.encoder_parameters()
         if enc_params:
@@ -163,6 +178,8 @@ class TrainingState:
         pr = self.progress = Progress.from_dict(state)
         if not self.refit_starts():
             self.model.load_state_dict(state["model"], strict=False)
+            if self._cvr_tower_only_at(pr):
+                self._new_optimizer(cvr_tower_only=True)
             self.opt.load_state_dict(state["optim"])
             if self.average is not None and state.get("ema") is not None:
                 self.average.load(state["ema"])
@@ -184,6 +201,27 @@ class TrainingState:
         self.session.report(metrics, state)
         for fn in self.after_checkpoint:
             fn(metrics)
+
+    @staticmethod
+    def _cvr_tower_only_at(pr: Progress) -> bool:
+        """Whether the checkpointed epoch trained the CVR tower alone (its optimizer holds those weights only)."""
+        if pr.phase == CVR:
+            return pr.cvr_done > 0
+        if pr.refit_done:
+            return pr.refit_done > pr.best_epoch
+        return pr.phase == DONE and pr.cvr_done > 0
+
+    def cvr_phase_wanted(self) -> bool:
+        """A two-task model with ``cfg.cvr_tower_epochs`` trains its CVR tower alone after the joint epochs
+        (not under DP-SGD: the accountant planned the noisy steps before training)."""
+        return bool(self.model.has_cvr and self.cfg.cvr_tower_epochs > 0 and self.private is None)
+
+    def start_cvr_tower(self, weights: dict, pooled: torch.Tensor) -> None:
+        """The live model at ``weights`` (a snapshot: the selected, averaged ones) and an optimizer and weight
+        average over the CVR tower alone: the shared representation and the click tower stay as they are."""
+        self.model.load_state_dict(weights, strict=False)
+        self.model.text.pooled.copy_(pooled.to(self.model.text.pooled.device))
+        self._new_optimizer(cvr_tower_only=True)
 
     def refit_starts(self) -> bool:
         """The selection phase is over and no refit epoch has run yet."""
@@ -301,6 +339,7 @@ class TrainingState:
         hold up: the CVR tower learns from far fewer positives and may want other epochs than the click
         one); ``task_metrics`` then holds each AUC on its own."""
         self.task_metrics = {}
+        cvr_logits = conversion = None
         if not isinstance(valid, dict):  # a streamed feed: the labels come with the logits, in the order read
             out, snap = self.averaged(lambda: (valid.predict(self.model, self.device), self.snapshot()))
             logits, cvr_logits, y = out["logits"], out.get("cvr_logits"), out["label"]
@@ -317,8 +356,12 @@ class TrainingState:
         v_auc = float(auc(y, logits))
         v_loss = float(logloss(y, 1 / (1 + np.exp(-np.clip(logits, -50, 50)))))
         if self.model.has_cvr:
-            p_ctr, p_cvr = (1 / (1 + np.exp(-np.clip(z, -50, 50))) for z in (logits, cvr_logits))
-            tasks = conversion_metrics(y, np.asarray(conversion, dtype=np.float64) * y, p_cvr, p_ctr * p_cvr)
+            conversion = np.asarray(conversion, dtype=np.float64) * y
+            self.valid_cvr_logits, self.valid_conversions = cvr_logits, conversion.astype(np.float32)
+            # pCTCVR as the ranker will serve it: each factor through its own Platt calibration, fitted on
+            # these valid rows as finish() fits the saved ranker's (cfg.calibrate; raw sigmoids without it)
+            p_ctr, p_cvr = task_probabilities(logits, cvr_logits, y, conversion, self.cfg.calibrate)
+            tasks = conversion_metrics(y, conversion, p_cvr, p_ctr * p_cvr)
             self.task_metrics = {"valid_ctr_auc": v_auc, "valid_cvr_auc": tasks["cvr.auc"],
                                  "valid_ctcvr_auc": tasks["ctcvr.auc"]}
             if math.isfinite(tasks["ctcvr.auc"]):  # no valid conversion at all: the clicks alone select
