@@ -131,8 +131,12 @@ def _run_child(schema: Path, pipeline: str, run: Path, cpus: int, history_len: i
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "platform"), str(REPO),
-                                                        os.environ.get("PYTHONPATH", "")]))
+    # RAY_worker_niceness=0: Ray's workers at the driver's own priority. Ray's default (15) renices them
+    # below everything else on the machine, so on a shared machine the Ray Data tasks (the streaming path's
+    # whole work) would get the CPU only when other work leaves it, while the in-process path's pandas runs in
+    # the driver: the comparison would measure the scheduler, not the pipelines.
+    env = dict(os.environ, RAY_worker_niceness="0",
+               PYTHONPATH=os.pathsep.join([str(REPO / "platform"), str(REPO), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "benchmarks.scale", "--child", "--schema", str(schema), "--pipeline", pipeline,
            "--run", str(run), "--cpus", str(cpus), "--history-len", str(history_len), *(["--train"] if train else [])]
     t0 = time.perf_counter()
