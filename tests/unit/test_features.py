@@ -104,6 +104,40 @@ def test_history_never_uses_test_labels():
     assert hist[8].tolist() == [5, 6, 7] and hist[9].tolist() == [5, 6, 7]  # test: train+valid, no test
 
 
+def _reference_history(user_idx, item_idx, ts, label, split, length):
+    """The per-row loop the vectorized history replaced (a deque per user)."""
+    from collections import deque
+
+    out = [np.empty(0, dtype=np.int64)] * len(user_idx)
+    cur, train_hist, full_hist = None, deque(maxlen=length), deque(maxlen=length)
+    for r in np.lexsort((item_idx, ts, user_idx)):
+        if user_idx[r] != cur:
+            cur = user_idx[r]
+            train_hist.clear()
+            full_hist.clear()
+        out[r] = np.array(train_hist if split[r] != TEST else full_hist, dtype=np.int64)
+        if label[r] and split[r] != TEST:
+            full_hist.append(item_idx[r])
+            if split[r] == TRAIN:
+                train_hist.append(item_idx[r])
+    return out
+
+
+@pytest.mark.parametrize("length", [0, 1, 3, 50])
+def test_vectorized_history_equals_the_per_row_loop(length):
+    rng = np.random.default_rng(length)
+    n = 3000
+    u = rng.integers(0, 80, n)
+    items = rng.integers(0, 40, n)
+    ts = rng.integers(0, 30, n)  # many ties in time: the order falls back to the item, then the row
+    label = (rng.random(n) < 0.4).astype(np.int8)
+    split = temporal_split(u, ts, items)
+    got = history_lists(u, items, ts, label, split, length)
+    want = _reference_history(u, items, ts, label, split, length)
+    assert len(got) == n
+    assert all(g.dtype == np.int64 and g.tolist() == w.tolist() for g, w in zip(got, want))
+
+
 def test_config_rejects_unknown_keys_by_name(tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'ranker.lerning_rate'"):
         build_config({"ranker": {"lerning_rate": 1.0}})

@@ -92,6 +92,7 @@ def test_dp_sgd_fit_reports_the_epsilon_it_spent():
     assert info["steps"] == 6  # 2 epochs x 3 noisy steps, all of them counted
     assert 0.0 < info["epsilon"] <= 2.0 and info["delta"] == 1e-5 and info["noise_multiplier"] > 0
     assert all(np.isfinite(r["train_loss"]) for r in reports)
+    assert all(r["samples_per_s"] > 0 for r in reports)  # DP epochs count the rows their noisy steps took
 
 
 # ---- a LoRA adapter trained privately (finetune=lora) ----------------------------------------------------

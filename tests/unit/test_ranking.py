@@ -244,6 +244,19 @@ def test_hist_codes_right_aligned():
     assert h.tolist() == [[0, 4, 5, 6], [0, 0, 0, 0], [10, 10, 10, 10], [0, 0, 0, 0], [0, 0, 2, 0]]
 
 
+def test_hist_codes_of_an_arrow_list_column_equal_the_per_row_ones():
+    """The streamed feed reads ``hist`` as an Arrow list column's offsets and values (a sliced one too)."""
+    import pyarrow as pa
+
+    from adrec.ranking.data import hist_codes, hist_codes_flat
+
+    rows = [[3, 4, 5], [], [9] * 12, [1, 99], [7], [], [2, 2]]
+    col = pa.array(rows, type=pa.list_(pa.int64()))
+    for part, want in ((col, rows), (col.slice(2, 4), rows[2:6])):
+        got = hist_codes_flat(part.offsets.to_numpy(), part.values.to_numpy(), 4, n_items=10)
+        assert got.tolist() == hist_codes([np.array(r) for r in want], 4, n_items=10).tolist()
+
+
 def test_fit_platt_recovers_scale():
     from adrec.ranking.train.finish import fit_platt
 

@@ -6,8 +6,6 @@ whole table and the streaming one per block or per shuffle partition: one owner 
 
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 import pandas as pd
 
@@ -35,37 +33,51 @@ def _index(primary: pd.Series, extra: pd.Series | None) -> list[str]:
     return ids
 
 
-def history_lists(user_idx: np.ndarray, item_idx: np.ndarray, ts: np.ndarray, label: np.ndarray,
-                  split: np.ndarray, length: int) -> list[np.ndarray]:
-    """For each row, the user's last ``length`` earlier positives that were known at that time.
+def history_flat(user_idx: np.ndarray, item_idx: np.ndarray, ts: np.ndarray, label: np.ndarray,
+                 split: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each row, the user's last ``length`` earlier positives that were known at that time, as
+    (offsets, values): row ``r``'s history is ``values[offsets[r]:offsets[r + 1]]`` (oldest first).
 
     A train row sees the user's earlier train positives; a valid row sees all train positives; a test
-    row sees all train and valid positives. Test labels never feed any history.
+    row sees all train and valid positives. Test labels never feed any history. "Earlier" is the order
+    (user, ts, item), ties kept in row order.
+
+    Vectorized: in that order a row's history is a contiguous slice of its user's train positives (test
+    rows: of its user's train and valid positives), ending just before the row, so each row needs only
+    where the slice starts and how long it is.
     """
+    n = len(user_idx)
+    if length == 0 or n == 0:
+        return np.zeros(n + 1, dtype=np.int64), np.empty(0, dtype=np.int64)
     order = np.lexsort((item_idx, ts, user_idx))
-    out: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(order)
-    empty = np.empty(0, dtype=np.int64)
-    if length == 0:
-        return [empty] * len(order)
-    cur_user = -1
-    train_hist: deque = deque(maxlen=length)
-    full_hist: deque = deque(maxlen=length)
-    for r in order:
-        u = user_idx[r]
-        if u != cur_user:
-            cur_user = u
-            train_hist.clear()
-            full_hist.clear()
-        s = split[r]
-        if s != TEST:  # train rows precede valid rows, so a valid row sees every train positive
-            out[r] = np.fromiter(train_hist, dtype=np.int64, count=len(train_hist))
-        else:
-            out[r] = np.fromiter(full_hist, dtype=np.int64, count=len(full_hist))
-        if label[r] and s != TEST:
-            full_hist.append(item_idx[r])
-            if s == TRAIN:
-                train_hist.append(item_idx[r])
-    return out
+    u, it = np.asarray(user_idx)[order], np.asarray(item_idx, dtype=np.int64)[order]
+    s = np.asarray(split)[order]
+    pos = np.asarray(label)[order] != 0
+    test = s == TEST
+    new_user = np.r_[True, u[1:] != u[:-1]]
+    first = np.maximum.accumulate(np.where(new_user, np.arange(n), 0))  # each row's user's first row
+    values, start, size, base = [], np.zeros(n, np.int64), np.zeros(n, np.int64), 0
+    for feeds, rows in ((pos & (s == TRAIN), ~test), (pos & ~test, test)):
+        before = np.cumsum(feeds) - feeds  # positives of this kind before each row (all users)
+        have = before - before[first]  # ... of the row's own user
+        k = np.minimum(have, length)
+        start[rows] = (base + before - k)[rows]
+        size[rows] = k[rows]
+        values.append(it[feeds])
+        base += int(feeds.sum())
+    flat = np.concatenate(values)
+    sizes, starts = np.empty(n, np.int64), np.empty(n, np.int64)
+    sizes[order], starts[order] = size, start
+    offsets = np.r_[0, np.cumsum(sizes)]
+    take = np.repeat(starts - offsets[:-1], sizes) + np.arange(offsets[-1])
+    return offsets, flat[take]
+
+
+def history_lists(user_idx: np.ndarray, item_idx: np.ndarray, ts: np.ndarray, label: np.ndarray,
+                  split: np.ndarray, length: int) -> list[np.ndarray]:
+    """:func:`history_flat` as one int64 array per row."""
+    offsets, values = history_flat(user_idx, item_idx, ts, label, split, length)
+    return np.split(values, offsets[1:-1]) if len(offsets) > 1 else []
 
 
 def resolve_crosses(cfg: AdrecConfig) -> list[CrossSpec]:

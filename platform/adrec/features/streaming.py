@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import ray
 
 from adrec.config import AdrecConfig
@@ -35,13 +36,16 @@ from adrec.data.schema import DatasetSchema
 from adrec.data.stream import Tally, read_entity, read_interactions
 from adrec.errors import ConfigError, DataError
 from adrec.features.rows import (_entity_frame, _index, build_spec, context_counts, encode_block, fill_bids,
-                                 entity_codes, history_lists)
+                                 entity_codes, history_flat)
 from adrec.features.split import SPLITS, temporal_split
 from adrec.run import RunDir, fingerprint
 
 log = logging.getLogger(__name__)
 
-_STAT = "#"  # the ``column`` of the statistics rows in the per-block counts
+_STAT = "#"
+#: Blocks of rows per shuffle partition (bucket of users): 4 x ``features.batch_size`` (65,536) rows, about
+#: 100 MB of pandas in one call; 4 partitions at 1M impressions, 62 at 16M.
+BUCKET_BLOCKS = 4  # the ``column`` of the statistics rows in the per-block counts
 
 
 def _data_error(err: BaseException) -> DataError | None:
@@ -60,7 +64,10 @@ def _data_error(err: BaseException) -> DataError | None:
 def _materialize(ds, tally, what: str):
     """Runs ``ds`` to the end (kept in the object store); a bad-row or data error comes out as a DataError."""
     try:
-        return ds.materialize()
+        out = ds.materialize()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: Ray Data stats\n%s", what, out.stats())
+        return out
     except Exception as err:
         error = ray.get(tally.result.remote())["error"]
         if error:
@@ -79,8 +86,11 @@ def split_and_history(group: pd.DataFrame, context: list[str], history_len: int)
     u, it, ts = g["user_idx"].to_numpy(), g["item_idx"].to_numpy(), g["ts"].to_numpy()
     g = g.assign(split=temporal_split(u, ts, it), _dup=dup).drop(columns=["_bucket"])
     g = g.sort_values(["user_idx", "ts", "item_idx"], kind="stable").reset_index(drop=True)
-    g["hist"] = history_lists(g["user_idx"].to_numpy(), g["item_idx"].to_numpy(), g["ts"].to_numpy(),
-                              g["label"].to_numpy(), g["split"].to_numpy(), history_len)
+    offsets, values = history_flat(g["user_idx"].to_numpy(), g["item_idx"].to_numpy(), g["ts"].to_numpy(),
+                                   g["label"].to_numpy(), g["split"].to_numpy(), history_len)
+    # An Arrow list column (no per-row arrays): Ray Data keeps it as Arrow, the Parquet writer as a list.
+    g["hist"] = pd.arrays.ArrowExtensionArray(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                                                       pa.array(values, type=pa.int64())))
     return g
 
 
@@ -104,20 +114,22 @@ def _stats(batch: pd.DataFrame, context: list[str], known_item: np.ndarray | Non
     return pd.concat([stats, context_counts(batch, context)], ignore_index=True)
 
 
-def _encode(batch: pd.DataFrame, spec, user_codes: pd.DataFrame, item_codes: pd.DataFrame):
-    """One block's feature rows as an Arrow table whose ``hist`` is a plain list column (what the
-    in-process pipeline writes), not Ray's tensor type, so any Parquet reader reads it back."""
-    import pyarrow as pa
-
-    rows = encode_block(batch, spec, user_codes, item_codes, POSITION)
+def _encode(batch: "pa.Table", spec, user_codes: pd.DataFrame, item_codes: pd.DataFrame) -> "pa.Table":
+    """One block's feature rows as an Arrow table. ``hist`` passes through as the Arrow list column it is
+    (what the in-process pipeline writes: a plain list, not Ray's tensor type), never row by row."""
+    hist = batch.column("hist")
+    rows = encode_block(batch.drop_columns(["hist"]).to_pandas(), spec, user_codes, item_codes, POSITION)
     table = pa.Table.from_pandas(rows, preserve_index=False)
-    hist = pa.array([np.asarray(h, dtype=np.int64) for h in batch["hist"]], type=pa.list_(pa.int64()))
+    if not pa.types.is_list(hist.type):
+        hist = hist.cast(pa.list_(pa.int64()))
     return table.append_column("hist", hist)
 
 
 def _known(ids: list[str], table: pd.DataFrame | None, idcol: str) -> np.ndarray | None:
     """Per index, whether the side table has the entity (None without a side table)."""
-    return None if table is None else np.asarray(pd.Index(ids).isin(table[idcol]))
+    if table is None:  # object dtype: pandas' Arrow-string isin goes row by row in Python
+        return None
+    return np.asarray(pd.Index(ids, dtype=object).isin(table[idcol].to_numpy(dtype=object)))
 
 
 def _fingerprint(listed) -> str:
@@ -177,13 +189,17 @@ def prepare_streaming(cfg: AdrecConfig, run: RunDir, schema: DatasetSchema, root
     seen_items, seen_users = result["items"], result["users"]
     item_ids = _index(pd.Series(seen_items), raw.items["item"] if raw.items is not None else None)
     user_ids = _index(pd.Series(seen_users), raw.users["user"] if raw.users is not None else None)
-    item_index, user_index = pd.Index(item_ids), pd.Index(user_ids)
-    buckets = max(1, math.ceil(n_rows / block))
+    # Object dtype: a hash table in C (pandas' Arrow-string index looks each id up far more slowly).
+    item_index, user_index = pd.Index(item_ids, dtype=object), pd.Index(user_ids, dtype=object)
+    # Shuffle partitions of about BUCKET_BLOCKS blocks each: few and large (each is one split_and_count call,
+    # its users whole), so the shuffle's pieces (inputs x partitions) stay few as the log grows.
+    buckets = max(1, math.ceil(n_rows / (BUCKET_BLOCKS * block)))
 
     def index(batch: pd.DataFrame) -> pd.DataFrame:
-        u = user_index.get_indexer(batch["user"])
+        u = user_index.get_indexer(batch["user"].to_numpy(dtype=object))
         return batch.drop(columns=["user", "item"]).assign(
-            user_idx=u.astype(np.int64), item_idx=item_index.get_indexer(batch["item"]).astype(np.int64),
+            user_idx=u.astype(np.int64),
+            item_idx=item_index.get_indexer(batch["item"].to_numpy(dtype=object)).astype(np.int64),
             _bucket=u % buckets)
 
     context = list(raw.columns.get("context", []))
@@ -212,7 +228,7 @@ def prepare_streaming(cfg: AdrecConfig, run: RunDir, schema: DatasetSchema, root
 
     run.features.mkdir(parents=True, exist_ok=True)
     encoded = grouped.map_batches(lambda b: _encode(b, spec, user_codes, item_codes),
-                                  batch_format="pandas", batch_size=block)
+                                  batch_format="pyarrow", batch_size=None)  # the shuffle's blocks as they come
     _write_splits(encoded, run.features)
     log.info("encoded and written in %.1fs", time.perf_counter() - t0)
     items.to_parquet(run.features / "items.parquet", index=False)

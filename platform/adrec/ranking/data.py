@@ -44,24 +44,38 @@ def entity_codes(idx: np.ndarray, n: int) -> np.ndarray:
 def hist_codes(hist, length: int, n_items: int) -> np.ndarray:
     """Right-aligned (most recent last) item codes of each row's history, 0-padded, (N, length)."""
     n = len(hist)
-    out = np.zeros((n, length), dtype=np.int64)
     if n == 0:
-        return out
+        return np.zeros((0, length), dtype=np.int64)
     arrs = [np.asarray(h if h is not None else (), dtype=np.int64).reshape(-1) for h in hist]
     lens = np.fromiter((a.size for a in arrs), dtype=np.int64, count=n)
-    if lens.sum() == 0:
+    flat = np.concatenate(arrs) if lens.sum() else np.zeros(0, dtype=np.int64)
+    return hist_codes_flat(np.r_[0, np.cumsum(lens)], flat, length, n_items)
+
+
+def hist_codes_flat(offsets: np.ndarray, values: np.ndarray, length: int, n_items: int) -> np.ndarray:
+    """:func:`hist_codes` of histories given as a list column's (offsets, values): row ``r``'s history is
+    ``values[offsets[r]:offsets[r + 1]]`` (an Arrow list column, read without one array per row)."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    n = len(offsets) - 1
+    out = np.zeros((max(n, 0), length), dtype=np.int64)
+    if n <= 0 or offsets[-1] == offsets[0]:
         return out
-    flat = np.concatenate(arrs)
+    lens = np.diff(offsets)
+    flat = np.asarray(values[offsets[0]:offsets[-1]], dtype=np.int64)
     row = np.repeat(np.arange(n), lens)
-    pos = np.arange(flat.size) - np.repeat(np.cumsum(lens) - lens, lens)  # position within the row
+    pos = np.arange(flat.size) - np.repeat(offsets[:-1] - offsets[0], lens)  # position within the row
     col = length - lens[row] + pos  # right-aligned
     keep = col >= 0
     out[row[keep], col[keep]] = entity_codes(flat[keep], n_items)
     return out
 
 
-def rows_to_arrays(rows: pd.DataFrame, arch: dict) -> dict[str, np.ndarray]:
-    """The numpy inputs of :class:`FusionModel` for ranker input rows."""
+def rows_to_arrays(rows: pd.DataFrame, arch: dict, hist: tuple[np.ndarray, np.ndarray] | None = None
+                   ) -> dict[str, np.ndarray]:
+    """The numpy inputs of :class:`FusionModel` for ranker input rows.
+
+    ``hist``: the rows' histories as (offsets, values) (see :func:`hist_codes_flat`) instead of a
+    ``hist`` column."""
     missing = [c for c in ("user_idx", "item_idx") if c not in rows.columns]
     missing += [f"f:{f}" for f in arch["fields"] if f"f:{f}" not in rows.columns]
     if missing:
@@ -78,12 +92,16 @@ def rows_to_arrays(rows: pd.DataFrame, arch: dict) -> dict[str, np.ndarray]:
         fields = rows[names].to_numpy(dtype=np.int64)
     cards = np.asarray(arch["cards"], dtype=np.int64)
     fields = np.where((fields >= 0) & (fields < cards), fields, 0)  # out-of-vocabulary codes -> unknown
-    hist = rows["hist"].to_numpy() if "hist" in rows.columns else [None] * len(rows)
+    if hist is not None:
+        hist_arr = hist_codes_flat(hist[0], hist[1], arch["hist_len"], arch["n_items"])
+    else:
+        hist_arr = hist_codes(rows["hist"].to_numpy() if "hist" in rows.columns else [None] * len(rows),
+                              arch["hist_len"], arch["n_items"])
     return {
         "fields": fields,
         "item": entity_codes(rows["item_idx"].to_numpy(), arch["n_items"]),
         "user": entity_codes(rows["user_idx"].to_numpy(), arch["n_users"]),
-        "hist": hist_codes(hist, arch["hist_len"], arch["n_items"]),
+        "hist": hist_arr,
     }
 
 

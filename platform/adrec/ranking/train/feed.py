@@ -95,8 +95,15 @@ class _ToArrays:
     def __init__(self, arch: dict, conversion: bool):
         self.arch, self.conversion = arch, conversion
 
-    def __call__(self, rows: pd.DataFrame) -> dict[str, np.ndarray]:
-        arrays = rows_to_arrays(rows, self.arch)
+    def __call__(self, table) -> dict[str, np.ndarray]:
+        """``table``: an Arrow block; its ``hist`` list column is read as offsets and values, not row by row."""
+        import pyarrow as pa
+
+        hist = table.column("hist").combine_chunks()
+        if isinstance(hist, pa.ChunkedArray):  # an empty block
+            hist = pa.array([], type=pa.list_(pa.int64()))
+        rows = table.drop_columns(["hist"]).to_pandas()
+        arrays = rows_to_arrays(rows, self.arch, (hist.offsets.to_numpy(), hist.values.to_numpy()))
         arrays["label"] = rows["label"].to_numpy(dtype=np.float32)
         if self.conversion:
             arrays["conversion"] = rows["conversion"].to_numpy(dtype=np.float32)
@@ -174,7 +181,7 @@ def streamed_data(cfg: RankerConfig, features, run=None) -> tuple[dict, dict]:
 
     def read(dirs):
         return ray.data.read_parquet([str(d) for d in dirs], columns=columns).map_batches(
-            to_arrays, batch_format="pandas")
+            to_arrays, batch_format="pyarrow")
 
     datasets = {TRAIN: read(train_dirs), VALID: read(valid_dirs), BOTH: read(train_dirs + valid_dirs)}
     rows = {TRAIN: n[f"rows.{TRAIN}"], VALID: n[f"rows.{VALID}"], BOTH: n[f"rows.{TRAIN}"] + n[f"rows.{VALID}"]}

@@ -288,4 +288,5 @@ class PrivateTraining:
         if rank == 0:
             log.info("DP-SGD epoch %d: %d noisy steps (sigma %.3f, q %.4g), epsilon spent so far %.3f at delta %g",
                      epoch, steps, self.sigma, q, _epsilon(dp.accountant, history, dp.delta), dp.delta)
+        state.last_rows = count  # the rows this worker's Poisson-sampled steps trained on (the epoch's samples/s)
         return total / max(count, 1), steps, time.perf_counter() - t0

@@ -246,8 +246,7 @@ class TrainingState:
             seed_all(self.cfg.seed * 1000 + epoch * 10 + self.rank)
             rng = np.random.default_rng([self.cfg.seed, epoch, self.rank])
             return self._train_batches(epoch, arrays.batches(epoch, self.rank), None, rng)
-        if self.private is not None:
-            self.last_rows = 0
+        if self.private is not None:  # sets self.last_rows itself
             return self.private.run_epoch(self, epoch, arrays)
         cfg, rank, world = self.cfg, self.rank, self.world
         y = arrays["label"]
