@@ -48,7 +48,7 @@ EXTRA_SOURCES = {
                  "iterations": 15, "num_threads": 1},
 }
 DEFAULT_N = {name: spec["n"] for name, spec in default_params()["sources"].items()}
-ROUNDS = (100, 200, 300, 450, 600, 800, 1000)
+ROUNDS = (100, 150, 200, 300, 450, 600)
 
 
 def wide_sources() -> dict[str, dict[str, Any]]:
