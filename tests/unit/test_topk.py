@@ -369,3 +369,40 @@ def test_benchmark_report_on_a_small_log(synth, tmp_path):
     assert res["gain_over_best_peer"]["ndcg@10"]["best_peer"] in {"most-popular", "ease", "itemitem-cosine"}
     md = (tmp_path / "topk_benchmark.md").read_text()
     assert "| adrec-two-stage" in md and "ALS speed" in md
+
+
+@pytest.mark.parametrize("ranker", RANKERS)
+def test_graded_relevance_labels_the_targets_negatives_one_and_its_positives_two(synth, ranker, tmp_path):
+    df = synth.interactions
+    valid = make_stage(df, synth.n_users, synth.n_items, synth.n_catalog, "valid")
+    tv = df[df["split"] == "valid"]
+    assert len(valid.target) == len(tv) and set(valid.target["label"]) == {0, 1}
+    inner = inner_stage(df, synth.n_users, synth.n_items, synth.n_catalog)
+    assert (inner.target["label"] == 0).any()
+    rec = TwoStageRecommender(sources=SMALL_SOURCES, ranker=ranker, ranker_params=FAST[ranker],
+                              ranker_features=False, relevance="graded")
+    rec.n_users, rec.n_items, rec.n_catalog, rec.item_tags = synth.n_users, synth.n_items, synth.n_catalog, synth.item_tags
+    sources, index, lm = rec._fit_state(valid.known, None)
+    x, y, g = rec._training_examples(valid, sources, index, lm)
+    # each candidate's grade by hand: 2 = a valid positive, 1 = a valid row with label 0, 0 = neither
+    cu, ci, _ = rec._features(valid.users, sources, index, valid.known, lm)
+    grade = {(int(u), int(i)): 0 for u, i in zip(cu, ci)}
+    for u, i, lab in tv[["user_idx", "item_idx", "label"]].itertuples(index=False):
+        if (u, i) in grade:
+            grade[(u, i)] = max(grade[(u, i)], 2 if lab == 1 else 1)
+    pos_users = {u for (u, _), v in grade.items() if v == 2}
+    want = np.array([grade[(int(u), int(i))] for u, i in zip(cu, ci) if int(u) in pos_users])
+    np.testing.assert_array_equal(y, want)
+    assert (y == 1).any() and (y == 2).any() and g.sum() == len(y)
+    # the fitted recommender keeps the setting through save/load and still never proposes a seen item
+    rec.fit(synth)
+    assert rec.fit_info["positives"] > 0
+    ids, _ = rec.recommend(valid.users[:20], 5)
+    test = make_stage(df, synth.n_users, synth.n_items, synth.n_catalog, "test")
+    for u, row in zip(valid.users[:20], ids):
+        assert not set(row[row >= 0]) & set(test.seen[u].indices)
+    back = TwoStageRecommender.load(rec.save(tmp_path / "ts"))
+    assert back.relevance == "graded"
+    np.testing.assert_array_equal(back.recommend(valid.users[:20], 5)[0], ids)
+    with pytest.raises(ValueError, match="relevance"):
+        TwoStageRecommender(relevance="stars")

@@ -68,17 +68,24 @@ SKLEARN_DEFAULTS: dict[str, Any] = {"max_iter": 300, "learning_rate": 0.05, "max
 
 def train_ranker(kind: str, x: pd.DataFrame, y: np.ndarray, groups: np.ndarray, params: Mapping[str, Any],
                  seed: int) -> Any:
-    """A fitted re-ranker of ``kind`` on examples ``x`` (labels ``y``; ``groups``: candidates per user,
-    in row order) with ``params`` over the kind's defaults."""
+    """A fitted re-ranker of ``kind`` on examples ``x`` (labels ``y``: 0/1, or graded 0/1/2; ``groups``:
+    candidates per user, in row order) with ``params`` over the kind's defaults.
+
+    A ranking objective reads graded labels as they are; a classifier (LightGBM ``binary``, scikit-learn)
+    learns ``y > 0`` with the top grade weighted twice (graded labels) or ``y`` unweighted (0/1)."""
     if len(y) == 0 or y.sum() == 0:
         raise ValueError("the re-ranker has no positive training example: no valid positive reached a candidate list")
+    y = np.asarray(y, np.float32)
+    graded = float(y.max()) > 1
+    weight = np.where(y >= y.max(), 2.0, 1.0) if graded else None
+    y_bin = (y > 0).astype(np.float32)
     if kind == "lightgbm":
         import lightgbm
 
         p = {**LGBM_DEFAULTS, **params, "random_state": seed}
         if p["objective"] == "binary":
             model = lightgbm.LGBMClassifier(**p)
-            model.fit(x, y)
+            model.fit(x, y_bin, sample_weight=weight)
         else:
             model = lightgbm.LGBMRanker(**p)
             model.fit(x, y, group=groups)
@@ -88,7 +95,7 @@ def train_ranker(kind: str, x: pd.DataFrame, y: np.ndarray, groups: np.ndarray, 
     p = {**SKLEARN_DEFAULTS, **params, "random_state": seed}
     model = HistGradientBoostingClassifier(**p)
     with threadpool_limits(1, "openmp"):  # see LGBM_DEFAULTS: one thread is faster on a shared box
-        model.fit(x, y)
+        model.fit(x, y_bin, sample_weight=weight)
     return model
 
 

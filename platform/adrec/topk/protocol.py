@@ -32,7 +32,9 @@ class Stage:
     ``positives``: their label-1 pairs as a matrix (what sources fit on); ``seen``: every known
     (user, item) pair (never proposed); ``users``: evaluated users (>= 1 target positive);
     ``truth``: their target positives; ``cutoff``: per user, the time of the last known
-    interaction (-1 when none)."""
+    interaction (-1 when none); ``target``: the target split's interactions whatever their label
+    (user_idx, item_idx, label; the graded re-ranker labels read it: a target negative was still
+    interacted with)."""
 
     name: str
     known: pd.DataFrame
@@ -44,6 +46,7 @@ class Stage:
     n_users: int
     n_items: int
     n_catalog: int
+    target: pd.DataFrame | None = None
 
     def exclude_lists(self, users: np.ndarray | None = None) -> list[np.ndarray]:
         users = self.users if users is None else users
@@ -78,7 +81,11 @@ def _stage(interactions: pd.DataFrame, known_splits: tuple[str, ...], target_spl
         "ts": df["ts"].to_numpy(np.int64),
         "label": df["label"].to_numpy(np.int8),
     })[np.isin(split, known_splits)].reset_index(drop=True)
-    is_target = (split == target_split) & (df["label"].to_numpy() == 1)
+    in_target = split == target_split
+    is_target = in_target & (df["label"].to_numpy() == 1)
+    target = pd.DataFrame({"user_idx": df["user_idx"].to_numpy(np.int64)[in_target],
+                           "item_idx": df["item_idx"].to_numpy(np.int64)[in_target],
+                           "label": df["label"].to_numpy(np.int8)[in_target]})
     t_users = df["user_idx"].to_numpy(np.int64)[is_target]
     t_items = df["item_idx"].to_numpy(np.int64)[is_target]
     positives = binary_matrix(known[known["label"] == 1], n_users, n_items)
@@ -93,7 +100,7 @@ def _stage(interactions: pd.DataFrame, known_splits: tuple[str, ...], target_spl
     if len(known):
         last = known.groupby("user_idx")["ts"].max()
         cutoff[last.index.to_numpy(np.int64)] = last.to_numpy(np.int64)
-    return Stage(name, known, positives, seen, users, truth, cutoff, n_users, n_items, int(n_catalog))
+    return Stage(name, known, positives, seen, users, truth, cutoff, n_users, n_items, int(n_catalog), target)
 
 
 def make_stage_from(name: str, known: pd.DataFrame, target: pd.DataFrame, n_users: int, n_items: int,

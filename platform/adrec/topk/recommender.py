@@ -43,6 +43,9 @@ __all__ = ["TwoStageRecommender", "default_params"]
 FORMAT = "adrec.topk.two_stage"
 FORMAT_VERSION = 1
 TRAIN_STAGES = ("valid", "inner")
+#: The re-ranker's training labels: "positives" (1 = a target positive, else 0) or "graded" (2 = a target
+#: positive, 1 = a target interaction with label 0: the user chose the item but did not like it, 0 = neither).
+RELEVANCE = ("positives", "graded")
 _KNOWN_COLUMNS = ("user_idx", "item_idx", "ts", "label")
 
 
@@ -82,7 +85,8 @@ class TwoStageRecommender:
     - ``ranker``: "lightgbm", "sklearn" or "auto" (LightGBM when importable, else scikit-learn's
       HistGradientBoostingClassifier); ``ranker_params`` override
       :data:`~adrec.topk.gbdt.LGBM_DEFAULTS` / :data:`~adrec.topk.gbdt.SKLEARN_DEFAULTS`
-      (e.g. ``{"objective": "lambdarank"}``).
+      (e.g. ``{"objective": "lambdarank"}``); ``relevance``: its training labels (:data:`RELEVANCE`;
+      "graded" also gives a grade to the target items the user interacted with but did not like).
     - ``extra_scores``: name -> :data:`~adrec.topk.features.ExtraScore`, extra features such as a CTR
       ranker's probability. The callable receives the stage's known interactions (the train split
       while the re-ranker learns, train + valid afterwards); a model behind it must not have seen the
@@ -125,13 +129,14 @@ class TwoStageRecommender:
         ranker_features_last_n: int | None = None,
         lm_config: Any = None,
         lm_cache: str | Path | None = None,
+        relevance: str | None = None,
     ) -> None:
         given = {"sources": sources, "train_stages": train_stages, "last_n": last_n, "windows_days": windows_days,
                  "transition_span": transition_span, "next_candidates": next_candidates, "rank_depth": rank_depth,
                  "ranker": ranker, "ranker_params": ranker_params, "batch_users": batch_users, "seed": seed,
                  "exposure_weight": exposure_weight, "exposure_pool": exposure_pool,
                  "ranker_features": ranker_features, "ranker_features_params": ranker_features_params,
-                 "ranker_features_last_n": ranker_features_last_n}
+                 "ranker_features_last_n": ranker_features_last_n, "relevance": relevance}
         p = {**default_params(), **{k: v for k, v in given.items() if v is not None}}
         self.source_specs = _source_specs(p["sources"])
         bad = [s for s in p["train_stages"] if s not in TRAIN_STAGES]
@@ -145,6 +150,9 @@ class TwoStageRecommender:
         self.rank_depth = int(p["rank_depth"])
         self.ranker = resolve_ranker(p["ranker"])
         self.ranker_params = dict(p["ranker_params"])
+        if p["relevance"] not in RELEVANCE:
+            raise ValueError(f"relevance must be one of {RELEVANCE}, got {p['relevance']!r}")
+        self.relevance = str(p["relevance"])
         self.extra_scores = dict(extra_scores or {})
         self.batch_users = int(p["batch_users"])
         self.seed = int(p["seed"])
@@ -202,7 +210,7 @@ class TwoStageRecommender:
             x, y, g = self._training_examples(stage, sources, index, lm)
             frames.append(x), labels.append(y), groups.append(g)
             logger.info("two-stage: %s stage: %d users, %d candidates, %d positives among them",
-                        name, len(g), len(y), int(y.sum()))
+                        name, len(g), len(y), int((y == y.max()).sum()))
         x = pd.concat(frames, ignore_index=True)
         y = np.concatenate(labels)
         g = np.concatenate(groups)
@@ -213,7 +221,7 @@ class TwoStageRecommender:
         final = make_stage(data.interactions, data.n_users, data.n_items, data.n_catalog, final_stage)
         self.known = final.known
         self.sources, self.index, self.lm = self._fit_state(final.known, data.features)
-        self.fit_info = {"examples": int(len(y)), "positives": int(y.sum()), "groups": int(len(g)),
+        self.fit_info = {"examples": int(len(y)), "positives": int((y == y.max()).sum()) if len(y) else 0, "groups": int(len(g)),
                          "features_s": round(t1 - t0, 3), "ranker_s": round(t2 - t1, 3),
                          "refit_s": round(time.perf_counter() - t2, 3), "ranker": self.ranker,
                          "final_stage": final_stage}
@@ -237,19 +245,25 @@ class TwoStageRecommender:
 
     def _training_examples(self, stage: Stage, sources, index, lm) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
         users = stage.users
-        truth_codes = np.concatenate([u * np.int64(self.n_items) + t for u, t in zip(users, stage.truth)])
-        xs, ys, gs = [], [], []
+        n = np.int64(self.n_items)
+        truth_codes = np.concatenate([u * n + t for u, t in zip(users, stage.truth)])
+        target_codes = (stage.target["user_idx"].to_numpy(np.int64) * n + stage.target["item_idx"].to_numpy(np.int64)
+                        if self.relevance == "graded" else None)
+        xs, ys, ps, gs = [], [], [], []
         for start in range(0, len(users), self.batch_users):
             bu = users[start:start + self.batch_users]
             cu, ci, feats = self._features(bu, sources, index, stage.known, lm)
-            y = np.isin(cu * np.int64(self.n_items) + ci, truth_codes).astype(np.float32)
-            xs.append(feats), ys.append(y)
+            codes = cu * n + ci
+            pos = np.isin(codes, truth_codes)
+            y = (pos.astype(np.float32) if target_codes is None
+                 else np.where(pos, 2.0, np.isin(codes, target_codes).astype(np.float32)).astype(np.float32))
+            xs.append(feats), ys.append(y), ps.append(pos)
             gs.append(np.bincount(np.searchsorted(bu, cu), minlength=len(bu)))
         g = np.concatenate(gs)
         x = pd.concat(xs, ignore_index=True)
         y = np.concatenate(ys)
         # users whose candidates hold no positive teach a ranker nothing: drop their rows
-        has_pos = np.bincount(np.repeat(np.arange(len(g)), g), weights=y, minlength=len(g)) > 0
+        has_pos = np.bincount(np.repeat(np.arange(len(g)), g), weights=np.concatenate(ps), minlength=len(g)) > 0
         keep_rows = np.repeat(has_pos, g)
         return x[keep_rows].reset_index(drop=True), y[keep_rows], g[has_pos]
 
@@ -390,7 +404,7 @@ class TwoStageRecommender:
                        "exposure_weight": self.exposure_weight, "exposure_pool": self.exposure_pool,
                        "ranker_features": self.ranker_features,
                        "ranker_features_params": self.ranker_features_params,
-                       "ranker_features_last_n": self.ranker_features_last_n},
+                       "ranker_features_last_n": self.ranker_features_last_n, "relevance": self.relevance},
             "lm_config": json.loads(self.lm_config.model_dump_json()) if self.lm_config is not None else None,
             "n_users": self.n_users, "n_items": self.n_items, "n_catalog": self.n_catalog,
             "feature_names": self.feature_names, "extra_scores": sorted(self.extra_scores),
